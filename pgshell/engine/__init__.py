@@ -1,0 +1,29 @@
+"""pgshell's engine: models, data, the training loop, checkpoints and the metrics log. torch, torchvision and timm
+only — never cmd2 or prompt_toolkit.
+
+The public names are re-exported here lazily, so `import pgshell.engine` (and the shell's start-up) does not pay for
+importing torch until something is used.
+"""
+
+from importlib import import_module
+
+from .config import TrainConfig
+from .errors import PgError
+
+_EXPORTS = {
+    "ModelSpec": "models", "BuiltModel": "models", "build_model": "models", "list_models": "models",
+    "resolve_name": "models", "freeze": "models", "unfreeze": "models", "count_params": "models",
+    "Splits": "data", "scan_folder": "data", "build_transform": "data", "ImageDataset": "data",
+    "Trainer": "train", "Callbacks": "train", "Position": "train",
+    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_latest": "checkpoint",
+    "MetricsLog": "metrics", "read_rows": "metrics",
+    "Runtime": "device", "resolve_runtime": "device",
+}
+
+__all__ = ["TrainConfig", "PgError", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,213 @@
+"""One checkpoint format: a single safetensors file, written atomically, with a checksum read back on load.
+
+A checkpoint is a nested plain structure (dicts, lists, numbers, strings, tensors). Its tensors are stored as
+safetensors tensors under their path ("model/fc.weight", "optimizer/state/fc.weight/momentum_buffer"); everything
+else is JSON in the safetensors header's metadata, with each tensor replaced by a reference. Nothing is ever
+unpickled, so a checkpoint from a stranger cannot execute code. The file is written to a temporary name, fsynced and
+renamed: a kill leaves either the old file or the new one, never half of one; the checksum catches the rest
+(a disk that lied, a hand edit).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .errors import PgError
+
+FORMAT = "pgshell-checkpoint"
+VERSION = 1
+_REF = "__tensor__"
+_TMP_SUFFIX = ".tmp"
+
+
+class CheckpointError(PgError):
+    """The file is not a usable checkpoint (truncated, corrupt, wrong version, edited by hand)."""
+
+
+# ---------------------------------------------------------------- flatten / unflatten
+def _flatten(obj: Any, path: str, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = path or "root"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {_REF: key}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"checkpoint keys must be str or int, got {type(k).__name__} at {path}")
+            # JSON keys are strings: int keys are tagged so they come back as ints (optimizer state ids).
+            jk = k if isinstance(k, str) else f"__int__{k}"
+            out[jk] = _flatten(v, f"{path}/{k}" if path else str(k), tensors)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_flatten(v, f"{path}/{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {path})")
+
+
+def _unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {_REF}:
+            key = obj[_REF]
+            if key not in tensors:
+                raise CheckpointError(f"checkpoint refers to a tensor {key!r} it does not contain")
+            return tensors[key]
+        return {(int(k[7:]) if k.startswith("__int__") else k): _unflatten(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unflatten(v, tensors) for v in obj]
+    return obj
+
+
+def _checksum(tensors: dict[str, torch.Tensor], body: str) -> str:
+    h = hashlib.sha256(body.encode())
+    for key in sorted(tensors):
+        t = tensors[key]
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- atomic write
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` so that a crash leaves either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def clean_partial_writes(folder: str | os.PathLike) -> list[Path]:
+    """Remove temporary files left by writes that a kill interrupted; returns what was removed."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.glob(f".*{_TMP_SUFFIX}"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+# ---------------------------------------------------------------- save / load
+def save_checkpoint(path: str | os.PathLike, state: dict[str, Any], summary: dict[str, Any] | None = None) -> int:
+    """Write `state` (a nested plain structure with tensors) to `path` atomically; returns the file size in bytes.
+
+    `summary` (step, epoch, kind, metrics) goes into the header as plain strings so listings need not load tensors.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _flatten(state, "", tensors)
+    body = json.dumps(skeleton, sort_keys=True)
+    meta = {k: str(v) for k, v in (summary or {}).items()}
+    meta.update({"format": FORMAT, "version": str(VERSION), "state": body, "sha256": _checksum(tensors, body)})
+    data = st_save(tensors, metadata=meta)
+    atomic_write_bytes(path, data)
+    return len(data)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header alone (no tensor data): cheap, for listing checkpoints."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or n > 100_000_000:
+                raise ValueError
+            header = json.loads(f.read(n))
+        return header.get("__metadata__", {}) or {}
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and verify a checkpoint; raises CheckpointError naming what is wrong."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    try:
+        tensors = st_load(data)
+    except (SafetensorError, ValueError, RuntimeError, Exception) as e:  # truncated or not safetensors at all
+        raise CheckpointError(f"{path} is damaged or not a pgshell checkpoint ({str(e)[:80]})") from None
+    meta = _header_metadata(data)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a pgshell checkpoint (no '{FORMAT}' marker)")
+    if meta.get("version") != str(VERSION):
+        raise CheckpointError(f"{path} has checkpoint version {meta.get('version')!r}; this pgshell reads {VERSION}")
+    body = meta.get("state", "")
+    if _checksum(tensors, body) != meta.get("sha256"):
+        raise CheckpointError(f"{path} fails its checksum: it was damaged or edited")
+    try:
+        return _unflatten(json.loads(body), tensors)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} has an unreadable state header") from None
+
+
+def _header_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
+
+
+_CKPT_RE = re.compile(r"^(epoch|step)-(\d+)\.safetensors$")
+
+
+def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
+    """Checkpoint files of a folder, oldest first by training step (then epoch files after pause files of that step)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m:
+            try:
+                step = int(read_metadata(p).get("step", "-1"))
+            except CheckpointError:
+                step = -1
+            found.append((step, p.stat().st_mtime_ns, p))
+    return [p for _, _, p in sorted(found)]
+
+
+def load_latest(folder: str | os.PathLike, warn=lambda msg: None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint of `folder` that loads and verifies; damaged newer ones are reported through `warn`."""
+    for p in reversed(list_checkpoint_files(folder)):
+        try:
+            return p, load_checkpoint(p)
+        except CheckpointError as e:
+            warn(f"skipping {p.name}: {e}; using the previous checkpoint")
+    return None

@@ -1,0 +1,94 @@
+"""The per-batch metrics log: `metrics.csv` in the session folder, one row per training batch and one per validation.
+
+Graphs are redrawn from this file alone, so it must never double-count: resuming from a checkpoint at step S first
+drops every row past S (rows written after the last checkpoint by a run that was killed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import threading
+from pathlib import Path
+
+from .checkpoint import atomic_write_bytes
+
+COLUMNS = ["step", "epoch", "batch", "split", "loss", "accuracy", "lr", "images", "seconds", "run", "trial"]
+# The columns that two runs of the same training share exactly; `seconds` and `run` (the resume counter) differ.
+EXACT_COLUMNS = COLUMNS[:7]
+
+
+class MetricsLog:
+    """Appends rows to a CSV file; thread-safe, flushed per row so a crash loses at most the row being written."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._file = None
+
+    def _open(self):
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            new = not self.path.exists() or self.path.stat().st_size == 0
+            self._file = open(self.path, "a", newline="")
+            if new:
+                self._file.write(",".join(COLUMNS) + "\n")
+        return self._file
+
+    def append(self, row: dict) -> None:
+        line = io.StringIO()
+        csv.writer(line).writerow([_fmt(row.get(c, "")) for c in COLUMNS])
+        with self._lock:
+            f = self._open()
+            f.write(line.getvalue())
+            f.flush()
+
+    def sync(self) -> None:
+        """fsync the log (done at each checkpoint so the rows up to it survive a power cut)."""
+        with self._lock:
+            if self._file is not None:
+                self._file.flush()
+                os.fsync(self._file.fileno())
+
+    def truncate_after(self, step: int) -> int:
+        """Drop rows with step > `step` (written after the checkpoint being resumed); returns how many were dropped."""
+        with self._lock:
+            self.close_locked()
+            rows = read_rows(self.path)
+            keep = [r for r in rows if int(r["step"]) <= step]
+            if len(keep) != len(rows):
+                out = io.StringIO()
+                w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+                w.writeheader()
+                w.writerows(keep)
+                atomic_write_bytes(self.path, out.getvalue().encode())
+            return len(rows) - len(keep)
+
+    def close_locked(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def close(self) -> None:
+        with self._lock:
+            self.close_locked()
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """All complete rows of a metrics file (a torn last line from a kill is ignored)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        text = f.read()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+    rows = list(csv.DictReader(io.StringIO(text)))
+    return [r for r in rows if r.get("step") not in (None, "") and r.get("split")]
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return repr(v)  # round-trips exactly: identical runs give identical text
+    return "" if v is None else str(v)
