@@ -17,10 +17,8 @@ import os
 import queue
 import re
 import threading
-import time
 import traceback
 from concurrent.futures import Future
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
@@ -62,7 +60,8 @@ class Session:
         self.batch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each batch
         self.dirty = False
         self.run_counter = 0
-        self._target: dict | None = None  # what the paused/active run is training towards
+        self._target: dict | None = None  # what the paused/active training run is training towards
+        self._job: tuple[str, Callable] | None = None  # the running or paused background job: (label, fn)
         self._pending_state: dict | None = None  # a checkpoint loaded before data was attached
         self._log = None
         self._lock = threading.Lock()
@@ -83,13 +82,19 @@ class Session:
 
     @property
     def paused(self) -> bool:
-        return self._target is not None and not self._running
+        return (self._job is not None or self._target is not None) and not self._running
 
     @property
     def folder(self) -> Path | None:
         return self.root / self.name if self.name else None
 
     # ================================================================ model and data
+    @staticmethod
+    def list_models(pattern: str = "") -> list[dict]:
+        from .engine.models import list_models
+
+        return list_models(pattern)
+
     def load_model(self, name: str, pretrained: bool = False, weights: str = "", classes: int | None = None) -> str:
         """Build a model and give it a fresh head for the data's classes (or `classes`)."""
         from .engine import models as M
@@ -110,7 +115,7 @@ class Session:
         torch.manual_seed(self.config.seed)  # the new head's initialisation follows the seed
         built = M.build_model(spec)
         self.spec, self.built = spec, built
-        self.trainer, self._target, self._pending_state = None, None, None
+        self.trainer, self._target, self._job, self._pending_state = None, None, None, None
         self.dirty = True
         trainable, total = M.count_params(built.module)
         return f"{built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes"
@@ -126,7 +131,7 @@ class Session:
         splits = D.scan_folder(path, split=split, seed=self.config.seed)
         self.splits = splits
         self.data = {"path": str(Path(path).resolve()), "split": split, "size": size}
-        self.trainer, self._target = None, None
+        self.trainer, self._target, self._job = None, None, None
         self.dirty = True
         if splits.rejected and self.folder is not None:
             self._quarantine(splits.rejected)
@@ -192,6 +197,9 @@ class Session:
     def resume(self) -> str:
         if self.running:
             raise PgError("training is already running")
+        if self._job is not None and self._job[0] != "train":
+            self.start_job(*self._job)  # a paused job of another kind (a tuning study, ...)
+            return f"continuing {self._job[0]}"
         if self._target is None:
             raise PgError("nothing to continue: no run is paused — `train N` starts one")
         tr = self._ensure_trainer()
@@ -215,8 +223,8 @@ class Session:
 
     def stop(self, timeout: float = 120.0) -> bool:
         if not self.running:
-            had = self._target is not None
-            self._target = None
+            had = self._target is not None or self._job is not None
+            self._target, self._job = None, None
             return had
         self._stop.set()
         ok = self._idle.wait(timeout)
@@ -256,47 +264,61 @@ class Session:
         return self.trainer
 
     def _start(self) -> None:
+        self.trainer.run_id = max(self.trainer.run_id, 0) + 1
+        self.start_job("train", self._train_job)
+
+    # ================================================================ the worker thread
+    def start_job(self, label: str, fn: Callable[[Callable[[], str | None]], str]) -> None:
+        """Run `fn(control)` in the worker thread and return at once. Every background job (training, a tuning
+        study, an LR range test) goes through here, so `pause`, `continue`, `stop`, `wait` and the toolbar work
+        the same for all. `fn` calls `control()` between batches ("pause" | "stop" | None; it also applies queued
+        changes) and returns "done", "paused" or "stopped"; a paused job is run again by `continue`."""
+        if self.running:
+            raise PgError("something is already running: `pause`, `stop` or `wait` first")
         with self._lock:
             self._pause.clear()
             self._stop.clear()
             self._idle.clear()
             self._running = True
+            self._job = (label, fn)
             self.run_counter += 1
-            self.trainer.run_id = max(self.trainer.run_id, 0) + 1
-            self.status = {"state": "training", "epoch": self.trainer.pos.epoch + 1}
-        self._jobs.put(("train", None))
+            self.status = {"state": "training", "job": label}
+        self._jobs.put(("job", fn))
         self.dirty = True
 
-    # ================================================================ the worker thread
+    def control(self) -> str | None:
+        """Called by a job between batches: applies queued changes; says whether to pause or stop."""
+        self._drain_changes()
+        if self._stop.is_set():
+            return "stop"
+        if self._pause.is_set():
+            return "pause"
+        return None
+
     def _work(self) -> None:
         while True:
-            job, arg = self._jobs.get()
-            if job == "quit":
+            kind, fn = self._jobs.get()
+            if kind == "quit":
                 return
+            outcome = "paused"
             try:
-                self._train_job()
+                outcome = fn(self.control)
             except BaseException as e:  # the worker must survive anything: report, pause, keep the shell alive
                 self._report_error(e)
             finally:
                 with self._lock:
                     self._drain_changes()
+                    if outcome != "paused":
+                        self._job = None
                     self._running = False
-                    self.status["state"] = "paused" if self._target else "idle"
+                    self.status["state"] = "paused" if self._job else "idle"
                     self._idle.set()
 
-    def _train_job(self) -> None:
+    def _train_job(self, control: Callable[[], str | None]) -> str:
         from .engine.train import Callbacks
 
         tr, t = self.trainer, self._target
-        t0, seen = time.perf_counter(), [0]
-
-        def control():
-            self._drain_changes()
-            if self._stop.is_set():
-                return "stop"
-            if self._pause.is_set():
-                return "pause"
-            return None
+        seen = [0]
 
         def on_batch(info):
             seen[0] = info["done"]
@@ -327,6 +349,7 @@ class Session:
 
         start_step = tr.pos.step
         cbs = Callbacks(on_batch=on_batch, on_epoch=on_epoch, on_bad=self._on_bad, control=control)
+        self.status = {"state": "training", "job": "train", "epoch": tr.pos.epoch + 1}
         if "step" in t:
             res = tr.run(steps=t["step"] - tr.pos.step, callbacks=cbs)
         else:
@@ -348,6 +371,7 @@ class Session:
             self._target = None
             path = self._write_checkpoint("pause")
             self.notify(f"stopped at step {tr.pos.step}; checkpoint {path.name}")
+        return res.outcome
 
     def _report_error(self, e: BaseException) -> None:
         import torch
@@ -657,7 +681,8 @@ class Session:
             pos["target"] = ", ".join(f"{k} {v}" for k, v in self._target.items())
         out["position"] = pos
         if self.trainer is not None and self.trainer.last:
-            out["metrics"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.trainer.last.items()}
+            out["metrics"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.trainer.last.items()
+                              if not k.startswith("epoch_")}
         files: dict[str, Any] = {}
         if self.file:
             files["session file"] = str(self.file)

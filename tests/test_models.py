@@ -128,6 +128,7 @@ def test_list_models_with_a_pattern():
     assert tv[2]["params"] == 11_689_512 and tv[2]["family"] == "resnet" and tv[2]["source"] == "torchvision"
     assert [r["name"] for r in list_models("test_vit.*")] == ["test_vit.r160_in1k"]
     assert list_models("no_such_model_anywhere") == []
+    assert list_models("tv:regnet_x_400mf")[0]["params"] is None  # its constructor cannot run on the meta device
 
 
 def test_weights_status_without_weights():
@@ -178,7 +179,9 @@ def test_torchvision_heads_are_replaced():
     resnet = _build("tv:resnet18")
     assert resnet.head == ["fc.weight", "fc.bias"] and resnet.module.fc.out_features == 3
     assert resnet.source == "torchvision" and resnet.full_name == "torchvision:resnet18" and resnet.is_convnet
-    assert resnet.data_config["input_size"] == (3, 224, 224) and resnet.data_config["crop_pct"] == 224 / 256
+    # without its weights, timm's defaults; the weights' own transforms are checked in the offline-cache test
+    assert resnet.data_config == timm.data.resolve_model_data_config(nn.Identity())
+    assert resnet.data_config["input_size"] == (3, 224, 224)
     with torch.no_grad():
         assert resnet.module.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
     mobile = _build("tv:mobilenet_v3_small")
@@ -346,6 +349,7 @@ _OFFLINE_SCRIPT = textwrap.dedent("""
     torch.manual_seed(5)
     tv_built = build_model(ModelSpec("tv:resnet18", 3, pretrained=True))
     out["tv_diff"] = same(tv_built, torch.load(sys.argv[2], weights_only=True))
+    out["tv_data_config"] = tv_built.data_config
     out["timm_error"] = error("test_vit")
     out["tv_error"] = error("tv:resnet34")
     print(json.dumps(out))
@@ -391,6 +395,9 @@ def test_pretrained_torchvision_weights_come_from_the_torch_hub_cache(offline_ca
     assert out["status"]["torchvision:resnet18"] == "cached" and out["status"]["torchvision:resnet34"] == "download"
     mismatched, compared = out["tv_diff"]
     assert mismatched == [] and compared > 100
+    assert out["tv_data_config"] == {"input_size": [3, 224, 224], "interpolation": "bilinear", "crop_pct": 0.875,
+                                     "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+                                     "crop_mode": "center"}  # ResNet18_Weights.DEFAULT.transforms()
 
 
 def test_pretrained_weights_missing_offline_say_where_and_what_to_do(offline_caches):

@@ -37,6 +37,8 @@ import timm.data
 import timm.models
 import torch
 import torchvision
+from huggingface_hub import constants as hf_constants  # timm's weight cache: its hub loader uses huggingface_hub
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -102,7 +104,8 @@ class ModelSpec:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise PgError(f"unknown model fields {', '.join(unknown)}: the file was written by another version or edited")
+            raise PgError(f"unknown model fields {', '.join(unknown)}: the file was written by another version "
+                          "or edited")
         for required in ("name", "num_classes"):
             if required not in d:
                 raise PgError(f"the stored model has no {required!r}: the file is damaged; load the model again")
@@ -117,6 +120,8 @@ class ModelSpec:
 
 @dataclass
 class BuiltModel:
+    """A built model and what the trainer needs to know about it; `head` gets the head learning rate."""
+
     module: nn.Module
     head: list[str]  # parameter names (as in module.named_parameters()) of the new classifier head
     data_config: dict[str, Any]  # timm-style: input_size (3,H,W), mean, std, crop_pct, interpolation, crop_mode
@@ -159,7 +164,7 @@ def resolve_name(name: str) -> tuple[str, str]:
             return "timm", lowered
         cfg = timm.models.get_pretrained_cfg(arch)
         return "timm", f"{arch}.{cfg.tag}" if cfg is not None and cfg.tag else arch
-    candidates = list(_SEEDS) + _timm_pretrained_names() + timm.list_models() + ["tv:" + n for n in _torchvision_names()]
+    candidates = [*_SEEDS, *_timm_pretrained_names(), *timm.list_models(), *("tv:" + n for n in _torchvision_names())]
     raise _unknown_model(name, candidates)
 
 
@@ -204,9 +209,9 @@ def list_models(pattern: str = "", limit: int = 50) -> list[dict[str, Any]]:
     """Rows for the `models` command: seed families first, then timm's pretrained names, then torchvision's.
 
     An empty pattern lists the seed families only. A pattern with * ? [ is an fnmatch pattern, anything else a
-    substring; "tv:PATTERN" / "timm:PATTERN" search one source only ("tv:" alone: all of torchvision). Each row: name, source, family, params
-    (counted on the meta device, None when that fails), input_size, weights ("cached" | "download" | "-"),
-    full_name.
+    substring; "tv:PATTERN" / "timm:PATTERN" search one source only ("tv:" alone: all of torchvision). Each row:
+    name, source, family, params (counted on the meta device, None when that fails), input_size, weights
+    ("cached" | "download" | "-"), full_name.
     """
     pattern = pattern.strip().lower()
     only = ""
@@ -281,7 +286,7 @@ def _count_params_on_meta(source: str, full_name: str) -> int | None:
 def _input_size(source: str, full_name: str) -> int:
     if source == "timm":
         cfg = timm.models.get_pretrained_cfg(full_name)
-        return int(cfg.input_size[-1]) if cfg is not None else timm.data.resolve_data_config({})["input_size"][-1]
+        return int(cfg.input_size[-1]) if cfg is not None else _default_data_config()["input_size"][-1]
     return _tv_data_config(_tv_default_weights(_tv_name(full_name)))["input_size"][-1]
 
 
@@ -322,8 +327,6 @@ def _timm_weights_status(full_name: str) -> str:
 
 
 def _hf_cached(hub_id: str, filenames: tuple[str, ...]) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     repo_id, _, revision = hub_id.partition("@")
     return any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision or None), str) for f in filenames)
 
@@ -338,9 +341,7 @@ def _weights_cache_dir(source: str, full_name: str) -> str:
         cfg = None if ":" in full_name else timm.models.get_pretrained_cfg(full_name)
         if cfg is not None and not cfg.hf_hub_id and cfg.url:
             return str(Path(torch.hub.get_dir()) / "checkpoints")
-        from huggingface_hub import constants
-
-        return str(constants.HF_HUB_CACHE)
+        return str(hf_constants.HF_HUB_CACHE)  # read at call time: HF_HOME / HF_HUB_CACHE as the hub sees them
     return str(Path(torch.hub.get_dir()) / "checkpoints")
 
 
@@ -455,12 +456,17 @@ def _tv_default_weights(name: str):
 def _tv_data_config(weights) -> dict[str, Any]:
     """timm-style data config from the torchvision weights' own transforms; timm's defaults when there are none."""
     if weights is None:
-        return timm.data.resolve_data_config({})
+        return _default_data_config()
     transforms = weights.transforms()
     crop, resize = transforms.crop_size[0], transforms.resize_size[0]
     return {"input_size": (3, crop, crop), "interpolation": transforms.interpolation.value,
             "mean": tuple(transforms.mean), "std": tuple(transforms.std), "crop_pct": crop / resize,
             "crop_mode": "center"}
+
+
+def _default_data_config() -> dict[str, Any]:
+    """timm's defaults (ImageNet mean/std, 224 px, crop_pct 0.875): what it resolves for a model without a config."""
+    return timm.data.resolve_model_data_config(nn.Identity())
 
 
 def _build_from_file(full_name: str, num_classes: int) -> BuiltModel:
@@ -502,7 +508,8 @@ def _import_factory(path: Path, factory_name: str):
         import_spec.loader.exec_module(user_module)
     except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
         sys.modules.pop(module_name, None)
-        raise PgError(f"importing {path} failed with {type(exc).__name__}: {exc} — fix the file and load again") from exc
+        raise PgError(f"importing {path} failed with {type(exc).__name__}: {exc} — fix the file and load "
+                      "again") from exc
     factory = getattr(user_module, factory_name, None)
     if not callable(factory):
         found = [n for n, v in vars(user_module).items() if callable(v) and not n.startswith("_")

@@ -1,0 +1,57 @@
+"""Training commands: train, pause, continue, stop, wait."""
+
+from __future__ import annotations
+
+from cmd2 import CommandSet, with_argparser
+
+from ..engine.errors import PgError
+from ._common import parser
+
+
+# ====================================================================== Training
+class TrainingCommands(CommandSet):
+    DEFAULT_CATEGORY = "Training"
+
+    train_parser = parser("Train N more epochs (or K more batches with --steps) from where the model is. Returns to "
+                          "the prompt at once; progress shows in the toolbar. In a script it waits until done.",
+                          "train 5")
+    train_parser.add_argument("epochs", nargs="?", type=int, help="more epochs (default: up to the `epochs` setting)")
+    train_parser.add_argument("--steps", type=int, help="more batches instead of epochs")
+
+    @with_argparser(train_parser)
+    def do_train(self, args):
+        """Train in the background."""
+        if args.epochs is not None and args.steps is not None:
+            raise PgError("give epochs or --steps, not both")
+        self._cmd.poutput(self._cmd.session.train(args.epochs, args.steps))
+        self._cmd.after_start()
+
+    @with_argparser(parser("Pause the run after the current batch (a checkpoint is written).", "pause"))
+    def do_pause(self, _):
+        """Pause training."""
+        s = self._cmd.session
+        if not s.running:
+            raise PgError("nothing is training" + (" (the run is already paused: `continue`)" if s.paused else ""))
+        if not s.pause():
+            raise PgError("still finishing the current batch; it will pause after it")
+        self._cmd.flush_messages()
+        self._cmd.last_result = True
+
+    @with_argparser(parser("Continue the paused run where it stopped.", "continue"))
+    def do_continue(self, _):
+        """Continue a paused run."""
+        self._cmd.poutput(self._cmd.session.resume())
+        self._cmd.after_start()
+
+    @with_argparser(parser("Stop the run after the current batch; `continue` will not resume it.", "stop"))
+    def do_stop(self, _):
+        """Stop training."""
+        if not self._cmd.session.stop():
+            raise PgError("nothing to stop")
+        self._cmd.flush_messages()
+        self._cmd.last_result = True
+
+    @with_argparser(parser("Block until the current run finishes or pauses (Ctrl-C pauses it).", "wait"))
+    def do_wait(self, _):
+        """Wait for training."""
+        self._cmd.wait_for_run()

@@ -1,0 +1,52 @@
+"""Every command has help with an example and appears in the README; the examples' plans only use real commands."""
+
+import io
+import re
+from pathlib import Path
+
+import pytest
+
+from pgshell.engine.config import setting_names
+from pgshell.shell import PgShell
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    a = PgShell(interactive=False, sessions_dir=str(tmp_path_factory.mktemp("s")), stdout=io.StringIO())
+    yield a
+    a.session.close(save=False)
+
+
+def test_every_command_has_help_with_example_and_is_in_readme(app):
+    commands = app.get_visible_commands()
+    assert {"models", "load", "data", "freeze", "unfreeze", "set", "show", "train", "pause", "continue", "stop",
+            "wait", "eval", "save", "quit", "help"} <= set(commands)
+    for name in commands:
+        assert f"`{name}" in README, f"command {name} is not documented in README.md"
+        if name in ("help", "set"):
+            continue  # cmd2's own
+        parser = app.command_parsers.get(app.get_command_func(name))
+        assert parser is not None and parser.description, f"{name} has no help text"
+        assert "example:" in (parser.epilog or ""), f"`help {name}` shows no example"
+
+
+def test_every_setting_is_in_readme():
+    table = README[README.index("### Settings"):README.index("## Sessions and files")]
+    for name in setting_names():
+        assert re.search(rf"\b{name}\b", table), f"setting {name} is missing from the README's table"
+
+
+@pytest.mark.parametrize("plan", sorted((ROOT / "examples").glob("*.plan")), ids=lambda p: p.name)
+def test_example_plans_use_known_commands_and_settings(app, plan):
+    commands = set(app.get_visible_commands())
+    for line in plan.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word = line.split()[0]
+        assert word in commands, f"{plan.name}: unknown command {word!r}"
+        if word == "set":
+            assert line.split()[1] in setting_names(), f"{plan.name}: unknown setting in {line!r}"
