@@ -58,6 +58,7 @@ class Session:
         self.best: dict | None = None  # {"path", "value", "epoch"}
         self.status: dict[str, Any] = {"state": "idle"}
         self.batch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each batch
+        self.epoch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each epoch's checkpoint
         self.dirty = False
         self.run_counter = 0
         self._target: dict | None = None  # what the paused/active training run is training towards
@@ -346,6 +347,8 @@ class Session:
             if val:
                 msg += f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}"
             self.notify(msg + f" | checkpoint {path.name}")
+            for listener in self.epoch_listeners:
+                listener(info)
 
         start_step = tr.pos.step
         cbs = Callbacks(on_batch=on_batch, on_epoch=on_epoch, on_bad=self._on_bad, control=control)
