@@ -351,7 +351,8 @@ class Session:
                 listener(info)
 
         start_step = tr.pos.step
-        cbs = Callbacks(on_batch=on_batch, on_epoch=on_epoch, on_bad=self._on_bad, control=control)
+        cbs = Callbacks(on_batch=on_batch, on_epoch=on_epoch, on_bad=self._on_bad, control=control,
+                        on_note=self.notify)
         self.status = {"state": "training", "job": "train", "epoch": tr.pos.epoch + 1}
         if "step" in t:
             res = tr.run(steps=t["step"] - tr.pos.step, callbacks=cbs)

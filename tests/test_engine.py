@@ -277,3 +277,70 @@ def test_engine_imports_without_cmd2():
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+# ------------------------------------------------------------------ the frozen-backbone feature cache
+def _frozen_run(tmp_path, folder, name, epochs=3, **settings):
+    s = _session(tmp_path, folder, name, lr=0.05, **settings)
+    s.freeze(["backbone"])
+    notes = []
+    s.notify = notes.append
+    _train(s, epochs=epochs)
+    return s, notes
+
+
+@pytest.mark.parametrize("augment, views", [("off", 1), ("on", 3)])
+def test_feature_cache_equals_uncached_training(tmp_path, split_folder, augment, views):
+    """Cached head training gives the uncached path's metrics and weights (within float tolerance): with no
+    augmentation always, with K augmented views for the first K epochs (the views are seeded like those epochs)."""
+    a, notes = _frozen_run(tmp_path, split_folder, "cached", augment=augment, feature_views=views)
+    b, _ = _frozen_run(tmp_path, split_folder, "plain", augment=augment, feature_views=views, feature_cache=False)
+    assert any("feature cache: 30 training images x %d view" % views in m for m in notes)
+    ra, rb = read_rows(a.folder / "metrics.csv"), read_rows(b.folder / "metrics.csv")
+    assert len(ra) == len(rb) == 15
+    for x, y in zip(ra, rb):
+        assert (x["step"], x["split"]) == (y["step"], y["split"])
+        assert float(x["loss"]) == pytest.approx(float(y["loss"]), rel=1e-4, abs=1e-5)
+        assert float(x["accuracy"]) == pytest.approx(float(y["accuracy"]))
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.allclose(wa[k].float(), wb[k].float(), atol=1e-5) for k in wa)
+    a.close(save=False)
+    b.close(save=False)
+
+
+def test_feature_cache_reused_and_invalidated(tmp_path, split_folder):
+    s, notes = _frozen_run(tmp_path, split_folder, "c", epochs=1)
+
+    def builds():
+        return len([m for m in notes if m.startswith("feature cache")])
+
+    assert builds() == 1
+    _train(s, epochs=1)  # the same frozen backbone: reused
+    assert builds() == 1
+    key = s.trainer._fcache["key"]
+    s.freeze(["all"], unfreeze=True)  # unfreeze: the cache no longer applies
+    assert not s.trainer._cache_valid()
+    _train(s, epochs=1)  # the whole model trains (and the backbone's weights change)
+    assert builds() == 1
+    s.freeze(["backbone"])
+    _train(s, epochs=1)  # frozen again, but on other weights: rebuilt
+    assert builds() == 2 and s.trainer._fcache["key"] != key
+    s.set("feature_views", 2)
+    _train(s, epochs=1)  # another transform setting: rebuilt
+    assert builds() == 3 and len(s.trainer._fcache["train"].views) == 2
+    s.close(save=False)
+
+
+def test_feature_cache_resume_is_exact(tmp_path, split_folder):
+    ref, _ = _frozen_run(tmp_path, split_folder, "ref", epochs=2)
+    s = _session(tmp_path, split_folder, "cut", lr=0.05)
+    s.freeze(["backbone"])
+    _train(s, steps=3)
+    file = s.save()
+    s.close(save=False)
+    r = Session.open(file)
+    _train(r, epochs=2)
+    assert all(torch.equal(v, _weights(ref)[k]) for k, v in _weights(r).items())
+    assert _rows(r) == _rows(ref)
+    ref.close(save=False)
+    r.close(save=False)

@@ -53,6 +53,8 @@ class TrainConfig:
     compile: bool = _setting(False, "torch.compile the model (GPU; slow first batches)")
     devices: str = _setting("all", "GPUs for DataParallel: all | 0,1,...")
     feature_cache: bool = _setting(True, "frozen backbone: compute its features once and train the head on them")
+    feature_views: int = _setting(1, "feature cache: 1 = one unaugmented view; K > 1 = K augmented views (epoch e uses "
+                                     "view e mod K)", minimum=1, maximum=64)
     # --- checkpoints and logs ---
     keep_last: int = _setting(0, "keep the last K epoch checkpoints and the best (0: keep all)", minimum=0)
     best_metric: str = _setting("val_accuracy", "val_accuracy | val_loss: which checkpoint is 'best'",

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import features as FC
 from . import models as M
 from .config import TrainConfig
 from .device import Runtime, resolve_runtime
@@ -46,6 +47,7 @@ class Callbacks:
     on_epoch: Callable[[dict], None] | None = None  # after validation; the session checkpoints here
     on_bad: Callable[[list], None] | None = None  # [(path, reason)] found while decoding
     control: Callable[[], str | None] | None = None  # between batches: apply changes; "pause" | "stop" | None
+    on_note: Callable[[str], None] | None = None  # one-off information (e.g. "caching features ...")
 
 
 @dataclass
@@ -143,6 +145,8 @@ class Trainer:
         self.pos = Position()
         self.last: dict[str, Any] = {}  # last train/val metrics, for `show`
         self._opt_state: dict | None = None  # optimizer state by parameter name, kept across rebuilds
+        self._fcache: dict | None = None  # the frozen-backbone feature cache (engine/features.py), when built
+        self._use_cache = False
         self.scaler_state: dict | None = None
         self.setup()
 
@@ -247,6 +251,7 @@ class Trainer:
         start_pos = Position(**asdict(self.pos))
         target_step = self.pos.step + steps if steps is not None else None
         target_epoch = self.pos.epoch + epochs if epochs is not None else None
+        self._use_cache = self._prepare_feature_cache(cb)
         t0, n_batches, n_images = time.perf_counter(), 0, 0
         outcome = "done"
         self._train_mode()
@@ -294,6 +299,16 @@ class Trainer:
     def _batches(self):
         """(images, labels, samples consumed, bad files) from the current position to the end of the epoch."""
         sampler = D.EpochSampler(len(self.splits.train), self.cfg.seed, self.pos.epoch, start=self.pos.sample)
+        if self._use_cache:  # the same order and position, features instead of images
+            cached: FC.CachedSplit = self._fcache["train"]
+            view = cached.views[self.pos.epoch % len(cached.views)]
+            keys = [i for i, _ in sampler]
+            for b in range(0, len(keys), self.cfg.batch_size):
+                idx = torch.tensor(keys[b: b + self.cfg.batch_size], device=view.device)
+                good = idx[cached.ok[idx]]
+                x = view[good] if len(good) else None
+                yield x, (cached.labels[good] if len(good) else None), len(idx), []
+            return
         loader = D.make_loader(self.train_set, sampler, self.cfg.batch_size, self.cfg.workers,
                                pin_memory=self.runtime.device.type == "cuda")
         for x, y, bad in loader:
@@ -313,7 +328,7 @@ class Trainer:
             torch.manual_seed(step_seed(self.cfg.seed, self.pos.step))
             x, y = self.runtime.to_input(x), y.to(self.runtime.device, non_blocking=True)
             with self.runtime.autocast():
-                out = self.net(x)
+                out = (self._fcache["head"] if self._use_cache else self.net)(x)
             loss = self.loss_fn(out.float(), y)
             self.optimizer.zero_grad(set_to_none=True)
             if self.scaler is not None:
@@ -363,24 +378,23 @@ class Trainer:
     # ---------------- evaluation
     @torch.no_grad()
     def evaluate(self, split: str = "val", collect: bool = False, module: torch.nn.Module | None = None) -> dict:
-        """Loss and accuracy over a split with the eval transform; `collect` also returns logits and labels."""
+        """Loss and accuracy over a split with the eval transform; `collect` also returns logits and labels.
+
+        With the feature cache active, the stored features of the split go through the head in the same batches the
+        full model would see, so the figures are the same either way."""
         ds = self.eval_sets.get(split)
         if ds is None or len(ds) == 0:
             raise PgError(f"there is no {split} split in this dataset")
         net = module if module is not None else self.net
         was_training = net.training
         net.eval()
-        sampler = D.EpochSampler(len(ds), self.cfg.seed, 0, shuffle=False)
-        loader = D.make_loader(ds, sampler, max(self.cfg.batch_size, 64), self.cfg.workers)
+        cached = self._fcache.get(split) if (module is None and self._cache_valid()) else None
+        batches = self._cached_eval_batches(cached) if cached is not None else self._eval_batches(ds, net)
         total_loss, correct, n, logits, labels, bad_all = 0.0, 0, 0, [], [], []
-        for x, y, bad in loader:
+        for out, y, bad in batches:
             bad_all += bad
-            if x is None:
+            if out is None:
                 continue
-            x, y = self.runtime.to_input(x), y.to(self.runtime.device)
-            with self.runtime.autocast():
-                out = net(x)
-            out = out.float()
             total_loss += self.loss_fn(out, y).item() * len(y)
             correct += (out.argmax(1) == y).sum().item()
             n += len(y)
@@ -394,6 +408,97 @@ class Trainer:
             res["logits"] = torch.cat(logits) if logits else torch.empty(0, len(self.splits.classes))
             res["labels"] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
         return res
+
+    @property
+    def eval_batch_size(self) -> int:
+        return max(self.cfg.batch_size, 64)
+
+    def _eval_batches(self, ds, net):
+        sampler = D.EpochSampler(len(ds), self.cfg.seed, 0, shuffle=False)
+        loader = D.make_loader(ds, sampler, self.eval_batch_size, self.cfg.workers)
+        for x, y, bad in loader:
+            if x is None:
+                yield None, None, bad
+                continue
+            x, y = self.runtime.to_input(x), y.to(self.runtime.device)
+            with self.runtime.autocast():
+                out = net(x)
+            yield out.float(), y, bad
+
+    def _cached_eval_batches(self, cached: FC.CachedSplit):
+        head, feats = self._fcache["head"], cached.views[0]
+        for b in range(0, len(cached.labels), self.eval_batch_size):
+            idx = torch.arange(b, min(b + self.eval_batch_size, len(cached.labels)), device=feats.device)
+            good = idx[cached.ok[idx]]
+            if not len(good):
+                continue
+            with self.runtime.autocast():
+                out = head(feats[good])
+            yield out.float(), cached.labels[good], []
+
+    # ---------------- the frozen-backbone feature cache
+    def _cache_applicable(self) -> bool:
+        trainable = {n for n, p in self.built.module.named_parameters() if p.requires_grad}
+        return bool(self.cfg.feature_cache and trainable and trainable <= set(self.built.head)
+                    and not isinstance(self.net, torch.nn.DataParallel) and getattr(self, "world", 1) == 1)
+
+    def _cache_key(self) -> tuple:
+        """Everything the cached features depend on: the frozen set and its weights, the transform (size, augment,
+        views), the data, the device and precision, the batching of the backbone pass."""
+        module = self.built.module
+        frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+        buffers = [n for n, _ in module.named_buffers()]
+        return (FC.fingerprint(module, frozen + buffers), tuple(frozen), self.size, self.cfg.augment, self._views,
+                self.cfg.seed, tuple(self.splits.train[:1] + self.splits.train[-1:]), len(self.splits.train),
+                len(self.splits.val), str(self.runtime.device), str(self.runtime.amp_dtype), self.eval_batch_size)
+
+    @property
+    def _views(self) -> int:
+        return self.cfg.feature_views if self.cfg.augment else 1
+
+    def _cache_valid(self) -> bool:
+        return self._fcache is not None and self._cache_applicable() and self._fcache["key"] == self._cache_key()
+
+    def _prepare_feature_cache(self, cb: Callbacks | None = None) -> bool:
+        """Build (or reuse) the cache when only the head trains; rebuilt whenever its key changes (unfreeze, new
+        weights, another size or augmentation, other data)."""
+        if not self._cache_applicable():
+            return False
+        module = self.built.module
+        head_name = FC.head_module_name(self.built.head)
+        views = self._views
+        key = self._cache_key()
+        if self._fcache is not None and self._fcache["key"] == key:
+            return True
+        t0 = time.perf_counter()
+        n = len(self.splits.train)
+        train_views, ok, bad = [], None, {}
+        for v in range(views):
+            if views == 1:  # one unaugmented view
+                ds, keys = self.eval_sets["train"], [(i, D.sample_seed(self.cfg.seed, 0, i)) for i in range(n)]
+            else:  # view v seeded as the uncached loop seeds epoch v
+                ds, keys = self.train_set, [(i, D.sample_seed(self.cfg.seed, v, i)) for i in range(n)]
+            f, ok, bad = FC.compute_features(module, head_name, ds, keys, self.runtime, self.eval_batch_size,
+                                             self.cfg.workers)
+            train_views.append(f)
+        dev = train_views[0].device
+        labels = torch.tensor([lab for _, lab in self.splits.train], device=dev)
+        cache = {"key": key, "head": module.get_submodule(head_name) if head_name else module,
+                 "train": FC.CachedSplit(train_views, labels, ok, bad)}
+        for split in ("val", "test"):
+            ds = self.eval_sets.get(split)
+            if ds is not None and len(ds):
+                keys = [(i, D.sample_seed(self.cfg.seed, 0, i)) for i in range(len(ds))]
+                f, vok, vbad = FC.compute_features(module, head_name, ds, keys, self.runtime, self.eval_batch_size,
+                                                   self.cfg.workers)
+                cache[split] = FC.CachedSplit([f], torch.tensor([lab for _, lab in ds.samples], device=dev), vok, vbad)
+        self._fcache = cache
+        if bad and cb is not None and cb.on_bad:
+            cb.on_bad(list(bad.values()))
+        if cb is not None and cb.on_note:
+            cb.on_note(f"feature cache: {n} training images x {views} view(s), {train_views[0].shape[1]} features each, "
+                 f"built in {time.perf_counter() - t0:.1f} s (the frozen backbone runs once, not every epoch)")
+        return True
 
     # ---------------- checkpoint state
     def state_dict(self) -> dict:
