@@ -344,3 +344,29 @@ def test_feature_cache_resume_is_exact(tmp_path, split_folder):
     assert _rows(r) == _rows(ref)
     ref.close(save=False)
     r.close(save=False)
+
+
+# ------------------------------------------------------------------ precision (the CPU side of the GPU fast path)
+def test_bf16_autocast_trains_on_cpu(tmp_path, split_folder):
+    s = _session(tmp_path, split_folder, amp="bf16", lr=0.01)
+    _train(s, epochs=2)
+    assert s.trainer.runtime.describe() == "cpu bf16"
+    losses = [float(r["loss"]) for r in read_rows(s.folder / "metrics.csv") if r["split"] == "train"]
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    s.close(save=False)
+
+
+def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path, split_folder):
+    s = _session(tmp_path, split_folder, amp="fp16")
+    _train(s, steps=3)
+    scaler = s.trainer.scaler.state_dict()
+    assert scaler["_growth_tracker"] == 3 and scaler["scale"] == 65536.0
+    file = s.save()
+    s.close(save=False)
+    _, state = C.load_latest(file.parent / "s" / "checkpoints")
+    assert state["scaler"]["_growth_tracker"] == 3 and state["scaler"]["scale"] == 65536.0
+    r = Session.open(file)
+    assert r.trainer.scaler.state_dict() == scaler
+    _train(r, steps=1)
+    assert r.trainer.scaler.state_dict()["_growth_tracker"] == 4
+    r.close(save=False)

@@ -83,8 +83,6 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: str 
         amp_dtype = None
     else:
         amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-        if amp == "fp16" and dev.type == "cpu":
-            raise PgError("fp16 autocast needs a GPU; on CPU use `set amp bf16` or `set amp off`")
     if channels_last == "auto":
         cl = dev.type == "cuda" and is_convnet
     else:
