@@ -252,7 +252,7 @@ class Session:
             raise PgError("no data yet: `data PATH` attaches an image folder")
         if self.name is None:
             self._choose_name()
-        if self._log is None:
+        if self._log is None and self._writes:
             self._log = MetricsLog(self.folder / "metrics.csv")
         if self.trainer is None:
             self.trainer = Trainer(self.built, self.spec, self.splits, self.config, log=self._log,
@@ -443,7 +443,8 @@ class Session:
             self._log = None
         self.name = name
         self.file = self.root / f"{name}.session"
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self._writes:
+            self.folder.mkdir(parents=True, exist_ok=True)
 
     def _state(self) -> dict:
         if self.trainer is not None:
@@ -460,6 +461,13 @@ class Session:
                 "model": dict(module.state_dict()), "optimizer": None, "scheduler": None, "scaler": None, "rng": {},
                 "last": {}, "run": 0}
 
+    @property
+    def _writes(self) -> bool:
+        """Under torchrun (DDP) only rank 0 writes files; every other process keeps its state in memory."""
+        from .engine.distributed import world
+
+        return world().main
+
     def _write_checkpoint(self, kind: str, info: dict | None = None) -> Path:
         """Called by the worker at epoch ends and pauses, and by save() when idle."""
         if self.name is None:
@@ -468,6 +476,8 @@ class Session:
         pos = state["position"]
         ckdir = self.folder / "checkpoints"
         fname = f"epoch-{pos['epoch']:04d}.safetensors" if kind == "epoch" else f"step-{pos['step']:07d}.safetensors"
+        if not self._writes:
+            return ckdir / fname
         val = (info or {}).get("val") or {}
         summary = {"kind": kind, "step": pos["step"], "epoch": pos["epoch"], "batch": pos["batch"],
                    "time": datetime.now().isoformat(timespec="seconds")}
@@ -510,6 +520,8 @@ class Session:
                     pass
 
     def _write_session_file(self) -> None:
+        if not self._writes:
+            return
         doc = {
             "format": SESSION_FORMAT, "version": SESSION_VERSION, "name": self.name, "folder": self.name,
             "model": self.spec.to_dict() if self.spec else None,
@@ -708,7 +720,7 @@ class Session:
             self.notify(f"skipped bad image {path}: {reason}")
 
     def _quarantine(self, bad: list) -> None:
-        if self.folder is None:
+        if self.folder is None or not self._writes:
             return
         with open(self.folder / "quarantine.txt", "a") as f:
             for path, reason in bad:

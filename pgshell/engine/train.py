@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import distributed as DIST
 from . import features as FC
 from . import models as M
 from .config import TrainConfig
@@ -153,9 +154,23 @@ class Trainer:
     # ---------------- (re)building from the config: called at the start of each run and after changes
     def setup(self) -> None:
         cfg = self.cfg
-        self.runtime: Runtime = resolve_runtime(cfg.device, cfg.amp, cfg.channels_last, cfg.devices,
+        self.world = DIST.world()
+        device = cfg.device
+        if self.world.active and torch.cuda.is_available():
+            device = f"cuda:{self.world.local_rank}"  # DDP: one GPU per process
+        self.runtime: Runtime = resolve_runtime(device, cfg.amp, cfg.channels_last, cfg.devices,
                                                 self.built.is_convnet)
+        if cfg.batch_size % self.world.size:
+            raise PgError(f"batch_size {cfg.batch_size} must be a multiple of the {self.world.size} processes "
+                          "(it is the global batch; each process takes an equal share)")
         self.net = self.runtime.prepare_model(self.built.module)
+        if self.world.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            if self.runtime.device.type == "cuda":  # BatchNorm statistics over the global batch
+                self.built.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.built.module)
+            cuda = self.runtime.device.type == "cuda"
+            self.net = DistributedDataParallel(self.built.module, device_ids=[self.runtime.device.index] if cuda else None)
         self.train_set = D.ImageDataset(self.splits.train, D.build_transform(
             self.built.data_config, train=True, size=self.size, augment=cfg.augment))
         eval_tf = D.build_transform(self.built.data_config, train=False, size=self.size)
@@ -262,7 +277,7 @@ class Trainer:
                 break
             stop = False
             for x, y, nkeys, bad in self._batches():
-                request = cb.control() if cb.control else None
+                request = DIST.agree(cb.control() if cb.control else None, self.runtime.device)
                 if request in ("pause", "stop"):
                     outcome = "paused" if request == "pause" else "stopped"
                     stop = True
@@ -298,7 +313,9 @@ class Trainer:
 
     def _batches(self):
         """(images, labels, samples consumed, bad files) from the current position to the end of the epoch."""
-        sampler = D.EpochSampler(len(self.splits.train), self.cfg.seed, self.pos.epoch, start=self.pos.sample)
+        w = self.world
+        sampler = D.EpochSampler(len(self.splits.train), self.cfg.seed, self.pos.epoch, start=self.pos.sample,
+                                 rank=w.rank, world=w.size)
         if self._use_cache:  # the same order and position, features instead of images
             cached: FC.CachedSplit = self._fcache["train"]
             view = cached.views[self.pos.epoch % len(cached.views)]
@@ -309,10 +326,11 @@ class Trainer:
                 x = view[good] if len(good) else None
                 yield x, (cached.labels[good] if len(good) else None), len(idx), []
             return
-        loader = D.make_loader(self.train_set, sampler, self.cfg.batch_size, self.cfg.workers,
+        loader = D.make_loader(self.train_set, sampler, self.cfg.batch_size // w.size, self.cfg.workers,
                                pin_memory=self.runtime.device.type == "cuda")
         for x, y, bad in loader:
-            yield x, y, (0 if y is None else len(y)) + len(bad), bad
+            # every process yields equal shares (the sampler pads by wrapping): the global count is share x world
+            yield x, y, ((0 if y is None else len(y)) + len(bad)) * w.size, bad
 
     def _train_mode(self) -> None:
         self.net.train()
@@ -339,8 +357,11 @@ class Trainer:
                 loss.backward()
                 self.optimizer.step()
             n = len(y)
-            loss_v = loss.item()
-            acc = (out.argmax(1) == y).sum().item() / n
+            loss_v, correct = loss.item(), (out.argmax(1) == y).sum().item()
+            if self.world.active:  # the global batch's figures, as one process would log them
+                loss_sum, correct, n = DIST.all_sum([loss_v * n, correct, n], self.runtime.device)
+                loss_v, n = loss_sum / n, int(n)
+            acc = correct / n
         self.pos.step += 1
         if self._sched_unit == "step":
             self.scheduler.step()
@@ -385,7 +406,8 @@ class Trainer:
         ds = self.eval_sets.get(split)
         if ds is None or len(ds) == 0:
             raise PgError(f"there is no {split} split in this dataset")
-        net = module if module is not None else self.net
+        # under DDP every process evaluates the whole split on its unwrapped model: no collectives, same figures
+        net = module if module is not None else (self.built.module if self.world.active else self.net)
         was_training = net.training
         net.eval()
         cached = self._fcache.get(split) if (module is None and self._cache_valid()) else None
@@ -440,7 +462,7 @@ class Trainer:
     def _cache_applicable(self) -> bool:
         trainable = {n for n, p in self.built.module.named_parameters() if p.requires_grad}
         return bool(self.cfg.feature_cache and trainable and trainable <= set(self.built.head)
-                    and not isinstance(self.net, torch.nn.DataParallel) and getattr(self, "world", 1) == 1)
+                    and not isinstance(self.net, torch.nn.DataParallel) and not self.world.active)
 
     def _cache_key(self) -> tuple:
         """Everything the cached features depend on: the frozen set and its weights, the transform (size, augment,

@@ -222,8 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-s", "--session", help="reopen a saved session: sessions/NAME.session")
     ap.add_argument("--sessions-dir", default=os.environ.get("PGSHELL_SESSIONS", "sessions"),
                     help="where new sessions are saved (default: ./sessions)")
+    ap.add_argument("--ddp", action="store_true",
+                    help="under torchrun: DistributedDataParallel over all processes (needs a PLAN file)")
     ap.add_argument("--version", action="version", version=f"pgshell {__import__('pgshell').__version__}")
     args = ap.parse_args(argv)
+    if args.ddp:
+        return _main_ddp(args)
     interactive = args.plan is None and sys.stdin.isatty() and sys.stdout.isatty()
     notify_box: list = []
     session = None
@@ -253,3 +257,30 @@ def main(argv: list[str] | None = None) -> int:
     if app.session._worker.is_alive():  # left by an exception path: still save
         app.session.close(save=True)
     return code
+
+
+def _main_ddp(args) -> int:
+    """One process of `torchrun ... -m pgshell --ddp plan.txt`: every rank runs the plan; rank 0 alone prints and
+    writes files."""
+    from ..engine import distributed
+
+    if not args.plan:
+        print("error: --ddp needs a plan file (processes cannot share stdin): pgshell --ddp plan.txt",
+              file=sys.stderr)
+        return 2
+    try:
+        w = distributed.init_from_env()
+    except PgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = sys.stdout if w.main else open(os.devnull, "w")
+    try:
+        session = Session.open(args.session) if args.session else None
+        app = PgShell(session=session, interactive=False, sessions_dir=args.sessions_dir, stdout=out)
+        with open(args.plan) as f:
+            return run_plan(app, f.readlines())
+    except PgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
