@@ -1,6 +1,7 @@
 """The engine: exact resume, checkpoints, metrics log, criteria/optimizers/schedulers, pause latency."""
 
 import math
+import os
 import subprocess
 import sys
 import threading
@@ -369,4 +370,54 @@ def test_fp16_grad_scaler_state_is_checkpointed_and_restored(tmp_path, split_fol
     assert r.trainer.scaler.state_dict() == scaler
     _train(r, steps=1)
     assert r.trainer.scaler.state_dict()["_growth_tracker"] == 4
+    r.close(save=False)
+
+
+# ------------------------------------------------------------------ the decoded-image (uint8) input cache
+@pytest.fixture
+def input_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("PGSHELL_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "inputs"
+
+
+def test_input_cache_equals_pil_path(tmp_path, split_folder, input_cache_dir):
+    """Without augmentation the cache stores exactly the eval crops: the same training, bit for bit."""
+    a = _session(tmp_path, split_folder, "cached", input_cache="on", augment=False)
+    notes = []
+    a.notify = notes.append
+    _train(a, epochs=2)
+    b = _session(tmp_path, split_folder, "plain", input_cache="off", augment=False)
+    _train(b, epochs=2)
+    assert any(m.startswith("input cache: decoded 30 images") for m in notes)
+    assert len(list(input_cache_dir.glob("*.u8"))) == 2  # train and val
+    assert _rows(a) == _rows(b)
+    assert all(torch.equal(v, _weights(b)[k]) for k, v in _weights(a).items())
+    a.close(save=False)
+    b.close(save=False)
+
+
+def test_input_cache_hit_invalidation_and_exact_resume(tmp_path, split_folder, input_cache_dir):
+    ref = _session(tmp_path, split_folder, "ref", input_cache="on")  # augmentation on the device
+    notes = []
+    ref.notify = notes.append
+    _train(ref, epochs=2)
+    assert len([m for m in notes if m.startswith("input cache: decoded")]) == 2
+    s = _session(tmp_path, split_folder, "cut", input_cache="on")
+    s.notify = notes.append
+    _train(s, steps=3)
+    assert len([m for m in notes if m.startswith("input cache: decoded")]) == 2  # hit: decoded once only
+    file = s.save()
+    s.close(save=False)
+    r = Session.open(file)
+    _train(r, epochs=2)
+    assert _rows(r) == _rows(ref)
+    assert all(torch.equal(v, _weights(ref)[k]) for k, v in _weights(r).items())
+    # a changed image changes the key: decoded again
+    img = sorted((split_folder / "train" / "cat").iterdir())[0]
+    os.utime(img, ns=(img.stat().st_atime_ns, img.stat().st_mtime_ns + 10**9))
+    r.notify = notes.append
+    r.attach_data(str(split_folder), size=32)
+    _train(r, steps=1)
+    assert len([m for m in notes if m.startswith("input cache: decoded")]) == 3
+    ref.close(save=False)
     r.close(save=False)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import data as D
 from . import distributed as DIST
 from . import features as FC
+from . import inputcache as IC
 from . import models as M
 from .config import TrainConfig
 from .device import Runtime, resolve_runtime
@@ -148,6 +149,7 @@ class Trainer:
         self._opt_state: dict | None = None  # optimizer state by parameter name, kept across rebuilds
         self._fcache: dict | None = None  # the frozen-backbone feature cache (engine/features.py), when built
         self._use_cache = False
+        self._icache: dict | None = None  # the decoded-image cache (engine/inputcache.py), when in use
         self.scaler_state: dict | None = None
         self.setup()
 
@@ -267,6 +269,7 @@ class Trainer:
         target_step = self.pos.step + steps if steps is not None else None
         target_epoch = self.pos.epoch + epochs if epochs is not None else None
         self._use_cache = self._prepare_feature_cache(cb)
+        self._prepare_input_cache(cb)
         t0, n_batches, n_images = time.perf_counter(), 0, 0
         outcome = "done"
         self._train_mode()
@@ -325,6 +328,9 @@ class Trainer:
                 good = idx[cached.ok[idx]]
                 x = view[good] if len(good) else None
                 yield x, (cached.labels[good] if len(good) else None), len(idx), []
+            return
+        if self._icache_on():
+            yield from self._icache_batches("train", list(sampler), self.cfg.batch_size, w.size)
             return
         loader = D.make_loader(self.train_set, sampler, self.cfg.batch_size // w.size, self.cfg.workers,
                                pin_memory=self.runtime.device.type == "cuda")
@@ -411,7 +417,14 @@ class Trainer:
         was_training = net.training
         net.eval()
         cached = self._fcache.get(split) if (module is None and self._cache_valid()) else None
-        batches = self._cached_eval_batches(cached) if cached is not None else self._eval_batches(ds, net)
+        if cached is not None:
+            batches = self._cached_eval_batches(cached)
+        elif self._icache_on() and split in self._icache:
+            keys = list(D.EpochSampler(len(ds), self.cfg.seed, 0, shuffle=False))
+            batches = ((None, None, bad) if x is None else (self._forward_eval(net, x), y, bad)
+                       for x, y, _, bad in self._icache_batches(split, keys, self.eval_batch_size, 1))
+        else:
+            batches = self._eval_batches(ds, net)
         total_loss, correct, n, logits, labels, bad_all = 0.0, 0, 0, [], [], []
         for out, y, bad in batches:
             bad_all += bad
@@ -446,6 +459,79 @@ class Trainer:
             with self.runtime.autocast():
                 out = net(x)
             yield out.float(), y, bad
+
+    def _forward_eval(self, net, x):
+        with self.runtime.autocast():
+            return net(self.runtime.to_input(x)).float()
+
+    # ---------------- the decoded-image cache
+    def _icache_on(self) -> bool:
+        return self._icache is not None and self._icache["key"] == self._icache_key()
+
+    def _icache_key(self) -> tuple:
+        return (self.size, self.cfg.augment, len(self.splits.train), tuple(self.splits.train[:1]),
+                len(self.splits.val), str(self.runtime.device))
+
+    def _prepare_input_cache(self, cb: Callbacks | None = None) -> None:
+        mode = self.cfg.input_cache
+        wanted = (mode == "on" or (mode == "auto" and self.runtime.device.type == "cuda")) and not self._use_cache \
+            and not self.world.active
+        if not wanted:
+            self._icache = None
+            return
+        if self._icache_on():
+            return
+        from torchvision.transforms import CenterCrop
+
+        note = cb.on_note if cb is not None else None
+        resize, crop, side, mean, std = IC.eval_steps(self.built.data_config, self.size)
+        size = crop.size[0] if isinstance(crop.size, (tuple, list)) else int(crop.size)
+        desc = f"{resize!r}|{crop!r}"
+        cache = {"key": self._icache_key(), "size": size, "mean": mean.to(self.runtime.device),
+                 "std": std.to(self.runtime.device)}
+        if self.cfg.augment:
+            stored = IC.build(self.splits.train, side, resize, CenterCrop(side), desc, self.cfg.workers, note)
+        else:
+            stored = IC.build(self.splits.train, size, resize, crop, desc, self.cfg.workers, note)
+        if stored is None:
+            self._icache = None
+            return
+        cache["train"] = stored
+        for split in ("val", "test"):
+            samples = getattr(self.splits, split)
+            if samples:
+                st = IC.build(samples, size, resize, crop, desc, self.cfg.workers, note)
+                if st is None:
+                    self._icache = None
+                    return
+                cache[split] = st
+        if cb is not None and cb.on_bad and stored.bad:
+            cb.on_bad(stored.bad)
+        self._icache = cache
+
+    def _icache_batches(self, split: str, keys: list, batch_size: int, world: int):
+        """Batches from the decoded cache: (images on the device, labels, samples consumed, bad)."""
+        c, stored = self._icache, self._icache[split]
+        samples = getattr(self.splits, split)
+        augment = split == "train" and self.cfg.augment
+        dev = self.runtime.device
+        for b in range(0, len(keys), batch_size):
+            chunk = keys[b: b + batch_size]
+            idx = [i for i, _ in chunk if stored.ok[i]]
+            if not idx:
+                yield None, None, len(chunk) * world, []
+                continue
+            u8 = torch.from_numpy(stored.array[idx])
+            if dev.type == "cuda":
+                u8 = u8.pin_memory()
+            u8 = u8.to(dev, non_blocking=True)
+            if augment:
+                seeds = [s for i, s in chunk if stored.ok[i]]
+                x = IC.augment_batch(u8, seeds, c["size"], c["mean"], c["std"])
+            else:
+                x = IC.plain_batch(u8, c["mean"], c["std"])
+            y = torch.tensor([samples[i][1] for i in idx])
+            yield x, y, len(chunk) * world, []
 
     def _cached_eval_batches(self, cached: FC.CachedSplit):
         head, feats = self._fcache["head"], cached.views[0]
