@@ -119,7 +119,8 @@ class Session:
         self.trainer, self._target, self._job, self._pending_state = None, None, None, None
         self.dirty = True
         trainable, total = M.count_params(built.module)
-        return f"{built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes"
+        notes = "".join(f"\n{note}" for note in built.notes)
+        return f"{built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes{notes}"
 
     def attach_data(self, path: str, split: float = 0.2, size: int = 0) -> Any:
         from .engine import data as D

@@ -345,6 +345,20 @@ def _weights_cache_dir(source: str, full_name: str) -> str:
     return str(Path(torch.hub.get_dir()) / "checkpoints")
 
 
+def _online(source: str, timeout: float = 3.0) -> bool:
+    """Can the weights' host be reached? (HF_HUB_OFFLINE=1 means no.) A quick DNS + TCP check."""
+    import socket
+
+    if source == "timm" and hf_constants.HF_HUB_OFFLINE:
+        return False
+    host = "huggingface.co" if source == "timm" else "download.pytorch.org"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _pretrained_error(source: str, full_name: str, exc: BaseException) -> PgError:
     """A failed pretrained load: say where the libraries looked and the two ways out."""
     cache = _weights_cache_dir(source, full_name)
@@ -378,6 +392,9 @@ def build_model(spec: ModelSpec) -> BuiltModel:
     if pretrained and weights_status(full_name, source) == "-":
         raise PgError(f"{full_name} has no pretrained weights: build it without --pretrained, pass --weights FILE, "
                       f"or pick a pretrained tag with `models {full_name.split(':')[-1].partition('.')[0]}*`")
+    if pretrained and weights_status(full_name, source) == "download" and not _online(source):
+        # fail at once instead of after the hub's minute of retries (and their log lines over the prompt)
+        raise _pretrained_error(source, full_name, OSError("no network"))
     if source == "timm":
         built = _build_timm(full_name, spec.num_classes, pretrained)
     elif source == "torchvision":
