@@ -60,6 +60,7 @@ class Session:
         self.batch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each batch
         self.epoch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each epoch's checkpoint
         self.dirty = False
+        self._saving = False
         self.run_counter = 0
         self._target: dict | None = None  # what the paused/active training run is training towards
         self._job: tuple[str, Callable] | None = None  # the running or paused background job: (label, fn)
@@ -370,8 +371,9 @@ class Session:
                         f"step {tr.pos.step}")
         elif res.outcome == "paused":
             path = self._write_checkpoint("pause")
-            self.notify(f"paused at epoch {tr.pos.epoch + 1} batch {tr.pos.batch} (step {tr.pos.step}); "
-                        f"checkpoint {path.name} — `continue` resumes")
+            if not self._saving:
+                self.notify(f"paused at epoch {tr.pos.epoch + 1} batch {tr.pos.batch} (step {tr.pos.step}); "
+                            f"checkpoint {path.name} — `continue` resumes")
         else:
             self._target = None
             path = self._write_checkpoint("pause")
@@ -544,8 +546,12 @@ class Session:
             if (new_name, new_root.resolve()) != (self.name, self.root.resolve()):
                 self._move_to(new_name, new_root)
         was_running = self.running
-        if was_running and not self.pause():
-            raise PgError("could not pause the run to save (a batch is taking very long); try again")
+        self._saving = was_running  # the worker's pause is part of the save: no "paused" notice
+        try:
+            if was_running and not self.pause():
+                raise PgError("could not pause the run to save (a batch is taking very long); try again")
+        finally:
+            self._saving = False
         if self.name is None:
             self._choose_name()
         if was_running:  # the pause wrote a checkpoint of this exact position
