@@ -421,3 +421,12 @@ def test_input_cache_hit_invalidation_and_exact_resume(tmp_path, split_folder, i
     assert len([m for m in notes if m.startswith("input cache: decoded")]) == 3
     ref.close(save=False)
     r.close(save=False)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_checkpoints_the_plain_module(tmp_path, split_folder):
+    s = _session(tmp_path, split_folder, compile=True)
+    _train(s, steps=2)
+    assert s.trainer.net is not s.built.module
+    assert not any(k.startswith("_orig_mod") for k in s.trainer.state_dict()["model"])
+    s.close(save=False)

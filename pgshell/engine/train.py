@@ -173,6 +173,8 @@ class Trainer:
                 self.built.module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.built.module)
             cuda = self.runtime.device.type == "cuda"
             self.net = DistributedDataParallel(self.built.module, device_ids=[self.runtime.device.index] if cuda else None)
+        if cfg.compile:  # compiled lazily at the first batch; checkpoints keep using the plain module
+            self.net = torch.compile(self.net)
         self.train_set = D.ImageDataset(self.splits.train, D.build_transform(
             self.built.data_config, train=True, size=self.size, augment=cfg.augment))
         eval_tf = D.build_transform(self.built.data_config, train=False, size=self.size)
