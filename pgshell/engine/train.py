@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
+from . import evaluate as E
 from . import models as M
 from .config import TrainConfig
 from .device import Runtime, resolve_runtime
@@ -361,39 +362,19 @@ class Trainer:
             self.log.sync()
 
     # ---------------- evaluation
-    @torch.no_grad()
     def evaluate(self, split: str = "val", collect: bool = False, module: torch.nn.Module | None = None) -> dict:
-        """Loss and accuracy over a split with the eval transform; `collect` also returns logits and labels."""
+        """Loss and accuracy over a split with the eval transform; `collect` also returns logits and labels.
+
+        The pass itself is engine.evaluate.evaluate_dataset, shared with the evaluation of saved checkpoints; it
+        restores every submodule's train/eval mode afterwards (`module`, when given, is evaluated instead of the
+        trainer's own model and is left as it was)."""
         ds = self.eval_sets.get(split)
         if ds is None or len(ds) == 0:
             raise PgError(f"there is no {split} split in this dataset")
-        net = module if module is not None else self.net
-        was_training = net.training
-        net.eval()
-        sampler = D.EpochSampler(len(ds), self.cfg.seed, 0, shuffle=False)
-        loader = D.make_loader(ds, sampler, max(self.cfg.batch_size, 64), self.cfg.workers)
-        total_loss, correct, n, logits, labels, bad_all = 0.0, 0, 0, [], [], []
-        for x, y, bad in loader:
-            bad_all += bad
-            if x is None:
-                continue
-            x, y = self.runtime.to_input(x), y.to(self.runtime.device)
-            with self.runtime.autocast():
-                out = net(x)
-            out = out.float()
-            total_loss += self.loss_fn(out, y).item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            n += len(y)
-            if collect:
-                logits.append(out.cpu())
-                labels.append(y.cpu())
-        if was_training:
-            self._train_mode()
-        res = {"split": split, "loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "n": n, "bad": bad_all}
-        if collect:
-            res["logits"] = torch.cat(logits) if logits else torch.empty(0, len(self.splits.classes))
-            res["labels"] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-        return res
+        res = E.evaluate_dataset(module if module is not None else self.net, ds, self.loss_fn, self.runtime,
+                                 self.cfg.batch_size, self.cfg.workers, self.cfg.seed, collect=collect,
+                                 num_classes=len(self.splits.classes))
+        return {"split": split, **res}
 
     # ---------------- checkpoint state
     def state_dict(self) -> dict:
