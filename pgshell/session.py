@@ -421,7 +421,7 @@ class Session:
 
     # ================================================================ evaluation
     def evaluate(self, split: str = "val") -> dict:
-        tr = self._ensure_trainer()
+        tr = self.trainer if self.running else self._ensure_trainer()  # never reconfigure under the worker
         return self._apply(lambda: tr.evaluate(split))
 
     # ================================================================ files
@@ -479,16 +479,32 @@ class Session:
         self.latest_checkpoint = path
         if kind == "epoch" and val:
             self._track_best(path, val, pos["epoch"])
+        self._write_session_file()  # first: the session file never names a checkpoint that retention removed
         self._apply_retention(ckdir)
-        self._write_session_file()
         return path
 
     def _track_best(self, path: Path, val: dict, epoch: int) -> None:
         metric = self.config.best_metric
         value = val["accuracy"] if metric == "val_accuracy" else val["loss"]
-        better = (self.best is None or self.best.get("metric") != metric
+        if self.best is not None and self.best.get("metric") != metric:
+            # `set best_metric` changed what "best" means: judge the epoch checkpoints kept so far by it (their
+            # headers hold both metrics), rather than crowning whichever epoch comes next
+            self.best = None
+            for p in C.list_checkpoint_files(path.parent):
+                if not p.name.startswith("epoch-") or p == path:
+                    continue
+                try:
+                    meta = C.read_metadata(p)
+                except C.CheckpointError:
+                    continue
+                if metric in meta:
+                    self._consider_best(p, float(meta[metric]), int(meta.get("epoch", 0)), metric)
+        self._consider_best(path, value, epoch, metric)
+
+    def _consider_best(self, path: Path, value: float, epoch: int, metric: str) -> None:
+        better = (self.best is None
                   or (value > self.best["value"] if metric == "val_accuracy" else value < self.best["value"]))
-        if better:
+        if better:  # ties keep the earlier checkpoint
             self.best = {"path": str(path.relative_to(self.root)), "value": value, "epoch": epoch, "metric": metric}
 
     def _apply_retention(self, ckdir: Path) -> None:
