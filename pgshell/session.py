@@ -59,6 +59,7 @@ class Session:
         self.status: dict[str, Any] = {"state": "idle"}
         self.batch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each batch
         self.epoch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each epoch's checkpoint
+        self.end_listeners: list[Callable[[str], None]] = []  # called by the worker when a job ends: its outcome
         self.dirty = False
         self.run_counter = 0
         self._target: dict | None = None  # what the paused/active training run is training towards
@@ -164,6 +165,11 @@ class Session:
     def set(self, name: str, value: Any) -> str:
         """Change a setting. Live ones apply at the next batch; the others when training next starts."""
         value = parse_value(name, value)
+        if name == "tensorboard" and value:
+            from .engine import tensorboard as TB
+
+            if not TB.available():
+                raise PgError(TB.INSTALL)
         old = getattr(self.config, name)
         self.config = self.config.replace(**{name: value})
         self.dirty = True
@@ -265,6 +271,10 @@ class Session:
         return self.trainer
 
     def _start(self) -> None:
+        if self.config.tensorboard:
+            from .analysis import attach_tensorboard
+
+            attach_tensorboard(self)  # event files for this run; closed by an end listener when it ends
         self.trainer.run_id = max(self.trainer.run_id, 0) + 1
         self.start_job("train", self._train_job)
 
@@ -307,6 +317,11 @@ class Session:
             except BaseException as e:  # the worker must survive anything: report, pause, keep the shell alive
                 self._report_error(e)
             finally:
+                for listener in list(self.end_listeners):  # before _idle is set: a waiter sees their files closed
+                    try:
+                        listener(outcome)
+                    except Exception as e:
+                        self.notify(f"warning: {type(e).__name__}: {e}")
                 with self._lock:
                     self._drain_changes()
                     if outcome != "paused":
