@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from ._textplot import text_plot
+from .errors import PgError
 
 METRICS = ("loss", "accuracy", "lr")
 
@@ -59,6 +60,16 @@ def plot_series(rows: list[dict], smooth: int = 10, trial: str = "") -> dict:
             "val": v, "epoch_ends": list(v["step"]), "pauses": pauses, "smooth": smooth, "trial": trial}
 
 
+def _figure(**kw):
+    """A matplotlib Figure from the object API: no pyplot, no global backend or figure state (Agg draws the PNG)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise PgError("PNG graphs need matplotlib: pip install 'pgshell[plot]' (or pip install matplotlib); "
+                      "without --out, plot draws in the terminal") from None
+    return Figure(**kw)
+
+
 def _metric_list(metric: str) -> list[str]:
     return list(METRICS) if metric == "all" else [metric]
 
@@ -67,10 +78,8 @@ def _metric_list(metric: str) -> list[str]:
 def draw_png(named: list[tuple[str, dict]], out: str | os.PathLike, metric: str = "all") -> Path:
     """One panel per metric; each series: raw batches (faint), the smoothed line, val points; epoch ends (dotted)
     and pause/resume marks (dashed, red) of each series. Several series overlay, with a legend by name."""
-    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend or figure state
-
     metrics = _metric_list(metric)
-    fig = Figure(figsize=(10, 3.2 * len(metrics)), dpi=100, layout="constrained")
+    fig = _figure(figsize=(10, 3.2 * len(metrics)), dpi=100, layout="constrained")
     axes = fig.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
     colours = [f"C{i}" for i in range(10)]
     for ax, m in zip(axes, metrics):
@@ -104,11 +113,9 @@ def draw_png(named: list[tuple[str, dict]], out: str | os.PathLike, metric: str 
 
 def confusion_png(confusion: list[list[int]], classes: list[str], out: str | os.PathLike, title: str = "") -> Path:
     """The confusion matrix as a heat map (rows: true class, columns: predicted), counts written in each cell."""
-    from matplotlib.figure import Figure
-
     c = len(classes)
     side = min(16.0, 2.5 + 0.45 * c)
-    fig = Figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
+    fig = _figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(confusion, cmap="Blues")
     fig.colorbar(im, ax=ax, shrink=0.8)
