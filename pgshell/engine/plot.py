@@ -114,7 +114,7 @@ def draw_png(named: list[tuple[str, dict]], out: str | os.PathLike, metric: str 
 def confusion_png(confusion: list[list[int]], classes: list[str], out: str | os.PathLike, title: str = "") -> Path:
     """The confusion matrix as a heat map (rows: true class, columns: predicted), counts written in each cell."""
     c = len(classes)
-    side = min(16.0, 2.5 + 0.45 * c)
+    side = min(16.0, max(5.5, 2.5 + 0.45 * c))
     fig = _figure(figsize=(side + 1.5, side), dpi=100, layout="constrained")
     ax = fig.subplots()
     im = ax.imshow(confusion, cmap="Blues")
@@ -125,7 +125,7 @@ def confusion_png(confusion: list[list[int]], classes: list[str], out: str | os.
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize="medium")
     if c <= 30:
         peak = max((max(r) for r in confusion), default=0) or 1
         for i, row in enumerate(confusion):
