@@ -77,17 +77,21 @@ def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Pa
 def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
     kw = dict(input_names=["input"], output_names=["logits"], opset_version=17,
               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    install = "ONNX export needs the onnx package: pip install 'pgshell[onnx]' (or pip install onnx onnxruntime)"
     try:
-        # the TorchScript-based exporter needs no extra package; the dynamo one (torch's default) needs onnxscript
+        # the TorchScript-based exporter needs only `onnx`; the dynamo one (torch's default) also needs onnxscript
         torch.onnx.export(module, (example[:1],), str(path), dynamo=False, **kw)
-    except TypeError:  # a torch without the legacy exporter
+    except TypeError:  # a torch without the TorchScript-based exporter
         try:
             torch.onnx.export(module, (example[:1],), str(path), dynamo=True, **kw)
         except ModuleNotFoundError as e:
             raise PgError(f"ONNX export needs the {e.name} package: pip install onnx onnxscript") from None
-    except ModuleNotFoundError as e:
-        raise PgError(f"ONNX export needs the {e.name} package: pip install 'pgshell[onnx]' "
-                      "(or pip install onnx onnxruntime)") from None
+    except ModuleNotFoundError:
+        raise PgError(install) from None
+    except Exception as e:  # torch.onnx.OnnxExporterError("Module onnx is not installed!"), unsupported operators
+        if "not installed" in str(e):
+            raise PgError(install) from None
+        raise PgError(f"ONNX export failed ({type(e).__name__}: {str(e)[:160]}): try `export torchscript`") from None
 
 
 def _run_onnx(path: Path, example: torch.Tensor) -> torch.Tensor | None:
