@@ -245,10 +245,18 @@ def test_eval_of_a_checkpoint_mid_run_leaves_the_run_exact(tmp_path, trained):
             release.wait(WAIT)
 
     s.batch_listeners.append(at_batch)
+    queued, put = threading.Event(), s._changes.put
+
+    def put_and_tell(item, *args, **kw):  # the evaluation is queued for the worker: it runs between two batches
+        put(item, *args, **kw)
+        queued.set()
+
+    s._changes.put = put_and_tell
     s.train(epochs=2)
     assert hold.wait(WAIT)
     t = threading.Thread(target=lambda: result.update(rep=A.evaluate(s, ["val"], "1")[0]))
     t.start()
+    assert queued.wait(WAIT)
     release.set()
     t.join(WAIT)
     assert s.wait(WAIT) and s.trainer.pos.step == 8
@@ -343,6 +351,16 @@ def test_export_onnx_round_trip(trained, tmp_path):
         expected = module(x)
     module.train()
     assert got.shape == (3, 3) and torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_export_onnx_without_onnx_says_what_to_install(trained, tmp_path, monkeypatch, capsys):
+    app, _ = trained
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if it were not installed
+    good, _ = run(app, f"export onnx {tmp_path / 'm.onnx'}")
+    err = capsys.readouterr().err
+    assert not good and "pip install" in err and "onnx" in err and "Traceback" not in err, err
+    assert not Path(f"{tmp_path / 'm.onnx'}.json").exists()
 
 
 # ------------------------------------------------------------------ checkpoints and retention
