@@ -47,7 +47,9 @@ def _ckdir(s: "Session") -> Path:
 
 def list_checkpoints(s: "Session") -> list[dict]:
     """Every checkpoint file of the session, oldest first, from the headers alone (no tensor is read)."""
-    rows = []
+    rows: list[dict] = []
+    if s.folder is None:
+        return rows
     best = (s.root / s.best["path"]).resolve() if s.best else None
     resume = s.latest_checkpoint.resolve() if s.latest_checkpoint else None
     for p in C.list_checkpoint_files(_ckdir(s)):

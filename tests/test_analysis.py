@@ -167,6 +167,7 @@ def test_plot_overlays_sessions_and_selects_trials(tmp_path):
         assert res["series"]["beta"]["train"]["loss"] == [5.0 / s for s in range(1, 7)]
         good, _ = run(app, f"plot {a} --trial 9")
         assert not good
+        assert ok(app, "checkpoints") == []  # a new session: nothing yet, and no error
     finally:
         app.session.close(save=False)
 
