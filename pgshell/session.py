@@ -59,6 +59,7 @@ class Session:
         self.status: dict[str, Any] = {"state": "idle"}
         self.batch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each batch
         self.epoch_listeners: list[Callable[[dict], None]] = []  # called by the worker after each epoch's checkpoint
+        self.end_listeners: list[Callable[[str], None]] = []  # called by the worker when a job ends: its outcome
         self.dirty = False
         self._saving = False
         self.run_counter = 0
@@ -166,6 +167,11 @@ class Session:
     def set(self, name: str, value: Any) -> str:
         """Change a setting. Live ones apply at the next batch; the others when training next starts."""
         value = parse_value(name, value)
+        if name == "tensorboard" and value:
+            from .engine import tensorboard as TB
+
+            if not TB.available():
+                raise PgError(TB.INSTALL)
         old = getattr(self.config, name)
         self.config = self.config.replace(**{name: value})
         self.dirty = True
@@ -267,6 +273,10 @@ class Session:
         return self.trainer
 
     def _start(self) -> None:
+        if self.config.tensorboard:
+            from .analysis import attach_tensorboard
+
+            attach_tensorboard(self)  # event files for this run; closed by an end listener when it ends
         self.trainer.run_id = max(self.trainer.run_id, 0) + 1
         self.start_job("train", self._train_job)
 
@@ -309,6 +319,11 @@ class Session:
             except BaseException as e:  # the worker must survive anything: report, pause, keep the shell alive
                 self._report_error(e)
             finally:
+                for listener in list(self.end_listeners):  # before _idle is set: a waiter sees their files closed
+                    try:
+                        listener(outcome)
+                    except Exception as e:
+                        self.notify(f"warning: {type(e).__name__}: {e}")
                 with self._lock:
                     self._drain_changes()
                     if outcome != "paused":
@@ -425,7 +440,7 @@ class Session:
 
     # ================================================================ evaluation
     def evaluate(self, split: str = "val") -> dict:
-        tr = self._ensure_trainer()
+        tr = self.trainer if self.running else self._ensure_trainer()  # never reconfigure under the worker
         return self._apply(lambda: tr.evaluate(split))
 
     # ================================================================ files
@@ -493,16 +508,32 @@ class Session:
         self.latest_checkpoint = path
         if kind == "epoch" and val:
             self._track_best(path, val, pos["epoch"])
+        self._write_session_file()  # first: the session file never names a checkpoint that retention removed
         self._apply_retention(ckdir)
-        self._write_session_file()
         return path
 
     def _track_best(self, path: Path, val: dict, epoch: int) -> None:
         metric = self.config.best_metric
         value = val["accuracy"] if metric == "val_accuracy" else val["loss"]
-        better = (self.best is None or self.best.get("metric") != metric
+        if self.best is not None and self.best.get("metric") != metric:
+            # `set best_metric` changed what "best" means: judge the epoch checkpoints kept so far by it (their
+            # headers hold both metrics), rather than crowning whichever epoch comes next
+            self.best = None
+            for p in C.list_checkpoint_files(path.parent):
+                if not p.name.startswith("epoch-") or p == path:
+                    continue
+                try:
+                    meta = C.read_metadata(p)
+                except C.CheckpointError:
+                    continue
+                if metric in meta:
+                    self._consider_best(p, float(meta[metric]), int(meta.get("epoch", 0)), metric)
+        self._consider_best(path, value, epoch, metric)
+
+    def _consider_best(self, path: Path, value: float, epoch: int, metric: str) -> None:
+        better = (self.best is None
                   or (value > self.best["value"] if metric == "val_accuracy" else value < self.best["value"]))
-        if better:
+        if better:  # ties keep the earlier checkpoint
             self.best = {"path": str(path.relative_to(self.root)), "value": value, "epoch": epoch, "metric": metric}
 
     def _apply_retention(self, ckdir: Path) -> None:

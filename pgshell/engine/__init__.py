@@ -1,5 +1,5 @@
-"""pgshell's engine: models, data, the training loop, checkpoints and the metrics log. torch, torchvision and timm
-only — never cmd2 or prompt_toolkit.
+"""pgshell's engine: models, data, the training loop, checkpoints, the metrics log, evaluation, graphs, export and
+TensorBoard. torch, torchvision, timm, PIL and matplotlib only — never cmd2 or prompt_toolkit.
 
 The public names are re-exported here lazily, so `import pgshell.engine` (and the shell's start-up) does not pay for
 importing torch until something is used.
@@ -18,6 +18,9 @@ _EXPORTS = {
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_latest": "checkpoint",
     "MetricsLog": "metrics", "read_rows": "metrics",
     "Runtime": "device", "resolve_runtime": "device",
+    "evaluate_dataset": "evaluate", "classification_report": "evaluate", "predict_files": "evaluate",
+    "plot_series": "plot", "draw_png": "plot", "draw_text": "plot", "export_model": "export",
+    "TensorBoardLog": "tensorboard",
 }
 
 __all__ = ["TrainConfig", "PgError", *_EXPORTS]

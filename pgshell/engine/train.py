@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from . import data as D
 from . import distributed as DIST
+from . import evaluate as E
 from . import features as FC
 from . import inputcache as IC
 from . import models as M
@@ -405,62 +406,38 @@ class Trainer:
             self.log.sync()
 
     # ---------------- evaluation
-    @torch.no_grad()
     def evaluate(self, split: str = "val", collect: bool = False, module: torch.nn.Module | None = None) -> dict:
         """Loss and accuracy over a split with the eval transform; `collect` also returns logits and labels.
 
-        With the feature cache active, the stored features of the split go through the head in the same batches the
-        full model would see, so the figures are the same either way."""
+        With the feature cache or the decoded-image cache active, the split's stored features or images go through
+        the model in the batches the plain pass would use, and every path sums through engine.evaluate.accumulate,
+        so the figures agree. The plain pass is engine.evaluate.evaluate_dataset, shared with the evaluation of saved
+        checkpoints; it restores every submodule's train/eval mode afterwards (`module`, when given, is evaluated
+        instead of the trainer's own model and is left as it was)."""
         ds = self.eval_sets.get(split)
         if ds is None or len(ds) == 0:
             raise PgError(f"there is no {split} split in this dataset")
         # under DDP every process evaluates the whole split on its unwrapped model: no collectives, same figures
         net = module if module is not None else (self.built.module if self.world.active else self.net)
-        was_training = net.training
-        net.eval()
+        classes = len(self.splits.classes)
         cached = self._fcache.get(split) if (module is None and self._cache_valid()) else None
         if cached is not None:
-            batches = self._cached_eval_batches(cached)
+            with E._EvalMode(net):
+                res = E.accumulate(self._cached_eval_batches(cached), self.loss_fn, collect, classes)
         elif self._icache_on() and split in self._icache:
             keys = list(D.EpochSampler(len(ds), self.cfg.seed, 0, shuffle=False))
-            batches = ((None, None, bad) if x is None else (self._forward_eval(net, x), y, bad)
-                       for x, y, _, bad in self._icache_batches(split, keys, self.eval_batch_size, 1))
+            with E._EvalMode(net):
+                res = E.accumulate(((None, None, bad) if x is None else (self._forward_eval(net, x), y.to(x.device), bad)
+                                    for x, y, _, bad in self._icache_batches(split, keys, self.eval_batch_size, 1)),
+                                   self.loss_fn, collect, classes)
         else:
-            batches = self._eval_batches(ds, net)
-        total_loss, correct, n, logits, labels, bad_all = 0.0, 0, 0, [], [], []
-        for out, y, bad in batches:
-            bad_all += bad
-            if out is None:
-                continue
-            total_loss += self.loss_fn(out, y).item() * len(y)
-            correct += (out.argmax(1) == y).sum().item()
-            n += len(y)
-            if collect:
-                logits.append(out.cpu())
-                labels.append(y.cpu())
-        if was_training:
-            self._train_mode()
-        res = {"split": split, "loss": total_loss / max(n, 1), "accuracy": correct / max(n, 1), "n": n, "bad": bad_all}
-        if collect:
-            res["logits"] = torch.cat(logits) if logits else torch.empty(0, len(self.splits.classes))
-            res["labels"] = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long)
-        return res
+            res = E.evaluate_dataset(net, ds, self.loss_fn, self.runtime, self.cfg.batch_size, self.cfg.workers,
+                                     self.cfg.seed, collect=collect, num_classes=classes)
+        return {"split": split, **res}
 
     @property
     def eval_batch_size(self) -> int:
-        return max(self.cfg.batch_size, 64)
-
-    def _eval_batches(self, ds, net):
-        sampler = D.EpochSampler(len(ds), self.cfg.seed, 0, shuffle=False)
-        loader = D.make_loader(ds, sampler, self.eval_batch_size, self.cfg.workers)
-        for x, y, bad in loader:
-            if x is None:
-                yield None, None, bad
-                continue
-            x, y = self.runtime.to_input(x), y.to(self.runtime.device)
-            with self.runtime.autocast():
-                out = net(x)
-            yield out.float(), y, bad
+        return E.eval_batch_size(self.cfg.batch_size)
 
     def _forward_eval(self, net, x):
         with self.runtime.autocast():

@@ -1,0 +1,103 @@
+"""Export a model to TorchScript or ONNX, with what a user of the file needs beside it: class names and the
+preprocessing (input size, mean/std, interpolation, crop_pct) in PATH.json. Each export is checked by running the
+written file on an input and comparing with the PyTorch model (ONNX: when onnxruntime is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from .checkpoint import atomic_write_bytes
+from .errors import PgError
+
+FORMATS = ("onnx", "torchscript")
+# torch 2.9+ marks torch.jit (and the TorchScript-based ONNX exporter) deprecated; the user asked for exactly these
+# files, so the warnings would only garble the shell. Process-wide filters, as catch_warnings() is not thread-safe.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.jit")
+warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
+warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+
+
+def preprocessing(data_config: dict, size: int = 0) -> dict:
+    """The eval preprocessing of engine.data.build_transform as plain data: resize to input/crop_pct, centre crop."""
+    _, h, w = data_config.get("input_size", (3, 224, 224))
+    if size > 0:
+        h = w = size
+    return {"input_size": [3, int(h), int(w)], "mean": [float(v) for v in data_config.get("mean", ())],
+            "std": [float(v) for v in data_config.get("std", ())],
+            "interpolation": str(data_config.get("interpolation", "bilinear")),
+            "crop_pct": float(data_config.get("crop_pct", 0.875)), "crop_mode": str(data_config.get("crop_mode", "center")),
+            "layout": "NCHW float32, RGB, 0..1 then (x - mean) / std"}
+
+
+def export_model(module: torch.nn.Module, fmt: str, path: str | os.PathLike, info: dict) -> dict:
+    """Write `module` (on the CPU, in eval mode) as `fmt` to `path` and `info` + the check's result to PATH.json.
+
+    `info` must hold "preprocessing" (see preprocessing()) and "classes". Returns the written info.
+    """
+    if fmt not in FORMATS:
+        raise PgError(f"export format must be onnx or torchscript, not {fmt!r}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.cpu().eval()
+    _, h, w = info["preprocessing"]["input_size"]
+    example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = module(example).float()
+        if fmt == "torchscript":
+            _export_torchscript(module, example, path)
+            got = torch.jit.load(str(path), map_location="cpu")(example).float()
+        else:
+            _export_onnx(module, example, path)
+            got = _run_onnx(path, example)
+    diff = None if got is None else float((got - expected).abs().max())
+    if diff is not None and not diff <= 1e-3 * max(1.0, float(expected.abs().max())):
+        raise PgError(f"the exported {fmt} file gives outputs up to {diff:.3g} away from the model's: "
+                      f"the model has an operation {fmt} does not reproduce; try the other format")
+    out = {"format": fmt, "file": path.name, "input_name": "input", "output_name": "logits", **info,
+           "check": {"max_abs_diff": diff, "by": {"torchscript": "torch.jit.load", "onnx": "onnxruntime"}[fmt]
+                     if diff is not None else "not checked: pip install onnxruntime"}}
+    atomic_write_bytes(f"{path}.json", (json.dumps(out, indent=2) + "\n").encode())
+    return out
+
+
+def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    try:
+        traced = torch.jit.trace(module, example[:1], check_trace=False)
+    except Exception as e:  # tracing fails on data-dependent control flow
+        raise PgError(f"TorchScript tracing failed ({type(e).__name__}: {str(e)[:120]}): try `export onnx`") from None
+    traced.save(str(path))
+
+
+def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+    kw = dict(input_names=["input"], output_names=["logits"], opset_version=17,
+              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    install = "ONNX export needs the onnx package: pip install 'pgshell[onnx]' (or pip install onnx onnxruntime)"
+    try:
+        # the TorchScript-based exporter needs only `onnx`; the dynamo one (torch's default) also needs onnxscript
+        torch.onnx.export(module, (example[:1],), str(path), dynamo=False, **kw)
+    except TypeError:  # a torch without the TorchScript-based exporter
+        try:
+            torch.onnx.export(module, (example[:1],), str(path), dynamo=True, **kw)
+        except ModuleNotFoundError as e:
+            raise PgError(f"ONNX export needs the {e.name} package: pip install onnx onnxscript") from None
+    except ModuleNotFoundError:
+        raise PgError(install) from None
+    except Exception as e:  # torch.onnx.OnnxExporterError("Module onnx is not installed!"), unsupported operators
+        if "not installed" in str(e):
+            raise PgError(install) from None
+        raise PgError(f"ONNX export failed ({type(e).__name__}: {str(e)[:160]}): try `export torchscript`") from None
+
+
+def _run_onnx(path: Path, example: torch.Tensor) -> torch.Tensor | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(sess.run(["logits"], {"input": example.numpy()})[0]).float()
