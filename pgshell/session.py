@@ -590,7 +590,9 @@ class Session:
             s.file = file
             s.config = TrainConfig.from_dict(doc.get("config") or {})
             s.best = doc.get("best")
-            removed = C.clean_partial_writes(s.folder / "checkpoints")
+            # a kill can interrupt any atomic write: a checkpoint, metrics.csv's truncation, the session file itself
+            removed = (C.clean_partial_writes(s.folder / "checkpoints") + C.clean_partial_writes(s.folder)
+                       + C.clean_partial_writes(file.parent, file.name))
             if removed:
                 s.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
             found = C.load_latest(s.folder / "checkpoints", warn=s.notify)

@@ -10,6 +10,7 @@ renamed: a kill leaves either the old file or the new one, never half of one; th
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -128,13 +129,14 @@ def _fault_now(path: Path) -> bool:
     return str(_fault_counts[kind]) == fault.rpartition(":")[2]
 
 
-def clean_partial_writes(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporary files left by writes that a kill interrupted; returns what was removed."""
+def clean_partial_writes(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove temporary files left by writes (of `name` only, if given) in `folder` that a kill interrupted; returns
+    what was removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for p in folder.glob(f".*{_TMP_SUFFIX}"):
+    for p in folder.glob(f".{glob.escape(name) if name else '*'}.*{_TMP_SUFFIX}"):
         try:
             p.unlink()
             removed.append(p)
