@@ -12,6 +12,7 @@ always agrees; on reopen the newest checkpoint that verifies is loaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -28,6 +29,15 @@ from .engine.errors import PgError
 
 SESSION_FORMAT = "pgshell-session"
 SESSION_VERSION = 1
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_message(folder: Path | None) -> str:
+    return (f"the disk is full (saving to {folder}): free some space, then `save` (or `continue`) — the last "
+            "checkpoint is intact")
 
 
 class _LazyCheckpoint:
@@ -387,9 +397,15 @@ class Session:
         except OSError:
             pass
         if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            bs = self.config.batch_size
+            bs = (self.trainer.cfg if self.trainer is not None else self.config).batch_size  # the size that failed
+            if self.trainer is not None and self.trainer.optimizer is not None:
+                self.trainer.optimizer.zero_grad(set_to_none=True)  # give the half-done step's memory back
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             msg = (f"out of memory at batch_size {bs}: `set batch_size {max(1, bs // 2)}` (or a smaller --size), "
                    "then `continue`")
+        elif _disk_full(e):
+            msg = _disk_full_message(self.folder)
         elif isinstance(e, PgError):
             msg = str(e)
         else:
@@ -526,20 +542,26 @@ class Session:
             p = Path(path)
             if p.suffix != ".session":
                 raise PgError(f"session files end in .session: `save {p.with_suffix('.session')}`")
-            new_name, new_root = p.stem, p.parent if str(p.parent) else Path(".")
-            if (new_name, new_root.resolve()) != (self.name, self.root.resolve()):
-                self._move_to(new_name, new_root)
         was_running = self.running
-        if was_running and not self.pause():
+        if was_running and not self.pause():  # before a move too: the worker must not write while the folder moves
             raise PgError("could not pause the run to save (a batch is taking very long); try again")
-        if self.name is None:
-            self._choose_name()
-        if was_running:  # the pause wrote a checkpoint of this exact position
-            self._write_session_file()
-        else:
-            self._write_checkpoint("save")
+        try:
+            if path:
+                new_name, new_root = p.stem, p.parent if str(p.parent) else Path(".")
+                if (new_name, new_root.resolve()) != (self.name, self.root.resolve()):
+                    self._move_to(new_name, new_root)
+            if self.name is None:
+                self._choose_name()
+            if was_running and self.status.get("error") is None:  # the pause wrote a checkpoint of exactly now
+                self._write_session_file()
+            else:
+                self._write_checkpoint("save")
+        except OSError as e:  # the run stays paused: `continue` once there is space again
+            if _disk_full(e):
+                raise PgError(_disk_full_message(self.folder)) from None
+            raise
         self.dirty = False
-        if was_running:
+        if was_running and self.paused and "error" not in self.status:  # not if it ended or failed meanwhile
             self.resume()
         return self.file
 
@@ -719,12 +741,14 @@ class Session:
         """Pause and save if anything is unsaved (a named session is always brought up to date), then end the worker."""
         saved = None
         was_running = self.running
-        if was_running:
-            self.pause()
-        if save and self.built is not None and (self.dirty or was_running):
-            saved = self.save()
-        self._jobs.put(("quit", None))
-        self._worker.join(timeout=30)
-        if self._log is not None:
-            self._log.close()
+        try:
+            if was_running:
+                self.pause()
+            if save and self.built is not None and (self.dirty or was_running):
+                saved = self.save()
+        finally:  # a failed save (a full disk) still ends the worker
+            self._jobs.put(("quit", None))
+            self._worker.join(timeout=30)
+            if self._log is not None:
+                self._log.close()
         return saved

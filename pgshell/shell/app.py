@@ -178,7 +178,11 @@ class PgShell(cmd2.Cmd):
     @with_argparser(parser("Quit. A run in progress is paused and the session saved first.", "quit"))
     def do_quit(self, _):
         """Quit pgshell (saving first)."""
-        saved = self.session.close(save=True)
+        try:
+            saved = self.session.close(save=True)
+        except PgError as e:  # e.g. a full disk: say so in one line, and quit all the same
+            self.perror(f"error: {e}")
+            saved = None
         self.flush_messages()
         if saved:
             self.poutput(f"saved {saved}")
@@ -213,7 +217,7 @@ def run_plan(app: PgShell, lines) -> int:
         if stop:
             return app.exit_code or 0
     app.do_quit("")
-    return 0
+    return 1 if _failed.is_set() else 0  # the final save failed
 
 
 def main(argv: list[str] | None = None) -> int:
