@@ -256,6 +256,9 @@ class Trainer:
             if target_epoch is not None and self.pos.epoch >= target_epoch:
                 break
             stop = False
+            if self.pos.sample >= len(self.splits.train):  # every batch done, the epoch's end not (it raised)
+                self._end_epoch(cb)
+                continue
             for x, y, nkeys, bad in self._batches():
                 request = cb.control() if cb.control else None
                 if request in ("pause", "stop"):
@@ -304,8 +307,6 @@ class Trainer:
         M.frozen_bn_to_eval(self.built.module)
 
     def _train_batch(self, x, y, nkeys: int) -> dict:
-        self.pos.sample += nkeys
-        self.pos.batch += 1
         lr = self.lr
         if x is None:  # every image of the batch was bad: nothing to learn from, position still advances
             loss_v, acc, n = float("nan"), float("nan"), 0
@@ -326,6 +327,9 @@ class Trainer:
             n = len(y)
             loss_v = loss.item()
             acc = (out.argmax(1) == y).sum().item() / n
+        # the position advances only once the step is done: a batch that raised (out of memory) is trained again
+        self.pos.sample += nkeys
+        self.pos.batch += 1
         self.pos.step += 1
         if self._sched_unit == "step":
             self.scheduler.step()
