@@ -403,3 +403,23 @@ def test_an_exception_in_the_loop_pauses_logs_the_trace_and_continue_finishes_ex
     w = s.built.module.state_dict()
     assert all(torch.equal(w[k], v) for k, v in reference.items())
     assert [int(r["step"]) for r in _train_rows(app)] == list(range(1, 13))
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_reopen_not_glued_to_the_next(tmp_path, split_folder):
+    """A power cut in the middle of an append leaves half a row; the resumed run's rows must not extend it."""
+    s = _session(tmp_path, split_folder, "torn", 2)
+    s.train(epochs=1)
+    assert s.wait(WAIT)
+    file = s.save()
+    s.close(save=False)
+    with open(s.folder / "metrics.csv", "a") as f:
+        f.write("5,2,1,train,0.43")  # half of step 5's row
+    r = Session.open(file)
+    r.train()
+    assert r.wait(WAIT) and "error" not in r.status
+    r.close(save=False)
+    from pgshell.engine.metrics import COLUMNS
+
+    assert all(line.count(",") == len(COLUMNS) - 1 for line in (s.folder / "metrics.csv").read_text().splitlines())
+    steps = [int(row["step"]) for row in read_rows(s.folder / "metrics.csv") if row["split"] == "train"]
+    assert steps == list(range(1, 2 * BATCHES + 1))
