@@ -45,7 +45,7 @@ def _reference(tmp_path: Path, folder: Path, epochs: int):
     """Weights and metrics rows of a run that was never interrupted."""
     s = _session(tmp_path / "ref", folder, "ref", epochs)
     s.train()
-    assert s.wait(WAIT) and "error" not in s.status, s.status
+    assert s.wait(WAIT * max(1, epochs // 4)) and "error" not in s.status, s.status
     weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
     rows = [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(s.folder / "metrics.csv")]
     s.close(save=False)
