@@ -40,6 +40,33 @@ def _disk_full_message(folder: Path | None) -> str:
             "checkpoint is intact")
 
 
+def _checked(value: Any, what: str, fields: dict[str, type | tuple], required: bool = True) -> dict | None:
+    """A dict from a session file with only `fields`, each of its type (all of them if `required`, else at least
+    one); anything else is a hand edit, reported as a TypeError naming it."""
+    if value is None:
+        return None
+    present = value.keys() & fields.keys() if isinstance(value, dict) else set()
+    if (not present or set(value) - present
+            or not all(isinstance(value.get(k), fields[k]) and not isinstance(value.get(k), bool)
+                       for k in (fields if required else present))):
+        raise TypeError(f"'{what}' should be {{{', '.join(fields)}}}, not {value!r}"[:200])
+    return value
+
+
+def _check_optimizer_state(state: dict, module) -> None:
+    """The optimizer state's tensors have their parameters' shapes: a hand-edited one would only fail at the next
+    training step, far from its cause."""
+    opt = state.get("optimizer")
+    if opt is None:
+        return
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    for name, entries in opt["state"].items():
+        for key, value in entries.items():
+            if getattr(value, "dim", lambda: 0)() and name in shapes and value.shape != shapes[name]:
+                raise ValueError(f"optimizer state {key} of {name} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(shapes[name])}")
+
+
 class _LazyCheckpoint:
     """engine.checkpoint imports torch: load it on first use so the shell starts fast."""
 
@@ -611,13 +638,18 @@ class Session:
             s.use_name(name, file.parent)
             s.file = file
             s.config = TrainConfig.from_dict(doc.get("config") or {})
-            s.best = doc.get("best")
+            s.best = _checked(doc.get("best"), "best", {"path": str, "value": (int, float), "epoch": int,
+                                                         "metric": str})
             # a kill can interrupt any atomic write: a checkpoint, metrics.csv's truncation, the session file itself
             removed = (C.clean_partial_writes(s.folder / "checkpoints") + C.clean_partial_writes(s.folder)
                        + C.clean_partial_writes(file.parent, file.name))
             if removed:
                 s.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
-            found = C.load_latest(s.folder / "checkpoints", warn=s.notify)
+            skipped: list[str] = []
+            found = C.load_latest(s.folder / "checkpoints", warn=lambda m: (skipped.append(m), s.notify(m)))
+            if found is None and doc.get("checkpoint"):  # never start over silently from fresh weights
+                raise PgError(f"{file}: no usable checkpoint in {s.folder / 'checkpoints'}"
+                              + (f" ({skipped[-1]})" if skipped else " (the folder has none)"))
             if doc.get("model"):
                 spec = M.ModelSpec.from_dict(doc["model"])
                 if found:
@@ -636,6 +668,7 @@ class Session:
                     s.notify(f"dropped {dropped} metrics rows written after the checkpoint")
                 s._pending_state = state
                 s._load_weights_now(state)
+                _check_optimizer_state(state, s.built.module)
             data = doc.get("data")
             if data:
                 s.data = data
@@ -648,11 +681,13 @@ class Session:
                     s.splits = None
             if s.splits is not None and s.built is not None and found:
                 s._ensure_trainer()
-            s._target = doc.get("target") if found else None
+            target = _checked(doc.get("target"), "target", {"epoch": int, "step": int}, required=False)
+            s._target = target if found else None
             s.dirty = False
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:  # RuntimeError: torch
             s.close(save=False)
-            raise PgError(f"{file} is damaged or was edited by hand ({type(e).__name__}: {e})") from None
+            detail = " ".join(str(e).split())[:300]  # one line, whatever the exception held
+            raise PgError(f"{file} is damaged or was edited by hand ({type(e).__name__}: {detail})") from None
         except BaseException:
             s.close(save=False)
             raise
@@ -662,8 +697,9 @@ class Session:
         """Put the checkpoint's weights into the model at once (so `eval`/`predict` work before data is attached)."""
         try:
             missing, unexpected = self.built.module.load_state_dict(state["model"], strict=False)
-        except RuntimeError as e:
-            raise PgError(f"the checkpoint's weights do not fit the model: {str(e).splitlines()[0]}") from None
+        except RuntimeError as e:  # torch's first line is only "Error(s) in loading state_dict for ResNet:"
+            detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [str(e)]
+            raise PgError(f"the checkpoint's weights do not fit the model: {detail[0]}") from None
         if missing or unexpected:
             raise PgError(f"the checkpoint's weights do not fit the model ({len(missing)} missing, "
                           f"{len(unexpected)} unexpected)")
