@@ -101,6 +101,8 @@ class Session:
         self._target: dict | None = None  # what the paused/active training run is training towards
         self._job: tuple[str, Callable] | None = None  # the running or paused background job: (label, fn)
         self._pending_state: dict | None = None  # a checkpoint loaded before data was attached
+        self._quarantined: set[str] | None = None  # the paths in quarantine.txt (read at first use)
+        self._unfiled: list[tuple[str, str]] = []  # bad files found before the session had a folder
         self._log = None
         self._lock = threading.Lock()
         self._changes: queue.Queue = queue.Queue()
@@ -158,7 +160,9 @@ class Session:
         trainable, total = M.count_params(built.module)
         return f"{built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes"
 
-    def attach_data(self, path: str, split: float = 0.2, size: int = 0) -> Any:
+    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False) -> Any:
+        """Scan an image folder into splits. `check` also decodes every image, adding those that fail to
+        `splits.rejected` (they stay in their split, skipped when loaded, so the split is the same either way)."""
         from .engine import data as D
 
         self._refuse_while_training("change the data")
@@ -167,12 +171,13 @@ class Session:
         if size < 0 or size > 4096:
             raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
         splits = D.scan_folder(path, split=split, seed=self.config.seed)
+        if check:
+            splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
         self.splits = splits
         self.data = {"path": str(Path(path).resolve()), "split": split, "size": size}
         self.trainer, self._target, self._job = None, None, None
         self.dirty = True
-        if splits.rejected and self.folder is not None:
-            self._quarantine(splits.rejected)
+        self._quarantine(splits.rejected)
         if self.spec is not None and self.spec.num_classes != len(splits.classes):
             from .engine import models as M
             import torch
@@ -379,6 +384,8 @@ class Session:
         def on_epoch(info):
             path = self._write_checkpoint("epoch", info)
             val = info["val"]
+            if val and val.get("bad"):
+                self._on_bad(val["bad"])
             msg = (f"epoch {info['epoch']} done: train loss {info['train_loss']:.4f} "
                    f"acc {info['train_accuracy']:.3f}")
             if val:
@@ -486,6 +493,8 @@ class Session:
         self.name = name
         self.file = self.root / f"{name}.session"
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._quarantined = None  # another folder: its own quarantine.txt
+        self._quarantine([])  # what `data` found before there was a folder
 
     def _state(self) -> dict:
         if self.trainer is not None:
@@ -676,6 +685,7 @@ class Session:
                     from .engine import data as D
 
                     s.splits = D.scan_folder(data["path"], split=data["split"], seed=s.config.seed)
+                    s._quarantine(s.splits.rejected)  # files gone bad since
                 except PgError as e:
                     s.notify(f"data not attached: {e} — `data PATH` to attach it again")
                     s.splits = None
@@ -762,16 +772,29 @@ class Session:
             raise PgError(f"cannot {what} while training: `pause` or `stop` first")
 
     def _on_bad(self, bad: list) -> None:
-        self._quarantine(bad)
-        for path, reason in bad:
+        for path, reason in self._quarantine(bad):  # said once, not at every epoch that meets the file again
             self.notify(f"skipped bad image {path}: {reason}")
 
-    def _quarantine(self, bad: list) -> None:
+    def _quarantine(self, bad: list) -> list:
+        """List bad files in quarantine.txt, each once; found before the session has a folder (at `data` time),
+        they wait until it has one. Returns the ones new to the list. Called by one thread at a time: the shell
+        while idle, the worker while training."""
+        self._unfiled.extend(bad)
         if self.folder is None:
-            return
-        with open(self.folder / "quarantine.txt", "a") as f:
-            for path, reason in bad:
-                f.write(f"{path}\t{reason}\n")
+            return list(bad)
+        file = self.folder / "quarantine.txt"
+        if self._quarantined is None:
+            self._quarantined = {ln.split("\t")[0] for ln in file.read_text().splitlines()} if file.exists() else set()
+        fresh = []
+        for path, reason in self._unfiled:
+            if path not in self._quarantined:
+                self._quarantined.add(path)
+                fresh.append((path, reason))
+        self._unfiled = []
+        if fresh:
+            with open(file, "a") as f:
+                f.writelines(f"{path}\t{reason}\n" for path, reason in fresh)
+        return fresh
 
     def close(self, save: bool = True) -> Path | None:
         """Pause and save if anything is unsaved (a named session is always brought up to date), then end the worker."""
