@@ -595,7 +595,7 @@ class Session:
         except OSError as e:  # the run stays paused: `continue` once there is space again
             if _disk_full(e):
                 raise PgError(_disk_full_message(self.folder)) from None
-            raise
+            raise PgError(f"cannot save to {e.filename or self.folder}: {e.strerror or e}") from None
         self.dirty = False
         if was_running and self.paused and "error" not in self.status:  # not if it ended or failed meanwhile
             self.resume()
@@ -606,6 +606,7 @@ class Session:
         import shutil
 
         old_folder = self.folder
+        (root / name).mkdir(parents=True, exist_ok=True)  # fails (unwritable place) before anything changed
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -21,13 +21,18 @@ from cmd2 import Settable, with_argparser
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
 from ..session import Session
-from ._common import _fmt_secs, _failed, parser
+from ._common import Parser, _fmt_secs, _failed, parser
 from .analysis import AnalysisCommands
 from .data import DataCommands
 from .model import ModelCommands
 from .sessioncmds import SessionCommands
 from .training import TrainingCommands
 from .tuning import TuningCommands
+
+# cmd2's own commands (set, help) parse with this class too, so `set lr 0.1 0.2` fails like any bad command and
+# a plan stops there; with cmd2's parser it printed a usage error and the plan went on.
+cmd2.set_default_argument_parser(Parser)
+
 
 # ====================================================================== the app
 class _Settings:
