@@ -207,3 +207,28 @@ def _run_sequence(world: Path, prefix: list[str], commands: list[str]) -> None:
     finally:
         app.session.close(save=False)
         os.chdir(cwd)
+
+
+def test_every_setting_at_its_edges_then_a_training_step(world, tmp_path, monkeypatch):
+    """Systematic where the fuzzing is random: each setting at each of its edge values, then one training step.
+    A value is refused at `set` (config unchanged), or training with it works or stops with a clear error."""
+    monkeypatch.chdir(tmp_path)
+    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    try:
+        for line in ("data DATA --size 8", "load MODEL:build", "set batch_size 2"):
+            assert _one(app, _fill(line, world))[0]
+        for name in sorted(SETTINGS):
+            default = str(getattr(app.session.config, name))
+            for value in _values(name):
+                before = app.session.config
+                ok, err = _one(app, f"set {name} {value}")
+                assert "Traceback" not in err and "internal error" not in err, (name, value, err)
+                if not ok:
+                    assert app.session.config == before, (name, value)
+                    continue
+                ok, err = _one(app, "train --steps 1")
+                assert "Traceback" not in err and "internal error" not in err, (name, value, err)
+                assert ok or err.startswith("error: ") and "training stopped by an error" not in err, (name, value, err)
+                assert _one(app, f"set {name} {default}")[0]
+    finally:
+        app.session.close(save=False)

@@ -82,6 +82,7 @@ class TrainConfig:
 
 
 SETTINGS = {f.name: f for f in fields(TrainConfig)}
+_FLOAT32_MAX = 3.4028234663852886e38  # a larger lr or scale would only fail inside torch, as an overflow
 
 
 def setting_names() -> list[str]:
@@ -128,6 +129,8 @@ def parse_value(name: str, value: Any) -> Any:
             out = str(value).strip()
     except (TypeError, ValueError):
         raise PgError(f"{name} takes {kind.__name__} values, not {value!r}") from None
+    if kind is float and abs(out) > _FLOAT32_MAX:
+        raise PgError(f"{name} must be at most {_FLOAT32_MAX:.3g} (training computes in float32), not {out:g}")
     if meta["choices"] and out not in meta["choices"]:
         raise PgError(f"{name} must be one of {', '.join(meta['choices'])}, not {out!r}")
     if meta["min"] is not None and out < meta["min"]:

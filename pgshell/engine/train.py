@@ -220,10 +220,10 @@ class Trainer:
 
     def reconfigure(self, cfg: TrainConfig) -> None:
         """Settings that need a pause (optimizer, scheduler, batch size, device...) take effect here."""
-        self.cfg = cfg
-        if self.optimizer is not None:
+        if self.optimizer is not None:  # before the new cfg: the state is tagged with the optimizer that made it
             self._opt_state = self._optimizer_state_by_name()
             self.optimizer = None
+        self.cfg = cfg
         self.setup()
 
     def params_changed(self) -> None:
