@@ -471,7 +471,9 @@ class Session:
 
     # ================================================================ evaluation
     def evaluate(self, split: str = "val") -> dict:
-        tr = self._ensure_trainer()
+        # while training, the running trainer as it is: _ensure_trainer would apply pending settings (reconfigure:
+        # a new optimizer) from this thread, under the worker's feet
+        tr = self.trainer if self.running else self._ensure_trainer()
         return self._apply(lambda: tr.evaluate(split))
 
     # ================================================================ files
@@ -755,7 +757,8 @@ class Session:
             pos["target"] = ", ".join(f"{k} {v}" for k, v in self._target.items())
         out["position"] = pos
         if self.trainer is not None and self.trainer.last:
-            out["metrics"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.trainer.last.items()
+            last = dict(self.trainer.last)  # one step (the worker adds and drops keys): iterating it could fail
+            out["metrics"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()
                               if not k.startswith("epoch_")}
         files: dict[str, Any] = {}
         if self.file:
