@@ -62,7 +62,7 @@ def _check_optimizer_state(state: dict, module) -> None:
     shapes = {n: p.shape for n, p in module.named_parameters()}
     for name, entries in opt["state"].items():
         for key, value in entries.items():
-            if getattr(value, "dim", lambda: 0)() and name in shapes and value.shape != shapes[name]:
+            if name in shapes and getattr(value, "ndim", 0) and value.shape != shapes[name]:  # "step" is 0-dim
                 raise ValueError(f"optimizer state {key} of {name} has shape {tuple(value.shape)}, "
                                  f"the parameter {tuple(shapes[name])}")
 

@@ -119,7 +119,7 @@ _fault_counts: dict[str, int] = {}
 
 
 def _fault_now(path: Path) -> bool:
-    """Test-only fault injection (tests/test_reliability.py): with PGSHELL_FAULT=kill-during-checkpoint-write:N
+    """Test-only fault injection (tests/test_faults.py): with PGSHELL_FAULT=kill-during-checkpoint-write:N
     (or kill-during-session-write:N) set, the Nth such write of this process kills it halfway through."""
     fault = os.environ.get("PGSHELL_FAULT")
     kind = _FAULT_KINDS.get(path.suffix)
