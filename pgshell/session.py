@@ -784,7 +784,7 @@ class Session:
         they wait until it has one. Returns the ones new to the list. Called by one thread at a time: the shell
         while idle, the worker while training."""
         self._unfiled.extend(bad)
-        if self.folder is None:
+        if self.folder is None or not self._unfiled:  # the file is read when first needed: after a move's copy
             return list(bad)
         file = self.folder / "quarantine.txt"
         if self._quarantined is None:

@@ -334,6 +334,8 @@ def test_quarantine_found_at_data_time_reaches_the_folder_made_when_training_sta
     assert _cmd(app, capsys, "train 2")[0]
     quarantined = {Path(p) for p in _quarantine(app.session.folder)}
     assert quarantined == set(bad)  # the scan's finds, and the truncated one once though seen every epoch
+    assert _cmd(app, capsys, "save moved.session")[0] and _cmd(app, capsys, "train 1")[0]
+    assert {Path(p) for p in _quarantine(app.session.folder)} == set(bad)  # moved along, still once each
 
 
 @pytest.mark.parametrize("layout, message", [
