@@ -12,6 +12,7 @@ always agrees; on reopen the newest checkpoint that verifies is loaded.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -28,6 +29,42 @@ from .engine.errors import PgError
 
 SESSION_FORMAT = "pgshell-session"
 SESSION_VERSION = 1
+
+
+def _disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_message(folder: Path | None) -> str:
+    return (f"the disk is full (saving to {folder}): free some space, then `save` (or `continue`) — the last "
+            "checkpoint is intact")
+
+
+def _checked(value: Any, what: str, fields: dict[str, type | tuple], required: bool = True) -> dict | None:
+    """A dict from a session file with only `fields`, each of its type (all of them if `required`, else at least
+    one); anything else is a hand edit, reported as a TypeError naming it."""
+    if value is None:
+        return None
+    present = value.keys() & fields.keys() if isinstance(value, dict) else set()
+    if (not present or set(value) - present
+            or not all(isinstance(value.get(k), fields[k]) and not isinstance(value.get(k), bool)
+                       for k in (fields if required else present))):
+        raise TypeError(f"'{what}' should be {{{', '.join(fields)}}}, not {value!r}"[:200])
+    return value
+
+
+def _check_optimizer_state(state: dict, module) -> None:
+    """The optimizer state's tensors have their parameters' shapes: a hand-edited one would only fail at the next
+    training step, far from its cause."""
+    opt = state.get("optimizer")
+    if opt is None:
+        return
+    shapes = {n: p.shape for n, p in module.named_parameters()}
+    for name, entries in opt["state"].items():
+        for key, value in entries.items():
+            if name in shapes and getattr(value, "ndim", 0) and value.shape != shapes[name]:  # "step" is 0-dim
+                raise ValueError(f"optimizer state {key} of {name} has shape {tuple(value.shape)}, "
+                                 f"the parameter {tuple(shapes[name])}")
 
 
 class _LazyCheckpoint:
@@ -62,10 +99,14 @@ class Session:
         self.end_listeners: list[Callable[[str], None]] = []  # called by the worker when a job ends: its outcome
         self.dirty = False
         self._saving = False
+        self._quarantined: set[str] | None = None  # the paths in quarantine.txt (read at first use)
+        self._unfiled: list[tuple[str, str]] = []  # bad files found before the session had a folder
         self.run_counter = 0
         self._target: dict | None = None  # what the paused/active training run is training towards
         self._job: tuple[str, Callable] | None = None  # the running or paused background job: (label, fn)
         self._pending_state: dict | None = None  # a checkpoint loaded before data was attached
+        self._quarantined: set[str] | None = None  # the paths in quarantine.txt (read at first use)
+        self._unfiled: list[tuple[str, str]] = []  # bad files found before the session had a folder
         self._log = None
         self._lock = threading.Lock()
         self._changes: queue.Queue = queue.Queue()
@@ -124,7 +165,9 @@ class Session:
         notes = "".join(f"\n{note}" for note in built.notes)
         return f"{built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes{notes}"
 
-    def attach_data(self, path: str, split: float = 0.2, size: int = 0) -> Any:
+    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False) -> Any:
+        """Scan an image folder into splits. `check` also decodes every image, adding those that fail to
+        `splits.rejected` (they stay in their split, skipped when loaded, so the split is the same either way)."""
         from .engine import data as D
 
         self._refuse_while_training("change the data")
@@ -133,12 +176,13 @@ class Session:
         if size < 0 or size > 4096:
             raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
         splits = D.scan_folder(path, split=split, seed=self.config.seed)
+        if check:
+            splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
         self.splits = splits
         self.data = {"path": str(Path(path).resolve()), "split": split, "size": size}
         self.trainer, self._target, self._job = None, None, None
         self.dirty = True
-        if splits.rejected and self.folder is not None:
-            self._quarantine(splits.rejected)
+        self._quarantine(splits.rejected)
         if self.spec is not None and self.spec.num_classes != len(splits.classes):
             from .engine import models as M
             import torch
@@ -263,8 +307,10 @@ class Session:
         if self._log is None and self._writes:
             self._log = MetricsLog(self.folder / "metrics.csv")
         if self.trainer is None:
-            self.trainer = Trainer(self.built, self.spec, self.splits, self.config, log=self._log,
-                                   size=self.data.get("size", 0))
+            trainer = Trainer(self.built, self.spec, self.splits, self.config, log=self._log,
+                              size=self.data.get("size", 0))
+            trainer.check_input()
+            self.trainer = trainer
             if self._pending_state is not None:
                 self.trainer.load_state_dict(self._pending_state)
                 self._pending_state = None
@@ -359,6 +405,8 @@ class Session:
         def on_epoch(info):
             path = self._write_checkpoint("epoch", info)
             val = info["val"]
+            if val and val.get("bad"):
+                self._on_bad(val["bad"])
             msg = (f"epoch {info['epoch']} done: train loss {info['train_loss']:.4f} "
                    f"acc {info['train_accuracy']:.3f}")
             if val:
@@ -406,9 +454,15 @@ class Session:
         except OSError:
             pass
         if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
-            bs = self.config.batch_size
+            bs = (self.trainer.cfg if self.trainer is not None else self.config).batch_size  # the size that failed
+            if self.trainer is not None and self.trainer.optimizer is not None:
+                self.trainer.optimizer.zero_grad(set_to_none=True)  # give the half-done step's memory back
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
             msg = (f"out of memory at batch_size {bs}: `set batch_size {max(1, bs // 2)}` (or a smaller --size), "
                    "then `continue`")
+        elif _disk_full(e):
+            msg = _disk_full_message(self.folder)
         elif isinstance(e, PgError):
             msg = str(e)
         else:
@@ -440,7 +494,9 @@ class Session:
 
     # ================================================================ evaluation
     def evaluate(self, split: str = "val") -> dict:
-        tr = self.trainer if self.running else self._ensure_trainer()  # never reconfigure under the worker
+        # while training, the running trainer as it is: _ensure_trainer would apply pending settings (reconfigure:
+        # a new optimizer) from this thread, under the worker's feet
+        tr = self.trainer if self.running else self._ensure_trainer()
         return self._apply(lambda: tr.evaluate(split))
 
     # ================================================================ files
@@ -463,6 +519,8 @@ class Session:
         self.file = self.root / f"{name}.session"
         if self._writes:
             self.folder.mkdir(parents=True, exist_ok=True)
+        self._quarantined = None  # another folder: its own quarantine.txt
+        self._quarantine([])  # what `data` found before there was a folder
 
     def _state(self) -> dict:
         if self.trainer is not None:
@@ -573,24 +631,30 @@ class Session:
             p = Path(path)
             if p.suffix != ".session":
                 raise PgError(f"session files end in .session: `save {p.with_suffix('.session')}`")
-            new_name, new_root = p.stem, p.parent if str(p.parent) else Path(".")
-            if (new_name, new_root.resolve()) != (self.name, self.root.resolve()):
-                self._move_to(new_name, new_root)
         was_running = self.running
         self._saving = was_running  # the worker's pause is part of the save: no "paused" notice
         try:
-            if was_running and not self.pause():
+            if was_running and not self.pause():  # before a move too: the worker must not write while the folder moves
                 raise PgError("could not pause the run to save (a batch is taking very long); try again")
         finally:
             self._saving = False
-        if self.name is None:
-            self._choose_name()
-        if was_running:  # the pause wrote a checkpoint of this exact position
-            self._write_session_file()
-        else:
-            self._write_checkpoint("save")
+        try:
+            if path:
+                new_name, new_root = p.stem, p.parent if str(p.parent) else Path(".")
+                if (new_name, new_root.resolve()) != (self.name, self.root.resolve()):
+                    self._move_to(new_name, new_root)
+            if self.name is None:
+                self._choose_name()
+            if was_running and self.status.get("error") is None:  # the pause wrote a checkpoint of exactly now
+                self._write_session_file()
+            else:
+                self._write_checkpoint("save")
+        except OSError as e:  # the run stays paused: `continue` once there is space again
+            if _disk_full(e):
+                raise PgError(_disk_full_message(self.folder)) from None
+            raise PgError(f"cannot save to {e.filename or self.folder}: {e.strerror or e}") from None
         self.dirty = False
-        if was_running:
+        if was_running and self.paused and "error" not in self.status:  # not if it ended or failed meanwhile
             self.resume()
         return self.file
 
@@ -599,6 +663,7 @@ class Session:
         import shutil
 
         old_folder = self.folder
+        (root / name).mkdir(parents=True, exist_ok=True)  # fails (unwritable place) before anything changed
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -640,11 +705,18 @@ class Session:
             s.use_name(name, file.parent)
             s.file = file
             s.config = TrainConfig.from_dict(doc.get("config") or {})
-            s.best = doc.get("best")
-            removed = C.clean_partial_writes(s.folder / "checkpoints")
+            s.best = _checked(doc.get("best"), "best", {"path": str, "value": (int, float), "epoch": int,
+                                                         "metric": str})
+            # a kill can interrupt any atomic write: a checkpoint, metrics.csv's truncation, the session file itself
+            removed = (C.clean_partial_writes(s.folder / "checkpoints") + C.clean_partial_writes(s.folder)
+                       + C.clean_partial_writes(file.parent, file.name))
             if removed:
                 s.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
-            found = C.load_latest(s.folder / "checkpoints", warn=s.notify)
+            skipped: list[str] = []
+            found = C.load_latest(s.folder / "checkpoints", warn=lambda m: (skipped.append(m), s.notify(m)))
+            if found is None and doc.get("checkpoint"):  # never start over silently from fresh weights
+                raise PgError(f"{file}: no usable checkpoint in {s.folder / 'checkpoints'}"
+                              + (f" ({skipped[-1]})" if skipped else " (the folder has none)"))
             if doc.get("model"):
                 spec = M.ModelSpec.from_dict(doc["model"])
                 if found:
@@ -663,6 +735,7 @@ class Session:
                     s.notify(f"dropped {dropped} metrics rows written after the checkpoint")
                 s._pending_state = state
                 s._load_weights_now(state)
+                _check_optimizer_state(state, s.built.module)
             data = doc.get("data")
             if data:
                 s.data = data
@@ -670,16 +743,19 @@ class Session:
                     from .engine import data as D
 
                     s.splits = D.scan_folder(data["path"], split=data["split"], seed=s.config.seed)
+                    s._quarantine(s.splits.rejected)  # files gone bad since
                 except PgError as e:
                     s.notify(f"data not attached: {e} — `data PATH` to attach it again")
                     s.splits = None
             if s.splits is not None and s.built is not None and found:
                 s._ensure_trainer()
-            s._target = doc.get("target") if found else None
+            target = _checked(doc.get("target"), "target", {"epoch": int, "step": int}, required=False)
+            s._target = target if found else None
             s.dirty = False
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:  # RuntimeError: torch
             s.close(save=False)
-            raise PgError(f"{file} is damaged or was edited by hand ({type(e).__name__}: {e})") from None
+            detail = " ".join(str(e).split())[:300]  # one line, whatever the exception held
+            raise PgError(f"{file} is damaged or was edited by hand ({type(e).__name__}: {detail})") from None
         except BaseException:
             s.close(save=False)
             raise
@@ -689,8 +765,9 @@ class Session:
         """Put the checkpoint's weights into the model at once (so `eval`/`predict` work before data is attached)."""
         try:
             missing, unexpected = self.built.module.load_state_dict(state["model"], strict=False)
-        except RuntimeError as e:
-            raise PgError(f"the checkpoint's weights do not fit the model: {str(e).splitlines()[0]}") from None
+        except RuntimeError as e:  # torch's first line is only "Error(s) in loading state_dict for ResNet:"
+            detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [str(e)]
+            raise PgError(f"the checkpoint's weights do not fit the model: {detail[0]}") from None
         if missing or unexpected:
             raise PgError(f"the checkpoint's weights do not fit the model ({len(missing)} missing, "
                           f"{len(unexpected)} unexpected)")
@@ -735,7 +812,8 @@ class Session:
             pos["target"] = ", ".join(f"{k} {v}" for k, v in self._target.items())
         out["position"] = pos
         if self.trainer is not None and self.trainer.last:
-            out["metrics"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in self.trainer.last.items()
+            last = dict(self.trainer.last)  # one step (the worker adds and drops keys): iterating it could fail
+            out["metrics"] = {k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()
                               if not k.startswith("epoch_")}
         files: dict[str, Any] = {}
         if self.file:
@@ -753,27 +831,42 @@ class Session:
             raise PgError(f"cannot {what} while training: `pause` or `stop` first")
 
     def _on_bad(self, bad: list) -> None:
-        self._quarantine(bad)
-        for path, reason in bad:
+        for path, reason in self._quarantine(bad):  # said once, not at every epoch that meets the file again
             self.notify(f"skipped bad image {path}: {reason}")
 
-    def _quarantine(self, bad: list) -> None:
-        if self.folder is None or not self._writes:
-            return
-        with open(self.folder / "quarantine.txt", "a") as f:
-            for path, reason in bad:
-                f.write(f"{path}\t{reason}\n")
+    def _quarantine(self, bad: list) -> list:
+        """List bad files in quarantine.txt, each once; found before the session has a folder (at `data` time),
+        they wait until it has one. Returns the ones new to the list. Called by one thread at a time: the shell
+        while idle, the worker while training. Under DDP only rank 0 writes."""
+        self._unfiled.extend(bad)
+        if self.folder is None or not self._unfiled or not self._writes:
+            return list(bad)
+        file = self.folder / "quarantine.txt"
+        if self._quarantined is None:
+            self._quarantined = {ln.split("\t")[0] for ln in file.read_text().splitlines()} if file.exists() else set()
+        fresh = []
+        for path, reason in self._unfiled:
+            if path not in self._quarantined:
+                self._quarantined.add(path)
+                fresh.append((path, reason))
+        self._unfiled = []
+        if fresh:
+            with open(file, "a") as f:
+                f.writelines(f"{path}\t{reason}\n" for path, reason in fresh)
+        return fresh
 
     def close(self, save: bool = True) -> Path | None:
         """Pause and save if anything is unsaved (a named session is always brought up to date), then end the worker."""
         saved = None
         was_running = self.running
-        if was_running:
-            self.pause()
-        if save and self.built is not None and (self.dirty or was_running):
-            saved = self.save()
-        self._jobs.put(("quit", None))
-        self._worker.join(timeout=30)
-        if self._log is not None:
-            self._log.close()
+        try:
+            if was_running:
+                self.pause()
+            if save and self.built is not None and (self.dirty or was_running):
+                saved = self.save()
+        finally:  # a failed save (a full disk) still ends the worker
+            self._jobs.put(("quit", None))
+            self._worker.join(timeout=30)
+            if self._log is not None:
+                self._log.close()
         return saved

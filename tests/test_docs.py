@@ -50,3 +50,11 @@ def test_example_plans_use_known_commands_and_settings(app, plan):
         assert word in commands, f"{plan.name}: unknown command {word!r}"
         if word == "set":
             assert line.split()[1] in setting_names(), f"{plan.name}: unknown setting in {line!r}"
+
+
+def test_every_test_the_readme_names_exists():
+    """The guarantees section names the tests that hold each guarantee: a renamed test must not leave it stale."""
+    named = re.findall(r"`(tests/\w+\.py)::(\w+)`", README)
+    assert len(named) >= 20
+    for file, test in named:
+        assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), f"{file}::{test} is not defined"

@@ -10,10 +10,12 @@ renamed: a kill leaves either the old file or the new one, never half of one; th
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +90,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     try:
         with open(tmp, "wb") as f:
+            if _fault_now(path):  # test-only: die halfway through this write, as `kill -9` or a power cut would
+                f.write(data[: len(data) // 2])
+                f.flush()
+                os.kill(os.getpid(), signal.SIGKILL)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -108,13 +114,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         pass
 
 
-def clean_partial_writes(folder: str | os.PathLike) -> list[Path]:
-    """Remove temporary files left by writes that a kill interrupted; returns what was removed."""
+_FAULT_KINDS = {".safetensors": "kill-during-checkpoint-write", ".session": "kill-during-session-write"}
+_fault_counts: dict[str, int] = {}
+
+
+def _fault_now(path: Path) -> bool:
+    """Test-only fault injection (tests/test_faults.py): with PGSHELL_FAULT=kill-during-checkpoint-write:N
+    (or kill-during-session-write:N) set, the Nth such write of this process kills it halfway through."""
+    fault = os.environ.get("PGSHELL_FAULT")
+    kind = _FAULT_KINDS.get(path.suffix)
+    if not fault or kind is None or not fault.startswith(kind + ":"):
+        return False
+    _fault_counts[kind] = _fault_counts.get(kind, 0) + 1
+    return str(_fault_counts[kind]) == fault.rpartition(":")[2]
+
+
+def clean_partial_writes(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Remove temporary files left by writes (of `name` only, if given) in `folder` that a kill interrupted; returns
+    what was removed."""
     removed = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed
-    for p in folder.glob(f".*{_TMP_SUFFIX}"):
+    for p in folder.glob(f".{glob.escape(name) if name else '*'}.*{_TMP_SUFFIX}"):
         try:
             p.unlink()
             removed.append(p)

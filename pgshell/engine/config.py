@@ -42,10 +42,11 @@ class TrainConfig:
     label_smoothing: float = _setting(0.0, "label smoothing (cross_entropy; l1/mse smooth their one-hot targets)",
                                       minimum=0.0, maximum=0.99, live=True)
     # --- data ---
-    batch_size: int = _setting(32, "images per batch", minimum=1)
-    workers: int = _setting(0, "data loader worker processes (0: load in the training thread)", minimum=0)
+    batch_size: int = _setting(32, "images per batch", minimum=1, maximum=2**31 - 1)  # the data loader's limit
+    workers: int = _setting(0, "data loader worker processes (0: load in the training thread)", minimum=0, maximum=256)
     augment: bool = _setting(True, "random crop/flip/colour jitter on the training split")
-    seed: int = _setting(0, "seed of data order, augmentation and initialisation: same seed, same run", minimum=0)
+    seed: int = _setting(0, "seed of data order, augmentation and initialisation: same seed, same run", minimum=0,
+                         maximum=2**63 - 1)  # sample seeds pack it as a signed 64-bit number
     # --- device and precision (decided in one place: engine/device.py) ---
     device: str = _setting("auto", "auto | cpu | cuda | cuda:N")
     amp: str = _setting("auto", "auto (bf16 on a GPU, off on CPU) | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off"))
@@ -85,6 +86,7 @@ class TrainConfig:
 
 
 SETTINGS = {f.name: f for f in fields(TrainConfig)}
+_FLOAT32_MAX = 3.4028234663852886e38  # a larger lr or scale would only fail inside torch, as an overflow
 
 
 def setting_names() -> list[str]:
@@ -114,10 +116,13 @@ def parse_value(name: str, value: Any) -> Any:
         elif kind is int:
             if isinstance(value, bool):
                 raise ValueError
-            fv = float(value)
-            if not fv.is_integer():
-                raise ValueError
-            out = int(fv)
+            try:
+                out = int(str(value).strip())  # exact: through float, 2**53 + 1 would become 2**53
+            except ValueError:
+                fv = float(value)  # "1e3", "2.0"
+                if not fv.is_integer():
+                    raise ValueError from None
+                out = int(fv)
         elif kind is float:
             if isinstance(value, bool):
                 raise ValueError
@@ -128,6 +133,8 @@ def parse_value(name: str, value: Any) -> Any:
             out = str(value).strip()
     except (TypeError, ValueError):
         raise PgError(f"{name} takes {kind.__name__} values, not {value!r}") from None
+    if kind is float and abs(out) > _FLOAT32_MAX:
+        raise PgError(f"{name} must be at most {_FLOAT32_MAX:.3g} (training computes in float32), not {out:g}")
     if meta["choices"] and out not in meta["choices"]:
         raise PgError(f"{name} must be one of {', '.join(meta['choices'])}, not {out!r}")
     if meta["min"] is not None and out < meta["min"]:

@@ -229,6 +229,18 @@ def check_image(path: str) -> str | None:
         return f"corrupt header ({exc})"
 
 
+def find_undecodable(paths) -> list[tuple[str, str]]:
+    """(path, reason) for every file that fails a full decode — what check_image's look at the header cannot see
+    (truncated data). Slow: every image is decoded; `data --check` asks for it."""
+    bad = []
+    for path in paths:
+        try:
+            load_image(path)
+        except BadImage as exc:
+            bad.append((path, str(exc)))
+    return bad
+
+
 def _bomb_reason(size: tuple[int, int]) -> str | None:
     """PIL warns between MAX_IMAGE_PIXELS and twice that, and only raises beyond; we refuse from the first."""
     limit = Image.MAX_IMAGE_PIXELS

@@ -57,7 +57,7 @@ class MetricsLog:
             self.close_locked()
             rows = read_rows(self.path)
             keep = [r for r in rows if int(r["step"]) <= step]
-            if len(keep) != len(rows):
+            if len(keep) != len(rows) or _torn(self.path):  # a torn last row would be glued to the next one
                 out = io.StringIO()
                 w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
                 w.writeheader()
@@ -86,6 +86,15 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
         text = text[: text.rfind("\n") + 1]
     rows = list(csv.DictReader(io.StringIO(text)))
     return [r for r in rows if r.get("step") not in (None, "") and r.get("split")]
+
+
+def _torn(path: Path) -> bool:
+    """The file ends inside a row (a power cut in the middle of an append)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
 
 
 def _fmt(v) -> str:

@@ -188,6 +188,27 @@ class Trainer:
         if self.scaler is not None and self.scaler_state:
             self.scaler.load_state_dict(self.scaler_state)
 
+    @torch.no_grad()
+    def check_input(self) -> None:
+        """One zero image through the model in eval mode: a size the architecture cannot take (a ViT's patch size, a
+        too-small convnet input) is a clear error now, not an exception inside the training thread."""
+        own = self.built.data_config.get("input_size", (3, 224, 224))[-1]
+        x = torch.zeros(1, 3, self.size or own, self.size or own)
+        module = self.built.module
+        modes = [(m, m.training) for m in module.modules()]
+        module.eval()
+        try:
+            with self.runtime.autocast():
+                module(self.runtime.to_input(x))
+        except Exception as e:  # noqa: BLE001 - whatever the architecture raises, the cause is the input size
+            side = x.shape[-1]
+            raise PgError(f"{self.built.full_name} cannot take {side} px images ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120]}): `data PATH --size N` with another N "
+                          f"(its own is {own})") from None
+        finally:
+            for m, training in modes:
+                m.training = training
+
     @property
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.splits.train) / self.cfg.batch_size))
@@ -244,10 +265,10 @@ class Trainer:
 
     def reconfigure(self, cfg: TrainConfig) -> None:
         """Settings that need a pause (optimizer, scheduler, batch size, device...) take effect here."""
-        self.cfg = cfg
-        if self.optimizer is not None:
+        if self.optimizer is not None:  # before the new cfg: the state is tagged with the optimizer that made it
             self._opt_state = self._optimizer_state_by_name()
             self.optimizer = None
+        self.cfg = cfg
         self.setup()
 
     def params_changed(self) -> None:
@@ -282,6 +303,9 @@ class Trainer:
             if target_epoch is not None and self.pos.epoch >= target_epoch:
                 break
             stop = False
+            if self.pos.sample >= len(self.splits.train):  # every batch done, the epoch's end not (it raised)
+                self._end_epoch(cb)
+                continue
             for x, y, nkeys, bad in self._batches():
                 request = DIST.agree(cb.control() if cb.control else None, self.runtime.device)
                 if request in ("pause", "stop"):
@@ -346,8 +370,6 @@ class Trainer:
         M.frozen_bn_to_eval(self.built.module)
 
     def _train_batch(self, x, y, nkeys: int) -> dict:
-        self.pos.sample += nkeys
-        self.pos.batch += 1
         lr = self.lr
         if x is None:  # every image of the batch was bad: nothing to learn from, position still advances
             loss_v, acc, n = float("nan"), float("nan"), 0
@@ -371,6 +393,9 @@ class Trainer:
                 loss_sum, correct, n = DIST.all_sum([loss_v * n, correct, n], self.runtime.device)
                 loss_v, n = loss_sum / n, int(n)
             acc = correct / n
+        # the position advances only once the step is done: a batch that raised (out of memory) is trained again
+        self.pos.sample += nkeys
+        self.pos.batch += 1
         self.pos.step += 1
         if self._sched_unit == "step":
             self.scheduler.step()

@@ -21,13 +21,18 @@ from cmd2 import Settable, with_argparser
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
 from ..session import Session
-from ._common import _fmt_secs, _failed, parser
+from ._common import Parser, _fmt_secs, _failed, parser
 from .analysis import AnalysisCommands
 from .data import DataCommands
 from .model import ModelCommands
 from .sessioncmds import SessionCommands
 from .training import TrainingCommands
 from .tuning import TuningCommands
+
+# cmd2's own commands (set, help) parse with this class too, so `set lr 0.1 0.2` fails like any bad command and
+# a plan stops there; with cmd2's parser it printed a usage error and the plan went on.
+cmd2.set_default_argument_parser(Parser)
+
 
 # ====================================================================== the app
 class _Settings:
@@ -178,7 +183,11 @@ class PgShell(cmd2.Cmd):
     @with_argparser(parser("Quit. A run in progress is paused and the session saved first.", "quit"))
     def do_quit(self, _):
         """Quit pgshell (saving first)."""
-        saved = self.session.close(save=True)
+        try:
+            saved = self.session.close(save=True)
+        except PgError as e:  # e.g. a full disk: say so in one line, and quit all the same
+            self.perror(f"error: {e}")
+            saved = None
         self.flush_messages()
         if saved:
             self.poutput(f"saved {saved}")
@@ -213,7 +222,7 @@ def run_plan(app: PgShell, lines) -> int:
         if stop:
             return app.exit_code or 0
     app.do_quit("")
-    return 0
+    return 1 if _failed.is_set() else 0  # the final save failed
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,14 +18,15 @@ class DataCommands(CommandSet):
     data_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="the dataset folder")
     data_parser.add_argument("--split", type=float, default=0.2, help="validation fraction when there is no val/ (0.2)")
     data_parser.add_argument("--size", type=int, default=0, help="image size in pixels (default: the model's own)")
-    data_parser.add_argument("--check", action="store_true", help="also list every rejected file and why")
+    data_parser.add_argument("--check", action="store_true",
+                             help="also decode every image (slower) and list every rejected file and why")
 
     @with_argparser(data_parser)
     def do_data(self, args):
         """Attach a dataset."""
         from tabulate import tabulate
 
-        splits = self._cmd.session.attach_data(args.path, args.split, args.size)
+        splits = self._cmd.session.attach_data(args.path, args.split, args.size, check=args.check)
         rows = splits.counts()
         has_test = any(r.get("test") for r in rows)
         cols = ["class", "train", "val"] + (["test"] if has_test else [])

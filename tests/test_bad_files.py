@@ -1,0 +1,356 @@
+"""Files from strangers and hands: session files, checkpoints and weight files edited, truncated, swapped or
+carrying a pickle payload give one clear PgError line and never execute code; messy image folders train anyway,
+with every bad file listed once in quarantine.txt and by `data --check`.
+
+Already held elsewhere (not repeated here): a flipped byte or a truncated checkpoint (tests/test_engine.py::
+test_corrupt_newest_checkpoint_falls_back, ::test_truncated_checkpoint_is_detected), a pickle named .safetensors
+(::test_pickle_is_never_loaded), weights of another model and a pickle in a .pth (tests/test_models.py::
+test_weights_of_another_model_are_refused, ::test_a_pickle_with_code_is_never_unpickled), what the folder scan
+rejects and why (tests/test_data.py::test_scan_rejects_what_the_header_shows and the bad-image tests there).
+"""
+
+import io
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from PIL import Image
+
+from pgshell.engine import checkpoint as C
+from pgshell.engine.errors import PgError
+from pgshell.session import Session
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 120
+
+
+class _Payload:
+    """Unpickling this creates a file: the proof that code ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A session trained one epoch: its file, folder and the checkpoint's state, kept pristine for each test."""
+    from conftest import make_images
+
+    base = tmp_path_factory.mktemp("saved")
+    make_images(base / "tv" / "train", per_class=10, seed=1)
+    make_images(base / "tv" / "val", per_class=4, seed=2)
+    s = Session(root=base / "orig")
+    s.set("batch_size", 8)
+    s.attach_data(str(base / "tv"), size=32)
+    s.load_model("test_resnet")
+    s.use_name("s")
+    s.train(epochs=1)
+    assert s.wait(WAIT) and "error" not in s.status
+    s.close(save=False)  # the epoch's checkpoint rewrote the session file
+    return base / "orig"
+
+
+@pytest.fixture
+def copy(saved, tmp_path):
+    """A fresh copy of the saved session: (session file, its checkpoint)."""
+    import shutil
+
+    shutil.copytree(saved, tmp_path / "sessions")
+    file = tmp_path / "sessions" / "s.session"
+    (ckpt,) = (tmp_path / "sessions" / "s" / "checkpoints").iterdir()
+    return file, ckpt
+
+
+def _open_fails(file: Path, *words: str) -> str:
+    with pytest.raises(PgError) as e:
+        s = Session.open(file)
+        s.close(save=False)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def _edit_session(file: Path, change) -> None:
+    doc = json.loads(file.read_text())
+    change(doc)
+    file.write_text(json.dumps(doc))
+
+
+def _edit_checkpoint(ckpt: Path, change, header: dict | None = None) -> None:
+    """Rewrite a checkpoint with an edited state, with a valid checksum: only its meaning is wrong."""
+    state = C.load_checkpoint(ckpt)
+    change(state)
+    C.save_checkpoint(ckpt, state, header)
+
+
+# ------------------------------------------------------------------ session files
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d.update(version=2), ["session version 2", "reads 1"]),
+    (lambda d: d.pop("format"), ["not a pgshell session file"]),
+    (lambda d: d.update(config={"lr": "fast"}), ["lr takes float"]),
+    (lambda d: d.update(config={"warp_drive": 1}), ["unknown settings warp_drive"]),
+    (lambda d: d.update(config=[1, 2]), ["damaged"]),
+    (lambda d: d.update(model={"num_classes": 3}), ["no 'name'"]),
+    (lambda d: d.update(model={"name": "test_resnet", "num_classes": "three"}), ["num_classes"]),
+    (lambda d: d.update(folder="../../etc"), ["bad folder name"]),
+    (lambda d: d.update(folder="elsewhere"), ["no usable checkpoint"]),
+    (lambda d: d.update(data="tv"), ["damaged"]),
+    (lambda d: d.update(data={"path": 5}), ["damaged"]),
+    (lambda d: d.update(best="the best one"), ["damaged", "best"]),
+    (lambda d: d.update(best={"path": 3}), ["damaged", "best"]),
+    (lambda d: d.update(target="all of it"), ["damaged", "target"]),
+    (lambda d: d.update(target={"epoch": "x"}), ["damaged", "target"]),
+])
+def test_hand_edited_session_file_is_one_clear_error(copy, change, words):
+    file, _ = copy
+    _edit_session(file, change)
+    _open_fails(file, *words)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\xff" * 50, b"[1, 2, 3]", b'{"format": "pgshell-session"',
+                                     pickle.dumps({"format": "pgshell-session"})])
+def test_garbage_session_file_is_one_clear_error(tmp_path, content):
+    file = tmp_path / "g.session"
+    file.write_bytes(content)
+    _open_fails(file, str(file))
+
+
+def test_a_session_pointing_at_a_pickle_checkpoint_never_runs_it(copy, tmp_path):
+    """A stranger's session folder whose newest checkpoint is a pickle: skipped, said, never unpickled; with no
+    good checkpoint left, opening is an error."""
+    file, ckpt = copy
+    marker = tmp_path / "pwned"
+    evil = ckpt.parent / "epoch-0009.safetensors"
+    evil.write_bytes(pickle.dumps(_Payload(marker)))
+    s = Session.open(file)
+    assert s.trainer.pos.epoch == 1 and s.latest_checkpoint == ckpt  # the good one
+    s.close(save=False)
+    ckpt.unlink()
+    _open_fails(file, "no usable checkpoint")
+    torch.save({"model": _Payload(marker)}, evil)  # a torch zip pickle this time
+    _open_fails(file, "no usable checkpoint")
+    assert not marker.exists()
+
+
+def test_other_models_weights_in_a_valid_checkpoint_are_refused(copy):
+    import timm
+
+    file, ckpt = copy
+    other = timm.create_model("test_vit", num_classes=3).state_dict()
+    _edit_checkpoint(ckpt, lambda st: st.update(model=dict(other)))
+    _open_fails(file, "do not fit")
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda st: st["model"].update({"fc.weight": torch.zeros(7, 5)}), ["do not fit", "fc.weight"]),
+    (lambda st: st.pop("position"), ["damaged", "position"]),
+    (lambda st: st.pop("model"), ["damaged", "model"]),
+    (lambda st: st.update(position={"epoch": "one", "batch": 0, "sample": 0, "step": 4}), ["damaged"]),
+    (lambda st: st.update(position={"epoch": 1, "batch": 0, "sample": 0, "step": 4, "warp": 9}), ["damaged"]),
+    (lambda st: st["config"].update(warp_drive=1), ["unknown settings warp_drive"]),
+    (lambda st: st["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)), ["damaged"]),
+    (lambda st: st["rng"].update(python=[3, [1, 2], None]), ["damaged"]),
+    (lambda st: st["optimizer"]["state"]["fc.weight"].update(momentum_buffer=torch.zeros(2, 2)),
+     ["damaged", "fc.weight"]),
+    (lambda st: st.update(optimizer="sgd"), ["damaged"]),
+])
+def test_hand_edited_checkpoint_is_one_clear_error(copy, change, words):
+    file, ckpt = copy
+    _edit_checkpoint(ckpt, change, C.read_metadata(ckpt))
+    _open_fails(file, *words)
+
+
+def test_a_checkpoint_of_another_version_is_skipped_and_alone_is_an_error(copy):
+    file, ckpt = copy
+    meta = {k: v for k, v in C.read_metadata(ckpt).items() if k not in ("format", "version", "state", "sha256")}
+    state = C.load_checkpoint(ckpt)
+    C.save_checkpoint(ckpt, state, meta)
+    data = ckpt.read_bytes().replace(b'"version":"1"', b'"version":"9"')
+    ckpt.write_bytes(data)
+    with pytest.raises(C.CheckpointError, match="version '9'"):
+        C.load_checkpoint(ckpt)
+    _open_fails(file, "no usable checkpoint", "version '9'")
+
+
+def test_pgshell_s_with_a_damaged_session_is_one_line_and_exit_1(copy):
+    file, ckpt = copy
+    _edit_checkpoint(ckpt, lambda st: st["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+                     C.read_metadata(ckpt))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-m", "pgshell", "-s", str(file)], input="show\n", text=True,
+                       capture_output=True, env=env, timeout=WAIT)
+    assert r.returncode == 1, r.stdout
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "damaged" in lines[0], r.stderr
+
+
+# ------------------------------------------------------------------ load --weights
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    from pgshell.shell import PgShell
+
+    monkeypatch.chdir(tmp_path)
+    a = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    yield a
+    a.session.close(save=False)
+
+
+def _cmd(app, capsys, line):
+    from pgshell.shell._common import _failed
+
+    _failed.clear()
+    app.onecmd_plus_hooks(line)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return not _failed.is_set(), err
+
+
+def _weights_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
+    files = {}
+    for name in ("payload.pth", "payload.bin", "payload.safetensors"):
+        files[name] = tmp_path / name
+        torch.save({"fc.weight": torch.zeros(3, 4), "evil": _Payload(marker)}, files[name])
+    files["raw-pickle.pt"] = tmp_path / "raw-pickle.pt"
+    files["raw-pickle.pt"].write_bytes(pickle.dumps(_Payload(marker)))
+    files["empty.pth"] = tmp_path / "empty.pth"
+    files["empty.pth"].write_bytes(b"")
+    files["text.safetensors"] = tmp_path / "text.safetensors"
+    files["text.safetensors"].write_text("hello")
+    files["truncated.pth"] = tmp_path / "truncated.pth"
+    buf = io.BytesIO()
+    torch.save({"fc.weight": torch.zeros(300, 400)}, buf)
+    files["truncated.pth"].write_bytes(buf.getvalue()[:2000])
+    files["shapes.safetensors"] = tmp_path / "shapes.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"conv1.weight": torch.zeros(1, 2, 3)}, files["shapes.safetensors"])
+    files["not-weights.txt"] = tmp_path / "not-weights.txt"
+    files["not-weights.txt"].write_text("hi")
+    return files
+
+
+def test_load_weights_from_bad_files_is_one_line_never_runs_code_and_keeps_the_model(app, capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    assert _cmd(app, capsys, "load test_resnet --classes 3")[0]
+    before = {k: v.clone() for k, v in app.session.built.module.state_dict().items()}
+    spec = app.session.spec
+    for name, path in _weights_files(tmp_path, marker).items():
+        ok, err = _cmd(app, capsys, f"load test_resnet --classes 3 --weights {path}")
+        lines = [ln for ln in err.splitlines() if ln.strip()]
+        assert not ok and len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert app.session.spec is spec  # the loaded model is untouched
+    assert not marker.exists()
+    after = app.session.built.module.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------ messy image folders, end to end
+def _png(path: Path, seed: int, size: int = 32, mode: str = "RGB") -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).convert(mode).save(path)
+    return path
+
+
+@pytest.fixture
+def messy(tmp_path, monkeypatch):
+    """Three classes of good images plus every kind of trouble; returns (root, {bad path: reason start})."""
+    root = tmp_path / "messy"
+    for c, name in enumerate(("ant", "bee", "cow")):
+        for i in range(6):
+            _png(root / name / f"{i}.png", 10 * c + i)
+    bad = {}
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+    (root / "ant" / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    bad[root / "ant" / "truncated.jpg"] = "truncated or corrupt"
+    (root / "bee" / "zero.jpg").write_bytes(b"")
+    bad[root / "bee" / "zero.jpg"] = "empty file"
+    (root / "cow" / "text.jpg").write_text("a text file wearing a .jpg name\n")
+    bad[root / "cow" / "text.jpg"] = "not an image"
+    Image.new("CMYK", (32, 32), (255, 0, 0, 0)).save(root / "ant" / "cmyk.jpg")  # good: converted
+    Image.fromarray((np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)).save(root / "bee" / "deep.png")
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    palette.paste(1, (0, 0, 16, 32))
+    palette.save(root / "cow" / "palette.png", transparency=0)  # good: composited on white
+    _png(root / "cow" / "huge.png", 5, size=64)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 2000)  # 64x64 = 4096 pixels: a bomb by this limit
+    bad[root / "cow" / "huge.png"] = "decompression bomb"
+    locked = _png(root / "bee" / "locked.png", 6)
+    real_open = PIL.Image.open
+
+    def open_or_refuse(fp, *args, **kwargs):  # root reads anything: make PIL see what a chmod 000 would cause
+        if str(fp) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image, "open", open_or_refuse)
+    bad[locked] = "unreadable (permission denied)"
+    (root / "empty_class").mkdir()
+    bad[root / "empty_class"] = "empty class folder"
+    return root, bad
+
+
+def _quarantine(folder: Path) -> dict[str, str]:
+    lines = (folder / "quarantine.txt").read_text().splitlines()
+    entries = [ln.split("\t") for ln in lines]
+    assert len({p for p, _ in entries}) == len(entries), "each bad file is listed once"
+    return dict(entries)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_training_over_a_messy_folder_completes_and_quarantines_exactly_the_bad_files(app, capsys, messy):
+    root, bad = messy
+    ok, _ = _cmd(app, capsys, f"data {root} --size 32 --check")
+    assert ok
+    listed = {Path(p): reason for p, reason in app.last_result["rejected"]}
+    assert set(listed) == set(bad) and all(listed[p].startswith(r) for p, r in bad.items())
+    for line in ("load test_resnet", "set batch_size 4", "save m.session"):  # the folder appears only now
+        assert _cmd(app, capsys, line)[0]
+    assert _cmd(app, capsys, "train 2")[0]
+    s = app.session
+    assert s.trainer.pos.epoch == 2 and s.splits.classes == ["ant", "bee", "cow"]
+    quarantined = {Path(p): reason for p, reason in _quarantine(s.folder).items()}
+    assert set(quarantined) == set(bad) and all(quarantined[p].startswith(r) for p, r in bad.items())
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_quarantine_found_at_data_time_reaches_the_folder_made_when_training_starts(app, capsys, messy):
+    root, bad = messy
+    assert _cmd(app, capsys, f"data {root} --size 32")[0]  # no --check: the truncated file shows when decoded
+    assert _cmd(app, capsys, "load test_resnet")[0] and app.session.folder is None
+    assert _cmd(app, capsys, "set batch_size 4")[0]
+    assert _cmd(app, capsys, "train 2")[0]
+    quarantined = {Path(p) for p in _quarantine(app.session.folder)}
+    assert quarantined == set(bad)  # the scan's finds, and the truncated one once though seen every epoch
+    assert _cmd(app, capsys, "save moved.session")[0] and _cmd(app, capsys, "train 1")[0]
+    assert {Path(p) for p in _quarantine(app.session.folder)} == set(bad)  # moved along, still once each
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "no images found"),
+    ({"only": 3}, "at least 2 classes"),
+    ({"a": 2, "empty": 0}, "at least 2 classes"),
+    ({"a": 0, "b": 0}, "no images found"),
+])
+def test_impossible_datasets_are_refused_before_training(app, capsys, tmp_path, layout, message):
+    root = tmp_path / "impossible"
+    root.mkdir()
+    for name, n in layout.items():
+        (root / name).mkdir()
+        for i in range(n):
+            _png(root / name / f"{i}.png", i)
+    ok, err = _cmd(app, capsys, f"data {root}")
+    assert not ok and message in err and len(err.strip().splitlines()) == 1
+    assert app.session.splits is None

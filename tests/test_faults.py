@@ -1,0 +1,427 @@
+"""Faults: kill -9 at any moment, a full disk, out of memory, a model that raises. Nothing saved is lost, no partial
+file is taken for a good one, and the shell survives.
+
+The kills are real: `pgshell -s X.session` runs as a subprocess and gets SIGKILL, either at a precise moment through
+the test-only PGSHELL_FAULT hook in engine/checkpoint.py (halfway through a checkpoint or session-file write), or
+after a delay drawn from a seeded RNG once training has started. Each time the session is reopened and training goes
+on to the same absolute target (`set epochs E` + `train`); the end must equal, bit for bit, a run never killed.
+"""
+
+import errno
+import os
+import queue
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pgshell.engine import checkpoint as C
+from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+from pgshell.session import Session
+
+ROOT = Path(__file__).resolve().parent.parent
+WAIT = 120  # seconds: a generous bound for tiny runs on a loaded 2-core machine
+BATCHES = 4  # per epoch: split_folder's 30 training images at batch_size 8
+
+
+def _session(root: Path, folder: Path, name: str, epochs: int) -> Session:
+    """The same settings, in the same order, for the reference run and the session that gets killed."""
+    s = Session(root=root)
+    s.set("batch_size", 8)
+    s.set("epochs", epochs)
+    s.attach_data(str(folder), size=32)
+    s.load_model("test_resnet")
+    s.use_name(name)
+    return s
+
+
+def _reference(tmp_path: Path, folder: Path, epochs: int):
+    """Weights and metrics rows of a run that was never interrupted."""
+    s = _session(tmp_path / "ref", folder, "ref", epochs)
+    s.train()
+    assert s.wait(WAIT * max(1, epochs // 4)) and "error" not in s.status, s.status
+    weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    rows = [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(s.folder / "metrics.csv")]
+    s.close(save=False)
+    return weights, rows
+
+
+def _newest(folder: Path):
+    found = C.load_latest(folder / "checkpoints")
+    return found[1] if found else None
+
+
+def _leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+class _Pgshell:
+    """`pgshell -s FILE` as a subprocess fed `plan` on stdin; its stdout is read line by line in a thread."""
+
+    def __init__(self, session_file: Path, plan: str, fault: str = ""):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env.pop("PGSHELL_FAULT", None)
+        if fault:
+            env["PGSHELL_FAULT"] = fault
+        self.proc = subprocess.Popen([sys.executable, "-m", "pgshell", "-s", str(session_file)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=session_file.parent, env=env)
+        self.proc.stdin.write(plan)
+        self.proc.stdin.close()
+        self.lines: list[str] = []
+        self.training = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if line.startswith("training "):
+                self.training.set()
+
+    def finish(self) -> tuple[int, str, str]:
+        rc = self.proc.wait(WAIT)
+        self._reader.join(WAIT)
+        return rc, "".join(self.lines), self.proc.stderr.read()
+
+
+def _reopen_and_train(session_file: Path, folder: Path, epochs: int, fault: str = "", delay: float | None = None):
+    """Reopen the session and train towards `epochs`, killed by `fault` or after `delay` s of training."""
+    before = _newest(folder)
+    plan = "train\n" if before["position"]["epoch"] < epochs else "show\n"
+    run = _Pgshell(session_file, plan, fault)
+    if delay is not None and plan == "train\n":
+        assert run.training.wait(WAIT), "training never started"
+        time.sleep(delay)  # the fault being injected: a kill at an arbitrary moment
+        run.proc.send_signal(signal.SIGKILL)
+    rc, out, err = run.finish()
+    # reopening took the newest checkpoint that verifies, whatever the session file said
+    reopened = next(line for line in out.splitlines() if line.startswith("reopened"))
+    assert f"step {before['position']['step']}" in reopened, (reopened, before["position"])
+    assert "Traceback" not in err and "internal error" not in err, err
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def folder_and_reference(tmp_path_factory):
+    from conftest import make_images
+
+    root = tmp_path_factory.mktemp("kill")
+    data = root / "tv"
+    make_images(data / "train", per_class=10, seed=1)
+    make_images(data / "val", per_class=4, seed=2)
+    return root, data
+
+
+def _kill_and_compare(tmp_path: Path, data: Path, epochs: int, kills: list[dict]) -> None:
+    ref_weights, ref_rows = _reference(tmp_path, data, epochs)
+    s = _session(tmp_path, data, "k", epochs)
+    session_file = s.save()
+    s.close(save=False)
+    folder = tmp_path / "k"
+    for kill in kills + [{}]:
+        left = epochs - _newest(folder)["position"]["epoch"]
+        partial = _leftovers(tmp_path)
+        rc, out, _ = _reopen_and_train(session_file, folder, epochs, **kill)
+        # the reopen removed what the last kill left half written (and said so), whatever was half written
+        assert (f"removed {len(partial)} partial file" in out) == bool(partial), (partial, out)
+        fault = kill.get("fault", "")
+        if fault and left >= int(fault.rpartition(":")[2]):  # enough training left for the Nth write to happen
+            assert rc == -signal.SIGKILL, f"the fault {fault} did not fire:\n{out}"
+            assert len(_leftovers(tmp_path)) == 1, "the kill left its half-written temporary file"
+        elif not kill:
+            assert rc == 0, out
+    assert _leftovers(tmp_path) == [], "every partial write was cleaned up"
+    state = _newest(folder)
+    assert state["position"] == {"epoch": epochs, "batch": 0, "sample": 0, "step": epochs * BATCHES}
+    assert all(torch.equal(state["model"][k], v) for k, v in ref_weights.items())
+    rows = [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(folder / "metrics.csv")]
+    assert rows == ref_rows  # no row lost or repeated across the kills
+
+
+def test_kill_9_during_checkpoint_write_session_write_and_training_then_resume_is_exact(tmp_path,
+                                                                                        folder_and_reference):
+    """Three kills (the default suite's share): halfway through a checkpoint write, halfway through the session-file
+    write that follows a complete checkpoint (the session file then lags behind it), and at a seeded random moment
+    of training. Each reopen loads the newest checkpoint that verifies and cleans the partial files."""
+    _, data = folder_and_reference
+    rng = random.Random(7)
+    kills = [{"fault": "kill-during-checkpoint-write:2"},  # epoch 1 saved, epoch 2's file half written
+             {"fault": "kill-during-session-write:1"},  # epoch 2 saved, the session file still says epoch 1
+             {"delay": rng.uniform(0.2, 1.2)}]  # somewhere in epoch 3
+    _kill_and_compare(tmp_path, data, 4, kills)
+
+
+@pytest.mark.slow
+def test_kill_9_twenty_times_at_random_moments_then_resume_is_exact(tmp_path, folder_and_reference):
+    _, data = folder_and_reference
+    rng = random.Random(2024)
+    kills = []
+    for i in range(20):
+        if i % 5 == 3:
+            kills.append({"fault": f"kill-during-checkpoint-write:{rng.randint(1, 2)}"})
+        elif i % 5 == 4:
+            kills.append({"fault": f"kill-during-session-write:{rng.randint(1, 2)}"})
+        else:
+            kills.append({"delay": rng.uniform(0.0, 1.5)})
+    _kill_and_compare(tmp_path, data, 16, kills)
+
+
+# ------------------------------------------------------------------ the shell in-process, for the faults below
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    import io
+
+    from pgshell.shell import PgShell
+
+    monkeypatch.chdir(tmp_path)
+    a = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    yield a
+    a.session.close(save=False)
+
+
+def run(app, capsys, line):
+    """One command in-process: (ok, stdout, stderr) — stderr must never hold a traceback."""
+    from pgshell.shell._common import _failed
+
+    _failed.clear()
+    app.stdout.seek(0)
+    app.stdout.truncate()
+    app.onecmd_plus_hooks(line)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return not _failed.is_set(), app.stdout.getvalue(), err
+
+
+def _error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err  # one clear line
+    return lines[0]
+
+
+def _train_rows(app):
+    return [r for r in read_rows(app.session.folder / "metrics.csv") if r["split"] == "train"]
+
+
+# ------------------------------------------------------------------ disk full
+class _FullDiskFile:
+    """A file on a disk that fills up halfway through the write: what `open` returns for a checkpoint's temp file."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def write(self, data):
+        self._f.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_disk_full_while_saving_pauses_with_one_error_and_keeps_the_last_checkpoint(app, capsys, split_folder,
+                                                                                  tmp_path, monkeypatch):
+    ref_weights, ref_rows = _reference(tmp_path, split_folder, 3)
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8", "set epochs 3"):
+        assert run(app, capsys, line)[0]
+    assert run(app, capsys, "train 1")[0]
+    ckdir = app.session.folder / "checkpoints"
+    good = ckdir / "epoch-0001.safetensors"
+    good_bytes = good.read_bytes()
+
+    full = {"on": True}
+    real_open = open
+    monkeypatch.setattr(C, "open", lambda path, mode="r", *a, **k: _FullDiskFile(real_open(path, mode, *a, **k))
+                        if full["on"] and "w" in mode else real_open(path, mode, *a, **k), raising=False)
+    ok, _, err = run(app, capsys, "continue" if app.session.paused else "train")  # epoch 2's checkpoint fails
+    assert not ok
+    assert "disk is full" in _error_line(err) and "free some space" in err
+    assert app.session.paused and not app.session.running  # paused, not crashed; the shell goes on
+    assert good.read_bytes() == good_bytes and C.load_checkpoint(good)["position"]["epoch"] == 1
+    assert sorted(p.name for p in ckdir.iterdir()) == ["epoch-0001.safetensors"]  # the partial file was removed
+    assert run(app, capsys, "show")[0]
+    ok, _, err = run(app, capsys, "save")  # still full: the same one line, nothing else broken
+    assert not ok and "disk is full" in _error_line(err)
+
+    full["on"] = False  # space freed
+    ok, out, _ = run(app, capsys, "save")
+    assert ok and "saved" in out
+    assert C.load_latest(ckdir)[1]["position"]["epoch"] == 2
+    assert run(app, capsys, "continue")[0]
+    w = app.session.built.module.state_dict()
+    assert all(torch.equal(w[k], v) for k, v in ref_weights.items())  # the failed write cost nothing
+    assert [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(app.session.folder / "metrics.csv")] == ref_rows
+
+
+def _tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True).returncode == 0
+
+
+@pytest.mark.slow
+def test_disk_full_on_a_real_small_filesystem(tmp_path, split_folder):
+    """The same on a real 5 MiB tmpfs (one checkpoint fits, two do not) when this machine lets us mount one."""
+    disk = tmp_path / "disk"
+    if not _tmpfs(disk, "5m"):
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        plan = f"data {split_folder} --size 32\nload test_resnet\nset batch_size 8\nset epochs 3\ntrain\n"
+        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
+        env.pop("PGSHELL_FAULT", None)
+        r = subprocess.run([sys.executable, "-m", "pgshell", "--sessions-dir", str(disk)], input=plan, text=True,
+                           capture_output=True, env=env, timeout=WAIT)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert errors and all("disk is full" in ln for ln in errors), r.stderr  # the failed run, the failed quit
+        (session_file,) = disk.glob("*.session")
+        folder = disk / session_file.stem
+        assert [p.name for p in (folder / "checkpoints").iterdir()] == ["epoch-0001.safetensors"]
+        assert C.load_checkpoint(folder / "checkpoints" / "epoch-0001.safetensors")["position"]["step"] == BATCHES
+        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
+        r = subprocess.run([sys.executable, "-m", "pgshell", "-s", str(session_file)], input="train\n", text=True,
+                           capture_output=True, env=env, timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        assert C.load_latest(folder / "checkpoints")[1]["position"]["epoch"] == 3
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# ------------------------------------------------------------------ out of memory, a model that raises
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    """A tiny convnet that misbehaves on cue: `oom_above` images in a training batch raise CUDA's out-of-memory
+    error; the `fail_at`-th forward in training (or evaluation) mode raises a plain bug."""
+
+    def __init__(self, num_classes, oom_above=0, fail_at=0, fail_in="train"):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(8, num_classes)
+        self.oom_above, self.fail_at, self.fail_in, self.calls = oom_above, fail_at, fail_in, 0
+
+    def forward(self, x):
+        if self.training and self.oom_above and x.shape[0] > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        if self.training == (self.fail_in == "train"):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                raise RuntimeError(f"boom in call {self.calls}")
+        return self.fc(self.features(x))
+
+
+def steady(num_classes):
+    return Net(num_classes)
+
+
+def oom(num_classes):
+    return Net(num_classes, oom_above=4)
+
+
+def bug_in_training(num_classes):
+    return Net(num_classes, fail_at=6)  # epoch 2, batch 2
+
+
+def bug_in_validation(num_classes):
+    return Net(num_classes, fail_at=2, fail_in="eval")  # the end of epoch 1 (eval call 1 is the input-size check)
+'''
+
+
+@pytest.fixture
+def model_file(tmp_path) -> Path:
+    p = tmp_path / "net.py"
+    p.write_text(MODEL_FILE)
+    return p
+
+
+def _reference_with(tmp_path, folder, factory, epochs, batch_size=8):
+    s = Session(root=tmp_path / "ref")
+    s.set("batch_size", batch_size)
+    s.attach_data(str(folder), size=32)
+    s.load_model(factory)
+    s.use_name("ref")
+    s.train(epochs=epochs)
+    assert s.wait(WAIT) and "error" not in s.status, s.status
+    out = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    s.close(save=False)
+    return out
+
+
+def test_out_of_memory_names_the_batch_size_and_the_session_stays_usable(app, capsys, split_folder, model_file):
+    for line in (f"data {split_folder} --size 32", f"load {model_file}:oom", "set batch_size 8"):
+        assert run(app, capsys, line)[0]
+    ok, _, err = run(app, capsys, "train 2")
+    assert not ok
+    assert "out of memory at batch_size 8" in _error_line(err) and "set batch_size 4" in err
+    assert app.session.paused and app.session.trainer.pos.step == 0
+    assert app.session.trainer.pos.sample == 0  # the batch that failed is not counted as seen
+    assert run(app, capsys, "show")[0]
+    assert run(app, capsys, "set batch_size 4")[0]
+    ok, out, _ = run(app, capsys, "continue")
+    assert ok and "epoch 2 done" in out
+    rows = _train_rows(app)
+    assert [int(r["step"]) for r in rows] == list(range(1, 17))  # 8 batches of 4 (the last of 2) per epoch
+    for epoch in ("1", "2"):  # every image of each epoch trained on, none skipped by the failed batch
+        assert sum(int(r["images"]) for r in rows if r["epoch"] == epoch) == 30
+
+
+@pytest.mark.parametrize("factory, step", [("bug_in_training", 5), ("bug_in_validation", 4)])
+def test_an_exception_in_the_loop_pauses_logs_the_trace_and_continue_finishes_exactly(
+        app, capsys, split_folder, model_file, tmp_path, factory, step):
+    reference = _reference_with(tmp_path, split_folder, f"{model_file}:steady", 2)
+    for line in (f"data {split_folder} --size 32", f"load {model_file}:{factory}", "set batch_size 8"):
+        assert run(app, capsys, line)[0]
+    ok, out, err = run(app, capsys, "train 2")
+    assert not ok
+    assert "error: training stopped by an error: RuntimeError: boom" in out  # the alert (a plain line in scripts)
+    line = _error_line(err)
+    assert "RuntimeError: boom in call" in line and "errors.log" in line
+    log = (app.session.folder / "errors.log").read_text()
+    assert "Traceback" in log and "boom in call" in log and str(model_file) in log  # the full trace
+    s = app.session
+    assert s.paused and s.trainer.pos.step == step  # no batch lost or half counted
+    newest = C.load_latest(s.folder / "checkpoints")
+    assert newest is None or newest[1]["position"]["step"] <= step  # the last checkpoint is intact
+    assert run(app, capsys, "show")[0]  # the shell is alive
+    ok, out, _ = run(app, capsys, "continue")
+    assert ok and "epoch 2 done" in out
+    w = s.built.module.state_dict()
+    assert all(torch.equal(w[k], v) for k, v in reference.items())
+    assert [int(r["step"]) for r in _train_rows(app)] == list(range(1, 9))
+
+
+def test_a_torn_last_metrics_row_is_dropped_on_reopen_not_glued_to_the_next(tmp_path, split_folder):
+    """A power cut in the middle of an append leaves half a row; the resumed run's rows must not extend it."""
+    s = _session(tmp_path, split_folder, "torn", 2)
+    s.train(epochs=1)
+    assert s.wait(WAIT)
+    file = s.save()
+    s.close(save=False)
+    with open(s.folder / "metrics.csv", "a") as f:
+        f.write("5,2,1,train,0.43")  # half of step 5's row
+    r = Session.open(file)
+    r.train()
+    assert r.wait(WAIT) and "error" not in r.status
+    r.close(save=False)
+    from pgshell.engine.metrics import COLUMNS
+
+    assert all(line.count(",") == len(COLUMNS) - 1 for line in (s.folder / "metrics.csv").read_text().splitlines())
+    steps = [int(row["step"]) for row in read_rows(s.folder / "metrics.csv") if row["split"] == "train"]
+    assert steps == list(range(1, 2 * BATCHES + 1))
