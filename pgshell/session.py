@@ -242,6 +242,11 @@ class Session:
         left = t["epoch"] - pos.epoch
         return f"training {left} epoch{'s' * (left != 1)} (epoch {pos.epoch + 1} to {t['epoch']})"
 
+    def ensure_trainer(self):
+        """The session's trainer, built on first use (model and data checked, the session named, a reopened
+        checkpoint loaded), as `train` would: for session-level extensions such as pgshell.tuning."""
+        return self._ensure_trainer()
+
     def _ensure_trainer(self):
         from .engine.metrics import MetricsLog
         from .engine.train import Trainer
