@@ -15,10 +15,11 @@ Files in the session folder `sessions/NAME/`:
 - `trials/metrics.csv`: every trial's per-batch and per-epoch rows (the `trial` column holds the trial number, or
   `STUDY#N` for a study not named after the session) — apart from `metrics.csv`, which stays the session's own run.
 
-Pausing a trial keeps it in memory, RUNNING in Optuna's terms, and `continue` carries on exactly where it paused. A
-trial left RUNNING by a closed session (quit mid-trial, a crash) or abandoned by `stop`/`train` is found by the next
-`tune` of the same session: it is marked FAIL and its parameters are enqueued, so it runs again first. A trial is
-never counted as complete unless it trained its whole budget.
+Pausing a trial keeps it in memory, RUNNING in Optuna's terms, and `continue` carries on exactly where it paused.
+`stop` during a trial marks it FAIL and enqueues its parameters. A trial left RUNNING by a closed session (quit
+mid-trial, a crash) or abandoned while paused (`stop`, `train`) is found by the next `tune` of the same session: it
+is marked FAIL and its parameters are enqueued. Either way it runs again first. A trial is never counted as
+complete unless it trained its whole budget.
 """
 
 from __future__ import annotations
@@ -296,7 +297,9 @@ class TuneJob:
         if outcome == "stopped":
             trial.set_user_attr("reason", "stopped")
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            self.session.notify(f"trial {trial.number} stopped (marked failed); the search stops — `tune` resumes it")
+            if trial.params:
+                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            self.session.notify(f"trial {trial.number} stopped (marked failed); the next `tune` runs it again first")
             return outcome
         self.failures_in_row = 0
         self.finished += 1
