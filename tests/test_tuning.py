@@ -287,6 +287,26 @@ def test_a_trial_interrupted_by_quit_runs_again_first(tmp_path, split_folder):
     r.close(save=False)
 
 
+def test_steps_budget_and_two_sessions_sharing_one_study(tmp_path, split_folder):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    a, b = _session(tmp_path, split_folder, "a"), _session(tmp_path, split_folder, "b")
+    space = FIXED.replace("lr=0.05", "lr=0.01,0.05")
+    T.start_tune(a, trials=1, steps=3, space=space, storage=url, study="shared")
+    _wait(a)
+    assert "(1 trials so far)" in T.start_tune(b, trials=1, storage=url, study="shared")  # the study's budget: 3 steps
+    _wait(b)
+    study = optuna.load_study(study_name="shared", storage=url)
+    t0, t1 = study.trials
+    assert (t0.state, t1.state) == (COMPLETE, COMPLETE) and t0.user_attrs["session"] != t1.user_attrs["session"]
+    for s, t in ((a, t0), (b, t1)):  # 3 batches, one validation at the end, reported at step 3
+        assert list(t.intermediate_values) == [3] and t.value == t.intermediate_values[3]
+        assert len(_trial_rows(s, f"shared#{t.number}")) == 3 and not (s.folder / "tune.db").exists()
+        table = T.trials_table(s)  # tune.json remembers the storage and the study
+        assert table["study"] == "shared" and table["budget"] == {"steps": 3} and len(table["trials"]) == 2
+    a.close(save=False)
+    b.close(save=False)
+
+
 @pytest.mark.parametrize("line, message", [
     ("tune --space lr", "look like"), ("tune --space lr=1:0.1", "low end"), ("tune show", "no study yet"),
     ("tune apply", "no study yet"), ("tune --trials 0", "positive"), ("tune --epochs 2 --steps 3", "not both"),
