@@ -539,9 +539,9 @@ class Session:
             raise PgError("could not pause the run to save (a batch is taking very long); try again")
         if self.name is None:
             self._choose_name()
-        if was_running:  # the pause wrote a checkpoint of this exact position
-            self._write_session_file()
-        else:
+        if was_running and self._job is not None and self._job[0] == "train":
+            self._write_session_file()  # the training pause wrote a checkpoint of this exact position
+        else:  # idle, or another job (lrfind, tune) paused: it wrote nothing of the session's own state
             self._write_checkpoint("save")
         self.dirty = False
         if was_running:

@@ -6,6 +6,7 @@ import io
 import math
 import subprocess
 import sys
+import threading
 from dataclasses import asdict
 
 import optuna
@@ -284,6 +285,27 @@ def test_a_trial_interrupted_by_quit_runs_again_first(tmp_path, split_folder):
     assert t2.user_attrs["retry_of"] == 1 and t2.params == lost.params
     rows = {x["number"]: x for x in T.trials_table(r)["trials"]}
     assert rows[1]["state"] == "fail" and rows[1]["reason"] == "interrupted"
+    r.close(save=False)
+
+
+def test_save_during_a_search_keeps_the_session_and_the_search(tmp_path, split_folder):
+    s = _session(tmp_path, split_folder)
+    weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    saved = threading.Event()
+
+    def save_in_trial_0(info):  # `save` from another thread, as the shell's would be: pause, save, continue
+        if info.get("trial") == 0 and info["step"] == 1:
+            threading.Thread(target=lambda: (s.save(), saved.set())).start()
+
+    s.batch_listeners.append(save_in_trial_0)
+    T.start_tune(s, trials=2, epochs=2, space=FIXED)
+    assert saved.wait(WAIT)
+    _wait(s)
+    assert [t.state for t in _study(s).trials] == [COMPLETE, COMPLETE]
+    assert len(_trial_rows(s, 0)) == len(_trial_rows(s, 1)) == 8
+    s.close(save=False)
+    r = Session.open(s.file)  # the session's own (untrained) model was saved, not lost to the search
+    assert all(torch.equal(v, r.built.module.state_dict()[k]) for k, v in weights.items())
     r.close(save=False)
 
 
