@@ -294,6 +294,11 @@ class Session:
         left = t["epoch"] - pos.epoch
         return f"training {left} epoch{'s' * (left != 1)} (epoch {pos.epoch + 1} to {t['epoch']})"
 
+    def ensure_trainer(self):
+        """The session's trainer, built on first use (model and data checked, the session named, a reopened
+        checkpoint loaded), as `train` would: for session-level extensions such as pgshell.tuning."""
+        return self._ensure_trainer()
+
     def _ensure_trainer(self):
         from .engine.metrics import MetricsLog
         from .engine.train import Trainer
@@ -645,9 +650,10 @@ class Session:
                     self._move_to(new_name, new_root)
             if self.name is None:
                 self._choose_name()
-            if was_running and self.status.get("error") is None:  # the pause wrote a checkpoint of exactly now
-                self._write_session_file()
-            else:
+            if (was_running and self.status.get("error") is None and self._job is not None
+                    and self._job[0] == "train"):
+                self._write_session_file()  # the training pause wrote a checkpoint of this exact position
+            else:  # idle, or another job (lrfind, tune) paused: it wrote nothing of the session's own state
                 self._write_checkpoint("save")
         except OSError as e:  # the run stays paused: `continue` once there is space again
             if _disk_full(e):

@@ -134,7 +134,11 @@ class PgShell(cmd2.Cmd):
         st = self.session.status
         state = st.get("state", "idle")
         if state == "training" and "batch" in st:
-            return (f" epoch {st['epoch']}  batch {st['batch']}/{st['batches']}  loss {st['loss']:.4f}  "
+            if st.get("job") == "lrfind":
+                return (f" lrfind  batch {st['batch']}/{st['batches']}  lr {st['lr']:.2g}  loss {st['loss']:.4f}  "
+                        f"ETA {_fmt_secs(st['eta'])}")
+            trial = f" trial {st['trial']} ({st['trials_done']}/{st['trials']} done) " if "trial" in st else ""
+            return (f"{trial} epoch {st['epoch']}  batch {st['batch']}/{st['batches']}  loss {st['loss']:.4f}  "
                     f"acc {st['accuracy']:.3f}  lr {st['lr']:.2g}  {st['rate']:.0f} img/s  ETA {_fmt_secs(st['eta'])}")
         if state == "training":
             return " training: starting…"

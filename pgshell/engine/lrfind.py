@@ -1,0 +1,157 @@
+"""The learning-rate range test (Smith, "Cyclical Learning Rates", 2015; fastai's `lr_find`): train a copy of the
+model for a few batches while the learning rate grows exponentially from `start` to `end`, record the smoothed loss,
+stop when it diverges, and suggest a learning rate from the curve.
+
+The batches go through the one training loop (`Trainer.run`): `control()` sets the next batch's learning rate with
+`apply_live("lr", ...)` and says "stop" once the curve has diverged; `on_batch` records the loss. The trainer it
+drives is built here from *copies* of the model and the optimizer state, so the session's run is left untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Callable
+
+from .errors import PgError
+
+BETA = 0.98  # fastai's smoothing of the loss: a debiased exponential moving average
+DIVERGE = 4.0  # stop once the smoothed loss exceeds 4x the best smoothed loss so far (fastai's stop_div)
+
+
+class RangeTest:
+    """The bookkeeping of one range test: which lr the next batch gets, the curve so far, when to stop.
+
+    Pure arithmetic (no torch), so the suggestion logic is tested on its own and the state survives a pause.
+    """
+
+    def __init__(self, start: float = 1e-7, end: float = 10.0, steps: int = 100):
+        if not (start > 0 and end > start):
+            raise PgError(f"lrfind needs 0 < --start < --end, not start {start:g} and end {end:g}")
+        if steps < 10:
+            raise PgError(f"lrfind needs at least 10 --steps to draw a curve, not {steps}")
+        self.start, self.end, self.steps = float(start), float(end), int(steps)
+        self.lrs: list[float] = []
+        self.losses: list[float] = []  # raw batch losses
+        self.smoothed: list[float] = []
+        self._avg = 0.0
+        self.best = math.inf
+        self.stop_reason = ""  # "" while running, then "end" or "diverged"
+
+    def lr(self, i: int) -> float:
+        """Exponential schedule: lr(0) = start, lr(steps - 1) = end."""
+        return self.start * (self.end / self.start) ** (i / (self.steps - 1))
+
+    @property
+    def done(self) -> bool:
+        return bool(self.stop_reason)
+
+    def next_lr(self) -> float | None:
+        """The learning rate of the next batch, or None when the test is over."""
+        if not self.stop_reason and len(self.lrs) >= self.steps:
+            self.stop_reason = "end"
+        return None if self.stop_reason else self.lr(len(self.lrs))
+
+    def record(self, lr: float, loss: float) -> None:
+        self.lrs.append(float(lr))
+        self.losses.append(float(loss))
+        if not math.isfinite(loss):
+            self.smoothed.append(math.inf)
+            self.stop_reason = "diverged"
+            return
+        self._avg = BETA * self._avg + (1 - BETA) * loss
+        smooth = self._avg / (1 - BETA ** len(self.lrs))
+        self.smoothed.append(smooth)
+        self.best = min(self.best, smooth)
+        if smooth > DIVERGE * self.best:
+            self.stop_reason = "diverged"
+
+    def result(self) -> dict[str, Any]:
+        """The curve and the suggestions, as plain data (JSON-able)."""
+        out = {"start": self.start, "end": self.end, "steps": self.steps, "stop": self.stop_reason or "end",
+               "lrs": list(self.lrs), "losses": list(self.losses), "smoothed": list(self.smoothed)}
+        out.update(suggest(self.lrs, self.smoothed))
+        return out
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
+    """fastai's suggestions from the smoothed curve, after dropping its first tenth and last 5 points (the start is
+    flat and noisy; the end is the blow-up):
+
+    - steepest: where the loss falls fastest per unit of log(lr);
+    - valley: fastai's default, from the longest stretch where the loss keeps decreasing, 1/2 of the way down it;
+    - minimum: a tenth of the lr at the lowest loss (the classic rule of thumb).
+    """
+    pts = [(lr, v) for lr, v in zip(lrs, smoothed) if math.isfinite(v)]
+    n = len(pts)
+    lo = n // 10
+    hi = n - 5
+    if hi - lo < 5:
+        raise PgError(f"the loss diverged after {len(lrs)} batches, too soon to read a curve: "
+                      "lower --end, or give more --steps")
+    pts = pts[lo:hi]
+    x = [math.log(lr) for lr, _ in pts]
+    y = [v for _, v in pts]
+    grads = [(y[i + 1] - y[i]) / (x[i + 1] - x[i]) for i in range(len(y) - 1)]
+    steepest = pts[min(range(len(grads)), key=grads.__getitem__)][0]
+    # longest decreasing subsequence ending at each point (fastai's `valley`)
+    m = len(y)
+    run = [1] * m
+    best_end = 0
+    for i in range(1, m):
+        for j in range(i):
+            if y[i] < y[j] and run[i] < run[j] + 1:
+                run[i] = run[j] + 1
+        if run[i] > run[best_end]:
+            best_end = i
+    best_start = best_end - run[best_end] + 1
+    third = (best_end - best_start) / 3
+    valley = pts[best_start + int(third) + int(third / 2)][0]
+    minimum = pts[min(range(m), key=y.__getitem__)][0] / 10
+    return {"steepest": steepest, "valley": valley, "minimum": minimum}
+
+
+def range_test_trainer(built, spec, splits, cfg, size: int = 0, optimizer_state: dict | None = None):
+    """A Trainer on deep copies of the model and (by parameter name) the optimizer state, with no schedule, no
+    metrics log and no validation split: the session's model, optimizer and position stay exactly as they are."""
+    from .train import Trainer
+
+    twin = dataclasses.replace(built, module=copy.deepcopy(built.module))
+    data = dataclasses.replace(splits, val=[], test=None)  # no validation passes at epoch ends: only the curve counts
+    tr = Trainer(twin, spec, data, cfg.replace(scheduler="none", log_every=0), log=None, size=size)
+    if optimizer_state and optimizer_state.get("type") == cfg.optimizer:
+        tr._opt_state = copy.deepcopy(optimizer_state)
+        tr.params_changed()  # rebuild the optimizer carrying the copied state over by parameter name
+    return tr
+
+
+def run_range_test(trainer, test: RangeTest, control: Callable[[], str | None] | None = None,
+                   on_batch: Callable[[dict], None] | None = None) -> str:
+    """Drive `trainer` through the rest of `test`; returns "done", "paused" or "stopped" (a pause can be resumed by
+    calling this again). `control` is the caller's own (pause/stop); `on_batch` sees each batch's row."""
+    from .train import Callbacks
+
+    def ctl():
+        request = control() if control else None
+        if request:
+            return request
+        lr = test.next_lr()
+        if lr is None:
+            return "stop"
+        trainer.apply_live("lr", lr)
+        return None
+
+    def batch(row):
+        if row["images"]:  # a batch of nothing but bad images taught nothing: its lr is tried again
+            test.record(test.lr(len(test.lrs)), row["loss"])
+        if on_batch:
+            on_batch(row)
+
+    left = test.steps - len(test.lrs)
+    if left > 0 and not test.done:
+        res = trainer.run(steps=left, callbacks=Callbacks(on_batch=batch, control=ctl))
+        if res.outcome == "paused" or (res.outcome == "stopped" and not test.done):
+            return res.outcome
+    test.next_lr()  # marks the end when every step ran
+    return "done"
