@@ -131,6 +131,7 @@ def test_thousands_of_pause_continue_cycles_keep_memory_and_threads_flat(tmp_pat
     s = Session(root=tmp_path / "sessions")
     s.set("batch_size", 2)
     s.set("epochs", 10_000)  # longer than the test: it is always mid-run
+    s.set("keep_last", 2)  # every pause writes a checkpoint: retention keeps the disk flat too
     s.attach_data(str(split_folder), size=16)
     s.load_model(f"{model}:build")
     s.use_name("soak")
@@ -151,6 +152,7 @@ def test_thousands_of_pause_continue_cycles_keep_memory_and_threads_flat(tmp_pat
         (rss0, py0, os0), (rss1, py1, os1) = samples[300], samples[2999]
         assert (py1, os1) == (py0, os0), samples  # no thread left behind by a cycle
         assert rss1 - rss0 < 40 * 1024, samples  # KiB: no per-cycle growth (40 MiB over 2700 cycles is noise)
-        assert len(list((s.folder / "checkpoints").iterdir())) <= 3000
+        assert len(list((s.folder / "checkpoints").iterdir())) <= 2 + 2  # the last 2 epochs, the best, the latest
+        print(f"soak: {samples}")  # (RSS KiB, Python threads, OS threads) at cycles 300 and 2999; shown with -s
     finally:
         s.close(save=False)

@@ -9,7 +9,6 @@ on to the same absolute target (`set epochs E` + `train`); the end must equal, b
 
 import errno
 import os
-import queue
 import random
 import signal
 import subprocess
@@ -109,14 +108,14 @@ def _reopen_and_train(session_file: Path, folder: Path, epochs: int, fault: str 
 
 
 @pytest.fixture(scope="module")
-def folder_and_reference(tmp_path_factory):
+def kill_data(tmp_path_factory) -> Path:
+    """split_folder's images, made once for both kill tests."""
     from conftest import make_images
 
-    root = tmp_path_factory.mktemp("kill")
-    data = root / "tv"
+    data = tmp_path_factory.mktemp("kill") / "tv"
     make_images(data / "train", per_class=10, seed=1)
     make_images(data / "val", per_class=4, seed=2)
-    return root, data
+    return data
 
 
 def _kill_and_compare(tmp_path: Path, data: Path, epochs: int, kills: list[dict]) -> None:
@@ -145,22 +144,19 @@ def _kill_and_compare(tmp_path: Path, data: Path, epochs: int, kills: list[dict]
     assert rows == ref_rows  # no row lost or repeated across the kills
 
 
-def test_kill_9_during_checkpoint_write_session_write_and_training_then_resume_is_exact(tmp_path,
-                                                                                        folder_and_reference):
+def test_kill_9_during_checkpoint_write_session_write_and_training_then_resume_is_exact(tmp_path, kill_data):
     """Three kills (the default suite's share): halfway through a checkpoint write, halfway through the session-file
     write that follows a complete checkpoint (the session file then lags behind it), and at a seeded random moment
     of training. Each reopen loads the newest checkpoint that verifies and cleans the partial files."""
-    _, data = folder_and_reference
     rng = random.Random(7)
     kills = [{"fault": "kill-during-checkpoint-write:2"},  # epoch 1 saved, epoch 2's file half written
              {"fault": "kill-during-session-write:1"},  # epoch 2 saved, the session file still says epoch 1
              {"delay": rng.uniform(0.2, 1.2)}]  # somewhere in epoch 3
-    _kill_and_compare(tmp_path, data, 4, kills)
+    _kill_and_compare(tmp_path, kill_data, 4, kills)
 
 
 @pytest.mark.slow
-def test_kill_9_twenty_times_at_random_moments_then_resume_is_exact(tmp_path, folder_and_reference):
-    _, data = folder_and_reference
+def test_kill_9_twenty_times_at_random_moments_then_resume_is_exact(tmp_path, kill_data):
     rng = random.Random(2024)
     kills = []
     for i in range(20):
@@ -170,7 +166,7 @@ def test_kill_9_twenty_times_at_random_moments_then_resume_is_exact(tmp_path, fo
             kills.append({"fault": f"kill-during-session-write:{rng.randint(1, 2)}"})
         else:
             kills.append({"delay": rng.uniform(0.0, 1.5)})
-    _kill_and_compare(tmp_path, data, 16, kills)
+    _kill_and_compare(tmp_path, kill_data, 16, kills)
 
 
 # ------------------------------------------------------------------ the shell in-process, for the faults below

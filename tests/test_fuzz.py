@@ -160,8 +160,8 @@ def _one(app, line: str) -> tuple[bool, str]:
 SEQUENCES = {"prefix": st.sampled_from(PREFIXES),
              "commands": st.lists(st.sampled_from(sorted(COMMANDS)).flatmap(
                  lambda c: COMMANDS[c].map(lambda a: f"{c} {a}".strip())), min_size=1, max_size=8)}
-FUZZ = {"deadline": None, "database": None,
-        "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]}
+FUZZ = {"deadline": None, "database": None, "suppress_health_check": [
+    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large]}
 
 
 @settings(max_examples=150, derandomize=True, **FUZZ)  # the same examples on every run: CI stays deterministic
