@@ -292,6 +292,10 @@ class Session:
             raise PgError("no model yet: `load MODEL` first (e.g. `load resnet18 --pretrained`)")
         if self.splits is None:
             raise PgError("no data yet: `data PATH` attaches an image folder")
+        if self.trainer is None:  # before naming the session: a refusal leaves nothing behind
+            from .engine.models import check_input_size
+
+            check_input_size(self.built, self.data.get("size", 0))
         if self.name is None:
             self._choose_name()
         if self._log is None:

@@ -232,3 +232,21 @@ def test_every_setting_at_its_edges_then_a_training_step(world, tmp_path, monkey
                 assert _one(app, f"set {name} {default}")[0]
     finally:
         app.session.close(save=False)
+
+
+def test_an_image_size_the_model_cannot_take_is_one_line_before_training(world, tmp_path, monkeypatch):
+    """Found by the long fuzzing run: test_vit given 8 px images (not a multiple of its 16 px patches) raised inside
+    timm — an internal error from `eval`, a bare AssertionError from `train`."""
+    monkeypatch.chdir(tmp_path)
+    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    try:
+        for line in ("data DATA --size 8", "load test_vit"):
+            assert _one(app, _fill(line, world))[0]
+        for line in ("train 1", "eval"):
+            before = _state(app)
+            ok, err = _one(app, line)
+            assert not ok and err.startswith("error: test_vit") and "cannot take 8x8 images" in err, err
+            assert "--size 160" in err and len(err.strip().splitlines()) == 1 and _state(app) == before
+        assert _one(app, _fill("data DATA --size 32", world))[0] and _one(app, "train 1")[0]
+    finally:
+        app.session.close(save=False)
