@@ -250,3 +250,18 @@ def test_an_image_size_the_model_cannot_take_is_one_line_before_training(world, 
         assert _one(app, _fill("data DATA --size 32", world))[0] and _one(app, "train 1")[0]
     finally:
         app.session.close(save=False)
+
+
+@pytest.mark.parametrize("prefix, commands", [
+    (PREFIXES[2], ["freeze all", "train"]),  # refused only once the session was named and a trainer built
+    (PREFIXES[2], ["save /proc/nope/d.session", "show"]),  # internal error, session moved to the unwritable place
+    ([], ["set lr 0.1 0.2"]),  # cmd2's own parser: a usage error that did not fail the command
+    (PREFIXES[2], ["set seed 1e30", "train 1"]),  # accepted; every step then failed packing the seed
+    (PREFIXES[2], ["set batch_size 1e30", "train 1"]),  # accepted; the data loader then failed
+    (PREFIXES[2], ["set lr 1e308", "train 1"]),  # accepted; torch then overflowed converting it
+    (PREFIXES[3], ["set optimizer adam", "train 1"]),  # KeyError 'step': SGD's state loaded into Adam
+    (PREFIXES[1], ["load test_vit", "eval"]),  # 8 px through 16 px patches: an internal error
+])
+def test_sequences_that_once_failed(world, prefix, commands):
+    """What the fuzzing found, kept as fixed examples so the default suite holds them every run."""
+    _run_sequence(world, prefix, commands)
