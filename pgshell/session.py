@@ -234,6 +234,9 @@ class Session:
             raise PgError("training is already running: `pause`, `stop` or `wait` first")
         if epochs is not None and epochs < 1 or steps is not None and steps < 1:
             raise PgError("train takes a positive number of epochs (train 5) or steps (train --steps 100)")
+        if self.built is not None and not any(p.requires_grad for p in self.built.module.parameters()):
+            # the trainer says so too, but only once the session is named and the run started
+            raise PgError("nothing to train: every parameter is frozen — `unfreeze all` or `freeze backbone`")
         trainer = self._ensure_trainer()
         if epochs is None and steps is None:
             epochs = self.config.epochs - trainer.pos.epoch
@@ -307,6 +310,10 @@ class Session:
             raise PgError("no model yet: `load MODEL` first (e.g. `load resnet18 --pretrained`)")
         if self.splits is None:
             raise PgError("no data yet: `data PATH` attaches an image folder")
+        if self.trainer is None:  # before naming the session: a refusal leaves nothing behind
+            from .engine.models import check_input_size
+
+            check_input_size(self.built, self.data.get("size", 0))
         if self.name is None:
             self._choose_name()
         if self._log is None and self._writes:

@@ -316,7 +316,7 @@ class Net(nn.Module):
     def forward(self, x):
         if self.training and self.oom_above and x.shape[0] > self.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        if self.training == (self.fail_in == "train"):
+        if self.training == (self.fail_in == "train") and x.shape[0] > 1:  # 1 image: pgshell's size check
             self.calls += 1
             if self.calls == self.fail_at:
                 raise RuntimeError(f"boom in call {self.calls}")

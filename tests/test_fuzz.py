@@ -232,3 +232,36 @@ def test_every_setting_at_its_edges_then_a_training_step(world, tmp_path, monkey
                 assert _one(app, f"set {name} {default}")[0]
     finally:
         app.session.close(save=False)
+
+
+def test_an_image_size_the_model_cannot_take_is_one_line_before_training(world, tmp_path, monkeypatch):
+    """Found by the long fuzzing run: test_vit given 8 px images (not a multiple of its 16 px patches) raised inside
+    timm — an internal error from `eval`, a bare AssertionError from `train`."""
+    monkeypatch.chdir(tmp_path)
+    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    try:
+        for line in ("data DATA --size 8", "load test_vit"):
+            assert _one(app, _fill(line, world))[0]
+        for line in ("train 1", "eval"):
+            before = _state(app)
+            ok, err = _one(app, line)
+            assert not ok and err.startswith("error: test_vit") and "cannot take 8x8 images" in err, err
+            assert "--size 160" in err and len(err.strip().splitlines()) == 1 and _state(app) == before
+        assert _one(app, _fill("data DATA --size 32", world))[0] and _one(app, "train 1")[0]
+    finally:
+        app.session.close(save=False)
+
+
+@pytest.mark.parametrize("prefix, commands", [
+    (PREFIXES[2], ["freeze all", "train"]),  # refused only once the session was named and a trainer built
+    (PREFIXES[2], ["save /proc/nope/d.session", "show"]),  # internal error, session moved to the unwritable place
+    ([], ["set lr 0.1 0.2"]),  # cmd2's own parser: a usage error that did not fail the command
+    (PREFIXES[2], ["set seed 1e30", "train 1"]),  # accepted; every step then failed packing the seed
+    (PREFIXES[2], ["set batch_size 1e30", "train 1"]),  # accepted; the data loader then failed
+    (PREFIXES[2], ["set lr 1e308", "train 1"]),  # accepted; torch then overflowed converting it
+    (PREFIXES[3], ["set optimizer adam", "train 1"]),  # KeyError 'step': SGD's state loaded into Adam
+    (PREFIXES[1], ["load test_vit", "eval"]),  # 8 px through 16 px patches: an internal error
+])
+def test_sequences_that_once_failed(world, prefix, commands):
+    """What the fuzzing found, kept as fixed examples so the default suite holds them every run."""
+    _run_sequence(world, prefix, commands)

@@ -47,7 +47,7 @@ from .errors import PgError
 
 __all__ = [
     "SEED_FAMILIES", "ModelSpec", "BuiltModel", "resolve_name", "list_models", "build_model", "load_weights_file",
-    "freeze", "unfreeze", "stages", "count_params", "frozen_bn_to_eval", "weights_status",
+    "freeze", "unfreeze", "stages", "count_params", "frozen_bn_to_eval", "weights_status", "check_input_size",
 ]
 
 # The families the seed script and its users reach for first. `default` is the full timm name a short name
@@ -735,6 +735,27 @@ def _set_trainable(module: nn.Module, names: set[str], trainable: bool) -> None:
     for name, p in module.named_parameters():
         if name in names:
             p.requires_grad_(trainable)
+
+
+def check_input_size(built: BuiltModel, size: int) -> None:
+    """Put one blank `size`-pixel image (0: the model's own size) through the model, so a size it cannot take (a ViT
+    given 8 px, not a multiple of its patch) is one clear error before training, not an exception at its first
+    batch. Modes and RNG are restored, and eval mode updates no BatchNorm statistics: training is unaffected."""
+    side = size or built.data_config["input_size"][-1]
+    modes = {m: m.training for m in built.module.modules()}
+    first = next(built.module.parameters(), None)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            built.module.eval()
+            built.module(torch.zeros(1, 3, side, side, device=first.device if first is not None else "cpu"))
+    except Exception as exc:  # noqa: BLE001 - whatever the model's code raises for a shape it cannot take
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        native = built.data_config["input_size"][-1]
+        raise PgError(f"{built.full_name} cannot take {side}x{side} images ({reason}): attach the data with "
+                      f"`--size {native}` (its own size) or another size it accepts") from None
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def count_params(module: nn.Module) -> tuple[int, int]:
