@@ -319,10 +319,8 @@ class Session:
         if self._log is None and self._writes:
             self._log = MetricsLog(self.folder / "metrics.csv")
         if self.trainer is None:
-            trainer = Trainer(self.built, self.spec, self.splits, self.config, log=self._log,
-                              size=self.data.get("size", 0))
-            trainer.check_input()
-            self.trainer = trainer
+            self.trainer = Trainer(self.built, self.spec, self.splits, self.config, log=self._log,
+                                   size=self.data.get("size", 0))
             if self._pending_state is not None:
                 self.trainer.load_state_dict(self._pending_state)
                 self._pending_state = None

@@ -336,7 +336,7 @@ def bug_in_training(num_classes):
 
 
 def bug_in_validation(num_classes):
-    return Net(num_classes, fail_at=2, fail_in="eval")  # the end of epoch 1 (eval call 1 is the input-size check)
+    return Net(num_classes, fail_at=1, fail_in="eval")  # the end of epoch 1
 '''
 
 

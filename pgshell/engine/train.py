@@ -188,27 +188,6 @@ class Trainer:
         if self.scaler is not None and self.scaler_state:
             self.scaler.load_state_dict(self.scaler_state)
 
-    @torch.no_grad()
-    def check_input(self) -> None:
-        """One zero image through the model in eval mode: a size the architecture cannot take (a ViT's patch size, a
-        too-small convnet input) is a clear error now, not an exception inside the training thread."""
-        own = self.built.data_config.get("input_size", (3, 224, 224))[-1]
-        x = torch.zeros(1, 3, self.size or own, self.size or own)
-        module = self.built.module
-        modes = [(m, m.training) for m in module.modules()]
-        module.eval()
-        try:
-            with self.runtime.autocast():
-                module(self.runtime.to_input(x))
-        except Exception as e:  # noqa: BLE001 - whatever the architecture raises, the cause is the input size
-            side = x.shape[-1]
-            raise PgError(f"{self.built.full_name} cannot take {side} px images ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120]}): `data PATH --size N` with another N "
-                          f"(its own is {own})") from None
-        finally:
-            for m, training in modes:
-                m.training = training
-
     @property
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.splits.train) / self.cfg.batch_size))
