@@ -186,8 +186,9 @@ def main() -> None:
     model = seed_model(args.model, classes, frozen, args.weights, device)
     if frozen:
         a_rate, a_sec, a_acc = seed_train(model, loader, val_loader, args.epochs, None, device)
+        print(f"seed-style loop: {args.epochs} epochs in {a_sec:8.1f} s ({a_rate:7.1f} img/s), val accuracy {a_acc:.4f}",
+              flush=True)
         b_rate, b_sec, b_acc = engine_train(s, args.epochs, None, device)
-        print(f"seed-style loop: {args.epochs} epochs in {a_sec:8.1f} s ({a_rate:7.1f} img/s), val accuracy {a_acc:.4f}")
         print(f"pgshell engine:  {args.epochs} epochs in {b_sec:8.1f} s ({b_rate:7.1f} img/s), val accuracy {b_acc:.4f}"
               f"  [{s.trainer.runtime.describe()}, feature cache {'on' if s.trainer._use_cache else 'off'}]")
         print(f"speed-up end to end: {a_sec / b_sec:.1f}x; accuracy difference {100 * (b_acc - a_acc):+.1f} points")
