@@ -155,3 +155,12 @@ def test_quickstart_plan_runs_in_a_script_shell(tmp_path, image_folder):
     r = pgshell(stdin=text, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "epoch 1 done" in r.stdout and (tmp_path / "q.session").exists()
+
+
+def test_a_plan_cannot_run_programs_or_python(tmp_path):
+    marker = tmp_path / "ran"
+    for line in (f"shell touch {marker}", f"run_pyscript {marker}.py", "edit x"):
+        (tmp_path / "ran.py").write_text(f"open({str(marker)!r}, 'w')")
+        r = pgshell(stdin=line + "\n", cwd=tmp_path)
+        assert r.returncode == 1 and "not available in pgshell" in r.stderr and "Traceback" not in r.stderr
+        assert not marker.exists()

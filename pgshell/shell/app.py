@@ -87,6 +87,8 @@ class PgShell(cmd2.Cmd):
                 self.remove_settable(name)
         self.hidden_commands += ["alias", "macro", "edit", "run_pyscript", "run_script", "shell", "shortcuts",
                                  "history", "_relative_run_script"]
+        for name in ("shell", "run_pyscript", "edit"):  # a shared plan file must not run programs or Python
+            self.disable_command(name, f"`{name}` is not available in pgshell")
         self._settings = _Settings(self)
         for name, f in SETTINGS.items():
             meta = f.metadata
