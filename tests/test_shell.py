@@ -164,3 +164,5 @@ def test_a_plan_cannot_run_programs_or_python(tmp_path):
         r = pgshell(stdin=line + "\n", cwd=tmp_path)
         assert r.returncode == 1 and "not available in pgshell" in r.stderr and "Traceback" not in r.stderr
         assert not marker.exists()
+    r = pgshell(stdin=f"help | touch {marker}\n", cwd=tmp_path)  # no pipe to a program either
+    assert not marker.exists()

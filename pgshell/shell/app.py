@@ -74,7 +74,8 @@ class PgShell(cmd2.Cmd):
                                        AnalysisCommands(), TuningCommands()],
                          enable_bottom_toolbar=self.interactive, refresh_interval=0.5 if self.interactive else 0.0,
                          persistent_history_file=os.path.expanduser("~/.pgshell_history") if self.interactive else "",
-                         suggest_similar_command=True, terminators=[])
+                         suggest_similar_command=True, terminators=[],
+                         allow_redirection=False)  # `| cmd` would run programs from a plan
         self.prompt = "pgshell> " if self.interactive else ""
         self.intro = ("pgshell — fine-tune image classifiers. `help` lists commands, `help load` explains one."
                       if self.interactive else "")
