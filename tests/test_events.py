@@ -284,3 +284,22 @@ def test_a_checkpoint_holds_nothing_that_depends_on_history(tmp_path, split_fold
         [tuple(x[c] for c in EXACT_COLUMNS) for x in read_rows(straight.folder / "metrics.csv")]
     straight.close(save=False)
     r.close(save=False)
+
+
+def test_only_the_resume_point_keeps_the_optimizer_and_old_epochs_still_evaluate(tmp_path, split_folder):
+    from pgshell.session import review as A
+
+    s = _session(tmp_path, split_folder)
+    s.train(epochs=3)
+    assert s.wait(WAIT) and "error" not in s.status
+    files = C.list_checkpoint_files(s.folder / "checkpoints")
+    assert [p.name for p in files] == ["epoch-0001.safetensors", "epoch-0002.safetensors", "epoch-0003.safetensors"]
+    states = [C.load_checkpoint(p) for p in files]
+    assert [st["optimizer"] is not None for st in states] == [False, False, True]  # the resume point only
+    assert [C.read_metadata(p)["resumable"] for p in files] == ["False", "False", "True"]
+    assert all(set(st["model"]) == set(states[-1]["model"]) for st in states)  # every epoch's weights are kept
+    assert files[0].stat().st_size < 0.75 * files[-1].stat().st_size
+    logged = [r for r in read_rows(s.folder / "metrics.csv") if r["split"] == "val"]
+    report = A.evaluate(s, ["val"], "1")[0]  # an old, slim epoch evaluates to what was logged at that epoch
+    assert report["loss"] == float(logged[0]["loss"]) and report["accuracy"] == float(logged[0]["accuracy"])
+    s.close(save=False)

@@ -3,7 +3,13 @@
 At every epoch end the saver writes `epoch-NNNN.safetensors` (pauses and saves write `step-NNNNNNN.safetensors`
 through `save`), keeps track of the best by `best_metric` (ties keep the earlier), tells its owner (who rewrites the
 session file: before retention, so that file never names a checkpoint retention removed), then applies `keep_last`.
+
+Disk: only the newest checkpoint — the resume point the session file names — keeps the full training state
+(optimizer, scaler, schedule). Once a newer one exists, the one before it is rewritten "slim": the weights and what
+evaluation needs (handler state such as an EMA, the position, the settings), about half the size with SGD momentum
+and a third with Adam. Every epoch can still be evaluated, forked or exported; only the newest can be resumed exactly.
 """
+
 
 from __future__ import annotations
 
@@ -12,6 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from .events import Handler
+
+SLIM = ("optimizer", "scheduler", "scaler")  # the training state only a resume needs
 
 
 class _Checkpoint:
@@ -54,12 +62,14 @@ class CheckpointSaver(Handler):
             summary.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         if self.log is not None:
             self.log.sync()
-        C.save_checkpoint(path, state, summary)
-        self.latest = path
+        C.save_checkpoint(path, state, {**summary, "resumable": True})
+        previous, self.latest = self.latest, path
         if kind == "epoch" and val:
             self._track_best(path, val, pos["epoch"], cfg.best_metric)
         self.on_saved(path)
         self._apply_retention(cfg.keep_last)
+        if previous is not None and previous != path:
+            slim(previous)
         return path
 
     def _track_best(self, path: Path, val: dict, epoch: int, metric: str) -> None:
@@ -100,3 +110,18 @@ class CheckpointSaver(Handler):
                     p.unlink()
                 except OSError:
                     pass
+
+
+def slim(path: Path) -> bool:
+    """Rewrite a superseded checkpoint without the training state only a resume needs; False if there was none to
+    drop (already slim, gone, or unreadable — then it is left as it is)."""
+    try:
+        meta = C.read_metadata(path)
+        if meta.get("resumable") != "True":
+            return False
+        state = C.load_checkpoint(path)
+    except (C.CheckpointError, FileNotFoundError):
+        return False
+    summary = {k: v for k, v in meta.items() if k not in ("format", "version", "state", "sha256")}
+    C.save_checkpoint(path, {**state, **{k: None for k in SLIM}}, {**summary, "resumable": False})
+    return True

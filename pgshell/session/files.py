@@ -197,6 +197,9 @@ def _restore_checkpoint(s, path: Path, state: dict) -> None:
     if dropped:
         s.notify(f"dropped {dropped} metrics rows written after the checkpoint")
     s.pending_state = state
+    if state.get("optimizer") is None and state["position"]["step"]:
+        s.notify(f"{path.name} keeps the weights only (a newer checkpoint held the optimizer state): training "
+                 "goes on from them with the optimizer's momentum restarted")
     load_weights(s.built.module, state)  # now, so `eval`/`predict` work before data is attached
     check_optimizer_state(state, s.built.module)
 
