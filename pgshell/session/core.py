@@ -51,7 +51,12 @@ class Session:
 
     @property
     def status(self) -> dict:
-        return self.worker.status
+        """The worker's status; between jobs its state says whether a run is paused (one story for the toolbar,
+        `show` and the reopen line)."""
+        st = self.worker.status
+        if not self.running and st.get("state") != ("paused" if self.paused else "idle"):
+            st["state"] = "paused" if self.paused else "idle"
+        return st
 
     @property
     def folder(self) -> Path | None:
@@ -205,12 +210,12 @@ class Session:
         if pos.step >= t.get("step", float("inf")) or pos.epoch >= t.get("epoch", float("inf")):
             self.target = None
             raise PgError("nothing to continue: the last run reached its end — `train N` for more")
-        self._start_training()
+        self._start_training(job if isinstance(job, TrainJob) else None)
         return self._describe_target()
 
-    def _start_training(self) -> None:
+    def _start_training(self, job: TrainJob | None = None) -> None:
         self.trainer.run_id = max(self.trainer.run_id, 0) + 1
-        self.start_job(TrainJob(self))
+        self.start_job(job or TrainJob(self))
 
     def start_job(self, job) -> None:
         """Run `job.run(worker)` in the worker thread and return at once: training, a tuning study, an LR range

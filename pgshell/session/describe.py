@@ -5,12 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 
+def where(pos, batches: int) -> str:
+    """The one wording of a position: `epoch 14, batch 4/8 (step 108)`, or at an epoch's end `end of epoch 13
+    (step 104)`."""
+    if pos.batch:
+        return f"epoch {pos.epoch + 1}, batch {pos.batch}/{batches} (step {pos.step})"
+    if pos.epoch:
+        return f"end of epoch {pos.epoch} (step {pos.step})"
+    return "not trained yet (step 0)"
+
+
 def summary_line(s) -> str:
     """One line: model, position, paused or not (the reopen message)."""
     parts = [s.spec.name if s.spec else "no model"]
     if s.trainer is not None:
-        p = s.trainer.pos
-        parts.append(f"epoch {p.epoch}" + (f" + {p.batch} batches" if p.batch else "") + f", step {p.step}")
+        parts.append(where(s.trainer.pos, s.trainer.steps_per_epoch_now))
     elif s.splits is None and s.data:
         parts.append("data missing")
     if s.paused:
@@ -28,7 +37,7 @@ def describe(s) -> dict[str, dict]:
         out["model"] = {"name": s.spec.name, "resolved": s.built.full_name, "source": s.built.source,
                         "pretrained": s.spec.pretrained or bool(s.spec.weights),
                         "classes": s.spec.num_classes, "parameters": total, "trainable": trainable,
-                        "input": "x".join(map(str, s.built.data_config.get("input_size", ())[1:]))}
+                        "input": _input_size(s)}
     if s.splits is not None:
         out["data"] = {"path": s.data["path"], "layout": s.splits.layout,
                        "classes": ", ".join(s.splits.classes[:12]) + (" ..." if len(s.splits.classes) > 12 else ""),
@@ -38,8 +47,8 @@ def describe(s) -> dict[str, dict]:
     pos: dict[str, Any] = {"state": s.status.get("state", "idle")}
     if s.trainer is not None:
         p = s.trainer.pos
-        pos.update(epoch=p.epoch, batch=p.batch, step=p.step, batches_per_epoch=s.trainer.steps_per_epoch,
-                   device=s.trainer.runtime.describe())
+        pos.update(at=where(p, s.trainer.steps_per_epoch_now), epoch=p.epoch, batch=p.batch, step=p.step,
+                   batches_per_epoch=s.trainer.steps_per_epoch, device=s.trainer.runtime.describe())
     if s.target:
         pos["target"] = ", ".join(f"{k} {v}" for k, v in s.target.items())
     out["position"] = pos
@@ -53,6 +62,15 @@ def describe(s) -> dict[str, dict]:
     if s.latest_checkpoint:
         files["latest checkpoint"] = str(s.latest_checkpoint)
     if s.best:
-        files["best"] = f"{s.best['path']} ({s.best['metric']} {s.best['value']:.4f})"
+        files["best"] = (f"{s.root / s.best['path']} (epoch {s.best['epoch']}, "
+                         f"{s.best['metric']} {s.best['value']:.4f})")
     out["files"] = files
     return out
+
+
+def _input_size(s) -> str:
+    """The image size training uses: `data --size` when given, else the model's own."""
+    size = (s.data or {}).get("size") or 0
+    if size:
+        return f"{size}x{size} (data --size)"
+    return "x".join(map(str, s.built.data_config.get("input_size", ())[1:])) + " (the model's own)"

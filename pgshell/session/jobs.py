@@ -67,6 +67,7 @@ class TrainJob:
 
     def __init__(self, session):
         self.session = session
+        self.batches, self.images, self.seconds = 0, 0, 0.0  # the whole `train` command, across pauses and saves
 
     def remaining(self, tr) -> int:
         t = self.session.target
@@ -90,25 +91,28 @@ class TrainJob:
         return res.outcome
 
     def _report(self, res) -> None:
+        from .describe import where
+
         s, tr = self.session, self.session.trainer
+        self.batches, self.images, self.seconds = (self.batches + res.batches, self.images + res.images,
+                                                   self.seconds + res.seconds)
+        at = where(tr.pos, tr.steps_per_epoch_now)
         if res.outcome == "done":
             s.target = None
             if tr.pos.batch:  # stopped mid-epoch by a step count: a checkpoint of exactly here
                 s.write_checkpoint("step")
             else:
                 s.write_session_file()
-            s.notify(f"done: {res.batches} batches, {res.images} images in {res.seconds:.1f} s "
-                     f"({res.images / max(res.seconds, 1e-9):.0f} img/s) — at epoch {tr.pos.epoch}, "
-                     f"step {tr.pos.step}")
+            s.notify(f"done: {self.batches} batches, {self.images} images in {self.seconds:.1f} s "
+                     f"({self.images / max(self.seconds, 1e-9):.0f} img/s) — at {at}")
         elif res.outcome == "paused":
             path = s.write_checkpoint("pause")
             if not s.saving:
-                s.notify(f"paused at epoch {tr.pos.epoch + 1} batch {tr.pos.batch} (step {tr.pos.step}); "
-                         f"checkpoint {path.name} — `continue` resumes")
+                s.notify(f"paused at {at}; checkpoint {path.name} — `continue` resumes")
         else:
             s.target = None
             path = s.write_checkpoint("pause")
-            s.notify(f"stopped at step {tr.pos.step}; checkpoint {path.name}")
+            s.notify(f"stopped at {at}; checkpoint {path.name}")
 
 
 # ====================================================================== LR range test
