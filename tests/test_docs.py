@@ -1,25 +1,23 @@
 """Every command has help with an example and appears in the README; the examples' plans only use real commands."""
 
 import ast
-import io
 import re
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
-from pathlib import Path
 
 import pytest
 
 from pgshell.engine.config import setting_names
-from pgshell.shell import PgShell
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, new_app
+
 README = (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    a = PgShell(interactive=False, sessions_dir=str(tmp_path_factory.mktemp("s")), stdout=io.StringIO())
+    a = new_app(tmp_path_factory.mktemp("s"))
     yield a
     a.session.close(save=False)
 

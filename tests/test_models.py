@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -21,7 +20,8 @@ from pgshell.engine.errors import PgError
 from pgshell.engine.models import (SEED_FAMILIES, ModelSpec, build_model, count_params, freeze, frozen_bn_to_eval,
                                    list_models, resolve_name, stages, unfreeze, weights_status)
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
 CONVNET_SEEDS = {"resnet18", "resnet50", "resnet152", "mobilenetv3", "mobilenetv3_small"}
 
 
