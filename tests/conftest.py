@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny image folders made by the tests themselves (no network, no ../shared)."""
+"""Shared fixtures and helpers: tiny image folders made by the tests themselves (no network, no ../shared), sessions
+and shells on them, and pgshell as a subprocess. Test files import the helpers (`from conftest import run`)."""
 
+import io
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +16,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+WAIT = 120  # seconds: a generous bound for a tiny run on a loaded 2-core machine
 
 
 def make_images(root: Path, classes=("cat", "dog", "fox"), per_class=10, px=32, seed=0, fmt="png") -> Path:
@@ -36,10 +41,83 @@ def image_folder(tmp_path) -> Path:
     return make_images(tmp_path / "imgs")
 
 
-@pytest.fixture
-def split_folder(tmp_path) -> Path:
+def make_split(root: Path) -> Path:
     """train/ (3 x 10) and val/ (3 x 4) folders: 30 training images, 4 batches of 8 per epoch."""
-    root = tmp_path / "tv"
     make_images(root / "train", per_class=10, seed=1)
     make_images(root / "val", per_class=4, seed=2)
     return root
+
+
+@pytest.fixture
+def split_folder(tmp_path) -> Path:
+    """make_split's folders under tmp_path/tv."""
+    return make_split(tmp_path / "tv")
+
+
+# ---------------------------------------------------------------- sessions
+def new_session(root: Path, folder: Path, name: str = "s", **settings):
+    """A session in `root` on `folder` at 32 px with test_resnet: batch size 8, then `settings` in the order given
+    (before the data and model, as a plan would set them), named `name`."""
+    from pgshell.session import Session  # imported on use: conftest stays cheap to load for every test file
+
+    s = Session(root=root)
+    s.set("batch_size", 8)
+    for k, v in settings.items():
+        s.set(k, v)
+    s.attach_data(str(folder), size=32)
+    s.load_model("test_resnet")
+    s.use_name(name)
+    return s
+
+
+def weights_of(module) -> dict:
+    """A copy of the module's weights, to compare with after more training."""
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def exact_rows(folder: Path) -> list[tuple]:
+    """The session folder's metrics log in the columns a resumed run must reproduce bit for bit."""
+    from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+
+    return [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(folder / "metrics.csv")]
+
+
+# ---------------------------------------------------------------- the shell in-process and as a subprocess
+def new_app(sessions_dir: Path):
+    """A script-mode shell whose output goes to a StringIO (app.stdout)."""
+    from pgshell.shell import PgShell
+
+    return PgShell(interactive=False, sessions_dir=str(sessions_dir), stdout=io.StringIO())
+
+
+@pytest.fixture
+def app(tmp_path, monkeypatch):
+    """A shell run from tmp_path (so the files a command writes land there), closed without saving."""
+    monkeypatch.chdir(tmp_path)
+    a = new_app(tmp_path / "sessions")
+    yield a
+    a.session.close(save=False)
+
+
+def run(app, line):
+    """One command in-process; returns (ok, last_result)."""
+    from pgshell.shell._common import _failed
+
+    _failed.clear()
+    app.last_result = None
+    app.onecmd_plus_hooks(line)
+    return not _failed.is_set(), app.last_result
+
+
+def pgshell_env(**extra) -> dict:
+    """The environment for pgshell in a subprocess: this checkout, offline, no fault injection unless asked."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", **extra)
+    if "PGSHELL_FAULT" not in extra:
+        env.pop("PGSHELL_FAULT", None)
+    return env
+
+
+def pgshell(*args, stdin=None, cwd=None, timeout=300, env=None) -> subprocess.CompletedProcess:
+    """`pgshell ARGS` as a subprocess fed `stdin` (a plan); its output captured as text."""
+    return subprocess.run([sys.executable, "-m", "pgshell", *args], input=stdin, capture_output=True, text=True,
+                          cwd=cwd, env=env or pgshell_env(), timeout=timeout)

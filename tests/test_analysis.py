@@ -7,7 +7,6 @@ epochs of 4 batches, validation at steps 4, 8 and 12. Tests that use it only rea
 """
 
 import csv
-import io
 import json
 import math
 import os
@@ -26,23 +25,11 @@ from pgshell.engine import checkpoint as C
 from pgshell.engine import plot as P
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
-from pgshell.shell import PgShell
-from pgshell.shell._common import _failed
 
-from conftest import make_images
+from conftest import ROOT, WAIT, make_images, make_split, new_app, pgshell, run, weights_of
 
-ROOT = Path(__file__).resolve().parent.parent
-WAIT = 120
 CLASSES = ["cat", "dog", "fox"]
 SETUP = ["set batch_size 8", "set lr 0.05", "set augment off"]
-
-
-def run(app, line):
-    """One command in-process; returns (ok, last_result)."""
-    _failed.clear()
-    app.last_result = None
-    app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), app.last_result
 
 
 def ok(app, line):
@@ -54,10 +41,8 @@ def ok(app, line):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("analysis")
-    data = tmp / "tv"
-    make_images(data / "train", per_class=10, seed=1)
-    make_images(data / "val", per_class=4, seed=2)
-    app = PgShell(interactive=False, sessions_dir=str(tmp / "sessions"), stdout=io.StringIO())
+    data = make_split(tmp / "tv")
+    app = new_app(tmp / "sessions")
     for line in [f"data {data} --size 32", "load test_resnet", *SETUP, "set tensorboard on",
                  "train --steps 3", "train --steps 2", "train 2"]:
         ok(app, line)
@@ -69,10 +54,6 @@ def trained(tmp_path_factory):
 
 def _rows(s):
     return read_rows(s.folder / "metrics.csv")
-
-
-def _weights(module):
-    return {k: v.clone() for k, v in module.state_dict().items()}
 
 
 # ------------------------------------------------------------------ graphs
@@ -154,7 +135,7 @@ def test_plot_series_is_a_pure_function_of_the_rows():
 def test_plot_overlays_sessions_and_selects_trials(tmp_path):
     a = _write_session(tmp_path, "alpha", _synthetic(10, run_change_at=4))
     b = _write_session(tmp_path, "beta", _synthetic(20) + _synthetic(6, trial="1", scale=5.0))
-    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "s"), stdout=io.StringIO())
+    app = new_app(tmp_path / "s")
     try:
         res = ok(app, f"plot {a} {b} --metric accuracy")
         assert res["names"] == ["alpha", "beta"]
@@ -177,7 +158,7 @@ def test_eval_checkpoint_reproduces_logged_validation_exactly(trained):
     app, _ = trained
     s = app.session
     val = {int(r["epoch"]): r for r in _rows(s) if r["split"] == "val"}
-    before, pos = _weights(s.built.module), dict(vars(s.trainer.pos))
+    before, pos = weights_of(s.built.module), dict(vars(s.trainer.pos))
     for epoch in (1, 2):
         rep = ok(app, f"eval --checkpoint {epoch}")["val"]
         assert rep["loss"] == float(val[epoch]["loss"]) and rep["accuracy"] == float(val[epoch]["accuracy"])
@@ -185,7 +166,7 @@ def test_eval_checkpoint_reproduces_logged_validation_exactly(trained):
         assert sum(map(sum, rep["confusion"])) == 12 and [c["support"] for c in rep["per_class"]] == [4, 4, 4]
         assert rep["top5"] is None  # 3 classes: top-5 is meaningless
     # the live model and its position were not touched
-    assert all(torch.equal(v, before[k]) for k, v in _weights(s.built.module).items())
+    assert all(torch.equal(v, before[k]) for k, v in weights_of(s.built.module).items())
     assert dict(vars(s.trainer.pos)) == pos
     # `last` is the resume point (epoch 3): the same numbers as the live model and the step-12 val row
     last, live = ok(app, "eval --checkpoint last")["val"], ok(app, "eval")["val"]
@@ -458,7 +439,7 @@ def test_tensorboard_missing_says_how_to_install(monkeypatch, tmp_path, capsys):
     from pgshell.engine import tensorboard as TB
 
     monkeypatch.setattr(TB, "available", lambda: False)
-    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "s"), stdout=io.StringIO())
+    app = new_app(tmp_path / "s")
     try:
         good, _ = run(app, "set tensorboard on")
         err = capsys.readouterr().err
@@ -493,9 +474,7 @@ def test_analysis_commands_in_a_script(trained, tmp_path):
     shutil.copytree(app.session.root, copy)
     plan = "checkpoints\neval --checkpoint 1\nplot --out curves.png\npredict {}\n".format(
         app.session.splits.val[0][0])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "pgshell", "-s", str(copy / f"{app.session.name}.session")],
-                       input=plan, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    r = pgshell("-s", str(copy / f"{app.session.name}.session"), stdin=plan, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     val1 = next(x for x in _rows(app.session) if x["split"] == "val")
     assert "epoch-0001.safetensors" in r.stdout and f"{float(val1['loss']):.4f}" in r.stdout

@@ -11,10 +11,7 @@ rejects and why (tests/test_data.py::test_scan_rejects_what_the_header_shows and
 
 import io
 import json
-import os
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +24,7 @@ from pgshell.engine import checkpoint as C
 from pgshell.engine.errors import PgError
 from pgshell.session import Session
 
-ROOT = Path(__file__).resolve().parent.parent
-WAIT = 120
+from conftest import WAIT, make_split, new_session, pgshell, weights_of
 
 
 class _Payload:
@@ -44,16 +40,8 @@ class _Payload:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """A session trained one epoch: its file, folder and the checkpoint's state, kept pristine for each test."""
-    from conftest import make_images
-
     base = tmp_path_factory.mktemp("saved")
-    make_images(base / "tv" / "train", per_class=10, seed=1)
-    make_images(base / "tv" / "val", per_class=4, seed=2)
-    s = Session(root=base / "orig")
-    s.set("batch_size", 8)
-    s.attach_data(str(base / "tv"), size=32)
-    s.load_model("test_resnet")
-    s.use_name("s")
+    s = new_session(base / "orig", make_split(base / "tv"))
     s.train(epochs=1)
     assert s.wait(WAIT) and "error" not in s.status
     s.close(save=False)  # the epoch's checkpoint rewrote the session file
@@ -186,25 +174,13 @@ def test_pgshell_s_with_a_damaged_session_is_one_line_and_exit_1(copy):
     file, ckpt = copy
     _edit_checkpoint(ckpt, lambda st: st["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
                      C.read_metadata(ckpt))
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "pgshell", "-s", str(file)], input="show\n", text=True,
-                       capture_output=True, env=env, timeout=WAIT)
+    r = pgshell("-s", str(file), stdin="show\n", timeout=WAIT)
     assert r.returncode == 1, r.stdout
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "damaged" in lines[0], r.stderr
 
 
 # ------------------------------------------------------------------ load --weights
-@pytest.fixture
-def app(tmp_path, monkeypatch):
-    from pgshell.shell import PgShell
-
-    monkeypatch.chdir(tmp_path)
-    a = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
-    yield a
-    a.session.close(save=False)
-
-
 def _cmd(app, capsys, line):
     from pgshell.shell._common import _failed
 
@@ -242,7 +218,7 @@ def _weights_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
 def test_load_weights_from_bad_files_is_one_line_never_runs_code_and_keeps_the_model(app, capsys, tmp_path):
     marker = tmp_path / "pwned"
     assert _cmd(app, capsys, "load test_resnet --classes 3")[0]
-    before = {k: v.clone() for k, v in app.session.built.module.state_dict().items()}
+    before = weights_of(app.session.built.module)
     spec = app.session.spec
     for name, path in _weights_files(tmp_path, marker).items():
         ok, err = _cmd(app, capsys, f"load test_resnet --classes 3 --weights {path}")

@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from pgshell.engine import checkpoint as C
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
-from pgshell.shell import PgShell
 from pgshell.shell._common import _failed
+
+from conftest import exact_rows, new_app, weights_of
 
 WAIT = 300
 EPOCHS, BATCH = 6, 3  # split_folder: 30 training images -> 10 steps per epoch, 60 in all
@@ -32,10 +32,6 @@ def _configure(s: Session, folder: Path) -> None:
     s.set("epochs", EPOCHS)
     s.attach_data(str(folder), size=32)
     s.load_model("test_resnet")
-
-
-def _rows(folder: Path) -> list[tuple]:
-    return [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(folder / "metrics.csv")]
 
 
 def _one(app, line: str) -> tuple[bool, str]:
@@ -57,12 +53,12 @@ def test_hundreds_of_commands_while_training_lose_nothing(tmp_path, split_folder
     ref.use_name("ref")
     ref.train()
     assert ref.wait(WAIT) and "error" not in ref.status
-    ref_weights = {k: v.clone() for k, v in ref.built.module.state_dict().items()}
-    ref_rows = _rows(ref.folder)
+    ref_weights = weights_of(ref.built.module)
+    ref_rows = exact_rows(ref.folder)
     ref.close(save=False)
 
     monkeypatch.chdir(tmp_path)
-    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    app = new_app(tmp_path / "sessions")
     app.after_start = lambda: None  # train/continue return at once, as at the prompt
     s = app.session
     _configure(s, split_folder)
@@ -97,7 +93,7 @@ def test_hundreds_of_commands_while_training_lose_nothing(tmp_path, split_folder
         assert overlapped >= 100, f"only {overlapped} of {ran} commands ran while training"
         folder = s.folder
         assert folder.name == "moved"
-        rows = _rows(folder)
+        rows = exact_rows(folder)
         train_steps = [int(r[0]) for r in rows if r[3] == "train"]
         assert train_steps == list(range(1, EPOCHS * 10 + 1))  # every step once: none lost, none repeated
         assert rows == ref_rows

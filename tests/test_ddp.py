@@ -2,7 +2,6 @@
 the same global batch, rank 0 alone writes, and a DDP checkpoint resumes in a single process."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +12,11 @@ import torch
 from pgshell.engine import checkpoint as C
 from pgshell.engine.metrics import read_rows
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import pgshell, pgshell_env
 
 
 def _env():
-    return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return pgshell_env(OMP_NUM_THREADS="1")
 
 
 def torchrun(plan: Path, cwd: Path, *extra):
@@ -27,8 +26,7 @@ def torchrun(plan: Path, cwd: Path, *extra):
 
 
 def single(cwd: Path, *args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "pgshell", *args], cwd=cwd, env=_env(), input=stdin,
-                          capture_output=True, text=True, timeout=600)
+    return pgshell(*args, stdin=stdin, cwd=cwd, env=_env(), timeout=600)
 
 
 def _state(cwd: Path, name: str):

@@ -1,21 +1,23 @@
 """Every command has help with an example and appears in the README; the examples' plans only use real commands."""
 
-import io
+import ast
 import re
-from pathlib import Path
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
 
 import pytest
 
 from pgshell.engine.config import setting_names
-from pgshell.shell import PgShell
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, new_app
+
 README = (ROOT / "README.md").read_text()
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    a = PgShell(interactive=False, sessions_dir=str(tmp_path_factory.mktemp("s")), stdout=io.StringIO())
+    a = new_app(tmp_path_factory.mktemp("s"))
     yield a
     a.session.close(save=False)
 
@@ -58,3 +60,27 @@ def test_every_test_the_readme_names_exists():
     assert len(named) >= 20
     for file, test in named:
         assert re.search(rf"^def {test}\(", (ROOT / file).read_text(), re.M), f"{file}::{test} is not defined"
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_every_imported_package_is_declared_in_pyproject():
+    """A package pgshell imports but pyproject does not name installs only by luck (huggingface_hub came via timm)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    specs = project["dependencies"] + [s for extra in project["optional-dependencies"].values() for s in extra]
+    declared = {_canonical(re.split(r"[<>=!~;\[ ]", s, maxsplit=1)[0]) for s in specs}
+    imported = set()
+    for path in (ROOT / "pgshell").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                imported.add(node.module.split(".")[0])
+    third_party = sorted(imported - set(sys.stdlib_module_names) - {"pgshell", "__future__"})
+    assert {"torch", "timm", "huggingface_hub", "cmd2"} <= set(third_party)
+    dists = packages_distributions()
+    for module in third_party:
+        assert module in dists, f"{module} is imported but not installed"
+        assert {_canonical(d) for d in dists[module]} & declared, f"{module} is imported but pyproject omits it"

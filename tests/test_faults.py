@@ -21,32 +21,20 @@ import pytest
 import torch
 
 from pgshell.engine import checkpoint as C
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+from pgshell.engine.metrics import read_rows
 from pgshell.session import Session
 
-ROOT = Path(__file__).resolve().parent.parent
-WAIT = 120  # seconds: a generous bound for tiny runs on a loaded 2-core machine
+from conftest import WAIT, exact_rows, make_split, new_session, pgshell, pgshell_env, weights_of
+
 BATCHES = 4  # per epoch: split_folder's 30 training images at batch_size 8
-
-
-def _session(root: Path, folder: Path, name: str, epochs: int) -> Session:
-    """The same settings, in the same order, for the reference run and the session that gets killed."""
-    s = Session(root=root)
-    s.set("batch_size", 8)
-    s.set("epochs", epochs)
-    s.attach_data(str(folder), size=32)
-    s.load_model("test_resnet")
-    s.use_name(name)
-    return s
 
 
 def _reference(tmp_path: Path, folder: Path, epochs: int):
     """Weights and metrics rows of a run that was never interrupted."""
-    s = _session(tmp_path / "ref", folder, "ref", epochs)
+    s = new_session(tmp_path / "ref", folder, "ref", epochs=epochs)  # the same settings as the killed session
     s.train()
     assert s.wait(WAIT * max(1, epochs // 4)) and "error" not in s.status, s.status
-    weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
-    rows = [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(s.folder / "metrics.csv")]
+    weights, rows = weights_of(s.built.module), exact_rows(s.folder)
     s.close(save=False)
     return weights, rows
 
@@ -64,8 +52,7 @@ class _Pgshell:
     """`pgshell -s FILE` as a subprocess fed `plan` on stdin; its stdout is read line by line in a thread."""
 
     def __init__(self, session_file: Path, plan: str, fault: str = ""):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-        env.pop("PGSHELL_FAULT", None)
+        env = pgshell_env(PYTHONUNBUFFERED="1")
         if fault:
             env["PGSHELL_FAULT"] = fault
         self.proc = subprocess.Popen([sys.executable, "-m", "pgshell", "-s", str(session_file)],
@@ -110,17 +97,12 @@ def _reopen_and_train(session_file: Path, folder: Path, epochs: int, fault: str 
 @pytest.fixture(scope="module")
 def kill_data(tmp_path_factory) -> Path:
     """split_folder's images, made once for both kill tests."""
-    from conftest import make_images
-
-    data = tmp_path_factory.mktemp("kill") / "tv"
-    make_images(data / "train", per_class=10, seed=1)
-    make_images(data / "val", per_class=4, seed=2)
-    return data
+    return make_split(tmp_path_factory.mktemp("kill") / "tv")
 
 
 def _kill_and_compare(tmp_path: Path, data: Path, epochs: int, kills: list[dict]) -> None:
     ref_weights, ref_rows = _reference(tmp_path, data, epochs)
-    s = _session(tmp_path, data, "k", epochs)
+    s = new_session(tmp_path, data, "k", epochs=epochs)
     session_file = s.save()
     s.close(save=False)
     folder = tmp_path / "k"
@@ -140,7 +122,7 @@ def _kill_and_compare(tmp_path: Path, data: Path, epochs: int, kills: list[dict]
     state = _newest(folder)
     assert state["position"] == {"epoch": epochs, "batch": 0, "sample": 0, "step": epochs * BATCHES}
     assert all(torch.equal(state["model"][k], v) for k, v in ref_weights.items())
-    rows = [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(folder / "metrics.csv")]
+    rows = exact_rows(folder)
     assert rows == ref_rows  # no row lost or repeated across the kills
 
 
@@ -170,18 +152,6 @@ def test_kill_9_twenty_times_at_random_moments_then_resume_is_exact(tmp_path, ki
 
 
 # ------------------------------------------------------------------ the shell in-process, for the faults below
-@pytest.fixture
-def app(tmp_path, monkeypatch):
-    import io
-
-    from pgshell.shell import PgShell
-
-    monkeypatch.chdir(tmp_path)
-    a = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
-    yield a
-    a.session.close(save=False)
-
-
 def run(app, capsys, line):
     """One command in-process: (ok, stdout, stderr) — stderr must never hold a traceback."""
     from pgshell.shell._common import _failed
@@ -257,7 +227,7 @@ def test_disk_full_while_saving_pauses_with_one_error_and_keeps_the_last_checkpo
     assert run(app, capsys, "continue")[0]
     w = app.session.built.module.state_dict()
     assert all(torch.equal(w[k], v) for k, v in ref_weights.items())  # the failed write cost nothing
-    assert [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(app.session.folder / "metrics.csv")] == ref_rows
+    assert exact_rows(app.session.folder) == ref_rows
 
 
 def _tmpfs(where: Path, size: str) -> bool:
@@ -276,10 +246,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path, split_folder):
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         plan = f"data {split_folder} --size 32\nload test_resnet\nset batch_size 8\nset epochs 3\ntrain\n"
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-        env.pop("PGSHELL_FAULT", None)
-        r = subprocess.run([sys.executable, "-m", "pgshell", "--sessions-dir", str(disk)], input=plan, text=True,
-                           capture_output=True, env=env, timeout=WAIT)
+        r = pgshell("--sessions-dir", str(disk), stdin=plan, timeout=WAIT)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert errors and all("disk is full" in ln for ln in errors), r.stderr  # the failed run, the failed quit
@@ -288,8 +255,7 @@ def test_disk_full_on_a_real_small_filesystem(tmp_path, split_folder):
         assert [p.name for p in (folder / "checkpoints").iterdir()] == ["epoch-0001.safetensors"]
         assert C.load_checkpoint(folder / "checkpoints" / "epoch-0001.safetensors")["position"]["step"] == BATCHES
         subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)  # space freed
-        r = subprocess.run([sys.executable, "-m", "pgshell", "-s", str(session_file)], input="train\n", text=True,
-                           capture_output=True, env=env, timeout=WAIT)
+        r = pgshell("-s", str(session_file), stdin="train\n", timeout=WAIT)
         assert r.returncode == 0, r.stderr
         assert C.load_latest(folder / "checkpoints")[1]["position"]["epoch"] == 3
     finally:
@@ -355,7 +321,7 @@ def _reference_with(tmp_path, folder, factory, epochs, batch_size=8):
     s.use_name("ref")
     s.train(epochs=epochs)
     assert s.wait(WAIT) and "error" not in s.status, s.status
-    out = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    out = weights_of(s.built.module)
     s.close(save=False)
     return out
 
@@ -405,7 +371,7 @@ def test_an_exception_in_the_loop_pauses_logs_the_trace_and_continue_finishes_ex
 
 def test_a_torn_last_metrics_row_is_dropped_on_reopen_not_glued_to_the_next(tmp_path, split_folder):
     """A power cut in the middle of an append leaves half a row; the resumed run's rows must not extend it."""
-    s = _session(tmp_path, split_folder, "torn", 2)
+    s = new_session(tmp_path, split_folder, "torn", epochs=2)
     s.train(epochs=1)
     assert s.wait(WAIT)
     file = s.save()

@@ -19,8 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgshell.engine.config import SETTINGS
-from pgshell.shell import PgShell
 from pgshell.shell._common import _failed
+
+from conftest import new_app
 
 HANG = 120  # seconds one command may take before the test dumps every thread's stack and fails
 JUNK = ["", "x", "-1", "0", "1.5", "nan", "inf", "1e400", "--", "-h", "--help", "--bogus", "'", '"', "''", '"a b"',
@@ -181,7 +182,7 @@ def _run_sequence(world: Path, prefix: list[str], commands: list[str]) -> None:
     cwd = os.getcwd()
     work = Path(tempfile.mkdtemp(dir=world))
     os.chdir(work)
-    app = PgShell(interactive=False, sessions_dir=str(work / "sessions"), stdout=io.StringIO())
+    app = new_app(work / "sessions")
     try:
         for line in prefix:
             ok, err = _one(app, _fill(line, world))
@@ -213,7 +214,7 @@ def test_every_setting_at_its_edges_then_a_training_step(world, tmp_path, monkey
     """Systematic where the fuzzing is random: each setting at each of its edge values, then one training step.
     A value is refused at `set` (config unchanged), or training with it works or stops with a clear error."""
     monkeypatch.chdir(tmp_path)
-    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    app = new_app(tmp_path / "sessions")
     try:
         for line in ("data DATA --size 8", "load MODEL:build", "set batch_size 2"):
             assert _one(app, _fill(line, world))[0]
@@ -238,7 +239,7 @@ def test_an_image_size_the_model_cannot_take_is_one_line_before_training(world, 
     """Found by the long fuzzing run: test_vit given 8 px images (not a multiple of its 16 px patches) raised inside
     timm — an internal error from `eval`, a bare AssertionError from `train`."""
     monkeypatch.chdir(tmp_path)
-    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    app = new_app(tmp_path / "sessions")
     try:
         for line in ("data DATA --size 8", "load test_vit"):
             assert _one(app, _fill(line, world))[0]

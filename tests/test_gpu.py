@@ -7,19 +7,10 @@ from pgshell.engine.device import resolve_runtime
 from pgshell.engine.metrics import read_rows
 from pgshell.session import Session
 
+from conftest import new_session
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 WAIT = 300
-
-
-def _session(tmp_path, folder, **settings):
-    s = Session(root=tmp_path / "sessions")
-    s.set("batch_size", 8)
-    for k, v in settings.items():
-        s.set(k, v)
-    s.attach_data(str(folder), size=32)
-    s.load_model("test_resnet")
-    s.use_name("g")
-    return s
 
 
 def test_gpu_defaults_are_fast():
@@ -31,7 +22,7 @@ def test_gpu_defaults_are_fast():
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_training_on_gpu(tmp_path, split_folder, amp):
-    s = _session(tmp_path, split_folder, amp=amp, lr=0.01)
+    s = new_session(tmp_path / "sessions", split_folder, "g", amp=amp, lr=0.01)
     s.train(epochs=2)
     assert s.wait(WAIT) and "error" not in s.status
     tr = s.trainer
@@ -46,7 +37,7 @@ def test_amp_training_on_gpu(tmp_path, split_folder, amp):
 
 
 def test_checkpoint_from_gpu_loads_on_cpu(tmp_path, split_folder):
-    s = _session(tmp_path, split_folder)
+    s = new_session(tmp_path / "sessions", split_folder, "g")
     s.train(steps=2)
     assert s.wait(WAIT)
     file = s.save()
@@ -61,7 +52,7 @@ def test_checkpoint_from_gpu_loads_on_cpu(tmp_path, split_folder):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="DataParallel needs 2+ GPUs")
 def test_data_parallel_over_all_gpus_saves_unwrapped(tmp_path, split_folder):
-    s = _session(tmp_path, split_folder, devices="all")
+    s = new_session(tmp_path / "sessions", split_folder, "g", devices="all")
     s.train(steps=2)
     assert s.wait(WAIT)
     assert isinstance(s.trainer.net, torch.nn.DataParallel)

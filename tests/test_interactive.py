@@ -1,7 +1,6 @@
 """The interactive shell through a pseudo-terminal (pexpect): prompt, toolbar, pause, continue, Ctrl-C, quit."""
 
 import json
-import os
 import re
 import sys
 import time
@@ -13,7 +12,8 @@ import torch
 
 from pgshell.engine import checkpoint as C
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import pgshell_env
+
 PROMPT = r"pgshell>"
 _CSI = re.compile(r"\x1b\[([0-9;?]*)([A-Za-z])")
 
@@ -24,7 +24,7 @@ class Screen:
     real terminal; without them prompt_toolkit cannot reserve the toolbar's row."""
 
     def __init__(self, cwd, *args):
-        env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TERM="xterm")
+        env = pgshell_env(TERM="xterm")
         self.child = pexpect.spawn(sys.executable, ["-m", "pgshell", *args], cwd=str(cwd), env=env,
                                    encoding="utf-8", timeout=5, dimensions=(40, 160))
         self.text = ""

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -21,13 +20,24 @@ from pgshell.engine.errors import PgError
 from pgshell.engine.models import (SEED_FAMILIES, ModelSpec, build_model, count_params, freeze, frozen_bn_to_eval,
                                    list_models, resolve_name, stages, unfreeze, weights_status)
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
+
 CONVNET_SEEDS = {"resnet18", "resnet50", "resnet152", "mobilenetv3", "mobilenetv3_small"}
 
 
 def _build(name, num_classes=3, seed=0, **kw):
     torch.manual_seed(seed)
     return build_model(ModelSpec(name, num_classes, **kw))
+
+
+def _build_on_meta(name):
+    """Shapes, names and counts without allocating or initialising weights: full-size models in milliseconds.
+
+    Forward passes of such a model run inside `torch.device("meta")` too (its inputs are meta tensors there): they
+    check shapes, which is all the meta device computes.
+    """
+    with torch.device("meta"):
+        return _build(name)
 
 
 def _numel(params):
@@ -141,7 +151,7 @@ def test_weights_status_without_weights():
 
 @pytest.mark.parametrize("short", [s["name"] for s in SEED_FAMILIES])
 def test_every_seed_family_builds_with_a_new_head(short):
-    built = _build(short)
+    built = _build_on_meta(short)
     head = built.module.get_classifier()
     assert head.out_features == 3
     assert set(built.head) == {f"{n}.{p}" for n, m in built.module.named_modules() if m is head
@@ -155,7 +165,7 @@ def test_every_seed_family_builds_with_a_new_head(short):
     assert count_params(built.module) == (total, total)
     if built.is_convnet:
         built.module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), torch.device("meta"):
             assert built.module(torch.randn(1, 3, 64, 64)).shape == (1, 3)
 
 
@@ -176,18 +186,18 @@ def test_same_seed_same_head():
 
 
 def test_torchvision_heads_are_replaced():
-    resnet = _build("tv:resnet18")
+    resnet = _build_on_meta("tv:resnet18")
     assert resnet.head == ["fc.weight", "fc.bias"] and resnet.module.fc.out_features == 3
     assert resnet.source == "torchvision" and resnet.full_name == "torchvision:resnet18" and resnet.is_convnet
     # without its weights, timm's defaults; the weights' own transforms are checked in the offline-cache test
     assert resnet.data_config == timm.data.resolve_model_data_config(nn.Identity())
     assert resnet.data_config["input_size"] == (3, 224, 224)
-    with torch.no_grad():
+    with torch.no_grad(), torch.device("meta"):
         assert resnet.module.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 3)
-    mobile = _build("tv:mobilenet_v3_small")
+    mobile = _build_on_meta("tv:mobilenet_v3_small")
     assert mobile.head == ["classifier.3.weight", "classifier.3.bias"]
     assert mobile.module.classifier[3].out_features == 3 and mobile.module.classifier[0].out_features == 1024
-    vit = _build("tv:vit_b_16")
+    vit = _build_on_meta("tv:vit_b_16")
     assert vit.head == ["heads.head.weight", "heads.head.bias"] and vit.module.heads.head.out_features == 3
     assert not vit.is_convnet
 
@@ -416,7 +426,7 @@ def test_pretrained_without_published_weights():
 
 
 def test_freeze_stages_by_prefix():
-    built = _build("resnet18")
+    built = _build_on_meta("resnet18")
     assert stages(built) == ["conv1", "bn1", "layer1", "layer2", "layer3", "layer4", "fc"]
     everything = {n for n, _ in built.module.named_parameters()}
     layer1 = {n for n in everything if n.startswith("layer1.")}

@@ -1,36 +1,14 @@
 """The shell in-process (cmd2's onecmd_plus_hooks, captured output, last_result) and as a subprocess running plans."""
 
-import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from pgshell.engine import checkpoint as C
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
-from pgshell.shell import PgShell, run_plan
-from pgshell.shell._common import _failed
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def app(tmp_path):
-    a = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
-    yield a
-    a.session.close(save=False)
-
-
-def run(app, line):
-    """One command; returns (ok, last_result)."""
-    _failed.clear()
-    app.last_result = None
-    app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), app.last_result
+from conftest import ROOT, exact_rows, pgshell, run
 
 
 def test_session_flow_in_process(app, split_folder, tmp_path, capsys):
@@ -91,17 +69,10 @@ def test_set_while_idle_changes_config(app):
 
 
 # ------------------------------------------------------------------ plans as subprocesses
-def pgshell(*args, stdin=None, cwd=None, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "pgshell", *args], input=stdin, capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=timeout)
-
-
 def _final_state(session_file: Path):
     folder = session_file.parent / json.loads(session_file.read_text())["folder"]
     path, state = C.load_latest(folder / "checkpoints")
-    rows = [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(folder / "metrics.csv")]
-    return state, rows
+    return state, exact_rows(folder)
 
 
 def test_plan_interrupted_and_reopened_equals_one_plan(tmp_path, split_folder):

@@ -2,7 +2,6 @@
 resuming after a quit, pause/continue of a trial), all on `test_resnet` at 32 px and images the tests make."""
 
 import copy
-import io
 import math
 import subprocess
 import sys
@@ -20,8 +19,8 @@ from pgshell.engine.lrfind import RangeTest, suggest
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.engine.search import Dim, format_space, parse_space
 from pgshell.session import Session
-from pgshell.shell import PgShell
-from pgshell.shell._common import _failed
+
+from conftest import new_session, run, weights_of
 
 WAIT = 180  # seconds: a generous bound for a tiny search on a loaded 2-core machine
 # Every setting a trial may vary is fixed (the session's own weight_decay and label_smoothing, 0): all trials are the
@@ -31,30 +30,12 @@ COMPLETE, PRUNED, FAIL, RUNNING = (optuna.trial.TrialState.COMPLETE, optuna.tria
                                    optuna.trial.TrialState.FAIL, optuna.trial.TrialState.RUNNING)
 
 
-def _session(tmp_path, folder, name="s"):
-    s = Session(root=tmp_path / "sessions")
-    s.set("batch_size", 8)
-    s.attach_data(str(folder), size=32)
-    s.load_model("test_resnet")
-    s.use_name(name)
-    return s
-
-
 @pytest.fixture
-def app(tmp_path, split_folder):
-    a = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+def app(app, split_folder):
+    """conftest's shell with the data and model loaded."""
     for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"):
-        assert run(a, line)[0], line
-    yield a
-    a.session.close(save=False)
-
-
-def run(app, line):
-    """One command; returns (ok, last_result)."""
-    _failed.clear()
-    app.last_result = None
-    app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), app.last_result
+        assert run(app, line)[0], line
+    return app
 
 
 def _study(s):
@@ -127,7 +108,7 @@ def test_range_test_schedule_divergence_and_suggestions():
 def test_lrfind_leaves_the_session_bit_identical_and_suggests_a_sane_lr(app, tmp_path):
     s = app.session
     assert run(app, "train --steps 3")[0]  # momentum buffers exist: the optimizer state is worth protecting
-    weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    weights = weights_of(s.built.module)
     opt = copy.deepcopy(s.trainer.state_dict()["optimizer"])
     pos, cfg, rows = asdict(s.trainer.pos), s.config.to_dict(), read_rows(s.folder / "metrics.csv")
     rng = torch.get_rng_state()
@@ -159,7 +140,7 @@ def test_lrfind_leaves_the_session_bit_identical_and_suggests_a_sane_lr(app, tmp
 # ------------------------------------------------------------------ tune
 def test_tune_table_matches_the_sqlite_study(app):
     s = app.session
-    weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    weights = weights_of(s.built.module)
     ok, table = run(app, "tune --trials 3 --epochs 1 --space batch_size=8")
     assert ok, app.stdout.getvalue()
     assert run(app, "tune show")[1] == table
@@ -214,8 +195,8 @@ def test_a_hopeless_lr_is_pruned(app):
 
 
 def test_a_study_resumed_after_quit_does_not_repeat_trials(tmp_path, split_folder):
-    s = _session(tmp_path, split_folder)
-    start_weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    s = new_session(tmp_path / "sessions", split_folder)
+    start_weights = weights_of(s.built.module)
     T.start_tune(s, trials=2, epochs=1, space=FIXED)
     _wait(s)
     file = s.close(save=True)
@@ -265,7 +246,7 @@ def test_pause_and_continue_during_a_trial(app):
 
 
 def test_a_trial_interrupted_by_quit_runs_again_first(tmp_path, split_folder):
-    s = _session(tmp_path, split_folder)
+    s = new_session(tmp_path / "sessions", split_folder)
 
     def pause_in_trial_1(info):
         if info.get("trial") == 1 and info["step"] == 2:
@@ -289,8 +270,8 @@ def test_a_trial_interrupted_by_quit_runs_again_first(tmp_path, split_folder):
 
 
 def test_save_during_a_search_keeps_the_session_and_the_search(tmp_path, split_folder):
-    s = _session(tmp_path, split_folder)
-    weights = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    s = new_session(tmp_path / "sessions", split_folder)
+    weights = weights_of(s.built.module)
     saved = threading.Event()
 
     def save_in_trial_0(info):  # `save` from another thread, as the shell's would be: pause, save, continue
@@ -311,7 +292,7 @@ def test_save_during_a_search_keeps_the_session_and_the_search(tmp_path, split_f
 
 def test_steps_budget_and_two_sessions_sharing_one_study(tmp_path, split_folder):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    a, b = _session(tmp_path, split_folder, "a"), _session(tmp_path, split_folder, "b")
+    a, b = new_session(tmp_path / "sessions", split_folder, "a"), new_session(tmp_path / "sessions", split_folder, "b")
     space = FIXED.replace("lr=0.05", "lr=0.01,0.05")
     T.start_tune(a, trials=1, steps=3, space=space, storage=url, study="shared")
     _wait(a)

@@ -20,7 +20,7 @@ _EXPORTS = {
     "Runtime": "device", "resolve_runtime": "device",
     "evaluate_dataset": "evaluate", "classification_report": "evaluate", "predict_files": "evaluate",
     "plot_series": "plot", "draw_png": "plot", "draw_text": "plot", "export_model": "export",
-    "TensorBoardLog": "tensorboard",
+    "TensorBoardLog": "tensorboard", "lr_factor": "schedule", "schedule_notice": "schedule",
 }
 
 __all__ = ["TrainConfig", "PgError", *_EXPORTS]

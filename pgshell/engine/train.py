@@ -35,6 +35,7 @@ from .device import Runtime, resolve_runtime
 from .errors import PgError
 from .events import Ctx, Events, Handler
 from .metrics import MetricsLog, MetricsLogger
+from .schedule import lr_factor
 
 
 @dataclass
@@ -111,39 +112,6 @@ def build_optimizer(module: torch.nn.Module, head: set[str], cfg: TrainConfig) -
                                weight_decay=cfg.weight_decay)
     cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
     return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-
-
-def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> tuple[Callable[[int], float], str]:
-    """The schedule as a closed-form factor of a counter, and what the counter counts ("epoch" or "step").
-
-    Closed forms make the schedule a function of the position alone: resumable anywhere, rebuildable after a freeze
-    change, and a live `set lr` simply rescales it.
-    """
-    total = max(1, cfg.epochs * steps_per_epoch)
-    if cfg.scheduler == "step":  # torch's StepLR
-        return (lambda e: cfg.gamma ** (e // cfg.step_size)), "epoch"
-    if cfg.scheduler == "cosine":
-        warm = int(cfg.warmup_epochs * steps_per_epoch)
-
-        def cosine(s: int) -> float:
-            if s < warm:
-                return (s + 1) / warm
-            t = min(1.0, (s - warm) / max(1, total - warm))
-            return 0.5 * (1.0 + math.cos(math.pi * t))
-
-        return cosine, "step"
-    if cfg.scheduler == "onecycle":  # torch's OneCycleLR shape: pct_start 0.3, div 25, final div 1e4
-        up = max(1, int(0.3 * total))
-
-        def onecycle(s: int) -> float:
-            lo, hi, end = 1 / 25, 1.0, 1 / 25e4
-            if s < up:
-                return hi + (lo - hi) * (1 + math.cos(math.pi * s / up)) / 2
-            t = min(1.0, (s - up) / max(1, total - up))
-            return end + (hi - end) * (1 + math.cos(math.pi * t)) / 2
-
-        return onecycle, "step"
-    return (lambda _: 1.0), "epoch"
 
 
 def make_loss(cfg: TrainConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:

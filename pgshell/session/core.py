@@ -195,7 +195,7 @@ class Session:
                               "`train N` for N more")
         self.target = {"step": pos.step + steps} if steps is not None else {"epoch": pos.epoch + epochs}
         self._start_training()
-        return self._describe_target()
+        return self._describe_target() + self._schedule_notice()
 
     def resume(self) -> str:
         if self.running:
@@ -211,7 +211,7 @@ class Session:
             self.target = None
             raise PgError("nothing to continue: the last run reached its end — `train N` for more")
         self._start_training(job if isinstance(job, TrainJob) else None)
-        return self._describe_target()
+        return self._describe_target() + self._schedule_notice()
 
     def _start_training(self, job: TrainJob | None = None) -> None:
         self.trainer.run_id = max(self.trainer.run_id, 0) + 1
@@ -252,6 +252,16 @@ class Session:
             return f"training {t['step'] - pos.step} steps (to step {t['step']})"
         left = t["epoch"] - pos.epoch
         return f"training {left} epoch{'s' * (left != 1)} (epoch {pos.epoch + 1} to {t['epoch']})"
+
+    def _schedule_notice(self) -> str:
+        """A cosine or one-cycle schedule whose span is not where this run ends: say it as the run starts."""
+        from ..engine.schedule import schedule_notice
+
+        tr, t = self.trainer, self.target
+        spe = tr.steps_per_epoch
+        end = t["step"] if "step" in t else tr.pos.step + (t["epoch"] - tr.pos.epoch) * spe - tr.pos.batch
+        note = schedule_notice(self.config, spe, tr.pos.step, end)
+        return f"\nnote: {note}" if note else ""
 
     def ensure_trainer(self):
         """The session's trainer, built on first use (model and data checked, the session named, a reopened
