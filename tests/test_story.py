@@ -70,3 +70,20 @@ def test_done_counts_the_whole_train_command_across_a_mid_run_save(tmp_path, spl
     assert len(done) == 1 and done[0].startswith("done: 4 batches, 30 images in ")
     assert done[0].endswith("at end of epoch 1 (step 4)")
     s.close(save=False)
+
+
+def test_train_says_when_a_cosine_schedule_does_not_end_with_the_run(tmp_path, split_folder):
+    s = _session(tmp_path, split_folder, [])
+    s.set("scheduler", "cosine")
+    s.set("lr", 0.1)  # epochs stays 25: `train 1` ends far from the schedule's end
+    line = s.train(epochs=1)
+    assert s.wait(WAIT)
+    assert line.startswith("training 1 epoch (epoch 1 to 1)\nnote: the cosine schedule spans 25 epochs; this run "
+                           "stops at epoch 1 with lr 0.1 — `set epochs 1` to end it there")
+    assert "`set epochs 1` to end it there" in line
+    s.set("epochs", 2)
+    assert s.train(epochs=1) == "training 1 epoch (epoch 2 to 2)"  # ends where the schedule ends: nothing to say
+    assert s.wait(WAIT)
+    line = s.train(epochs=1)
+    assert s.wait(WAIT) and "from epoch 3" not in line and "lr 0" in line and "`set epochs 3`" in line
+    s.close(save=False)
