@@ -165,8 +165,9 @@ class Session:
         notes = "".join(f"\n{note}" for note in built.notes)
         return f"{built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes{notes}"
 
-    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False) -> Any:
-        """Scan an image folder into splits. `check` also decodes every image, adding those that fail to
+    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False,
+                    root: str | None = None) -> Any:
+        """Scan an image folder (or a label file with paths from `root`, or a Hugging Face dataset) into splits. `check` also decodes every image, adding those that fail to
         `splits.rejected` (they stay in their split, skipped when loaded, so the split is the same either way)."""
         from .engine import data as D
 
@@ -175,11 +176,13 @@ class Session:
             raise PgError(f"--split must be between 0 and 1 (the validation fraction), not {split}")
         if size < 0 or size > 4096:
             raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
-        splits = D.scan_folder(path, split=split, seed=self.config.seed)
+        splits = D.resolve_data(path, split=split, seed=self.config.seed, root=root)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
         self.splits = splits
-        self.data = {"path": str(Path(path).resolve()), "split": split, "size": size}
+        self.data = {"path": D.data_location(path), "split": split, "size": size}
+        if root is not None:
+            self.data["root"] = str(Path(root).expanduser().resolve())
         self.trainer, self._target, self._job = None, None, None
         self.dirty = True
         self._quarantine(splits.rejected)
@@ -753,7 +756,8 @@ class Session:
                 try:
                     from .engine import data as D
 
-                    s.splits = D.scan_folder(data["path"], split=data["split"], seed=s.config.seed)
+                    s.splits = D.resolve_data(data["path"], split=data["split"], seed=s.config.seed,
+                                              root=data.get("root"))
                     s._quarantine(s.splits.rejected)  # files gone bad since
                 except PgError as e:
                     s.notify(f"data not attached: {e} — `data PATH` to attach it again")

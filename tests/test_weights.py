@@ -60,8 +60,9 @@ def _write_formats(d: Path, state: dict) -> dict[str, Path]:
         "ckpt": d / "epoch=2-step=10.ckpt",
         # an EMA helper's checkpoint: the live weights under "model" differ, the EMA's are preferred
         "ema": d / "ema.pt",
-        # safetensors under a name that says nothing
+        # safetensors under a name that says nothing, and a torch.save file under safetensors' name
         "safetensors as .bin": d / "weights.bin",
+        "torch.save as .safetensors": d / "renamed.safetensors",
     }
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "best_prec1": 91.7}, files["th"])
     torch.save({"epoch": 90, "arch": "test_resnet", "state_dict": state, "best_acc1": 76.1,
@@ -74,6 +75,7 @@ def _write_formats(d: Path, state: dict) -> dict[str, Path]:
                 "hyper_parameters": {"lr": 0.01, "num_classes": 3}, "callbacks": {}}, files["ckpt"])
     torch.save({"model": _other(), "ema": {"module": state, "decay": 0.9998}, "epoch": 5}, files["ema"])
     safetensors.torch.save_file(state, str(files["safetensors as .bin"]))
+    torch.save(state, files["torch.save as .safetensors"])
     files["timm folder"] = _timm_folder(d / "exported", state)
     return files
 

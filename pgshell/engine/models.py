@@ -780,13 +780,14 @@ def _sniff(file: Path) -> str:
 
 def _torch_load(file: Path) -> Any:
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        with open(file, "rb") as f:  # a file object: torch.load must not pick a reader by the name either
+            return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
         raise PgError(f"{file} is not a plain state dict (it holds pickled objects{': ' + found if found else ''}, "
                       "which are not loaded for safety): re-save it with torch.save(model.state_dict(), FILE)"
                       ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:
         raise PgError(f"{file} is not a readable PyTorch file ({str(exc).splitlines()[0] if str(exc) else exc}): "
                       "re-save it with torch.save(model.state_dict(), FILE)") from None
 
