@@ -73,7 +73,7 @@ def _write_formats(d: Path, state: dict) -> dict[str, Path]:
                                "loss_fn.weight": torch.ones(3), "train_acc.correct": torch.tensor(7)},
                 "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.01}]}], "lr_schedulers": [],
                 "hyper_parameters": {"lr": 0.01, "num_classes": 3}, "callbacks": {}}, files["ckpt"])
-    torch.save({"model": _other(), "ema": {"module": state, "decay": 0.9998}, "epoch": 5}, files["ema"])
+    torch.save({"model": _other(), "ema": {"module": state, "decay": 0.9998}, "epoch": torch.tensor(5)}, files["ema"])
     safetensors.torch.save_file(state, str(files["safetensors as .bin"]))
     torch.save(state, files["torch.save as .safetensors"])
     files["timm folder"] = _timm_folder(d / "exported", state)

@@ -805,8 +805,10 @@ def _unwrap_checkpoint(obj: Any) -> tuple[Any, str]:
     and where it was ('ema/module'; '' when the file is a plain state dict)."""
     path: list[str] = []
     for _ in range(4):
-        if not isinstance(obj, dict) or any(isinstance(v, torch.Tensor) for v in obj.values()):
+        if not isinstance(obj, dict):
             break
+        # a container key holding a dict of tensors, even beside stray tensors ({"epoch": tensor(3), ...}); a state
+        # dict's own keys are dotted parameter names, never a bare "model" holding a dict
         key = next((k for k in (*_EMA_KEYS, *_CONTAINER_KEYS) if _holds_tensors(obj.get(k))), None)
         if key is None:
             break
