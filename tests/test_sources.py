@@ -17,8 +17,6 @@ from pgshell.engine.errors import PgError
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 
-from conftest import make_images
-
 datasets = pytest.importorskip("datasets")
 
 WAIT = 120

@@ -4,7 +4,6 @@ folders (timm / Hugging Face layout), hub names from the local cache; and a pick
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 import textwrap
