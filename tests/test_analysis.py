@@ -345,6 +345,64 @@ def test_export_onnx_without_onnx_says_what_to_install(trained, tmp_path, monkey
     assert not Path(f"{tmp_path / 'm.onnx'}.json").exists()
 
 
+def test_export_timm_is_rebuilt_identically_by_timm_and_by_load_folder(trained, tmp_path):
+    import timm
+    import timm.data
+
+    from pgshell.engine.data import build_transform
+
+    app, tmp = trained
+    x = torch.cat([_preprocessed(app, p) for p in sorted((tmp / "tv" / "val").rglob("*.png"))[:4]])
+    folder = tmp_path / "cats-timm"
+    info = ok(app, f"export timm {folder}")
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"] and info["check"]["max_abs_diff"] == 0
+    cfg = json.loads((folder / "config.json").read_text())
+    assert (cfg["architecture"], cfg["num_classes"], cfg["label_names"]) == ("test_resnet", 3, CLASSES)
+    module = app.session.built.module.eval()
+    with torch.no_grad():
+        expected = module(x)
+    module.train()
+    # timm alone, as the README shows it: the weights file with the class count (else timm drops the head)
+    overlay = timm.create_model(cfg["architecture"], pretrained=True, num_classes=cfg["num_classes"],
+                                pretrained_cfg_overlay=dict(file=str(folder / "model.safetensors"),
+                                                            num_classes=cfg["num_classes"])).eval()
+    local = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()  # what hf-hub:ORG/NAME does after upload
+    # pgshell: `load FOLDER` in another session on the same data (no --pretrained: a folder names weights)
+    other = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
+    try:
+        ok(other, f"data {tmp / 'tv'} --size 32")
+        assert ok(other, f"load {folder}")["pretrained"] is True
+        loaded = other.session.built.module.eval()
+        with torch.no_grad():
+            assert torch.equal(overlay(x), expected) and torch.equal(local(x), expected)
+            assert torch.equal(loaded(x), expected)
+        # config.json's preprocessing is the eval transform the session used, on an image of another size
+        exported = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg["pretrained_cfg"]))
+        ours = build_transform(app.session.built.data_config, train=False, size=32)
+        assert other.session.built.data_config["input_size"] == (3, 32, 32)
+        pixels = torch.randint(0, 256, (41, 57, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+        image = Image.fromarray(pixels.numpy())
+        assert exported(image).shape == (3, 32, 32) and torch.equal(exported(image), ours(image))
+    finally:
+        other.session.close(save=False)
+    # a checkpoint exports its own weights
+    ok(app, f"export timm {tmp_path / 'epoch1'} --checkpoint 1")
+    built, _, _ = A._checkpoint_copy(app.session.folder / "checkpoints" / "epoch-0001.safetensors")
+    with torch.no_grad():
+        e1 = built.module.eval()(x)
+        assert torch.equal(timm.create_model(f"local-dir:{tmp_path / 'epoch1'}", pretrained=True).eval()(x), e1)
+
+
+def test_export_timm_refuses_a_model_timm_cannot_rebuild():
+    import torchvision
+
+    from pgshell.engine.errors import PgError
+    from pgshell.engine.export import timm_architecture
+
+    with pytest.raises(PgError, match="needs a timm model .*export onnx"):
+        timm_architecture(torchvision.models.resnet18())
+
+
 # ------------------------------------------------------------------ checkpoints and retention
 def test_checkpoints_lists_every_file_with_marks(trained):
     app, _ = trained

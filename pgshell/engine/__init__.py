@@ -13,13 +13,14 @@ from .errors import PgError
 _EXPORTS = {
     "ModelSpec": "models", "BuiltModel": "models", "build_model": "models", "list_models": "models",
     "resolve_name": "models", "freeze": "models", "unfreeze": "models", "count_params": "models",
-    "Splits": "data", "scan_folder": "data", "build_transform": "data", "ImageDataset": "data",
+    "read_weights": "models",
+    "Splits": "data", "resolve_data": "data", "scan_folder": "data", "build_transform": "data", "ImageDataset": "data",
     "Trainer": "train", "Callbacks": "train", "Position": "train",
     "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_latest": "checkpoint",
     "MetricsLog": "metrics", "read_rows": "metrics",
     "Runtime": "device", "resolve_runtime": "device",
     "evaluate_dataset": "evaluate", "classification_report": "evaluate", "predict_files": "evaluate",
-    "plot_series": "plot", "draw_png": "plot", "draw_text": "plot", "export_model": "export",
+    "plot_series": "plot", "draw_png": "plot", "draw_text": "plot", "export_model": "export", "export_timm": "export",
     "TensorBoardLog": "tensorboard", "lr_factor": "schedule", "schedule_notice": "schedule",
 }
 

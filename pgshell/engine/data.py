@@ -1,4 +1,4 @@
-"""Image folders in, reproducible batches out.
+"""Image folders (and label files, Hugging Face datasets: engine/_sources.py) in, reproducible batches out.
 
 The contract this module keeps: which images a batch holds, and how each one is augmented, depend only on
 (seed, epoch, sample index). Not on the number of loader workers, not on what the process did before. So a run
@@ -16,6 +16,7 @@ How:
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import os
 import random
@@ -43,6 +44,7 @@ IMG_EXTENSIONS: tuple[str, ...] = tuple(_TV_EXTENSIONS) + (".gif",)
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _TRAIN_DIR, _VAL_DIR, _TEST_DIR = "train", "val", "test"
+ARROW_PREFIX = "arrow:"  # a sample in a row of an Arrow table: arrow:FILE#COLUMN[ROW] (engine/_arrow.py)
 _ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white: logos/icons are usually drawn for white pages
 
 
@@ -73,6 +75,33 @@ class Splits:
             for _, label in samples:
                 rows[label][split_name] += 1
         return rows
+
+
+def resolve_data(path: str, split: float = 0.2, seed: int = 0, root: str | None = None, check: bool = True) -> Splits:
+    """Any data source pgshell reads -> Splits, each sample (path or Arrow row, class index):
+
+    - a folder of class folders, or of train/ val/ [test/] class folders: `scan_folder`
+    - a label file, .csv or .jsonl (.ndjson): one row per image with `path` and `label`, optionally `split`; paths
+      relative to `root` (default: the file's folder)
+    - a Hugging Face dataset: `hf:NAME[:CONFIG]` from the local datasets cache, or a folder `save_to_disk` wrote
+    Without a validation split, `split` of each class's training images is held out, seeded as for folders.
+    """
+    from . import _sources
+
+    kind = _sources.kind_of(path)
+    if root is not None and kind != "labels":
+        raise PgError(f"--root is for label files (.csv, .jsonl): it says where their relative paths start; "
+                      f"{path} is not one")
+    if kind == "labels":
+        return _sources.scan_label_file(path, root, split, seed, check)
+    if kind == "hf":
+        return _sources.scan_hf(path, split, seed, check)
+    return scan_folder(path, split, seed, check)
+
+
+def data_location(path: str) -> str:
+    """How a session file records a data source: `hf:` names as given, paths absolute."""
+    return path if path.startswith("hf:") else os.path.abspath(os.path.expanduser(path))
 
 
 def scan_folder(path: str, split: float = 0.2, seed: int = 0, check: bool = True) -> Splits:
@@ -122,8 +151,39 @@ def scan_folder(path: str, split: float = 0.2, seed: int = 0, check: bool = True
         all_files = _class_files(root, rejected)
         train_files, val_files, test_files = {}, {}, None
         for name, files in all_files.items():
-            train_files[name], val_files[name] = _split_class(files, split, seed, name)
+            train_files[name], val_files[name] = split_class(files, split, seed, name)
 
+    terms = Terms(
+        place=lambda split_name, name: (os.path.join(root, name) if split_name == _TRAIN_DIR and not has_train
+                                        else os.path.join(root, split_name, name)),
+        empty="empty class folder",
+        no_images=lambda bad: (f"no images found under {root}: expected class folders like {root}/cats/*.jpg, "
+                               f"or {root}/train/<class>/ and {root}/val/<class>/"
+                               + (f" ({len(bad)} files or folders rejected: see the scan's rejected list)"
+                                  if bad else "")),
+        one_class=lambda name: (f"{root} needs at least 2 classes to train a classifier, found only '{name}': "
+                                "add another class folder next to it"))
+    return assemble(train_files, val_files, test_files, layout, rejected, check, terms)
+
+
+@dataclass
+class Terms:
+    """How a data source names its parts in rejections and errors (a folder path, a label file's class, ...)."""
+
+    place: Callable[[str, str], str]  # (split, class) -> where the class's images of that split are
+    empty: str  # why a class without training images is left out
+    no_images: Callable[[list], str]  # the error when no class has training images; given what was rejected
+    one_class: Callable[[str], str]  # the error when only one class is left
+
+
+def assemble(train_files: dict[str, list[str]], val_files: dict[str, list[str]],
+             test_files: dict[str, list[str]] | None, layout: str, rejected: list[tuple[str, str]], check: bool,
+             terms: Terms, order: list[str] | None = None) -> Splits:
+    """{class: samples} per split -> Splits: the part every data source shares (engine/_sources.py uses it too).
+
+    check=True opens each sample's header and moves bad ones to `rejected`. Classes come in `order` (default:
+    sorted names); a class without training images is noted and left out rather than failing the scan.
+    """
     if check:
         bad = {}
         for files in (train_files, val_files, test_files or {}):
@@ -137,26 +197,21 @@ def scan_folder(path: str, split: float = 0.2, seed: int = 0, check: bool = True
             for name in files:
                 files[name] = [f for f in files[name] if f not in bad]
 
-    # A class needs training images; a class folder without any is noted and left out rather than failing the scan.
     classes = []
-    for name in sorted(train_files):
-        if train_files[name]:
+    for name in order or sorted(set(train_files) | set(val_files) | set(test_files or {})):
+        if train_files.get(name):
             classes.append(name)
             continue
-        where = os.path.join(root, _TRAIN_DIR, name) if has_train else os.path.join(root, name)
-        rejected.append((where, "empty class folder"))
+        if name in train_files or order is not None:
+            rejected.append((terms.place(_TRAIN_DIR, name), terms.empty))
         for split_name, files in ((_VAL_DIR, val_files), (_TEST_DIR, test_files or {})):
             if files.get(name):
-                rejected.append((os.path.join(root, split_name, name),
+                rejected.append((terms.place(split_name, name),
                                  f"class '{name}' has no training images: its {split_name} images are left out"))
-
     if not classes:
-        raise PgError(f"no images found under {root}: expected class folders like {root}/cats/*.jpg, "
-                      f"or {root}/train/<class>/ and {root}/val/<class>/"
-                      + (f" ({len(rejected)} files or folders rejected: see the scan's rejected list)" if rejected else ""))
+        raise PgError(terms.no_images(rejected))
     if len(classes) < 2:
-        raise PgError(f"{root} needs at least 2 classes to train a classifier, found only '{classes[0]}': "
-                      f"add another class folder next to it")
+        raise PgError(terms.one_class(classes[0]))
 
     def samples(files: dict[str, list[str]]) -> list[tuple[str, int]]:
         return [(f, index) for index, name in enumerate(classes) for f in files.get(name, [])]
@@ -199,7 +254,7 @@ def _is_image_name(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _split_class(files: list[str], split: float, seed: int, name: str) -> tuple[list[str], list[str]]:
+def split_class(files: list[str], split: float, seed: int, name: str) -> tuple[list[str], list[str]]:
     """(train, val) of one class: round(len * split) to val, at least 1 when the class has 2 or more images."""
     n = len(files)
     n_val = math.floor(n * split + 0.5)  # round half up: Python's round() would send 2.5 to 2
@@ -207,16 +262,18 @@ def _split_class(files: list[str], split: float, seed: int, name: str) -> tuple[
         n_val = min(max(n_val, 1), n - 1)
     shuffled = list(files)
     random.Random(f"{seed}/{name}").shuffle(shuffled)  # a str seed is hashed with sha512: stable everywhere
-    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+    held_out = set(shuffled[:n_val])
+    # in the given order (a folder's: sorted paths; a dataset's: its rows), so each split lists samples as its source
+    return [f for f in files if f not in held_out], [f for f in files if f in held_out]
 
 
 def check_image(path: str) -> str | None:
     """The reason `path` is not a usable image, from its size and header alone (fast: no decode), else None."""
     try:
-        if os.stat(path).st_size == 0:
-            return "empty file"
-        with Image.open(path) as im:
+        with Image.open(_source(path)) as im:
             return _bomb_reason(im.size)
+    except BadImage as exc:
+        return str(exc)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning, under -W error
         return f"decompression bomb ({_pixels_in(exc)} pixels)"
     except UnidentifiedImageError:
@@ -227,6 +284,40 @@ def check_image(path: str) -> str | None:
         return f"unreadable ({exc.strerror or exc})"
     except (SyntaxError, ValueError, EOFError) as exc:  # some PIL plugins signal a broken header this way
         return f"corrupt header ({exc})"
+
+
+def _source(path: str):
+    """What PIL opens for a sample: its file, or the bytes in a row of an Arrow table (a Hugging Face dataset's
+    sample, `arrow:FILE#COLUMN[ROW]`). BadImage for what is empty or not there; OSError from the file system."""
+    if not path.startswith(ARROW_PREFIX):
+        if os.stat(path).st_size == 0:
+            raise BadImage("empty file")
+        return path
+    from . import _arrow
+
+    try:
+        data, file = _arrow.image_cell(path)
+    except FileNotFoundError:
+        raise BadImage("file not found (moved or deleted since the scan?)") from None
+    except (KeyError, IndexError, ValueError, OSError) as exc:  # pyarrow's errors are ValueErrors and OSErrors
+        raise BadImage(f"unreadable row ({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") \
+            from None
+    if data is None:  # a dataset that refers to image files instead of holding their bytes
+        if not file:
+            raise BadImage("no image in this row")
+        return _source(file)
+    if not data:
+        raise BadImage("empty file")
+    return io.BytesIO(data)
+
+
+def sample_file(path: str) -> str:
+    """The file holding a sample's bytes (an Arrow row's table file): what a cache key stats."""
+    if path.startswith(ARROW_PREFIX):
+        from . import _arrow
+
+        return _arrow.parse(path)[0]
+    return path
 
 
 def find_undecodable(paths) -> list[tuple[str, str]]:
@@ -270,9 +361,7 @@ def load_image(path: str) -> Image.Image:
     - CMYK, YCbCr, 1-bit, grey, palette: PIL's conversion.
     """
     try:
-        if os.stat(path).st_size == 0:
-            raise BadImage("empty file")
-        im = Image.open(path)
+        im = Image.open(_source(path))
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # the warning, under -W error

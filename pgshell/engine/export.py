@@ -1,12 +1,14 @@
 """Export a model to TorchScript or ONNX, with what a user of the file needs beside it: class names and the
-preprocessing (input size, mean/std, interpolation, crop_pct) in PATH.json. Each export is checked by running the
-written file on an input and comparing with the PyTorch model (ONNX: when onnxruntime is installed).
+preprocessing (input size, mean/std, interpolation, crop_pct) in PATH.json; or as timm publishes one (a folder of
+model.safetensors + config.json that timm.create_model and the Hugging Face Hub take). Each export is checked by
+running the written file on an input and comparing with the PyTorch model (ONNX: when onnxruntime is installed).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -101,3 +103,69 @@ def _run_onnx(path: Path, example: torch.Tensor) -> torch.Tensor | None:
         return None
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(["logits"], {"input": example.numpy()})[0]).float()
+
+
+# ---------------------------------------------------------------------------------------------- timm / Hugging Face
+_TIMM_FILES = ("model.safetensors", "config.json")
+
+
+def timm_architecture(module: torch.nn.Module) -> str:
+    """The timm architecture `module` was built as, or PgError: only a timm model has a config timm can rebuild."""
+    import timm
+
+    arch = (getattr(module, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch or not timm.is_model(arch) or not hasattr(module, "num_classes"):
+        raise PgError("`export timm` writes what timm.create_model rebuilds, so it needs a timm model (this one is "
+                      "not): use `export onnx` or `export torchscript`")
+    return arch
+
+
+def export_timm(module: torch.nn.Module, folder: str | os.PathLike, classes: list[str], preproc: dict) -> dict:
+    """Write `module` the way timm publishes a model: FOLDER/model.safetensors + FOLDER/config.json (architecture,
+    num_classes, label_names, model_args, and a pretrained_cfg holding `preproc`, the eval preprocessing used).
+
+    timm's own `save_for_hf` writes both, so `timm.create_model("local-dir:FOLDER", pretrained=True)`, or after an
+    upload `timm.create_model("hf-hub:ORG/NAME", pretrained=True)`, rebuilds the model. Written into a temporary
+    folder first and moved file by file: a failed export leaves an older one whole. Check it with check_timm().
+    """
+    from timm.models import save_for_hf
+
+    arch = timm_architecture(module)
+    folder = Path(folder).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise PgError(f"{folder} is a file: `export timm` writes a folder (model.safetensors + config.json)")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+    data_config = {"input_size": tuple(preproc["input_size"]), "mean": tuple(preproc["mean"]),
+                   "std": tuple(preproc["std"]), "interpolation": preproc["interpolation"],
+                   "crop_pct": preproc["crop_pct"], "crop_mode": preproc["crop_mode"]}
+    try:
+        # channels_last weights (a GPU run) are not contiguous, which safetensors refuses: back to the plain layout
+        module = module.cpu().to(memory_format=torch.contiguous_format).eval()
+        save_for_hf(module, str(tmp), model_config={"label_names": list(classes)},
+                    safe_serialization=True, data_config=data_config)
+        folder.mkdir(exist_ok=True)
+        for name in _TIMM_FILES:
+            os.replace(tmp / name, folder / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"format": "timm", "folder": str(folder), "files": list(_TIMM_FILES), "architecture": arch,
+            "num_classes": int(module.num_classes), "classes": list(classes), "preprocessing": preproc}
+
+
+def check_timm(module: torch.nn.Module, folder: str | os.PathLike, preproc: dict) -> float:
+    """Rebuild the exported folder with timm's own loader and return the largest logit difference from `module` on
+    a random batch; PgError when they disagree. Builds a model: the caller keeps other threads' RNG use apart."""
+    import timm
+
+    _, h, w = preproc["input_size"]
+    example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.random.fork_rng(devices=[]):  # the rebuild's throwaway initialisation leaves the global stream alone
+        rebuilt = timm.create_model(f"local-dir:{Path(folder).resolve()}", pretrained=True).eval()
+    with torch.no_grad():
+        expected, got = module.cpu().eval()(example).float(), rebuilt(example).float()
+    diff = float((got - expected).abs().max())
+    if not diff <= 1e-5 * max(1.0, float(expected.abs().max())):
+        raise PgError(f"timm rebuilds {folder} with outputs up to {diff:.3g} away from the model's: the model holds "
+                      "state its timm config does not describe; use `export onnx` instead")
+    return diff

@@ -73,7 +73,7 @@ def _key(samples, side: int, resize_desc: str) -> str:
     h = hashlib.sha256(f"{side}|{resize_desc}".encode())
     for path, label in samples:
         try:
-            st = os.stat(path)
+            st = os.stat(D.sample_file(path))  # a dataset's row: its table file (the row is in `path`)
             h.update(f"{path}|{st.st_mtime_ns}|{st.st_size}|{label}\n".encode())
         except OSError:
             h.update(f"{path}|missing\n".encode())

@@ -1,13 +1,16 @@
 """Models: name them, build them with a new classifier head, load weights, freeze and unfreeze their parts.
 
 Three sources, one result (`BuiltModel`):
-  timm         "resnet50", "vit_small_patch16_224.dino", any `timm.list_models(pretrained=True)` name
+  timm         "resnet50", "vit_small_patch16_224.dino", any `timm.list_models(pretrained=True)` name;
+               "hf-hub:ORG/NAME" (a Hub repo) and a model folder ("path/to/folder" or "local-dir:PATH": timm's
+               config.json + model.safetensors, as `export timm` writes it)
   torchvision  "tv:resnet50" — the seed's `models.resnet50(weights=ResNet50_Weights.DEFAULT)` path
-  file         "path/to/file.py:factory" — the user's own model
+  file         "path/to/file.py:factory" — the user's own model (its `pretrained_cfg`, if any, sets the preprocessing)
 
-Pretrained weights always come through the library's own loader and cache (timm: the Hugging Face hub cache;
-torchvision: the torch hub cache), so a cache copied from a machine with internet works offline. A local
-`--weights FILE` is read by `load_weights_file` with `weights_only=True` or safetensors: never arbitrary pickles.
+Pretrained weights always come through the library's own loader and cache (timm: the Hugging Face hub cache or the
+model folder; torchvision: the torch hub cache), so a cache copied from a machine with internet works offline. A
+local `--weights FILE` is read by `read_weights`, which tells the format by content (safetensors, or torch.save with
+`weights_only=True`): never arbitrary pickles, whatever the file is called.
 
 Freezing is `requires_grad` only (no module swapping), so parameter counts and state-dict keys never change;
 `frozen_bn_to_eval` keeps the running statistics of frozen BatchNorm layers fixed, which `requires_grad` alone
@@ -47,6 +50,7 @@ from .errors import PgError
 
 __all__ = [
     "SEED_FAMILIES", "ModelSpec", "BuiltModel", "resolve_name", "list_models", "build_model", "load_weights_file",
+    "read_weights",
     "freeze", "unfreeze", "stages", "count_params", "frozen_bn_to_eval", "weights_status", "check_input_size",
 ]
 
@@ -77,13 +81,21 @@ SEED_FAMILIES: list[dict[str, Any]] = [
 _SEEDS = {row["name"]: row for row in SEED_FAMILIES}
 
 _TV_PREFIXES = ("tv:", "torchvision:")
+_LOCAL_DIR = "local-dir:"  # timm's prefix for a model folder (config.json + weights), as create_model takes it
 _TV_IMAGENET_CLASSES = 1000  # every torchvision classification builder's default num_classes
 # torchvision models whose auxiliary classifiers make a train-mode forward return a tuple instead of logits
 _TV_NO_AUX = {"googlenet", "inception_v3"}
 # the files timm's hub loader looks for, in its order of preference (timm.models._hub)
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
                     "open_clip_pytorch_model.bin")
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+# a model folder's weights, in the order timm's local-dir loader prefers them (timm.models._hub)
+_FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
+                        "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# where training code keeps the weights inside a checkpoint; EMA weights first, as timm's own loader prefers them
+_EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
+_CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# what wrapping modules put before every key: DataParallel/DDP, Lightning's attribute, a backbone inside a bigger net
+_KEY_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 
 
 @dataclass
@@ -93,7 +105,7 @@ class ModelSpec:
     name: str  # as the user typed it: "resnet50", "tv:resnet50", "vit_small_patch16_224.dino", "file.py:factory"
     num_classes: int  # outputs of the new classifier head
     pretrained: bool = False  # load the source's pretrained weights (timm hub / torchvision weights)
-    weights: str = ""  # a local .pth/.pt/.bin/.safetensors file to load instead of the source's weights
+    weights: str = ""  # a local weights file (any torch.save or safetensors file) or model folder, loaded instead
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -140,6 +152,9 @@ def resolve_name(name: str) -> tuple[str, str]:
     name = name.strip()
     if not name:
         raise PgError("give a model name, e.g. resnet18; type `models` to list the usual ones")
+    folder = _model_folder(name)
+    if folder is not None:
+        return "timm", f"{_LOCAL_DIR}{folder}"
     if _is_file_name(name):
         path, factory = _split_file_name(name)
         return "file", f"{path}:{factory}"
@@ -173,6 +188,22 @@ def _unknown_model(name: str, candidates: list[str]) -> PgError:
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return PgError(f"unknown model {name!r}: {hint}type `models PATTERN` to search timm and torchvision "
                    "(e.g. `models resnet*`)")
+
+
+def _model_folder(name: str) -> Path | None:
+    """The folder a name points at when it is a model folder in the timm / Hugging Face layout (config.json naming
+    the architecture, beside the weights): 'local-dir:PATH' or a path to such a folder. None for other names."""
+    explicit = name.lower().startswith(_LOCAL_DIR)
+    path = Path(name[len(_LOCAL_DIR):] if explicit else name).expanduser()
+    if not explicit and not path.is_dir():
+        return None
+    if (path / "config.json").is_file():
+        return path.resolve()
+    if explicit or "/" in name:  # a bare word that is also a folder here may still be a model name
+        raise PgError(f"{path} is not a model folder: it needs config.json (timm's, naming the architecture) beside "
+                      f"model.safetensors; to load weights alone, name the architecture: `load resnet18 --weights "
+                      f"{path}`")
+    return None
 
 
 def _is_file_name(name: str) -> bool:
@@ -308,6 +339,9 @@ def weights_status(full_name: str, source: str) -> str:
 
 
 def _timm_weights_status(full_name: str) -> str:
+    if full_name.startswith(_LOCAL_DIR):
+        folder = Path(full_name[len(_LOCAL_DIR):])
+        return "cached" if any((folder / f).is_file() for f in _FOLDER_WEIGHT_FILES) else "-"
     if full_name.lower().startswith(("hf-hub:", "hf_hub:")):
         return "cached" if _hf_cached(full_name.split(":", 1)[1], _HF_WEIGHT_FILES) else "download"
     try:
@@ -337,6 +371,8 @@ def _torch_hub_file(url: str) -> Path:
 
 
 def _weights_cache_dir(source: str, full_name: str) -> str:
+    if full_name.startswith(_LOCAL_DIR):
+        return full_name[len(_LOCAL_DIR):]
     if source == "timm":
         cfg = None if ":" in full_name else timm.models.get_pretrained_cfg(full_name)
         if cfg is not None and not cfg.hf_hub_id and cfg.url:
@@ -362,6 +398,10 @@ def _online(source: str, timeout: float = 3.0) -> bool:
 def _pretrained_error(source: str, full_name: str, exc: BaseException) -> PgError:
     """A failed pretrained load: say where the libraries looked and the two ways out."""
     cache = _weights_cache_dir(source, full_name)
+    if full_name.startswith(_LOCAL_DIR):
+        return PgError(f"timm could not load the model folder {cache} ({str(exc).strip()[:200] or type(exc).__name__})"
+                       ": it needs timm's config.json (with 'architecture') and model.safetensors or "
+                       "pytorch_model.bin holding plain tensors — `export timm FOLDER` writes one")
     if weights_status(full_name, source) == "cached":
         return PgError(f"the cached pretrained weights of {full_name} in {cache} failed to load ({exc}): delete "
                        "them so they download again, or pass a local file with --weights FILE")
@@ -389,6 +429,9 @@ def build_model(spec: ModelSpec) -> BuiltModel:
         raise PgError(f"a classifier needs at least 1 class, not {spec.num_classes}: check the data set")
     source, full_name = resolve_name(spec.name)
     pretrained = spec.pretrained and not spec.weights
+    if pretrained and weights_status(full_name, source) == "-" and full_name.startswith(_LOCAL_DIR):
+        raise PgError(f"{full_name[len(_LOCAL_DIR):]} has config.json but no weights "
+                      f"({', '.join(_FOLDER_WEIGHT_FILES[:2])}): copy them beside it, or load without --pretrained")
     if pretrained and weights_status(full_name, source) == "-":
         raise PgError(f"{full_name} has no pretrained weights: build it without --pretrained, pass --weights FILE, "
                       f"or pick a pretrained tag with `models {full_name.split(':')[-1].partition('.')[0]}*`")
@@ -417,6 +460,10 @@ def _build_timm(full_name: str, num_classes: int, pretrained: bool) -> BuiltMode
         # downloads (huggingface_hub and urllib errors are OSErrors) and damaged or unsafe cached files; the message
         # keeps the original error
         raise _pretrained_error("timm", full_name, exc) from exc
+    except (KeyError, ValueError, TypeError, AssertionError) as exc:
+        if ":" not in full_name:  # a registry name: timm's own bug, not the user's file
+            raise
+        raise _pretrained_error("timm", full_name, exc) from exc  # a config.json timm cannot read
     return BuiltModel(module=module, head=_param_names_of(module, _timm_head_modules(module)),
                       data_config=timm.data.resolve_model_data_config(module), source="timm",
                       full_name=full_name, is_convnet=_looks_convolutional(module))
@@ -488,7 +535,7 @@ def _default_data_config() -> dict[str, Any]:
 
 def _build_from_file(full_name: str, num_classes: int) -> BuiltModel:
     path, factory_name = _split_file_name(full_name)
-    factory = _import_factory(path, factory_name)
+    factory, user_module = _import_factory(path, factory_name)
     takes_classes = _accepts_num_classes(factory)
     try:
         module = factory(num_classes=num_classes) if takes_classes else factory()
@@ -510,8 +557,26 @@ def _build_from_file(full_name: str, num_classes: int) -> BuiltModel:
     else:
         head_name = _replace_classifier(module, num_classes, expected_classes=None)
         head = [f"{head_name}.{p}" for p, _ in module.get_submodule(head_name).named_parameters()]
-    return BuiltModel(module=module, head=head, data_config=timm.data.resolve_model_data_config(module),
+    return BuiltModel(module=module, head=head, data_config=_file_data_config(module, user_module, path),
                       source="file", full_name=full_name, is_convnet=_looks_convolutional(module))
+
+
+def _file_data_config(module: nn.Module, user_module, path: Path) -> dict[str, Any]:
+    """The preprocessing of a model from the user's file: its own `pretrained_cfg` (timm's convention: an attribute
+    of the model, or a module-level dict in the file), else timm's defaults. A CIFAR model trained without a border
+    crop says `pretrained_cfg = dict(input_size=(3, 32, 32), crop_pct=1.0, mean=..., std=...)`."""
+    declared = getattr(module, "pretrained_cfg", None)
+    if declared is None and isinstance(getattr(user_module, "pretrained_cfg", None), dict):
+        declared = dict(user_module.pretrained_cfg)
+        module.pretrained_cfg = declared  # where timm (resolve_model_data_config, export) looks for it
+    if declared is not None and not isinstance(declared, dict):
+        raise PgError(f"pretrained_cfg in {path} is a {type(declared).__name__}: make it a dict, e.g. "
+                      "dict(input_size=(3, 32, 32), crop_pct=1.0, mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))")
+    try:
+        return timm.data.resolve_model_data_config(module)
+    except (TypeError, ValueError, AssertionError, KeyError) as exc:
+        raise PgError(f"pretrained_cfg in {path} is not a timm data config ({type(exc).__name__}: {exc}): give "
+                      "input_size=(3, H, W), mean, std, crop_pct, interpolation") from None
 
 
 def _import_factory(path: Path, factory_name: str):
@@ -532,7 +597,7 @@ def _import_factory(path: Path, factory_name: str):
         found = [n for n, v in vars(user_module).items() if callable(v) and not n.startswith("_")
                  and getattr(v, "__module__", None) == module_name]
         raise PgError(f"{path} has no function {factory_name!r}; its functions: {', '.join(found) or 'none'}")
-    return factory
+    return factory, user_module
 
 
 def _accepts_num_classes(factory) -> bool:
@@ -593,86 +658,169 @@ def _looks_convolutional(module: nn.Module) -> bool:
 
 
 def load_weights_file(built: BuiltModel, path: str | os.PathLike) -> str:
-    """Load a local .safetensors/.pth/.pt/.bin state dict into `built`; return a one-line report.
+    """Load a local weights file (or a timm/Hugging Face model folder) into `built`; return a one-line report.
 
-    The head is loaded when its shapes match and skipped on a class-count mismatch (fine-tuning a checkpoint on new
-    classes). Any other tensor that does not fit means the file belongs to another model: PgError, nothing loaded.
+    The format is read from the content, never the name (see `read_weights`). A common prefix (`module.`, `model.`,
+    ...) is removed when that makes the keys name the model's tensors; with a prefix, tensors outside it belong to
+    other parts of the training code (a Lightning module's loss, metrics) and are left out. The head is loaded when
+    its shapes match and skipped on a class-count mismatch (fine-tuning a checkpoint on new classes). Any other
+    tensor that does not fit means the file belongs to another model: PgError, nothing loaded.
     """
     file = Path(path).expanduser()
-    state = _read_state_dict(file)
+    state, where = read_weights(file)
     own = built.module.state_dict()
+    prefix = _best_prefix(list(state), own)
+    ours = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     head = set(built.head)
-    to_load: dict[str, torch.Tensor] = {}
-    skipped_head: list[str] = []
-    mismatched: list[str] = []
-    for key, tensor in state.items():
-        if key in own and own[key].shape == tensor.shape:
-            to_load[key] = tensor
-        elif key in head:
-            skipped_head.append(key)
-        elif key in own:
-            mismatched.append(f"{key} {tuple(tensor.shape)} vs {tuple(own[key].shape)}")
-        else:
-            mismatched.append(f"{key} (not in the model)")
-    if mismatched:
-        examples = "; ".join(mismatched[:3])
-        raise PgError(f"{len(mismatched)} of {len(state)} tensors in {file} don't match {built.full_name} "
-                      f"(e.g. {examples}): is this file for another model? Load the model it was saved from")
-    if not to_load:
-        raise PgError(f"no tensor in {file} fits {built.full_name}: is this file for another model?")
+    to_load = {k: v for k, v in ours.items() if k in own and own[k].shape == v.shape}
+    skipped_head = [k for k in ours if k in head and k not in to_load]
+    unfit = [k for k in ours if k not in to_load and k not in head]
+    if unfit or not to_load:
+        raise _mismatch(file, built, ours, to_load, unfit, prefix)
     built.module.load_state_dict(to_load, strict=False)
-    missing = [k for k in own if k not in state and k not in head]
-    report = f"loaded {len(to_load)} tensors from {file.name}"
+    notes = [f"loaded {len(to_load)} tensors from {file.name}"]
+    notes += [f"the weights under {where!r}"] if where else []
+    notes += [f"prefix {prefix!r} removed"] if prefix else []
+    if len(ours) < len(state):
+        notes.append(f"{len(state) - len(ours)} other tensors of the checkpoint left out")
     if skipped_head:
-        report += f"; head skipped ({', '.join(skipped_head)}: another class count, trained from scratch)"
+        notes.append(f"head skipped ({', '.join(skipped_head)}: another class count, trained from scratch)")
+    missing = [k for k in own if k not in ours and k not in head]
     if missing:
-        report += f"; {len(missing)} model tensors not in the file keep their initial values"
-    return report
+        notes.append(f"{len(missing)} model tensors not in the file keep their initial values")
+    return "; ".join(notes)
 
 
-def _read_state_dict(file: Path) -> dict[str, torch.Tensor]:
-    """A flat {name: tensor} dict from a weight file, never unpickling anything but plain tensors and containers."""
+def _mismatch(file: Path, built: BuiltModel, ours: dict, fitting: dict, unfit: list[str], prefix: str) -> PgError:
+    """Say how much matched, with two examples of each side, so the user can tell a prefix problem from a wrong
+    model."""
+    own = built.module.state_dict()
+    only_model = [k for k in own if k not in fitting and k not in built.head][:2]
+    shapes = [f"{k} {tuple(ours[k].shape)} vs {tuple(own[k].shape)}" for k in unfit if k in own][:2]
+    only_file = [k for k in unfit if k not in own][:2]
+    sides = [f"only in the file: {', '.join(only_file)}" if only_file else "",
+             f"only in the model: {', '.join(only_model)}" if only_model else "",
+             f"other shapes: {'; '.join(shapes)}" if shapes else ""]
+    removed = f" after removing the prefix {prefix!r}" if prefix else ""
+    return PgError(f"{len(ours) - len(fitting)} of {len(ours)} tensors in {file} don't match {built.full_name} "
+                   f"({len(fitting)} match{removed}; {'; '.join(s for s in sides if s)}): is this file for another "
+                   "model? Load the model it was saved from")
+
+
+def _best_prefix(keys: list[str], own: dict[str, torch.Tensor]) -> str:
+    """The prefix ('' for none) whose removal makes the most keys name a tensor of the model: `module.` (DataParallel),
+    `model.` (Lightning), `backbone.`/`encoder.` (a feature extractor inside a bigger model), nested ones too."""
+    candidates: set[str] = set()
+    for key in keys:
+        prefix = ""
+        while True:
+            word = next((p for p in _KEY_PREFIXES if key.startswith(prefix + p)), None)
+            if word is None:
+                break
+            prefix += word
+            candidates.add(prefix)
+
+    def hits(prefix: str) -> int:
+        return sum(1 for k in keys if k.startswith(prefix) and k[len(prefix):] in own)
+
+    best, best_hits = "", hits("")
+    for prefix in sorted(candidates, key=len):  # the shortest of equally good prefixes
+        if hits(prefix) > best_hits:
+            best, best_hits = prefix, hits(prefix)
+    return best
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """({name: tensor}, the container it came from, '' for a plain state dict) from a weights file or model folder.
+
+    Recognised by content, whatever the extension (.th, .pth.tar, .ckpt, .bin, ...): safetensors (its JSON header),
+    a torch.save file (zip or legacy), always with weights_only=True so no pickled code ever runs; a folder in the
+    timm / Hugging Face layout (config.json beside model.safetensors or pytorch_model.bin). Training checkpoints keep
+    the weights in containers (`state_dict`, `model`, `module`; EMA weights under `ema`, `model_ema`,
+    `state_dict_ema`): they are stepped into, EMA first, as timm's own loader does.
+    """
+    file = Path(path).expanduser()
+    if file.is_dir():
+        file = _weights_in_folder(file)
     if not file.is_file():
         raise PgError(f"weights file {file} does not exist: check the path")
-    suffix = file.suffix.lower()
-    if suffix == ".safetensors":
+    kind = _sniff(file)
+    if kind == "safetensors":
         try:
             obj: Any = safetensors.torch.load_file(str(file), device="cpu")
         except (SafetensorError, OSError) as exc:
             raise PgError(f"{file} is not a readable safetensors file ({exc}): re-save it with "
                           "safetensors.torch.save_file(model.state_dict(), FILE)") from exc
-    elif suffix in _TORCH_SUFFIXES:
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise PgError(f"{file} is not a plain state dict (it holds pickled objects, which are not loaded for "
-                          "safety): re-save it with torch.save(model.state_dict(), FILE)") from exc
-        except (RuntimeError, EOFError, OSError) as exc:
-            raise PgError(f"{file} is not a readable PyTorch file ({exc}): re-save it with "
-                          "torch.save(model.state_dict(), FILE)") from exc
+    elif kind == "torch":
+        obj = _torch_load(file)
     else:
-        raise PgError(f"{file} has an unknown weights format: use .safetensors, or {', '.join(_TORCH_SUFFIXES)} "
-                      "saved with torch.save(model.state_dict(), FILE)")
-    obj = _unwrap_checkpoint(obj)
+        raise PgError(f"{file} is not a weights file (unknown weights format: neither safetensors nor a torch.save "
+                      "file): save the weights with torch.save(model.state_dict(), FILE) or safetensors")
+    obj, where = _unwrap_checkpoint(obj)
     state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)} \
         if isinstance(obj, dict) else {}
     if not state:
         raise PgError(f"{file} holds no tensors: save it with torch.save(model.state_dict(), FILE)")
-    if all(k.startswith("module.") for k in state):  # saved from nn.DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return state, where
 
 
-def _unwrap_checkpoint(obj: Any) -> Any:
-    """Training checkpoints keep the weights under 'state_dict', 'model' or 'module'; step into those."""
-    for _ in range(3):
+def _sniff(file: Path) -> str:
+    """'safetensors' | 'torch' | '' from the first bytes: a name says nothing (.th, .ckpt, .pth.tar are all
+    torch.save files)."""
+    with open(file, "rb") as f:
+        head = f.read(16)
+    if head.startswith(b"PK\x03\x04"):  # torch.save's zip format (torch >= 1.6)
+        return "torch"
+    if head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= file.stat().st_size - 8:
+        return "safetensors"  # an 8-byte little-endian header length, then the JSON header
+    if head[:2] == b"\x80\x02":  # a protocol-2 pickle: torch.save's legacy format (the magic number comes first)
+        return "torch"
+    return ""
+
+
+def _torch_load(file: Path) -> Any:
+    try:
+        with open(file, "rb") as f:  # a file object: torch.load must not pick a reader by the name either
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line), "")
+        raise PgError(f"{file} is not a plain state dict (it holds pickled objects{': ' + found if found else ''}, "
+                      "which are not loaded for safety): re-save it with torch.save(model.state_dict(), FILE)"
+                      ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:
+        raise PgError(f"{file} is not a readable PyTorch file ({str(exc).splitlines()[0] if str(exc) else exc}): "
+                      "re-save it with torch.save(model.state_dict(), FILE)") from None
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    for name in _FOLDER_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return folder / name
+    raise PgError(f"{folder} holds none of {', '.join(_FOLDER_WEIGHT_FILES[:2])}: give the weights file itself, "
+                  "or a model folder in the timm / Hugging Face layout")
+
+
+def _unwrap_checkpoint(obj: Any) -> tuple[Any, str]:
+    """Step into the containers training checkpoints keep the weights in; EMA weights first. Returns the state dict
+    and where it was ('ema/module'; '' when the file is a plain state dict)."""
+    path: list[str] = []
+    for _ in range(4):
         if not isinstance(obj, dict):
             break
-        inner = next((obj[k] for k in ("state_dict", "model", "module") if isinstance(obj.get(k), dict)), None)
-        if inner is None:
+        # a container key holding a dict of tensors, even beside stray tensors ({"epoch": tensor(3), ...}); a state
+        # dict's own keys are dotted parameter names, never a bare "model" holding a dict
+        key = next((k for k in (*_EMA_KEYS, *_CONTAINER_KEYS) if _holds_tensors(obj.get(k))), None)
+        if key is None:
             break
-        obj = inner
-    return obj
+        path.append(key)
+        obj = obj[key]
+    return obj, "/".join(path)
+
+
+def _holds_tensors(obj: Any, depth: int = 4) -> bool:
+    """A dict with tensors in it, at most `depth` containers down (an EMA's settings hold none)."""
+    return isinstance(obj, dict) and depth > 0 and any(
+        isinstance(v, torch.Tensor) or _holds_tensors(v, depth - 1) for v in obj.values())
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -118,8 +118,10 @@ class Session:
         torch.manual_seed(self.config.seed)  # the new head's initialisation follows the seed
         return M.build_model(spec)
 
-    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False) -> Any:
-        """Scan an image folder into splits. `check` also decodes every image, adding those that fail to
+    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False,
+                    root: str | None = None) -> Any:
+        """Scan an image folder (or a label file with paths from `root`, or a Hugging Face dataset) into splits.
+        `check` also decodes every image, adding those that fail to
         `splits.rejected` (they stay in their split, skipped when loaded, so the split is the same either way)."""
         from ..engine import data as D
         from ..engine import models as M
@@ -129,11 +131,13 @@ class Session:
             raise PgError(f"--split must be between 0 and 1 (the validation fraction), not {split}")
         if size < 0 or size > 4096:
             raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
-        splits = D.scan_folder(path, split=split, seed=self.config.seed)
+        splits = D.resolve_data(path, split=split, seed=self.config.seed, root=root)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
         self.splits = splits
-        self.data = {"path": str(Path(path).resolve()), "split": split, "size": size}
+        self.data = {"path": D.data_location(path), "split": split, "size": size}
+        if root is not None:
+            self.data["root"] = str(Path(root).expanduser().resolve())
         self.trainer, self.target, self.worker.job = None, None, None
         self.dirty = True
         self.quarantine(splits.rejected)

@@ -209,7 +209,7 @@ def _reattach_data(s, data: dict) -> None:
 
     s.data = data
     try:
-        s.splits = D.scan_folder(data["path"], split=data["split"], seed=s.config.seed)
+        s.splits = D.resolve_data(data["path"], split=data["split"], seed=s.config.seed, root=data.get("root"))
         s.quarantine(s.splits.rejected)  # files gone bad since
     except PgError as e:
         s.notify(f"data not attached: {e} — `data PATH` to attach it again")

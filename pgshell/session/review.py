@@ -263,6 +263,19 @@ def export(s: "Session", fmt: str, path: str, checkpoint: str | None = None) -> 
     return export_model(module, fmt, path, info)
 
 
+def export_timm(s: "Session", folder: str, checkpoint: str | None = None) -> dict:
+    """The model (live or a checkpoint) as timm publishes one: FOLDER/model.safetensors + config.json with its class
+    names and the eval preprocessing it was trained with, then rebuilt by timm and compared."""
+    from ..engine.export import check_timm, export_timm as write, preprocessing, timm_architecture
+
+    module, classes, size, data_config, source = _model_for_use(s, checkpoint)
+    timm_architecture(module)  # before any file is written
+    info = write(module, folder, classes, preprocessing(data_config, size))
+    info["check"] = {"max_abs_diff": s.apply(lambda: check_timm(module, folder, info["preprocessing"])),
+                     "by": f"timm.create_model('local-dir:{folder}', pretrained=True)"}
+    return {**info, "model": source["model"], "source": {k: v for k, v in source.items() if k != "model"}}
+
+
 # ====================================================================== graphs
 def _rows_of(source: str) -> tuple[str, list[dict]]:
     """(name, metrics rows) of a .session file, a session folder or a metrics.csv file."""

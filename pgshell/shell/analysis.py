@@ -123,18 +123,26 @@ class AnalysisCommands(CommandSet):
         self._cmd.last_result = res
 
     export_parser = parser("Write the model (or a checkpoint's) as ONNX or TorchScript, with PATH.json beside it: "
-                           "class names and preprocessing (input size, mean/std, interpolation, crop_pct). The written "
-                           "file is run once and compared with the PyTorch model.", "export onnx model.onnx")
-    export_parser.add_argument("format", choices=("onnx", "torchscript"))
-    export_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="the file to write")
+                           "class names and preprocessing (input size, mean/std, interpolation, crop_pct); or as timm "
+                           "publishes one: `export timm FOLDER` writes model.safetensors + config.json (architecture, "
+                           "class names, the preprocessing used), which timm.create_model, `load FOLDER` and the "
+                           "Hugging Face Hub take. The written files are run once and compared with the PyTorch model.",
+                           "export onnx model.onnx")
+    export_parser.add_argument("format", choices=("onnx", "torchscript", "timm"))
+    export_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="the file to write (timm: a folder)")
     export_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
 
     @with_argparser(export_parser)
     def do_export(self, args):
         """Export the model."""
-        info = A.export(self._cmd.session, args.format, args.path, args.checkpoint)
+        if args.format == "timm":
+            info = A.export_timm(self._cmd.session, args.path, args.checkpoint)
+            written = f"{args.path}/model.safetensors and {args.path}/config.json"
+        else:
+            info = A.export(self._cmd.session, args.format, args.path, args.checkpoint)
+            written = f"{args.path} and {args.path}.json"
         diff = info["check"]["max_abs_diff"]
         check = (f"checked with {info['check']['by']}: max difference {diff:.2g}" if diff is not None
                  else info["check"]["by"])
-        self._cmd.poutput(f"wrote {args.path} and {args.path}.json ({check})")
+        self._cmd.poutput(f"wrote {written} ({check})")
         self._cmd.last_result = info

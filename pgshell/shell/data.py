@@ -12,12 +12,19 @@ from ._common import parser
 class DataCommands(CommandSet):
     DEFAULT_CATEGORY = "Data"
 
-    data_parser = parser("Attach an image folder: class folders (split into train/val by --split), or train/ and val/ "
-                         "(and optional test/) folders of class folders. Bad images are listed, not fatal.",
+    data_parser = parser("Attach a dataset: an image folder of class folders (split into train/val by --split), or of "
+                         "train/ and val/ (and optional test/) folders of class folders; a label file (.csv with a "
+                         "header, or .jsonl) with the columns path, label and optionally split (train, val, test); "
+                         "a Hugging Face dataset, hf:NAME[:CONFIG] from the local datasets cache or a folder written "
+                         "by save_to_disk, its train/validation/test splits used as such. Without a validation split, "
+                         "--split of each class is held out. Bad images are listed, not fatal.",
                          "data data/digits --split 0.2 --size 64")
-    data_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="the dataset folder")
+    data_parser.add_argument("path", completer=cmd2.Cmd.path_complete,
+                             help="a folder, labels.csv / labels.jsonl, hf:NAME[:CONFIG] or a save_to_disk folder")
     data_parser.add_argument("--split", type=float, default=0.2, help="validation fraction when there is no val/ (0.2)")
     data_parser.add_argument("--size", type=int, default=0, help="image size in pixels (default: the model's own)")
+    data_parser.add_argument("--root", metavar="DIR", completer=cmd2.Cmd.path_complete,
+                             help="where a label file's relative paths start (default: the file's folder)")
     data_parser.add_argument("--check", action="store_true",
                              help="also decode every image (slower) and list every rejected file and why")
 
@@ -26,7 +33,7 @@ class DataCommands(CommandSet):
         """Attach a dataset."""
         from tabulate import tabulate
 
-        splits = self._cmd.session.attach_data(args.path, args.split, args.size, check=args.check)
+        splits = self._cmd.session.attach_data(args.path, args.split, args.size, check=args.check, root=args.root)
         rows = splits.counts()
         has_test = any(r.get("test") for r in rows)
         cols = ["class", "train", "val"] + (["test"] if has_test else [])

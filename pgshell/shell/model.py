@@ -35,21 +35,29 @@ class ModelCommands(CommandSet):
         self._cmd.last_result = rows
 
     load_parser = parser("Build MODEL and give it a new classifier head for the data's classes. Any timm name works, "
-                         "torchvision models as tv:NAME, your own as path/file.py:factory.",
+                         "torchvision models as tv:NAME, your own as path/file.py:factory; a Hub repo as "
+                         "hf-hub:ORG/NAME and a model folder (timm's config.json + model.safetensors, as `export "
+                         "timm` writes) load with their weights. --weights reads any torch.save or safetensors file "
+                         "(.pth, .th, .pth.tar, .ckpt, ...), or a model folder, by its content.",
                          "load resnet50 --pretrained")
-    load_parser.add_argument("model", help="e.g. resnet18, resnet50, mobilenetv3, vit, dino, deit, tv:resnet50")
+    load_parser.add_argument("model", help="e.g. resnet18, resnet50, mobilenetv3, vit, dino, deit, tv:resnet50, "
+                                           "hf-hub:ORG/NAME, exports/cats")
     src = load_parser.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="the model's pretrained weights (timm hub / torchvision)")
     src.add_argument("--weights", metavar="FILE", completer=cmd2.Cmd.path_complete,
-                     help="weights from a local .pth/.safetensors file")
+                     help="weights from a local file (torch.save or safetensors, any name) or model folder")
     load_parser.add_argument("--classes", type=int, help="class count when no data is attached yet")
 
     @with_argparser(load_parser)
     def do_load(self, args):
         """Load a model."""
-        if args.weights and not Path(args.weights).is_file():
+        if args.weights and not Path(args.weights).expanduser().exists():
             raise PgError(f"no weights file {args.weights}")
-        msg = self._cmd.session.load_model(args.model, args.pretrained, args.weights or "", args.classes)
+        # a hub repo or a model folder names weights, not just an architecture: they load without --pretrained
+        names_weights = (args.model.lower().startswith(("hf-hub:", "hf_hub:", "local-dir:"))
+                         or (Path(args.model).expanduser() / "config.json").is_file())
+        pretrained = args.pretrained or (names_weights and not args.weights)
+        msg = self._cmd.session.load_model(args.model, pretrained, args.weights or "", args.classes)
         self._cmd.poutput(msg)
         self._cmd.last_result = self._cmd.session.spec.to_dict()
 
