@@ -49,7 +49,7 @@ def test_show_names_the_size_in_use_and_the_best_checkpoint_by_its_path(tmp_path
     best = info["files"]["best"]
     assert best.startswith(str(tmp_path / "sessions" / "story" / "checkpoints" / "epoch-0001.safetensors"))
     assert "(epoch 1, val_accuracy" in best
-    assert info["position"]["at"] == "end of epoch 1 (step 4)"
+    assert info["position"]["at"] == "epoch 1, batch 4/4 (step 4)"
     s.close(save=False)
 
 
@@ -68,7 +68,7 @@ def test_done_counts_the_whole_train_command_across_a_mid_run_save(tmp_path, spl
     assert s.wait(WAIT) and s.trainer.pos.step == 4
     done = [m for m in messages if m.startswith("done:")]
     assert len(done) == 1 and done[0].startswith("done: 4 batches, 30 images in ")
-    assert done[0].endswith("at end of epoch 1 (step 4)")
+    assert done[0].endswith("at epoch 1, batch 4/4 (step 4)")
     s.close(save=False)
 
 

@@ -226,10 +226,21 @@ def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 
 
 def load_latest(folder: str | os.PathLike, warn=lambda msg: None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint of `folder` that loads and verifies; damaged newer ones are reported through `warn`."""
-    for p in reversed(list_checkpoint_files(folder)):
+    """The newest checkpoint of `folder` that loads and verifies, preferring one that keeps the full training state
+    (older ones are rewritten slim once superseded: engine/saver.py); damaged newer ones are reported through
+    `warn`."""
+    files = list(reversed(list_checkpoint_files(folder)))
+    full = [p for p in files if _resumable(p)]
+    for p in full + [p for p in files if p not in full]:
         try:
             return p, load_checkpoint(p)
         except CheckpointError as e:
             warn(f"skipping {p.name}: {e}; using the previous checkpoint")
     return None
+
+
+def _resumable(path: Path) -> bool:
+    try:
+        return read_metadata(path).get("resumable", "True") == "True"  # older files did not say: they were full
+    except CheckpointError:
+        return True  # let load_checkpoint name what is wrong with it

@@ -6,13 +6,11 @@ from typing import Any
 
 
 def where(pos, batches: int) -> str:
-    """The one wording of a position: `epoch 14, batch 4/8 (step 108)`, or at an epoch's end `end of epoch 13
-    (step 104)`."""
-    if pos.batch:
-        return f"epoch {pos.epoch + 1}, batch {pos.batch}/{batches} (step {pos.step})"
-    if pos.epoch:
-        return f"end of epoch {pos.epoch} (step {pos.step})"
-    return "not trained yet (step 0)"
+    """The one wording of a position: `epoch 14, batch 4/8 (step 108)`. At an epoch's end it names that epoch's
+    last batch (`epoch 13, batch 8/8`), so the epoch is always the one the last batch belonged to."""
+    if pos.batch == 0 and pos.epoch:
+        return f"epoch {pos.epoch}, batch {batches}/{batches} (step {pos.step})"
+    return f"epoch {pos.epoch + 1}, batch {pos.batch}/{batches} (step {pos.step})"
 
 
 def summary_line(s) -> str:
