@@ -27,7 +27,6 @@ from pgshell.engine import plot as P
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 from pgshell.shell import PgShell
-from pgshell.shell._common import _failed
 
 from conftest import make_images
 
@@ -39,10 +38,10 @@ SETUP = ["set batch_size 8", "set lr 0.05", "set augment off"]
 
 def run(app, line):
     """One command in-process; returns (ok, last_result)."""
-    _failed.clear()
+    app.failed.clear()
     app.last_result = None
     app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), app.last_result
+    return not app.failed.is_set(), app.last_result
 
 
 def ok(app, line):

@@ -206,13 +206,11 @@ def app(tmp_path, monkeypatch):
 
 
 def _cmd(app, capsys, line):
-    from pgshell.shell._common import _failed
-
-    _failed.clear()
+    app.failed.clear()
     app.onecmd_plus_hooks(line)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
-    return not _failed.is_set(), err
+    return not app.failed.is_set(), err
 
 
 def _weights_files(tmp_path: Path, marker: Path) -> dict[str, Path]:

@@ -21,7 +21,6 @@ from pgshell.engine import checkpoint as C
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 from pgshell.shell import PgShell
-from pgshell.shell._common import _failed
 
 WAIT = 300
 EPOCHS, BATCH = 6, 3  # split_folder: 30 training images -> 10 steps per epoch, 60 in all
@@ -39,11 +38,11 @@ def _rows(folder: Path) -> list[tuple]:
 
 
 def _one(app, line: str) -> tuple[bool, str]:
-    _failed.clear()
+    app.failed.clear()
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), err.getvalue()
+    return not app.failed.is_set(), err.getvalue()
 
 
 # Errors a command may meet for racing the run, by design (e.g. `pause` just as the run ended)

@@ -184,15 +184,13 @@ def app(tmp_path, monkeypatch):
 
 def run(app, capsys, line):
     """One command in-process: (ok, stdout, stderr) — stderr must never hold a traceback."""
-    from pgshell.shell._common import _failed
-
-    _failed.clear()
+    app.failed.clear()
     app.stdout.seek(0)
     app.stdout.truncate()
     app.onecmd_plus_hooks(line)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
-    return not _failed.is_set(), app.stdout.getvalue(), err
+    return not app.failed.is_set(), app.stdout.getvalue(), err
 
 
 def _error_line(err: str) -> str:

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 
 from pgshell.engine.config import SETTINGS
 from pgshell.shell import PgShell
-from pgshell.shell._common import _failed
 
 HANG = 120  # seconds one command may take before the test dumps every thread's stack and fails
 JUNK = ["", "x", "-1", "0", "1.5", "nan", "inf", "1e400", "--", "-h", "--help", "--bogus", "'", '"', "''", '"a b"',
@@ -146,7 +145,7 @@ def _state(app) -> dict:
 
 
 def _one(app, line: str) -> tuple[bool, str]:
-    _failed.clear()
+    app.failed.clear()
     err = io.StringIO()
     faulthandler.dump_traceback_later(HANG, exit=True)  # a hang ends the run with every thread's stack
     try:
@@ -154,7 +153,7 @@ def _one(app, line: str) -> tuple[bool, str]:
             app.onecmd_plus_hooks(line)
     finally:
         faulthandler.cancel_dump_traceback_later()
-    return not _failed.is_set(), err.getvalue()
+    return not app.failed.is_set(), err.getvalue()
 
 
 SEQUENCES = {"prefix": st.sampled_from(PREFIXES),

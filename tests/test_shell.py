@@ -13,7 +13,6 @@ import torch
 from pgshell.engine import checkpoint as C
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.shell import PgShell, run_plan
-from pgshell.shell._common import _failed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,10 +26,10 @@ def app(tmp_path):
 
 def run(app, line):
     """One command; returns (ok, last_result)."""
-    _failed.clear()
+    app.failed.clear()
     app.last_result = None
     app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), app.last_result
+    return not app.failed.is_set(), app.last_result
 
 
 def test_session_flow_in_process(app, split_folder, tmp_path, capsys):

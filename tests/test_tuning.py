@@ -21,7 +21,6 @@ from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.engine.search import Dim, format_space, parse_space
 from pgshell.session import Session
 from pgshell.shell import PgShell
-from pgshell.shell._common import _failed
 
 WAIT = 180  # seconds: a generous bound for a tiny search on a loaded 2-core machine
 # Every setting a trial may vary is fixed (the session's own weight_decay and label_smoothing, 0): all trials are the
@@ -51,10 +50,10 @@ def app(tmp_path, split_folder):
 
 def run(app, line):
     """One command; returns (ok, last_result)."""
-    _failed.clear()
+    app.failed.clear()
     app.last_result = None
     app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), app.last_result
+    return not app.failed.is_set(), app.last_result
 
 
 def _study(s):
