@@ -125,3 +125,22 @@ def test_interactive_pause_quit_reopen_continue_is_exact(tmp_path, split_folder)
     _, b = C.load_latest(tmp_path / "ref" / "checkpoints")
     assert a["position"] == b["position"] and a["position"]["epoch"] == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_ctrl_c_during_wait_pauses_and_says_so_once(tmp_path, split_folder):
+    """The terminal echoes ^C itself; the shell adds its words once, not a second ^C."""
+    sh = spawn(tmp_path)
+    sh.cmd(f"data {split_folder} --size 32")
+    sh.cmd("load test_resnet")
+    sh.cmd("set batch_size 2")
+    sh.cmd("train 40", expect="training 40 epochs")
+    sh.expect(PROMPT)
+    sh.child.sendline("wait")
+    sh.expect(r"waiting for the run to finish or pause \(Ctrl-C pauses it\)")
+    sh.child.sendcontrol("c")
+    said = sh.expect(r"(?s)(.*?)paused at epoch").group(1)
+    assert said.count("^C") == 1 and said.count("pausing after this batch") == 1, said
+    sh.expect(PROMPT)
+    sh.child.sendline("quit")
+    sh.expect(r"saved \S+\.session")
+    assert sh.finish() == 0

@@ -20,7 +20,7 @@ class Parser(Cmd2ArgumentParser):
     def error(self, message):
         usage = " ".join(strip_style(self.format_usage()).split())
         usage = f"{usage[:1].lower()}{usage[1:]}; " if len(usage) <= 80 else ""  # a long one is `help`'s to show
-        raise UsageError(f"{message} ({usage}`help {self.prog.split()[0]}` explains)")
+        raise UsageError(f"{message} ({usage}`help {self.prog}` explains)")
 
 
 def parser(description: str, example: str, wide: bool = False) -> Parser:

@@ -59,6 +59,8 @@ class TrainingCommands(Commands):
     @with_argparser(parser("Block until the current run finishes or pauses (Ctrl-C pauses it).", "wait"))
     def do_wait(self, _):
         """Wait for training."""
+        if self._cmd.interactive and self.session.running:  # the prompt goes away: say why and how to get it back
+            self._cmd.poutput("waiting for the run to finish or pause (Ctrl-C pauses it)")
         self._cmd.wait_for_run()
 
     def _in_script(self) -> str:

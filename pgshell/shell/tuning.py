@@ -29,8 +29,8 @@ def _study_options(p: Parser) -> None:
 # "unrecognized arguments".
 lrfind_show_parser = _sub("Print the last range test's curve and suggestions again (and draw it with --out).")
 lrfind_show_parser.add_argument("misplaced", nargs="?", choices=SUGGESTIONS, help=argparse.SUPPRESS)
-lrfind_show_parser.add_argument("--out", default=argparse.SUPPRESS, completer=cmd2.Cmd.path_complete,
-                                help="also draw the curve into FILE.png")
+lrfind_show_parser.add_argument("--out", default=argparse.SUPPRESS, metavar="FILE.png",
+                                completer=cmd2.Cmd.path_complete, help="also draw the curve into FILE.png")
 lrfind_apply_parser = _sub("Set lr to a suggestion of the last range test (default: valley).")
 lrfind_apply_parser.add_argument("which", nargs="?", choices=SUGGESTIONS, default="valley",
                                  help="valley (default), steepest or minimum")
@@ -57,7 +57,8 @@ class TuningCommands(Commands):
     lrfind_parser.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     lrfind_parser.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
     lrfind_parser.add_argument("--steps", type=int, default=100, help="batches at most (default 100)")
-    lrfind_parser.add_argument("--out", completer=cmd2.Cmd.path_complete, help="also draw the curve into FILE.png")
+    lrfind_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
+                               help="also draw the curve into FILE.png")
     lrfind_parser.add_subparsers(title="subcommands (none: run a range test)", metavar="[show|apply]")
 
     @with_argparser(lrfind_parser)
