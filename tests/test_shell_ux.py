@@ -4,9 +4,6 @@ names, tables that fit the terminal."""
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +12,7 @@ from conftest import make_images
 from pgshell.shell import PgShell
 from pgshell.shell._table import fit_table, text_width
 from pgshell.shell.app import unescape_spaces
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-def app(tmp_path):
-    a = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
-    yield a
-    a.session.close(save=False)
+from test_shell import app, pgshell  # noqa: F401 — the in-process app fixture and the plan subprocess
 
 
 def run(app, line, capsys=None):
@@ -35,12 +24,6 @@ def run(app, line, capsys=None):
     app.onecmd_plus_hooks(line)
     err = capsys.readouterr().err if capsys else ""
     return not app.failed.is_set(), app.stdout.getvalue(), err
-
-
-def pgshell(*args, stdin=None, cwd=None):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "pgshell", *args], input=stdin, capture_output=True, text=True,
-                          cwd=cwd, env=env, timeout=300)
 
 
 # ====================================================================== issue 10: the shell's structure
