@@ -101,12 +101,10 @@ def app(tmp_path, monkeypatch):
 
 def run(app, line):
     """One command in-process; returns (ok, last_result)."""
-    from pgshell.shell._common import _failed
-
-    _failed.clear()
+    app.failed.clear()
     app.last_result = None
     app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), app.last_result
+    return not app.failed.is_set(), app.last_result
 
 
 def pgshell_env(**extra) -> dict:

@@ -7,6 +7,7 @@ epochs of 4 batches, validation at steps 4, 8 and 12. Tests that use it only rea
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from pgshell.engine import checkpoint as C
 from pgshell.engine import plot as P
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
+from pgshell.shell import PgShell
 
 from conftest import ROOT, WAIT, make_images, make_split, new_app, pgshell, run, weights_of
 

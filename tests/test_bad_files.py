@@ -182,13 +182,11 @@ def test_pgshell_s_with_a_damaged_session_is_one_line_and_exit_1(copy):
 
 # ------------------------------------------------------------------ load --weights
 def _cmd(app, capsys, line):
-    from pgshell.shell._common import _failed
-
-    _failed.clear()
+    app.failed.clear()
     app.onecmd_plus_hooks(line)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
-    return not _failed.is_set(), err
+    return not app.failed.is_set(), err
 
 
 def _weights_files(tmp_path: Path, marker: Path) -> dict[str, Path]:

@@ -19,7 +19,6 @@ import torch
 
 from pgshell.engine import checkpoint as C
 from pgshell.session import Session
-from pgshell.shell._common import _failed
 
 from conftest import exact_rows, new_app, weights_of
 
@@ -35,11 +34,11 @@ def _configure(s: Session, folder: Path) -> None:
 
 
 def _one(app, line: str) -> tuple[bool, str]:
-    _failed.clear()
+    app.failed.clear()
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         app.onecmd_plus_hooks(line)
-    return not _failed.is_set(), err.getvalue()
+    return not app.failed.is_set(), err.getvalue()
 
 
 # Errors a command may meet for racing the run, by design (e.g. `pause` just as the run ended)

@@ -13,8 +13,8 @@ from pgshell.engine import checkpoint as C
 from pgshell.engine import data as D
 from pgshell.engine import models as M
 from pgshell.engine.config import TrainConfig
-from pgshell.engine.events import EVENTS, Ctx, Events, Handler
-from pgshell.engine.metrics import EXACT_COLUMNS, MetricsLog, read_rows
+from pgshell.engine.events import EVENTS, Events, Handler
+from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.engine.train import Trainer
 from pgshell.session import Session
 from pgshell.session import worker as W

@@ -154,15 +154,13 @@ def test_kill_9_twenty_times_at_random_moments_then_resume_is_exact(tmp_path, ki
 # ------------------------------------------------------------------ the shell in-process, for the faults below
 def run(app, capsys, line):
     """One command in-process: (ok, stdout, stderr) — stderr must never hold a traceback."""
-    from pgshell.shell._common import _failed
-
-    _failed.clear()
+    app.failed.clear()
     app.stdout.seek(0)
     app.stdout.truncate()
     app.onecmd_plus_hooks(line)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
-    return not _failed.is_set(), app.stdout.getvalue(), err
+    return not app.failed.is_set(), app.stdout.getvalue(), err
 
 
 def _error_line(err: str) -> str:

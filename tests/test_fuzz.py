@@ -19,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pgshell.engine.config import SETTINGS
-from pgshell.shell._common import _failed
 
 from conftest import new_app
 
@@ -147,7 +146,7 @@ def _state(app) -> dict:
 
 
 def _one(app, line: str) -> tuple[bool, str]:
-    _failed.clear()
+    app.failed.clear()
     err = io.StringIO()
     faulthandler.dump_traceback_later(HANG, exit=True)  # a hang ends the run with every thread's stack
     try:
@@ -155,7 +154,7 @@ def _one(app, line: str) -> tuple[bool, str]:
             app.onecmd_plus_hooks(line)
     finally:
         faulthandler.cancel_dump_traceback_later()
-    return not _failed.is_set(), err.getvalue()
+    return not app.failed.is_set(), err.getvalue()
 
 
 SEQUENCES = {"prefix": st.sampled_from(PREFIXES),

@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import pexpect
-import pytest
 import torch
 
 from pgshell.engine import checkpoint as C
@@ -74,13 +73,19 @@ def cmd(screen, line, expect=PROMPT):
     return screen.cmd(line, expect)
 
 
-def test_interactive_train_pause_continue_ctrl_c_quit(tmp_path, split_folder):
-    sh = spawn(tmp_path)
+def long_run(cwd, split_folder) -> Screen:
+    """A shell training 40 epochs of 15 batches in the background, at its prompt."""
+    sh = spawn(cwd)
     sh.cmd(f"data {split_folder} --size 32")
     sh.cmd("load test_resnet")
     sh.cmd("set batch_size 2")
     sh.cmd("train 40", expect="training 40 epochs")
     sh.expect(PROMPT)  # the prompt is back at once while training runs
+    return sh
+
+
+def test_interactive_train_pause_continue_ctrl_c_quit(tmp_path, split_folder):
+    sh = long_run(tmp_path, split_folder)
     sh.expect(r"epoch \d+ +batch \d+/15 +loss")  # the bottom toolbar shows progress
     sh.cmd("pause", expect="paused at epoch")
     sh.cmd("continue", expect="training")
@@ -125,3 +130,17 @@ def test_interactive_pause_quit_reopen_continue_is_exact(tmp_path, split_folder)
     _, b = C.load_latest(tmp_path / "ref" / "checkpoints")
     assert a["position"] == b["position"] and a["position"]["epoch"] == 3
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_ctrl_c_during_wait_pauses_and_says_so_once(tmp_path, split_folder):
+    """The terminal echoes ^C itself; the shell adds its words once, not a second ^C."""
+    sh = long_run(tmp_path, split_folder)
+    sh.child.sendline("wait")
+    sh.expect(r"waiting for the run to finish or pause \(Ctrl-C pauses it\)")
+    sh.child.sendcontrol("c")
+    said = sh.expect(r"(?s)(.*?)paused at epoch").group(1)
+    assert said.count("^C") == 1 and said.count("pausing after this batch") == 1, said
+    sh.expect(PROMPT)
+    sh.child.sendline("quit")
+    sh.expect(r"saved \S+\.session")
+    assert sh.finish() == 0

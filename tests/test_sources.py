@@ -231,15 +231,14 @@ def test_the_data_command_takes_label_files_and_datasets_with_one_line_errors(tm
     import io
 
     from pgshell.shell import PgShell
-    from pgshell.shell._common import _failed
 
     app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=io.StringIO())
 
     def run(line):
-        _failed.clear()
+        app.failed.clear()
         app.last_result = None
         app.onecmd_plus_hooks(line)
-        return not _failed.is_set(), app.last_result
+        return not app.failed.is_set(), app.last_result
 
     try:
         rows = _folder_rows(split_folder, "train") + _folder_rows(split_folder, "val")

@@ -52,6 +52,14 @@ class BadImage(Exception):
     """An image that cannot be used; str(exc) is the reason shown to the user ("not an image", "empty file", ...)."""
 
 
+class ScanError(PgError):
+    """A folder with nothing to train on; `rejected` is what the scan left out and why (`data --check` shows it)."""
+
+    def __init__(self, message: str, rejected: list[tuple[str, str]]):
+        super().__init__(message)
+        self.rejected = rejected
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Scanning a folder into splits
 # --------------------------------------------------------------------------------------------------------------
@@ -157,10 +165,7 @@ def scan_folder(path: str, split: float = 0.2, seed: int = 0, check: bool = True
         place=lambda split_name, name: (os.path.join(root, name) if split_name == _TRAIN_DIR and not has_train
                                         else os.path.join(root, split_name, name)),
         empty="empty class folder",
-        no_images=lambda bad: (f"no images found under {root}: expected class folders like {root}/cats/*.jpg, "
-                               f"or {root}/train/<class>/ and {root}/val/<class>/"
-                               + (f" ({len(bad)} files or folders rejected: see the scan's rejected list)"
-                                  if bad else "")),
+        no_images=lambda bad: _nothing_to_train_on(root, bad),
         one_class=lambda name: (f"{root} needs at least 2 classes to train a classifier, found only '{name}': "
                                 "add another class folder next to it"))
     return assemble(train_files, val_files, test_files, layout, rejected, check, terms)
@@ -209,15 +214,39 @@ def assemble(train_files: dict[str, list[str]], val_files: dict[str, list[str]],
                 rejected.append((terms.place(split_name, name),
                                  f"class '{name}' has no training images: its {split_name} images are left out"))
     if not classes:
-        raise PgError(terms.no_images(rejected))
+        raise ScanError(terms.no_images(rejected), rejected)
     if len(classes) < 2:
-        raise PgError(terms.one_class(classes[0]))
+        raise ScanError(terms.one_class(classes[0]), rejected)
 
     def samples(files: dict[str, list[str]]) -> list[tuple[str, int]]:
         return [(f, index) for index, name in enumerate(classes) for f in files.get(name, [])]
 
     return Splits(classes=classes, train=samples(train_files), val=samples(val_files),
                   test=None if test_files is None else samples(test_files), layout=layout, rejected=rejected)
+
+
+def _nothing_to_train_on(root: str, rejected: list[tuple[str, str]]) -> str:
+    """Why `root` gave no class: the layout expected, and where a dataset seems to be when images lie loose."""
+    expected = f"expected class folders like {root}/cats/*.jpg, or {root}/train/<class>/ and {root}/val/<class>/"
+    loose = sum(reason == "not in a class folder" for _, reason in rejected)
+    if not loose:
+        return (f"no images found under {root}: {expected}"
+                + (f" ({len(rejected)} files or folders rejected: `data PATH --check` lists them)" if rejected else ""))
+    parent = os.path.dirname(root)
+    with os.scandir(parent) as entries:
+        siblings = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith(".") and _has_images(e.path))
+    hint = (f"; the parent folder looks like a dataset ({len(siblings)} class folders: {', '.join(siblings[:5])}"
+            f"{', ...' if len(siblings) > 5 else ''}): `data {parent}`" if len(siblings) >= 2 else "")
+    top = os.path.dirname(parent)  # .../train/ants: the dataset is the folder holding train/ and val/
+    if os.path.basename(parent) in (_TRAIN_DIR, _VAL_DIR, _TEST_DIR) and \
+            os.path.isdir(os.path.join(top, _TRAIN_DIR)) and os.path.isdir(os.path.join(top, _VAL_DIR)):
+        hint = f"; {top} looks like a dataset (train/ and val/ folders of class folders): `data {top}`"
+    return f"{root} holds {loose} images but no class folders: {expected}{hint}"
+
+
+def _has_images(folder: str) -> bool:
+    with os.scandir(folder) as entries:
+        return any(e.is_file() and _is_image_name(e.name) for e in entries)
 
 
 def _class_files(folder: str, rejected: list[tuple[str, str]]) -> dict[str, list[str]]:

@@ -13,7 +13,7 @@ import copy
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from .config import SETTINGS, parse_value
 from .errors import PgError

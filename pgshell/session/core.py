@@ -6,7 +6,6 @@ in the worker (session/jobs.py); `session/review.py` and `session/study.py` use 
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -271,7 +270,6 @@ class Session:
         """The session's trainer, built on first use (model and data checked, the session named, a reopened
         checkpoint loaded), with the session's settings in force."""
         from ..engine.metrics import MetricsLog
-        from ..engine.train import Trainer
 
         if self.built is None:
             raise PgError("no model yet: `load MODEL` first (e.g. `load resnet18 --pretrained`)")

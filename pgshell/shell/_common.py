@@ -1,24 +1,49 @@
-"""What every command module shares: the argument parser that counts errors, small formatting helpers."""
+"""What every command module shares: the argument parser whose errors are one line, the command-set base that is
+given the session, small formatting helpers."""
 
 from __future__ import annotations
 
-import threading
+from cmd2 import Cmd2ArgumentParser, CommandSet
+from cmd2.string_utils import strip_style
 
-from cmd2 import Cmd2ArgumentParser
+from ..engine.errors import PgError
 
-_failed = threading.Event()  # set by any error output; a script stops at the first
+
+class UsageError(PgError):
+    """Arguments argparse refused: its message and the command's usage, as one line."""
 
 
 class Parser(Cmd2ArgumentParser):
-    """Argument errors count as a failed command (a plan stops there)."""
+    """Argument errors are raised, not printed: the app prints them as one `error:` line through `perror`, which
+    marks the command failed (a plan stops there) and, in a plan, says which line it was."""
 
     def error(self, message):
-        _failed.set()
-        super().error(message)
+        usage = " ".join(strip_style(self.format_usage()).split())
+        usage = f"{usage[:1].lower()}{usage[1:]}; " if len(usage) <= 80 else ""  # a long one is `help`'s to show
+        raise UsageError(f"{message} ({usage}`help {self.prog}` explains)")
 
 
-def parser(description: str, example: str) -> Parser:
-    return Parser(description=description, epilog=f"example:  {example}")
+def parser(description: str, example: str, wide: bool = False) -> Parser:
+    """A command's parser: its description and example are its `help`. `wide` adds --wide for commands that print
+    tables (they fit the terminal by default)."""
+    p = Parser(description=description, epilog=f"example:  {example}")
+    if wide:
+        add_wide(p)
+    return p
+
+
+def add_wide(p: Cmd2ArgumentParser) -> None:
+    p.add_argument("--wide", action="store_true",
+                   help="every column, however wide (by default tables fit the terminal)")
+
+
+class Commands(CommandSet):
+    """A command category. It is given the session it works on (cmd2's commandset_custominit pattern); printing,
+    results and waiting go through the app, `self._cmd`."""
+
+    def __init__(self, session):
+        super().__init__()
+        self.session = session
 
 
 def _fmt_secs(s: float) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import cmd2
-from cmd2 import CommandSet, with_argparser
+from cmd2 import with_argparser
 
 from ..session import review as A
-from ._common import parser
+from ._common import Commands, parser
+from ._table import fit_table
 
 _CHECKPOINT_HELP = "EPOCH (a number), best, last, or a checkpoint file (`checkpoints` lists them)"
 
@@ -23,13 +24,14 @@ def _f(v, digits=4) -> str:
 
 
 # ====================================================================== Analysis
-class AnalysisCommands(CommandSet):
+class AnalysisCommands(Commands):
     DEFAULT_CATEGORY = "Analysis"
 
     eval_parser = parser("Evaluate the current weights, or a saved checkpoint on a model copy of its own (a run in "
                          "progress or paused is left as it is): loss, accuracy, top-5 accuracy (more than 5 classes), "
                          "per-class precision/recall/F1, the confusion matrix and the most confused pairs. Without "
-                         "--split: val, and test if there is one.", "eval --checkpoint best --out confusion.png")
+                         "--split: val, and test if there is one.", "eval --checkpoint best --out confusion.png",
+                         wide=True)
     eval_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
     eval_parser.add_argument("--split", choices=("val", "test", "train"), help="the split to evaluate")
     eval_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
@@ -38,47 +40,45 @@ class AnalysisCommands(CommandSet):
     @with_argparser(eval_parser)
     def do_eval(self, args):
         """Evaluate the model or a checkpoint."""
-        from tabulate import tabulate
-
-        reports = A.evaluate(self._cmd.session, [args.split] if args.split else None, args.checkpoint)
-        p = self._cmd.poutput
+        reports = A.evaluate(self.session, [args.split] if args.split else None, args.checkpoint)
+        app, p = self._cmd, self._cmd.poutput
         r0 = reports[0]
-        where = r0["model"] + (f" (epoch {r0['epoch']}, step {r0['step']})" if r0["step"] is not None else "")
-        p(f"{where}")
-        p(tabulate([[r["split"], f"{r['loss']:.4f}", f"{r['accuracy']:.4f}", _f(r["top5"]), r["n"]] for r in reports],
-                   headers=["split", "loss", "accuracy", "top-5", "images"]))
+        p(r0["model"] + (f" (epoch {r0['epoch']}, step {r0['step']})" if r0["step"] is not None else ""))
+        top5 = any(r["top5"] is not None for r in reports)  # top-5 of 5 classes or fewer is always 1: left out
+        app.ptable([[r["split"], f"{r['loss']:.4f}", f"{r['accuracy']:.4f}", *([_f(r["top5"])] if top5 else []), r["n"]]
+                    for r in reports], ["split", "loss", "accuracy", *(["top-5"] if top5 else []), "images"],
+                   wide=args.wide)
         for r in reports:
             p(f"\n{r['split']}: per class")
             rows = [[c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]
                     for c in r["per_class"]]
             rows.append(["(macro)", f"{r['macro']['precision']:.3f}", f"{r['macro']['recall']:.3f}",
                          f"{r['macro']['f1']:.3f}", r["n"]])
-            p(tabulate(rows, headers=["class", "precision", "recall", "F1", "support"]))
+            app.ptable(rows, ["class", "precision", "recall", "F1", "support"], wide=args.wide, drop=["support"],
+                       wrap=["class"])
             p(f"\n{r['split']}: confusion matrix (rows: true class, columns: predicted)")
-            p(tabulate([[c, *row] for c, row in zip(r["classes"], r["confusion"])], headers=["", *r["classes"]]))
+            p(_confusion_text(r, None if args.wide else app.table_width()))
             if r["confused"]:
                 p("most confused: " + ", ".join(f"{x['true']} -> {x['predicted']} ({x['count']})"
                                                 for x in r["confused"]))
         if args.out:
             p(f"wrote {A.confusion_png(r0, args.out)}")
-        self._cmd.last_result = {r["split"]: r for r in reports}
+        app.last_result = {r["split"]: r for r in reports}
 
     @with_argparser(parser("Every checkpoint of the session, oldest first: kind (epoch end, pause, save), epoch, step, "
                            "validation metrics, size and time; marks the best and the one the session resumes from.",
-                           "checkpoints"))
-    def do_checkpoints(self, _):
+                           "checkpoints", wide=True))
+    def do_checkpoints(self, args):
         """List the session's checkpoints."""
-        from tabulate import tabulate
-
-        rows = A.list_checkpoints(self._cmd.session)
+        rows = A.list_checkpoints(self.session)
         if not rows:
             self._cmd.poutput("no checkpoints yet: one is written at every epoch end, pause and `save`")
         else:
             marks = lambda r: ", ".join(m for m in ("best", "resume") if r[m])  # noqa: E731
-            self._cmd.poutput(tabulate(
-                [[r["file"], r["kind"], r["epoch"], r["step"], _f(r["val_loss"]), _f(r["val_accuracy"]),
-                  _size(r["bytes"]), r["time"], marks(r)] for r in rows],
-                headers=["file", "kind", "epoch", "step", "val loss", "val acc", "size", "time", ""]))
+            self._cmd.ptable([[r["file"], r["kind"], r["epoch"], r["step"], _f(r["val_loss"]), _f(r["val_accuracy"]),
+                               _size(r["bytes"]), r["time"], marks(r)] for r in rows],
+                             ["file", "kind", "epoch", "step", "val loss", "val acc", "size", "time", ""],
+                             wide=args.wide, drop=["time", "size", "kind", "val loss"], wrap=["file"])
         self._cmd.last_result = rows
 
     plot_parser = parser("Graphs from metrics.csv: per-batch training loss/accuracy (raw and smoothed), validation "
@@ -95,13 +95,13 @@ class AnalysisCommands(CommandSet):
     @with_argparser(plot_parser)
     def do_plot(self, args):
         """Plot the training curves."""
-        res = A.plot(self._cmd.session, args.sessions, args.out, args.smooth, args.metric, args.trial)
+        res = A.plot(self.session, args.sessions, args.out, args.smooth, args.metric, args.trial)
         self._cmd.poutput(f"wrote {res['out']}" if args.out else res["text"])
         self._cmd.last_result = res
 
     predict_parser = parser("Top-K classes with probabilities for an image or every image in a folder, with the "
                             "model's own eval preprocessing; a table, or a CSV with --out.",
-                            "predict photos/ --top 3 --out predictions.csv")
+                            "predict photos/ --top 3 --out predictions.csv", wide=True)
     predict_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="an image file or a folder")
     predict_parser.add_argument("--top", type=int, default=3, metavar="K", help="classes per image (default 3)")
     predict_parser.add_argument("--out", metavar="FILE.csv", completer=cmd2.Cmd.path_complete, help="write a CSV")
@@ -110,16 +110,15 @@ class AnalysisCommands(CommandSet):
     @with_argparser(predict_parser)
     def do_predict(self, args):
         """Classify images."""
-        from tabulate import tabulate
-
-        res = A.predict(self._cmd.session, args.path, args.top, args.checkpoint)
+        res = A.predict(self.session, args.path, args.top, args.checkpoint)
         if args.out:
             self._cmd.poutput(f"wrote {A.write_predictions_csv(res, args.out, args.top)} ({len(res['rows'])} images)")
         else:
             k = min(args.top, len(res["classes"]))
             table = [[r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]]] if not r["error"]
-                     else [r["path"], f"error: {r['error']}"] for r in res["rows"]]
-            self._cmd.poutput(tabulate(table, headers=["image", *[f"#{i}" for i in range(1, k + 1)]]))
+                     else [r["path"], f"error: {r['error']}", *[""] * (k - 1)] for r in res["rows"]]
+            ranks = [f"#{i}" for i in range(1, k + 1)]
+            self._cmd.ptable(table, ["image", *ranks], wide=args.wide, drop=ranks[:0:-1], wrap=["image"])
         self._cmd.last_result = res
 
     export_parser = parser("Write the model (or a checkpoint's) as ONNX or TorchScript, with PATH.json beside it: "
@@ -136,13 +135,24 @@ class AnalysisCommands(CommandSet):
     def do_export(self, args):
         """Export the model."""
         if args.format == "timm":
-            info = A.export_timm(self._cmd.session, args.path, args.checkpoint)
+            info = A.export_timm(self.session, args.path, args.checkpoint)
             written = f"{args.path}/model.safetensors and {args.path}/config.json"
         else:
-            info = A.export(self._cmd.session, args.format, args.path, args.checkpoint)
+            info = A.export(self.session, args.format, args.path, args.checkpoint)
             written = f"{args.path} and {args.path}.json"
         diff = info["check"]["max_abs_diff"]
         check = (f"checked with {info['check']['by']}: max difference {diff:.2g}" if diff is not None
                  else info["check"]["by"])
         self._cmd.poutput(f"wrote {written} ({check})")
         self._cmd.last_result = info
+
+
+def _confusion_text(r: dict, width: int | None) -> str:
+    """The confusion matrix as a table that fits: class names as column headers, else column numbers (the rows say
+    which class each number is), else a pointer to `--wide` and the heat map."""
+    classes, matrix = r["classes"], r["confusion"]
+    text = fit_table([[c, *row] for c, row in zip(classes, matrix)], ["", *classes], width, wrap=[], records=False)
+    text = text or fit_table([[f"{i} {c}", *row] for i, (c, row) in enumerate(zip(classes, matrix))],
+                             ["", *map(str, range(len(classes)))], width, wrap=[0], records=False)
+    return text or (f"({len(classes)} classes do not fit {width} columns: `eval --wide` prints the matrix, "
+                    f"`eval --out FILE.png` draws it)")

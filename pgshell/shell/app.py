@@ -1,27 +1,28 @@
-"""The pgshell command line: cmd2 only. Commands parse their arguments, call the Session, print. No tensors here.
+"""The pgshell application: cmd2 only. Commands parse their arguments, call the Session, print. No tensors here.
 
 Interactive (a terminal): `train` returns to the prompt at once; progress shows in the bottom toolbar and epoch
-summaries arrive as alerts above the prompt. Scripted (`pgshell < plan.txt` or `pgshell plan.txt`): no prompt, `train`
-blocks, progress is one plain line per epoch, and the first failing command ends the process with exit code 1.
+summaries arrive as alerts above the prompt. Scripted (`pgshell < plan.txt` or `pgshell plan.txt`, see cli.py): no
+prompt, `train` blocks, progress is one plain line per epoch, and the first failing command ends the process.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import queue
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
 import cmd2
-from cmd2 import Settable, with_argparser
+from cmd2 import Settable, plugin, with_argparser, with_category
 
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
 from ..session import Session
 from ..session.files import log_error
-from ._common import Parser, _fmt_secs, _failed, parser
+from ._common import Parser, _fmt_secs, parser
+from ._table import fit_table
 from .analysis import AnalysisCommands
 from .data import DataCommands
 from .model import ModelCommands
@@ -29,9 +30,13 @@ from .sessioncmds import SessionCommands
 from .training import TrainingCommands
 from .tuning import TuningCommands
 
-# cmd2's own commands (set, help) parse with this class too, so `set lr 0.1 0.2` fails like any bad command and
-# a plan stops there; with cmd2's parser it printed a usage error and the plan went on.
+# cmd2's own commands (set, help, history) parse with this class too, so their argument errors are one line that
+# fails the command like any other (a plan stops there).
 cmd2.set_default_argument_parser(Parser)
+# cmd2's documented way to name the category of its built-in commands (help, set, history): not "Cmd2 Commands".
+cmd2.Cmd.DEFAULT_CATEGORY = "Shell"
+
+_CMD2_HIDDEN = ["alias", "macro", "edit", "run_pyscript", "run_script", "shell", "shortcuts", "_relative_run_script"]
 
 
 # ====================================================================== the app
@@ -69,9 +74,14 @@ class PgShell(cmd2.Cmd):
     def __init__(self, session: Session | None = None, interactive: bool | None = None,
                  stdin=None, stdout=None, sessions_dir: str = "sessions"):
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty() if interactive is None else interactive
+        self._messages: queue.Queue[str] = queue.Queue()
+        self.failed = threading.Event()  # set by any error output; a plan stops at the first. Per app, not global
+        self.plan_line: str | None = None  # "plan.txt:3: set lr fast" while a plan runs that line (cli.run_plan)
+        self._pause_noted = False  # Ctrl-C while waiting says so once per run, however often it is pressed
+        session = session or Session(root=sessions_dir, notify=self._notify)
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
-                         command_sets=[ModelCommands(), DataCommands(), TrainingCommands(), SessionCommands(),
-                                       AnalysisCommands(), TuningCommands()],
+                         command_sets=[cls(session) for cls in (ModelCommands, DataCommands, TrainingCommands,
+                                                                SessionCommands, AnalysisCommands, TuningCommands)],
                          enable_bottom_toolbar=self.interactive, refresh_interval=0.5 if self.interactive else 0.0,
                          persistent_history_file=os.path.expanduser("~/.pgshell_history") if self.interactive else "",
                          suggest_similar_command=True, terminators=[],
@@ -79,17 +89,21 @@ class PgShell(cmd2.Cmd):
         self.prompt = "pgshell> " if self.interactive else ""
         self.intro = ("pgshell — fine-tune image classifiers. `help` lists commands, `help load` explains one."
                       if self.interactive else "")
-        self._messages: queue.Queue[str] = queue.Queue()
-        self.session = session or Session(root=sessions_dir, notify=self._notify)
+        self.session = session
         self.session.notify = self._notify
-        for name in ("allow_style", "always_show_hint", "editor", "max_completion_table_items", "max_column_completion_results",
-                     "scripts_add_to_history", "timing", "feedback_to_output"):
-            if name in self.settables:
-                self.remove_settable(name)
-        self.hidden_commands += ["alias", "macro", "edit", "run_pyscript", "run_script", "shell", "shortcuts",
-                                 "history", "_relative_run_script"]
+        self.hidden_commands += _CMD2_HIDDEN
         for name in ("shell", "run_pyscript", "edit"):  # a shared plan file must not run programs or Python
             self.disable_command(name, f"`{name}` is not available in pgshell")
+        self.register_postparsing_hook(self._unescape_spaces)
+        self._add_settings()
+        for name, example in (("help", "help train"), ("history", "history -o plan.txt")):  # cmd2's own: no example
+            self.command_parsers.get(getattr(self, f"do_{name}")).epilog = f"example:  {example}"
+
+    def _add_settings(self) -> None:
+        """`set` lists the training settings only: cmd2's own (debug, echo, quiet, traceback_*...) are not for
+        users here (`pgshell --echo` echoes a plan's commands)."""
+        for name in list(self.settables):
+            self.remove_settable(name)
         self._settings = _Settings(self)
         for name, f in SETTINGS.items():
             meta = f.metadata
@@ -99,6 +113,16 @@ class PgShell(cmd2.Cmd):
             elif isinstance(f.default, bool):
                 kw["choices_provider"] = _bool_choices
             self.add_settable(Settable(name, _validator(name), meta["help"], self._settings, **kw))
+
+    @classmethod
+    def _build_base_set_parser(cls):
+        """cmd2 builds `set`'s parser (and its completion parser) from this: our help lists the training settings
+        with their meaning and gives an example instead of cmd2's generic text."""
+        p = super()._build_base_set_parser()
+        p.description = _settings_help()
+        p.epilog = ("example:  set lr 0.01    (`set` alone lists every setting with its value, `set lr` shows one; "
+                    "Tab completes names and choices)")
+        return p
 
     # ---------------- messages from the worker thread
     def _notify(self, msg: str) -> None:
@@ -127,14 +151,29 @@ class PgShell(cmd2.Cmd):
         self.last_result = dict(s.status)
 
     def after_start(self) -> None:
+        self._pause_noted = False
         if not self.interactive:
             self.wait_for_run()
         else:
             self.last_result = True
 
+    # ---------------- output helpers
+    def table_width(self) -> int | None:
+        """Columns tables must fit: $COLUMNS, else the terminal's; None (no limit) into a file or a pipe."""
+        if os.environ.get("COLUMNS", "").isdigit():
+            return int(os.environ["COLUMNS"])
+        try:
+            return os.get_terminal_size(self.stdout.fileno()).columns if self.stdout.isatty() else None
+        except (AttributeError, OSError, ValueError):  # a StringIO, a closed stream
+            return None
+
+    def ptable(self, rows, headers, *, wide: bool = False, **fit) -> None:
+        """Print a table that fits the terminal (`fit_table`); `wide` prints every column however wide."""
+        self.poutput(fit_table(rows, headers, None if wide else self.table_width(), **fit))
+
     # ---------------- toolbar
     def get_bottom_toolbar(self):
-        st = self.session.status
+        st = dict(self.session.status)  # the worker replaces or updates it meanwhile: read one snapshot
         state = st.get("state", "idle")
         if state == "training" and "batch" in st:
             if st.get("job") == "lrfind":
@@ -143,6 +182,8 @@ class PgShell(cmd2.Cmd):
             trial = f" trial {st['trial']} ({st['trials_done']}/{st['trials']} done) " if "trial" in st else ""
             return (f"{trial} epoch {st['epoch']}  batch {st['batch']}/{st['batches']}  loss {st['loss']:.4f}  "
                     f"acc {st['accuracy']:.3f}  lr {st['lr']:.2g}  {st['rate']:.0f} img/s  ETA {_fmt_secs(st['eta'])}")
+        if state == "training" and st.get("phase"):
+            return _phase_line(st)
         if state == "training":
             return " training: starting…"
         if state == "paused":
@@ -151,7 +192,10 @@ class PgShell(cmd2.Cmd):
 
     # ---------------- errors: one clear line, never a traceback for user errors
     def perror(self, *objects, **kwargs):
-        _failed.set()
+        self.failed.set()
+        if self.plan_line and objects:  # a plan's first error says which line failed (`plan.txt:3: set lr fast`)
+            objects = (f"{self.plan_line}: {objects[0]}", *objects[1:])
+            self.plan_line = None
         super().perror(*objects, **kwargs)
 
     def pexcept(self, exception, **kwargs):
@@ -164,10 +208,13 @@ class PgShell(cmd2.Cmd):
         log = log_error(Path(self.session.folder or self.session.root), exception) or "(could not write the log)"
         self.perror(f"internal error: {type(exception).__name__}: {str(exception)[:200]} (full trace in {log})")
 
+    # ---------------- Ctrl-C
     def sigint_handler(self, signum, frame):
         if self.session.running:  # Ctrl-C while a command waits on training: pause it, keep the shell
             self.session.request_pause()
-            self.poutput("^C — pausing after this batch")
+            if not self._pause_noted:  # the terminal already echoed ^C: say it once, not ^C^C
+                self._pause_noted = True
+                self.poutput(("" if _terminal_echoes_ctrl_c(self.stdin) else "^C") + " — pausing after this batch")
             return
         super().sigint_handler(signum, frame)
 
@@ -180,10 +227,25 @@ class PgShell(cmd2.Cmd):
                 self.poutput("pausing after this batch (`continue` resumes)")
             raise
 
+    # ---------------- `data my\ data`: a backslash-escaped space is part of the word, as in a Unix shell
+    def _unescape_spaces(self, data: plugin.PostparsingData) -> plugin.PostparsingData:
+        raw = data.statement.raw
+        fixed = unescape_spaces(raw)
+        if fixed != raw:
+            data.statement = self.statement_parser.parse(fixed)
+        return data
+
     # ---------------- quit: pause and save first
+    @with_category("Session")
     @with_argparser(parser("Quit. A run in progress is paused and the session saved first.", "quit"))
     def do_quit(self, _):
         """Quit pgshell (saving first)."""
+        self.close_session()
+        self.last_result = True
+        return True
+
+    def close_session(self, what: str = "") -> Path | None:
+        """Pause and save if anything is unsaved, end the worker, and say what was saved (`what`: which state)."""
         try:
             saved = self.session.close(save=True)
         except PgError as e:  # e.g. a full disk: say so in one line, and quit all the same
@@ -191,106 +253,78 @@ class PgShell(cmd2.Cmd):
             saved = None
         self.flush_messages()
         if saved:
-            self.poutput(f"saved {saved}")
-        self.last_result = True
-        return True
+            self.poutput(f"saved {what}: {saved}" if what else f"saved {saved}")
+        return saved
 
 
+# ====================================================================== helpers
 def _bool_choices(_self):
     from cmd2.completion import Choices
 
     return Choices.from_values(["on", "off"])
 
 
-# ====================================================================== entry point
-def run_plan(app: PgShell, lines) -> int:
-    """Run a plan line by line; the first failing command ends it with exit code 1 (the session is still saved)."""
-    for raw in lines:
-        line = raw.strip()
-        if not line or line.startswith("#"):
+def _settings_help():
+    """`help set`: what `set` does, then every training setting with its default and meaning."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("setting", "default", "meaning", box=None, pad_edge=False, show_edge=False)
+    for name, f in SETTINGS.items():
+        live = " (applies at the next batch)" if f.metadata["live"] else ""
+        table.add_row(name, str(f.default).lower() if isinstance(f.default, bool) else str(f.default),
+                      f.metadata["help"] + live)
+    intro = Text("Change a training setting: `set NAME VALUE`. `set` alone lists them all with their values, "
+                 "`set NAME` shows one. While training, the settings marked so apply at the next batch; the others "
+                 "when training next starts (the shell says so). Booleans take on/off, true/false.\n")
+    return Group(intro, table)
+
+
+def _phase_line(st: dict) -> str:
+    """The toolbar while a run prepares (feature cache, input decode): the phase, its progress and ETA."""
+    done, total = st.get("done"), st.get("total")
+    line = f" training: {st['phase']}"
+    if isinstance(done, int) and isinstance(total, int) and total > 0:
+        line += f" {done:,}/{total:,} ({100 * done // total}%)"
+    if st.get("eta") is not None:
+        line += f"  ETA {_fmt_secs(st['eta'])}"
+    return line
+
+
+def _terminal_echoes_ctrl_c(stdin) -> bool:
+    """Whether the terminal itself prints ^C when Ctrl-C is pressed (termios ECHOCTL, on by default on Linux)."""
+    try:
+        import termios
+
+        return bool(termios.tcgetattr(stdin.fileno())[3] & termios.ECHOCTL)
+    except Exception:  # noqa: BLE001 — no termios, not a terminal, a closed stream: assume it does not
+        return False
+
+
+def unescape_spaces(line: str) -> str:
+    """`data my\\ data --size 32` -> `data "my data" --size 32`: cmd2 splits words without POSIX escapes, so a word
+    holding backslash-escaped spaces is quoted instead. Quoted text and other backslashes are left as they are."""
+    if "\\ " not in line:
+        return line
+    words, word, quote, escaped, i = [], "", "", False, 0
+    while i < len(line):
+        c = line[i]
+        if quote:
+            quote = "" if c == quote else quote
+        elif c in "\"'":
+            quote = c
+        elif c == "\\" and line[i + 1:i + 2] == " ":
+            c, escaped, i = " ", True, i + 1
+        elif c == " ":
+            words.append(_quoted(word) if escaped else word)
+            word, escaped, i = "", False, i + 1
             continue
-        _failed.clear()
-        try:
-            stop = app.onecmd_plus_hooks(line)
-        except KeyboardInterrupt:
-            app.session.request_pause()
-            app.perror("interrupted: pausing and saving")
-            _failed.set()
-            stop = False
-        if _failed.is_set():
-            app.do_quit("")
-            return 1
-        if stop:
-            return app.exit_code or 0
-    app.do_quit("")
-    return 1 if _failed.is_set() else 0  # the final save failed
+        word += c
+        i += 1
+    words.append(_quoted(word) if escaped else word)
+    return " ".join(words)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="pgshell", description="AI Playground: fine-tune pretrained image classifiers.")
-    ap.add_argument("plan", nargs="?", help="a plan file to run (default: read commands from stdin / the terminal)")
-    ap.add_argument("-s", "--session", help="reopen a saved session: sessions/NAME.session")
-    ap.add_argument("--sessions-dir", default=os.environ.get("PGSHELL_SESSIONS", "sessions"),
-                    help="where new sessions are saved (default: ./sessions)")
-    ap.add_argument("--ddp", action="store_true",
-                    help="under torchrun: DistributedDataParallel over all processes (needs a PLAN file)")
-    ap.add_argument("--version", action="version", version=f"pgshell {__import__('pgshell').__version__}")
-    args = ap.parse_args(argv)
-    if args.ddp:
-        return _main_ddp(args)
-    interactive = args.plan is None and sys.stdin.isatty() and sys.stdout.isatty()
-    notify_box: list = []
-    session = None
-    if args.session:
-        try:
-            session = Session.open(args.session, notify=lambda m: notify_box.append(m))
-        except PgError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    app = PgShell(session=session, interactive=interactive, sessions_dir=args.sessions_dir)
-    for m in notify_box:
-        app.poutput(m)
-    if session is not None:
-        app.poutput(f"reopened {args.session}: {session.summary_line()}")
-    if args.plan:
-        try:
-            with open(args.plan) as f:
-                lines = f.readlines()
-        except OSError as e:
-            print(f"error: cannot read plan {args.plan}: {e.strerror}", file=sys.stderr)
-            app.session.close(save=False)
-            return 1
-        return run_plan(app, lines)
-    if not interactive:
-        return run_plan(app, sys.stdin)
-    code = app.cmdloop()
-    if app.session.worker.thread.is_alive():  # left by an exception path: still save
-        app.session.close(save=True)
-    return code
-
-
-def _main_ddp(args) -> int:
-    """One process of `torchrun ... -m pgshell --ddp plan.txt`: every rank runs the plan; rank 0 alone prints and
-    writes files."""
-    from ..engine import distributed
-
-    if not args.plan:
-        print("error: --ddp needs a plan file (processes cannot share stdin): pgshell --ddp plan.txt",
-              file=sys.stderr)
-        return 2
-    try:
-        w = distributed.init_from_env()
-    except PgError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = sys.stdout if w.main else open(os.devnull, "w")
-    try:
-        session = Session.open(args.session) if args.session else None
-        app = PgShell(session=session, interactive=False, sessions_dir=args.sessions_dir, stdout=out)
-        with open(args.plan) as f:
-            return run_plan(app, f.readlines())
-    except PgError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        distributed.shutdown()
+def _quoted(word: str) -> str:
+    return f"'{word}'" if '"' in word else f'"{word}"'

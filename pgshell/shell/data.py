@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import cmd2
-from cmd2 import CommandSet, with_argparser
+from cmd2 import with_argparser
 
-from ._common import parser
+from ..engine.errors import PgError
+from ._common import Commands, parser
 
 
 # ====================================================================== Data
-class DataCommands(CommandSet):
+class DataCommands(Commands):
     DEFAULT_CATEGORY = "Data"
 
     data_parser = parser("Attach a dataset: an image folder of class folders (split into train/val by --split), or of "
@@ -17,8 +18,9 @@ class DataCommands(CommandSet):
                          "header, or .jsonl) with the columns path, label and optionally split (train, val, test); "
                          "a Hugging Face dataset, hf:NAME[:CONFIG] from the local datasets cache or a folder written "
                          "by save_to_disk, its train/validation/test splits used as such. Without a validation split, "
-                         "--split of each class is held out. Bad images are listed, not fatal.",
-                         "data data/digits --split 0.2 --size 64")
+                         "--split of each class is held out. Bad images are listed, not fatal. A path with spaces: "
+                         "quote it or escape them (my\\ data).",
+                         "data data/digits --split 0.2 --size 64", wide=True)
     data_parser.add_argument("path", completer=cmd2.Cmd.path_complete,
                              help="a folder, labels.csv / labels.jsonl, hf:NAME[:CONFIG] or a save_to_disk folder")
     data_parser.add_argument("--split", type=float, default=0.2, help="validation fraction when there is no val/ (0.2)")
@@ -31,18 +33,26 @@ class DataCommands(CommandSet):
     @with_argparser(data_parser)
     def do_data(self, args):
         """Attach a dataset."""
-        from tabulate import tabulate
-
-        splits = self._cmd.session.attach_data(args.path, args.split, args.size, check=args.check, root=args.root)
+        try:
+            splits = self.session.attach_data(args.path, args.split, args.size, check=args.check,
+                                                root=args.root)
+        except PgError as e:  # a folder with nothing to train on: --check shows what the scan left out, and why
+            if args.check and getattr(e, "rejected", None):
+                self._print_rejected(e.rejected, args.wide)
+            raise
         rows = splits.counts()
         has_test = any(r.get("test") for r in rows)
         cols = ["class", "train", "val"] + (["test"] if has_test else [])
         table = [[r[c] for c in cols] for r in rows]
         table.append(["total"] + [sum(r[c] or 0 for r in rows) for c in cols[1:]])
         self._cmd.poutput(f"{len(splits.classes)} classes ({splits.layout})")
-        self._cmd.poutput(tabulate(table, headers=cols))
+        self._cmd.ptable(table, cols, wide=args.wide, wrap=["class"])
         if splits.rejected:
-            self._cmd.poutput(f"{len(splits.rejected)} file(s) rejected" + ("" if args.check else " (`data PATH --check` lists them)"))
+            self._cmd.poutput(f"{len(splits.rejected)} file(s) rejected"
+                              + ("" if args.check else " (`data PATH --check` lists them)"))
             if args.check:
-                self._cmd.poutput(tabulate(splits.rejected, headers=["file", "reason"]))
+                self._print_rejected(splits.rejected, args.wide)
         self._cmd.last_result = {"classes": splits.classes, "counts": rows, "rejected": splits.rejected}
+
+    def _print_rejected(self, rejected, wide: bool) -> None:
+        self._cmd.ptable(rejected, ["file", "reason"], wide=wide, wrap=["file", "reason"])

@@ -1,28 +1,26 @@
-"""Session commands: show, save."""
+"""Session commands: show, save (quit is the app's own)."""
 
 from __future__ import annotations
 
 import cmd2
-from cmd2 import CommandSet, with_argparser
+from cmd2 import with_argparser
 
-from ._common import parser
+from ._common import Commands, parser
 
 
 # ====================================================================== Session
-class SessionCommands(CommandSet):
+class SessionCommands(Commands):
     DEFAULT_CATEGORY = "Session"
 
     @with_argparser(parser("Everything about this session as tables: model, data, settings, position, metrics, "
-                           "checkpoint and session file.", "show"))
-    def do_show(self, _):
+                           "checkpoint and session file.", "show", wide=True))
+    def do_show(self, args):
         """Show the session's state."""
-        from tabulate import tabulate
-
-        info = self._cmd.session.describe()
+        info = self.session.describe()
         for title, rows in info.items():
             if rows:
                 self._cmd.poutput(f"\n{title}")
-                self._cmd.poutput(tabulate(list(rows.items()), tablefmt="plain"))
+                self._cmd.ptable(list(rows.items()), None, wide=args.wide, tablefmt="plain", wrap=[1])
         self._cmd.last_result = info
 
     save_parser = parser("Write the session file and a checkpoint of exactly now (mid-epoch too: it pauses, saves and "
@@ -32,7 +30,7 @@ class SessionCommands(CommandSet):
     @with_argparser(save_parser)
     def do_save(self, args):
         """Save the session."""
-        path = self._cmd.session.save(args.path)
+        path = self.session.save(args.path)
         self._cmd.flush_messages()
         self._cmd.poutput(f"saved {path}")
         self._cmd.last_result = str(path)

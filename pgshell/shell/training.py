@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from cmd2 import CommandSet, with_argparser
+from cmd2 import with_argparser
 
 from ..engine.errors import PgError
-from ._common import parser
+from ._common import Commands, parser
+
+# In a script `train` blocks until its run ends, so a `pause` or `stop` on the next line finds nothing to act on.
+_SCRIPT_HINT = (": in a script `train` waits until its run ends; `train --steps K` trains K batches and stops there "
+                "(`save` keeps the run resumable)")
 
 
 # ====================================================================== Training
-class TrainingCommands(CommandSet):
+class TrainingCommands(Commands):
     DEFAULT_CATEGORY = "Training"
 
     train_parser = parser("Train N more epochs (or K more batches with --steps) from where the model is. Returns to "
-                          "the prompt at once; progress shows in the toolbar. In a script it waits until done.",
-                          "train 5")
+                          "the prompt at once; progress shows in the toolbar. In a script it waits until done, so "
+                          "`--steps K` is how a script stops part-way.", "train 5")
     train_parser.add_argument("epochs", nargs="?", type=int, help="more epochs (default: up to the `epochs` setting)")
     train_parser.add_argument("--steps", type=int, help="more batches instead of epochs")
 
@@ -23,15 +27,16 @@ class TrainingCommands(CommandSet):
         """Train in the background."""
         if args.epochs is not None and args.steps is not None:
             raise PgError("give epochs or --steps, not both")
-        self._cmd.poutput(self._cmd.session.train(args.epochs, args.steps))
+        self._cmd.poutput(self.session.train(args.epochs, args.steps))
         self._cmd.after_start()
 
     @with_argparser(parser("Pause the run after the current batch (a checkpoint is written).", "pause"))
     def do_pause(self, _):
         """Pause training."""
-        s = self._cmd.session
+        s = self.session
         if not s.running:
-            raise PgError("nothing is training" + (" (the run is already paused: `continue`)" if s.paused else ""))
+            raise PgError("nothing is training" + (" (the run is already paused: `continue`)" if s.paused
+                                                   else self._in_script()))
         if not s.pause():
             raise PgError("still finishing the current batch; it will pause after it")
         self._cmd.flush_messages()
@@ -40,18 +45,23 @@ class TrainingCommands(CommandSet):
     @with_argparser(parser("Continue the paused run where it stopped.", "continue"))
     def do_continue(self, _):
         """Continue a paused run."""
-        self._cmd.poutput(self._cmd.session.resume())
+        self._cmd.poutput(self.session.resume())
         self._cmd.after_start()
 
     @with_argparser(parser("Stop the run after the current batch; `continue` will not resume it.", "stop"))
     def do_stop(self, _):
         """Stop training."""
-        if not self._cmd.session.stop():
-            raise PgError("nothing to stop")
+        if not self.session.stop():
+            raise PgError("nothing to stop" + ("" if self.session.paused else self._in_script()))
         self._cmd.flush_messages()
         self._cmd.last_result = True
 
     @with_argparser(parser("Block until the current run finishes or pauses (Ctrl-C pauses it).", "wait"))
     def do_wait(self, _):
         """Wait for training."""
+        if self._cmd.interactive and self.session.running:  # the prompt goes away: say why and how to get it back
+            self._cmd.poutput("waiting for the run to finish or pause (Ctrl-C pauses it)")
         self._cmd.wait_for_run()
+
+    def _in_script(self) -> str:
+        return "" if self._cmd.interactive else _SCRIPT_HINT

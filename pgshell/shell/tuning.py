@@ -1,19 +1,49 @@
-"""Tuning commands: lrfind, tune."""
+"""Tuning commands: lrfind (with `lrfind show|apply`) and tune (with `tune show|apply`), as cmd2 subcommands."""
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import cmd2
-from cmd2 import CommandSet, with_argparser
+from cmd2 import as_subcommand_to, with_argparser
 
 from ..engine.errors import PgError
-from ._common import parser
+from ._common import Commands, Parser, add_wide, parser
 
 SUGGESTIONS = ("valley", "steepest", "minimum")
 
 
-class TuningCommands(CommandSet):
+def _sub(description: str) -> Parser:
+    return Parser(description=description)
+
+
+def _study_options(p: Parser) -> None:
+    """--storage/--study on a subcommand too (`tune show --storage URL`); SUPPRESS keeps a value given before the
+    subcommand (`tune --storage URL show`) from being overwritten by the subcommand's default."""
+    p.add_argument("--storage", default=argparse.SUPPRESS, help="the study's Optuna storage URL")
+    p.add_argument("--study", default=argparse.SUPPRESS, help="the study's name")
+
+
+# `lrfind show valley` and `tune show 3` are caught here to say where the word belongs instead of argparse's
+# "unrecognized arguments".
+lrfind_show_parser = _sub("Print the last range test's curve and suggestions again (and draw it with --out).")
+lrfind_show_parser.add_argument("misplaced", nargs="?", choices=SUGGESTIONS, help=argparse.SUPPRESS)
+lrfind_show_parser.add_argument("--out", default=argparse.SUPPRESS, metavar="FILE.png",
+                                completer=cmd2.Cmd.path_complete, help="also draw the curve into FILE.png")
+lrfind_apply_parser = _sub("Set lr to a suggestion of the last range test (default: valley).")
+lrfind_apply_parser.add_argument("which", nargs="?", choices=SUGGESTIONS, default="valley",
+                                 help="valley (default), steepest or minimum")
+tune_show_parser = _sub("List the study's trials, best first.")
+tune_show_parser.add_argument("misplaced", nargs="?", type=int, help=argparse.SUPPRESS)
+_study_options(tune_show_parser)
+add_wide(tune_show_parser)
+tune_apply_parser = _sub("Set the best trial's settings (or trial TRIAL's), and its frozen set.")
+tune_apply_parser.add_argument("trial", nargs="?", type=int, help="the trial number (default: the best)")
+_study_options(tune_apply_parser)
+
+
+class TuningCommands(Commands):
     DEFAULT_CATEGORY = "Tuning"
 
     # ------------------------------------------------------------------ lrfind
@@ -24,41 +54,51 @@ class TuningCommands(CommandSet):
         "Runs in the background like `train` (pause/continue/stop work); in a script it waits and prints the curve. "
         "`lrfind show` prints the last curve again, `lrfind apply [valley|steepest|minimum]` sets its lr.",
         "lrfind --steps 100 --out lr.png")
-    lrfind_parser.add_argument("action", nargs="?", choices=("show", "apply"), help="show the last result, or apply it")
-    lrfind_parser.add_argument("which", nargs="?", choices=SUGGESTIONS, help="apply: which suggestion (default valley)")
     lrfind_parser.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     lrfind_parser.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
     lrfind_parser.add_argument("--steps", type=int, default=100, help="batches at most (default 100)")
-    lrfind_parser.add_argument("--out", completer=cmd2.Cmd.path_complete, help="also draw the curve into FILE.png")
+    lrfind_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
+                               help="also draw the curve into FILE.png")
+    lrfind_parser.add_subparsers(title="subcommands (none: run a range test)", metavar="[show|apply]")
 
     @with_argparser(lrfind_parser)
     def do_lrfind(self, args):
         """Find a learning rate."""
+        if args.cmd2_subcommand_func is not None:
+            return args.cmd2_subcommand_func(args)
         from ..session import study as T
 
-        app, s = self._cmd, self._cmd.session
-        if args.which and args.action != "apply":
-            raise PgError(f"`{args.which}` goes with apply: `lrfind apply {args.which}`")
-        if args.action == "apply":
-            lr = T.apply_lrfind(s, args.which or "valley")
-            app.poutput(f"lr ─> {lr:.3g} ({args.which or 'valley'} of the last lrfind)")
-            app.last_result = lr
-            return
-        if args.action == "show":
-            result = T.lrfind_result(s)
-            if args.out:
-                T.write_lrfind_png(result, args.out)
-        else:
-            app.poutput(T.start_lrfind(s, args.start, args.end, args.steps, args.out))
-            app.after_start()
-            if app.interactive or s.paused:
-                return
-            result = T.lrfind_result(s)
-        app.poutput(_lr_curve(result))
-        app.poutput(f"suggested lr {result['valley']:.2e} (valley); steepest {result['steepest']:.2e}; "
-                    f"minimum/10 {result['minimum']:.2e} — `lrfind apply` sets it"
-                    + (f"; plot {args.out}" if args.out else ""))
-        app.last_result = result
+        app, s = self._cmd, self.session
+        app.poutput(T.start_lrfind(s, args.start, args.end, args.steps, args.out))
+        app.after_start()
+        if not (app.interactive or s.paused):
+            self._print_lrfind(T.lrfind_result(s), args.out)
+        return None
+
+    @as_subcommand_to("lrfind", "show", lrfind_show_parser, help="print the last range test again")
+    def lrfind_show(self, args):
+        from ..session import study as T
+
+        if args.misplaced:
+            raise PgError(f"`{args.misplaced}` goes with apply: `lrfind apply {args.misplaced}`")
+        result = T.lrfind_result(self.session)
+        if args.out:
+            T.write_lrfind_png(result, args.out)
+        self._print_lrfind(result, args.out)
+
+    @as_subcommand_to("lrfind", "apply", lrfind_apply_parser, help="set lr to a suggestion of the last range test")
+    def lrfind_apply(self, args):
+        from ..session import study as T
+
+        lr = T.apply_lrfind(self.session, args.which)
+        self._cmd.poutput(f"lr ─> {lr:.3g} ({args.which} of the last lrfind)")
+        self._cmd.last_result = lr
+
+    def _print_lrfind(self, result: dict, out: str | None) -> None:
+        self._cmd.poutput(_lr_curve(result))
+        self._cmd.poutput(f"suggested lr {result['valley']:.2e} (valley); steepest {result['steepest']:.2e}; "
+                          f"minimum/10 {result['minimum']:.2e} — `lrfind apply` sets it" + (f"; plot {out}" if out else ""))
+        self._cmd.last_result = result
 
     # ------------------------------------------------------------------ tune
     tune_parser = parser(
@@ -73,8 +113,6 @@ class TuningCommands(CommandSet):
         "like `train`: pause/continue keep the current trial; in a script it waits and prints the table. "
         "`tune show` lists the trials best first; `tune apply [TRIAL]` sets the best (or that) trial's settings.",
         "tune --trials 20 --epochs 3 --space lr=1e-4:1e-1:log optimizer=sgd,adamw")
-    tune_parser.add_argument("action", nargs="?", choices=("show", "apply"), help="list the trials, or apply one")
-    tune_parser.add_argument("trial", nargs="?", type=int, help="apply: the trial number (default: the best)")
     tune_parser.add_argument("--trials", type=int, help="how many more trials to finish (default 10)")
     tune_parser.add_argument("--epochs", type=int, help="epochs per trial (default 3, or the study's)")
     tune_parser.add_argument("--steps", type=int, help="batches per trial instead of epochs (one validation at the end)")
@@ -85,32 +123,48 @@ class TuningCommands(CommandSet):
                              help="median (default), halving (successive halving) or none")
     tune_parser.add_argument("--storage", help="an Optuna storage URL instead of sessions/NAME/tune.db")
     tune_parser.add_argument("--study", help="study name (default: the session's name)")
+    tune_parser.add_subparsers(title="subcommands (none: run trials)", metavar="[show|apply]")
 
     @with_argparser(tune_parser)
     def do_tune(self, args):
         """Search hyperparameters."""
+        if args.cmd2_subcommand_func is not None:
+            return args.cmd2_subcommand_func(args)
         from ..session import study as T
 
-        app, s = self._cmd, self._cmd.session
-        if args.trial is not None and args.action != "apply":
-            raise PgError(f"a trial number goes with apply: `tune apply {args.trial}`")
-        if args.action == "apply":
-            res = T.apply_trial(s, args.trial, args.storage, args.study)
-            settings = " ".join(f"{k}={_short(v)}" for k, v in res["settings"].items())
-            freeze = f"; freeze {res['freeze']}" if res["freeze"] else ""
-            app.poutput(f"trial {res['trial']} ({res['state']}): set {settings}{freeze}")
-            app.last_result = res
-            return
-        if args.action is None:
-            app.poutput(T.start_tune(s, args.trials, args.epochs, args.steps, args.metric,
-                                     " ".join(args.space) if args.space else None, args.pruner, args.storage,
-                                     args.study))
-            app.after_start()
-            if app.interactive or s.paused:
-                return
-        table = T.trials_table(s, args.storage, args.study)
-        app.poutput(_trials_text(table))
-        app.last_result = table
+        app, s = self._cmd, self.session
+        app.poutput(T.start_tune(s, args.trials, args.epochs, args.steps, args.metric,
+                                 " ".join(args.space) if args.space else None, args.pruner, args.storage, args.study))
+        app.after_start()
+        if not (app.interactive or s.paused):
+            self._print_trials(T.trials_table(s, args.storage, args.study), wide=False)
+        return None
+
+    @as_subcommand_to("tune", "show", tune_show_parser, help="list the trials, best first")
+    def tune_show(self, args):
+        from ..session import study as T
+
+        if args.misplaced is not None:
+            raise PgError(f"a trial number goes with apply: `tune apply {args.misplaced}`")
+        self._print_trials(T.trials_table(self.session, args.storage, args.study), args.wide)
+
+    @as_subcommand_to("tune", "apply", tune_apply_parser, help="set the best (or that) trial's settings")
+    def tune_apply(self, args):
+        from ..session import study as T
+
+        res = T.apply_trial(self.session, args.trial, args.storage, args.study)
+        settings = " ".join(f"{k}={_short(v)}" for k, v in res["settings"].items())
+        freeze = f"; freeze {res['freeze']}" if res["freeze"] else ""
+        self._cmd.poutput(f"trial {res['trial']} ({res['state']}): set {settings}{freeze}")
+        self._cmd.last_result = res
+
+    def _print_trials(self, table: dict, wide: bool) -> None:
+        unit = "epoch" if "epochs" in table["budget"] else "step"
+        self._cmd.poutput(f"study {table['study']!r}: {len(table['trials'])} trials, {table['direction']} "
+                          f"{table['metric']}")
+        self._cmd.ptable(_trial_rows(table), ["trial", "state", table["metric"], unit, "seconds", "params"],
+                         wide=wide, drop=["seconds", unit], wrap=["state", "params"])
+        self._cmd.last_result = table
 
 
 # ---------------------------------------------------------------------- printing
@@ -118,10 +172,7 @@ def _short(v) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _trials_text(table: dict) -> str:
-    from tabulate import tabulate
-
-    unit = "epoch" if "epochs" in table["budget"] else "step"
+def _trial_rows(table: dict) -> list[list]:
     rows = []
     for r in table["trials"]:
         v = r["value"]
@@ -129,8 +180,7 @@ def _trials_text(table: dict) -> str:
                      "" if v is None else f"{v:.4f}", "" if r["reached"] is None else r["reached"],
                      "" if r["duration"] is None else f"{r['duration']:.1f}",
                      " ".join(f"{k}={_short(p)}" for k, p in r["params"].items())])
-    head = f"study {table['study']!r}: {len(rows)} trials, {table['direction']} {table['metric']}"
-    return head + "\n" + tabulate(rows, headers=["trial", "state", table["metric"], unit, "seconds", "params"])
+    return rows
 
 
 def _lr_curve(result: dict, width: int = 64, height: int = 14) -> str:

@@ -1,0 +1,122 @@
+"""The `pgshell` program: the interactive shell, or a plan run line by line (`pgshell plan.txt`, `pgshell < plan.txt`),
+or one process of a DDP plan under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from ..engine.errors import PgError
+from ..session import Session
+from .app import PgShell
+
+
+def run_plan(app: PgShell, lines, name: str = "") -> int:
+    """Run a plan line by line. The first failing command ends it with exit code 1; its error names the line
+    (`plan.txt:3: set lr fast: ...`, or `line 3: ...` on stdin) and the session is saved as it was before that line
+    (or as the line left it, when it got a run going). `app.echo` prints each command before its output."""
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if app.echo:
+            app.poutput(f"pgshell> {line}")
+        before = _progress(app.session)
+        app.failed.clear()
+        app.plan_line = f"{name}:{number}: {line}" if name else f"line {number}: {line}"
+        try:
+            stop = app.onecmd_plus_hooks(line)
+        except KeyboardInterrupt:
+            app.session.request_pause()
+            app.perror("interrupted: pausing and saving")
+            stop = False
+        app.plan_line = None
+        if app.failed.is_set():
+            unchanged = _progress(app.session) == before
+            app.close_session(f"the session as it was before line {number}" if unchanged
+                              else f"the session as line {number} left it")
+            return 1
+        if stop:
+            return app.exit_code or 0
+    app.close_session()
+    return 1 if app.failed.is_set() else 0  # the final save failed
+
+
+def _progress(session: Session) -> tuple:
+    """What a failing line may have changed that a save keeps: the training position, and whether a run waits."""
+    pos = getattr(session.trainer, "pos", None)
+    return getattr(pos, "step", None), session.paused
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pgshell", description="AI Playground: fine-tune pretrained image classifiers.")
+    ap.add_argument("plan", nargs="?", help="a plan file to run (default: read commands from stdin / the terminal)")
+    ap.add_argument("-s", "--session", help="reopen a saved session: sessions/NAME.session")
+    ap.add_argument("--sessions-dir", default=os.environ.get("PGSHELL_SESSIONS", "sessions"),
+                    help="where new sessions are saved (default: ./sessions)")
+    ap.add_argument("--echo", action="store_true", help="plans: print each command before its output")
+    ap.add_argument("--ddp", action="store_true",
+                    help="under torchrun: DistributedDataParallel over all processes (needs a PLAN file)")
+    ap.add_argument("--version", action="version", version=f"pgshell {__import__('pgshell').__version__}")
+    args = ap.parse_args(argv)
+    if args.ddp:
+        return _main_ddp(args)
+    interactive = args.plan is None and sys.stdin.isatty() and sys.stdout.isatty()
+    notify_box: list = []
+    session = None
+    if args.session:
+        try:
+            session = Session.open(args.session, notify=lambda m: notify_box.append(m))
+        except PgError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    app = PgShell(session=session, interactive=interactive, sessions_dir=args.sessions_dir)
+    app.echo = args.echo
+    for m in notify_box:
+        app.poutput(m)
+    if session is not None:
+        app.poutput(f"reopened {args.session}: {session.summary_line()}")
+    if args.plan:
+        try:
+            with open(args.plan) as f:
+                lines = f.readlines()
+        except OSError as e:
+            print(f"error: cannot read plan {args.plan}: {e.strerror}", file=sys.stderr)
+            app.session.close(save=False)
+            return 1
+        return run_plan(app, lines, args.plan)
+    if not interactive:
+        return run_plan(app, sys.stdin)
+    code = app.cmdloop()
+    if app.session.worker.thread.is_alive():  # left by an exception path: still save
+        app.session.close(save=True)
+    return code
+
+
+def _main_ddp(args) -> int:
+    """One process of `torchrun ... -m pgshell --ddp plan.txt`: every rank runs the plan; rank 0 alone prints and
+    writes files."""
+    from ..engine import distributed
+
+    if not args.plan:
+        print("error: --ddp needs a plan file (processes cannot share stdin): pgshell --ddp plan.txt",
+              file=sys.stderr)
+        return 2
+    try:
+        w = distributed.init_from_env()
+    except PgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = sys.stdout if w.main else open(os.devnull, "w")
+    try:
+        session = Session.open(args.session) if args.session else None
+        app = PgShell(session=session, interactive=False, sessions_dir=args.sessions_dir, stdout=out)
+        app.echo = args.echo
+        with open(args.plan) as f:
+            return run_plan(app, f.readlines(), args.plan)
+    except PgError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
