@@ -50,12 +50,17 @@ class Session:
 
     @property
     def status(self) -> dict:
-        """The worker's status; between jobs its state says whether a run is paused (one story for the toolbar,
-        `show` and the reopen line)."""
-        st = self.worker.status
-        if not self.running and st.get("state") != ("paused" if self.paused else "idle"):
-            st["state"] = "paused" if self.paused else "idle"
-        return st
+        """The worker's status: what the toolbar and `show` read (one story: `settle` keeps it true between jobs)."""
+        return self.worker.status
+
+    @status.setter
+    def status(self, status: dict) -> None:
+        self.worker.status = status
+
+    def settle(self) -> None:
+        """Between jobs, the state says whether a run is paused: after a reopen, a stop, a new model or data."""
+        if not self.running:
+            self.worker.status = {"state": "paused" if self.paused else "idle"}
 
     @property
     def folder(self) -> Path | None:
@@ -104,6 +109,7 @@ class Session:
         spec = M.ModelSpec(name=name, num_classes=n, pretrained=pretrained, weights=weights)
         self.spec, self.built = spec, self._build(spec)
         self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
+        self.settle()
         self.dirty = True
         trainable, total = M.count_params(self.built.module)
         notes = "".join(f"\n{note}" for note in self.built.notes)
@@ -138,6 +144,7 @@ class Session:
         if root is not None:
             self.data["root"] = str(Path(root).expanduser().resolve())
         self.trainer, self.target, self.worker.job = None, None, None
+        self.settle()
         self.dirty = True
         self.quarantine(splits.rejected)
         if self.spec is not None and self.spec.num_classes != len(splits.classes):
@@ -238,6 +245,7 @@ class Session:
         if not self.running:
             had = self.target is not None or self.worker.job is not None
             self.target, self.worker.job = None, None
+            self.settle()
             return had
         return self.worker.stop(timeout)
 

@@ -173,6 +173,7 @@ def reopen(s, file: Path, doc: dict) -> None:
         s.ensure_trainer()
     target = checked(doc.get("target"), "target", {"epoch": int, "step": int}, required=False)
     s.target = target if found else None
+    s.settle()
     s.dirty = False
 
 
