@@ -6,6 +6,7 @@ import cmd2
 from cmd2 import CommandSet, with_argparser
 
 from ..session import review as A
+from ..session.describe import evaluated_line
 from ._common import parser
 
 _CHECKPOINT_HELP = "EPOCH (a number), best, last, or a checkpoint file (`checkpoints` lists them)"
@@ -43,8 +44,7 @@ class AnalysisCommands(CommandSet):
         reports = A.evaluate(self._cmd.session, [args.split] if args.split else None, args.checkpoint)
         p = self._cmd.poutput
         r0 = reports[0]
-        where = r0["model"] + (f" (epoch {r0['epoch']}, step {r0['step']})" if r0["step"] is not None else "")
-        p(f"{where}")
+        p(evaluated_line(self._cmd.session, r0))
         p(tabulate([[r["split"], f"{r['loss']:.4f}", f"{r['accuracy']:.4f}", _f(r["top5"]), r["n"]] for r in reports],
                    headers=["split", "loss", "accuracy", "top-5", "images"]))
         for r in reports:
@@ -124,17 +124,37 @@ class AnalysisCommands(CommandSet):
 
     export_parser = parser("Write the model (or a checkpoint's) as ONNX or TorchScript, with PATH.json beside it: "
                            "class names and preprocessing (input size, mean/std, interpolation, crop_pct). The written "
-                           "file is run once and compared with the PyTorch model.", "export onnx model.onnx")
-    export_parser.add_argument("format", choices=("onnx", "torchscript"))
+                           "file is run once and compared with the PyTorch model. `export plan FILE` writes a plan "
+                           "that rebuilds this session from nothing and replays its change log to where it is now "
+                           "(`pgshell FILE` in a new process: the same weights and metrics rows on CPU); it names "
+                           "any line that cannot replay exactly, and why.", "export onnx model.onnx")
+    export_parser.add_argument("format", choices=("onnx", "torchscript", "plan"))
     export_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="the file to write")
     export_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
 
     @with_argparser(export_parser)
     def do_export(self, args):
-        """Export the model."""
+        """Export the model, or a plan that replays the session."""
+        if args.format == "plan":
+            return self._export_plan(args)
         info = A.export(self._cmd.session, args.format, args.path, args.checkpoint)
         diff = info["check"]["max_abs_diff"]
         check = (f"checked with {info['check']['by']}: max difference {diff:.2g}" if diff is not None
                  else info["check"]["by"])
         self._cmd.poutput(f"wrote {args.path} and {args.path}.json ({check})")
         self._cmd.last_result = info
+
+    def _export_plan(self, args):
+        from ..engine.errors import PgError
+        from ..session import replay as R
+
+        if args.checkpoint:
+            raise PgError("a plan replays the session to where it is now: `fork NAME --checkpoint X` first to "
+                          "replay up to a checkpoint")
+        res = R.export_plan(self._cmd.session, args.path)
+        self._cmd.poutput(f"wrote {res['path']}: {res['lines']} lines replaying {res['changes']} changes to step "
+                          f"{res['step']}" + (f" — {len(res['warnings'])} cannot replay exactly:" if res["warnings"]
+                                              else ""))
+        for w in res["warnings"]:
+            self._cmd.pwarning(f"warning: {w}")
+        self._cmd.last_result = res

@@ -20,12 +20,13 @@ from cmd2 import Settable, with_argparser
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
 from ..session import Session
+from ..session.describe import best_line
 from ..session.files import log_error
 from ._common import Parser, _fmt_secs, _failed, parser
 from .analysis import AnalysisCommands
 from .data import DataCommands
 from .model import ModelCommands
-from .sessioncmds import SessionCommands
+from .sessioncmds import SessionCommands, history_parser, show_history
 from .training import TrainingCommands
 from .tuning import TuningCommands
 
@@ -80,6 +81,8 @@ class PgShell(cmd2.Cmd):
         self.intro = ("pgshell — fine-tune image classifiers. `help` lists commands, `help load` explains one."
                       if self.interactive else "")
         self._messages: queue.Queue[str] = queue.Queue()
+        self.plan_line: int | None = None  # the line of the plan being run (run_plan sets it), for `expect`
+        self._said_best = ""
         self.session = session or Session(root=sessions_dir, notify=self._notify)
         self.session.notify = self._notify
         for name in ("allow_style", "always_show_hint", "editor", "max_completion_table_items", "max_column_completion_results",
@@ -87,7 +90,7 @@ class PgShell(cmd2.Cmd):
             if name in self.settables:
                 self.remove_settable(name)
         self.hidden_commands += ["alias", "macro", "edit", "run_pyscript", "run_script", "shell", "shortcuts",
-                                 "history", "_relative_run_script"]
+                                 "_relative_run_script"]
         for name in ("shell", "run_pyscript", "edit"):  # a shared plan file must not run programs or Python
             self.disable_command(name, f"`{name}` is not available in pgshell")
         self._settings = _Settings(self)
@@ -102,6 +105,8 @@ class PgShell(cmd2.Cmd):
 
     # ---------------- messages from the worker thread
     def _notify(self, msg: str) -> None:
+        if msg.startswith("best epoch "):
+            self._said_best = msg  # the end of a run said it: quit need not say it again
         if self.interactive:
             self.add_alert(msg=msg)
         else:
@@ -180,6 +185,12 @@ class PgShell(cmd2.Cmd):
                 self.poutput("pausing after this batch (`continue` resumes)")
             raise
 
+    # ---------------- the session's change log (cmd2's `history` of typed lines is replaced by it)
+    @with_argparser(history_parser)
+    def do_history(self, args):
+        """The session's changes, with the step at which each took effect."""
+        show_history(self, args)
+
     # ---------------- quit: pause and save first
     @with_argparser(parser("Quit. A run in progress is paused and the session saved first.", "quit"))
     def do_quit(self, _):
@@ -190,6 +201,9 @@ class PgShell(cmd2.Cmd):
             self.perror(f"error: {e}")
             saved = None
         self.flush_messages()
+        best = best_line(self.session)
+        if best and best != self._said_best:  # a script's last lines name the best epoch, not only the last one
+            self.poutput(best)
         if saved:
             self.poutput(f"saved {saved}")
         self.last_result = True
@@ -205,10 +219,11 @@ def _bool_choices(_self):
 # ====================================================================== entry point
 def run_plan(app: PgShell, lines) -> int:
     """Run a plan line by line; the first failing command ends it with exit code 1 (the session is still saved)."""
-    for raw in lines:
+    for n, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        app.plan_line = n
         _failed.clear()
         try:
             stop = app.onecmd_plus_hooks(line)
