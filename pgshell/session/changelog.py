@@ -219,13 +219,15 @@ class ChangeLog:
         """A checkpoint written after `count` changes was restored: drop the changes logged after it by an older
         process (a kill before the next checkpoint); this process's own are kept."""
         with self._lock:
-            dropped = max(0, self.on_disk - count)
-            if not dropped:
+            # a fork's own line is written with its folder, after the checkpoint it starts from: it stays
+            later = [e for e in self.entries[count:self.on_disk] if e["kind"] != "fork"]
+            if not later:
                 return
-            self.entries = self.entries[:count] + self.entries[self.on_disk:]
+            dropped = len(later)
+            self.entries = [e for e in self.entries[:self.on_disk] if e not in later] + self.entries[self.on_disk:]
             for i, e in enumerate(self.entries, 1):
                 e["n"] = i
-            self.on_disk = count
+            self.on_disk -= dropped
             self._rewrite()
         self.session.notify(f"dropped {dropped} change-log entr{'y' if dropped == 1 else 'ies'} written after the "
                             "checkpoint")

@@ -258,12 +258,9 @@ def fork(s, name: str, which: str | None = None) -> Path:
     opens it (this session is left as it is)."""
     from ..engine.saver import C
 
-    if not _NAME.match(name or ""):
-        raise PgError(f"a session name is letters, digits, '_', '-' and '.', not {name!r}")
+    check_fork(s, name)
     if s.folder is None:
         raise PgError("this session has no checkpoints yet to fork from: train or `save` first")
-    if (s.root / f"{name}.session").exists() or (s.root / name).exists():
-        raise PgError(f"{s.root / name}.session already exists: choose another name")
     src = resolve(s, which)
     meta = C.read_metadata(src)
     state = json.loads(meta["state"])
@@ -284,6 +281,16 @@ def fork(s, name: str, which: str | None = None) -> Path:
         (s.root / f"{name}.session").unlink(missing_ok=True)
         raise
     return s.root / f"{name}.session"
+
+
+def check_fork(s, name: str) -> None:
+    """A fork needs a model and a free, plain name beside this session."""
+    if not _NAME.match(name or "") or name.endswith(".session"):
+        raise PgError(f"a session name is letters, digits, '_', '-' and '.' (no .session), not {name!r}")
+    if s.built is None:
+        raise PgError("nothing to fork: `load MODEL` first")
+    if (s.root / f"{name}.session").exists() or (s.root / name).exists():
+        raise PgError(f"{s.root / name}.session already exists: choose another name")
 
 
 def resolve(s, which: str | None) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import cmd2
 from cmd2 import CommandSet, with_argparser
 
@@ -155,6 +157,6 @@ class AnalysisCommands(CommandSet):
         self._cmd.poutput(f"wrote {res['path']}: {res['lines']} lines replaying {res['changes']} changes to step "
                           f"{res['step']}" + (f" — {len(res['warnings'])} cannot replay exactly:" if res["warnings"]
                                               else ""))
-        for w in res["warnings"]:
-            self._cmd.pwarning(f"warning: {w}")
+        for w in res["warnings"]:  # said, not failed: the plan is written, and a script goes on
+            self._cmd.print_to(sys.stderr, f"warning: {w}")
         self._cmd.last_result = res

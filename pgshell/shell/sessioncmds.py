@@ -53,6 +53,7 @@ class SessionCommands(CommandSet):
         from ..session import replay as R
 
         app, s = self._cmd, self._cmd.session
+        R.check_fork(s, args.name)  # before anything changes
         if s.running:
             s.pause()
         if args.checkpoint is None:
