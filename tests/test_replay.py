@@ -15,6 +15,7 @@ from PIL import Image
 from pgshell.engine import checkpoint as C
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
+from pgshell.session.replay import history
 from pgshell.shell import PgShell, run_plan
 from pgshell.shell._common import _failed
 
@@ -276,5 +277,58 @@ def test_a_reopened_session_drops_changes_logged_after_its_checkpoint(split_fold
         assert s.config.lr == 0.001 and [e["cmd"] for e in s.changes.entries][-1] == "train --steps 2"
         assert "dropped 1 change-log entry written after the checkpoint" in seen
         assert [e["cmd"] for e in log_of(s.folder)][-1] == "train --steps 2"
+    finally:
+        s.close(save=False)
+
+
+@pytest.mark.parametrize("what", [["layer1"], ["backbone"]])
+def test_a_freeze_applied_mid_run_trains_as_one_made_between_two_runs(split_folder, tmp_path, what):
+    """What a replay relies on: `freeze` between two batches of a run (it restarts the run there: frozen BatchNorm
+    layers, the feature cache for a frozen backbone) gives the weights `freeze` between two runs gives."""
+    def session(name):
+        s = Session(root=tmp_path / name)
+        s.attach_data(str(split_folder), size=32)
+        s.load_model("test_resnet")
+        s.set("batch_size", 8)
+        return s
+
+    between = session("between")
+    between.train(steps=5)
+    between.wait()
+    between.freeze(what)
+    between.train(steps=5)
+    between.wait()
+    mid = session("mid")
+    mid.batch_listeners.append(lambda row: row["step"] == 5 and mid.freeze(what))  # from the worker, mid-run
+    mid.train(steps=10)
+    mid.wait()
+    try:
+        assert [e["step"] for e in mid.changes.entries if e["kind"] == "freeze"] == [5]
+        a, b = between.built.module.state_dict(), mid.built.module.state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+        assert rows_of(between.folder) == rows_of(mid.folder)
+    finally:
+        between.close(save=False)
+        mid.close(save=False)
+
+
+def test_a_setting_that_waits_for_the_next_start_is_logged_where_it_applies(split_folder, tmp_path):
+    s = Session(root=tmp_path / "s")
+    s.attach_data(str(split_folder), size=32)
+    s.load_model("test_resnet")
+    s.set("batch_size", 8)
+    said = []
+    s.batch_listeners.append(lambda row: row["step"] == 2 and said.append(s.set("batch_size", 4)))
+    s.train(steps=3)
+    s.wait()
+    try:
+        assert said == ["batch_size applies when training next starts: `pause` then `continue` to use it now"]
+        assert [e["cmd"] for e in s.changes.entries][-1] == "train --steps 3"  # held, not yet logged ...
+        assert [(e["cmd"], e["where"]) for e in history(s)][-1] == ("set batch_size 4", "when training next starts")
+        s.train(steps=1)
+        s.wait()
+        (entry,) = [e for e in s.changes.entries if e["cmd"] == "set batch_size 4"]
+        assert (entry["step"], entry["epoch"], entry["batch"]) == (3, 0, 3)  # ... but where the next run began
+        assert s.trainer.cfg.batch_size == 4 and s.changes.pending == []
     finally:
         s.close(save=False)

@@ -217,9 +217,10 @@ class Session:
             self.changes.record("set", f"set seed {value}", **detail)
         init = self.changes.init_seed()
         was = f"seed {init}" if init is not None else "the seed in force at `load`"
-        return (f"training has started: the weights keep their initialisation from {was}; seed {value} sets the data "
-                f"order and augmentation from {'the next start' if self.running else 'here'} — `load "
-                f"{self.spec.name}` again to re-initialise the weights with it")
+        why = "training has started" if self.changes.position()[0] else f"{self.worker.job.label} is running"
+        return (f"{why}: the weights keep their initialisation from {was}; seed {value} sets the data order and "
+                f"augmentation from {'the next start' if self.running else 'here'} — `load {self.spec.name}` again "
+                "to re-initialise the weights with it")
 
     # ================================================================ training and jobs
     def train(self, epochs: int | None = None, steps: int | None = None) -> str:
@@ -238,7 +239,7 @@ class Session:
                               "`train N` for N more")
         self.target = {"step": pos.step + steps} if steps is not None else {"epoch": pos.epoch + epochs}
         self.changes.record("train", f"train --steps {steps}" if steps is not None else f"train {epochs}",
-                            target=dict(self.target))
+                            target=dict(self.target), device=str(self.trainer.runtime.device))
         self._start_training()
         return self._describe_target()
 

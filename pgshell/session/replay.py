@@ -76,6 +76,15 @@ def export_plan(s, file: str) -> dict:
     path = Path(file).expanduser().resolve()
     if path.is_dir():
         raise PgError(f"{file} is a folder: give the plan's file name, e.g. `export plan {file.rstrip('/')}/x.plan`")
+    try:
+        return _write_plan(s, path)
+    except OSError as e:
+        raise PgError(f"cannot write the plan to {path}: {e.strerror or e}") from None
+
+
+def _write_plan(s, path: Path) -> dict:
+    log = s.changes
+    path.parent.mkdir(parents=True, exist_ok=True)
     step, epoch, batch = log.position()
     plan = _Plan()
     plan.add(f"# pgshell plan: rebuilds session {s.name or '(unnamed)'} from nothing and replays its changes to "
@@ -88,10 +97,9 @@ def export_plan(s, file: str) -> dict:
     if step > at:
         plan.add(f"train --steps {step - at}")
     for p in log.pending:
-        plan.add(f"# set during the last run; applies when training next starts")
+        plan.add("# set during the last run; applies when training next starts")
         plan.add(p["cmd"])
     _check_settings(s, plan)
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(plan.lines) + "\n")
     return {"path": str(path), "lines": len(plan.lines), "changes": len(log.entries), "step": step,
             "warnings": plan.warnings}
@@ -117,7 +125,9 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
         if e["step"] > at:
             plan.add(f"train --steps {e['step'] - at}")
             at = e["step"]
-        plan.add(f"# change {e['n']} at step {e['step']} ({where(e)})" + (f", by {e['via']}" if e.get("via") else ""))
+        n = plan.add(f"# change {e['n']} at step {e['step']} ({where(e)})" + (f", by {e['via']}" if e.get("via") else ""))
+        if e["step"] < at:  # a log edited by hand, or written by something other than this session
+            plan.warn(n, f"logged at step {e['step']}, after step {at} was reached: the log is out of order")
         if e["kind"] == "data" and e.get("kept_position"):
             if last_data and (e["path"], e["split"], e["size"], e["fingerprint"]) == last_data:
                 plan.add(f"# ({e['cmd']}: the same data again after a reopen, nothing to replay)")
@@ -136,7 +146,7 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
             _expect_data(s, plan, e, path.with_name(f"{path.name}.data-{data_n}.tsv"))
         if e.get("digest"):
             plan.add(f"expect weights {e['digest']}")
-        if e["kind"] == "load" or (e["kind"] == "data" and not e.get("kept_position")) or e.get("init_seed") is not None:
+        if e["kind"] in ("load", "data") or e.get("init_seed") is not None:
             at = 0  # a new model or new data: the run starts again from step 0
     if devices:
         plan.warnings.append(f"the session trained on {', '.join(sorted(devices))}: a replay on CPU agrees to float "
