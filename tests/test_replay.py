@@ -271,12 +271,15 @@ def test_a_reopened_session_drops_changes_logged_after_its_checkpoint(split_fold
     file = s.file
     s.close(save=False)
     assert [e["cmd"] for e in log_of(file.with_suffix(""))][-1] == "set lr 0.05"
+    with open(file.with_suffix("") / "changes.jsonl", "a") as f:
+        f.write('{"n": 6, "kind": "set", "cmd": "set lr 0.')  # killed in the middle of an append
     seen = []
     s = Session.open(file, notify=seen.append)
     try:
         assert s.config.lr == 0.001 and [e["cmd"] for e in s.changes.entries][-1] == "train --steps 2"
         assert "dropped 1 change-log entry written after the checkpoint" in seen
-        assert [e["cmd"] for e in log_of(s.folder)][-1] == "train --steps 2"
+        s.set("momentum", 0.8)
+        assert [e["cmd"] for e in log_of(s.folder)][-2:] == ["train --steps 2", "set momentum 0.8"]
     finally:
         s.close(save=False)
 

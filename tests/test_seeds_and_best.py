@@ -107,3 +107,31 @@ def test_the_end_of_a_run_names_the_best_epoch_and_eval_says_which_weights(tmp_p
             "val_accuracy") in lines
     assert lines[-1].startswith("best epoch 2 by val_accuracy: 0.8000")  # a script's final lines name it
     assert not _failed.is_set() and "Traceback" not in capsys.readouterr().err
+
+
+def test_tune_trials_keep_their_initial_weights_when_the_seed_reinitialises_the_model(tmp_path, split_folder):
+    """`tune`'s rule: every trial of a study starts from the weights the model had when the study began — a later
+    `set seed` that re-initialises the session's model does not move them."""
+    from pgshell.engine.checkpoint import load_checkpoint
+
+    out = io.StringIO()
+    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=out)
+    tune = ("tune --trials 1 --steps 1 --space lr=1e-3:1e-1:log weight_decay=- optimizer=- batch_size=- freeze=- "
+            "label_smoothing=-")
+    try:
+        for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8", tune):
+            _failed.clear()
+            app.onecmd_plus_hooks(line)
+            assert not _failed.is_set(), out.getvalue()[-500:]
+        s = app.session
+        (init,) = (s.folder / "trials").glob("*.initial.safetensors")
+        before = init.read_bytes()
+        first = weights(s)
+        app.onecmd_plus_hooks("set seed 3")
+        assert "re-initialised test_resnet with seed 3" in out.getvalue() and not same(first, weights(s))
+        app.onecmd_plus_hooks(tune)
+        assert not _failed.is_set() and "tune done: 1 trials" in out.getvalue().split("seed 3")[-1]
+        assert init.read_bytes() == before  # the study's starting weights are the first model's
+        assert same(load_checkpoint(init)["model"], first)
+    finally:
+        app.session.close(save=False)

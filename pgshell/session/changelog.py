@@ -102,6 +102,8 @@ class ChangeLog:
             if file.exists() and not self.entries:  # a reopened session
                 self.header, self.entries = read_log(file)
                 self.on_disk = len(self.entries)
+                if not file.read_bytes().endswith(b"\n"):  # a kill mid-append: the next line must not join it
+                    self._rewrite()
             else:
                 if not self.entries and (self.folder / "checkpoints").is_dir():
                     self.header = {**self.header, "complete": False}  # a session older than the change log
