@@ -85,7 +85,7 @@ def test_changes_typed_while_training_paused_reopened_then_replayed_bit_for_bit(
     sh = spawn(tmp_path)
     for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 4"):
         sh.cmd(line)
-    sh.cmd("train 30", expect="training 30 epochs")
+    sh.cmd("train 1000", expect="training 1000 epochs")  # far more than it trains before the test pauses it
     for line, said in (("set lr 0.01", "applies at the next batch"), ("set weight_decay 0.0005", "applies at the"),
                        ("freeze layer1", "trainable"), ("unfreeze all", "trainable")):
         sh.expect(TOOLBAR)

@@ -279,13 +279,15 @@ def fork(s, name: str, which: str | None = None) -> Path:
     try:
         _copy_checkpoints(s, src, pos["step"], folder / "checkpoints")
         _copy_metrics(s, folder, pos["step"])
-        _copy_log(s, folder, state, name, src)
+        kept = _copy_log(s, folder, state, name, src)
         for extra in ("quarantine.txt", "manifests"):
             if (s.folder / extra).is_file():
                 shutil.copyfile(s.folder / extra, folder / extra)
             elif (s.folder / extra).is_dir():
                 shutil.copytree(s.folder / extra, folder / extra)
-        _write_session_file(s, name, folder / "checkpoints" / src.name, TrainConfig.from_dict(state["config"]))
+        data = next(({k: e[k] for k in ("path", "split", "size")} for e in reversed(kept) if e["kind"] == "data"),
+                    s.data)  # the data the checkpoint was trained on, though other data is attached now
+        _write_session_file(s, name, folder / "checkpoints" / src.name, TrainConfig.from_dict(state["config"]), data)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         (s.root / f"{name}.session").unlink(missing_ok=True)
@@ -351,8 +353,8 @@ def _copy_metrics(s, folder: Path, step: int) -> None:
         MetricsLog(folder / "metrics.csv").truncate_after(step)
 
 
-def _copy_log(s, folder: Path, state: dict, name: str, src: Path) -> None:
-    """The parent's changes up to the checkpoint (the count it stored), then the fork itself."""
+def _copy_log(s, folder: Path, state: dict, name: str, src: Path) -> list[dict]:
+    """The parent's changes up to the checkpoint (the count it stored), then the fork itself; returns them."""
     from ..engine.checkpoint import atomic_write_bytes
 
     header, entries = (read_log(s.folder / LOG) if (s.folder / LOG).exists()
@@ -367,9 +369,10 @@ def _copy_log(s, folder: Path, state: dict, name: str, src: Path) -> None:
                   "time": datetime.now().isoformat(timespec="seconds"), "parent": s.name, "checkpoint": src.name}
     lines = [json.dumps(header)] + [json.dumps(e) for e in entries[:count]] + [json.dumps(fork_entry)]
     atomic_write_bytes(folder / LOG, ("\n".join(lines) + "\n").encode())
+    return entries[:count] + [fork_entry]
 
 
-def _write_session_file(s, name: str, latest: Path, cfg: TrainConfig) -> None:
+def _write_session_file(s, name: str, latest: Path, cfg: TrainConfig, data: dict | None) -> None:
     from ..engine.checkpoint import atomic_write_bytes
     from ..engine.saver import CheckpointSaver
     from .files import session_doc
@@ -377,6 +380,6 @@ def _write_session_file(s, name: str, latest: Path, cfg: TrainConfig) -> None:
     saver = CheckpointSaver()
     saver.root = s.root
     saver.rejudge(latest.parent, cfg.best_metric)  # the best of the epochs up to the fork
-    doc = {**session_doc(s), "name": name, "folder": name, "config": cfg.to_dict(),
+    doc = {**session_doc(s), "name": name, "folder": name, "config": cfg.to_dict(), "data": data,
            "checkpoint": str(latest.relative_to(s.root)), "best": saver.best, "target": None}
     atomic_write_bytes(s.root / f"{name}.session", (json.dumps(doc, indent=2) + "\n").encode())
