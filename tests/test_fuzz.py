@@ -92,6 +92,13 @@ COMMANDS = {
     "save": _line(_maybe("a.session", "b.session", "sub/c.session", "x.txt", ".session", "/proc/nope/d.session",
                          "empty", "DATA", "'a b.session'", "DATA/e.session", "sessions/f.session")),
     "help": _line(_maybe("train", "set", "load", "nosuch", "-v")),
+    "history": _line(),
+    "export": _line(_words("plan"), _maybe("p.plan", "DATA", "/proc/nope/p.plan", "sub/q.plan")),
+    "expect": _line(_words("data", "file", "weights", "nothing"), _maybe("DATA", "nowhere", "p.plan", "0" * 32),
+                    _maybe("00ff", "")),
+    "fork": _line(_maybe("f1", "f2", "a.session", "../up", "x/y"),
+                  _maybe("--checkpoint 1", "--checkpoint best", "--checkpoint last", "--checkpoint step:1",
+                         "--checkpoint x")),
 }
 PREFIXES = [[], ["data DATA --size 8"], ["data DATA --size 8", "load test_resnet"],
             ["data DATA --size 8", "load test_resnet", "train --steps 1"],

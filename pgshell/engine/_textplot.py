@@ -12,7 +12,7 @@ _DOTS = {(0, 0): 0x01, (0, 1): 0x02, (0, 2): 0x04, (1, 0): 0x08, (1, 1): 0x10, (
          (1, 3): 0x80}
 _LINE_MARKS = "•+x*#"  # series after the first, at character resolution
 _POINT_MARKS = "oOX@%"
-_EPOCH, _PAUSE, _AXIS = "┴", "▲", "─"
+_EPOCH, _PAUSE, _CHANGE, _AXIS = "┴", "▲", "◆", "─"
 
 
 def _fmt(v: float) -> str:
@@ -20,15 +20,16 @@ def _fmt(v: float) -> str:
 
 
 def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list, list]], epoch_ends: list,
-              pauses: list, width: int = 70, height: int = 15, title: str = "") -> str:
-    """lines / points: (name, xs, ys) per series. epoch_ends and pauses: x positions marked on the axis row.
+              pauses: list, width: int = 70, height: int = 15, title: str = "", changes: list = ()) -> str:
+    """lines / points: (name, xs, ys) per series. epoch_ends and pauses: x positions marked on the axis row;
+    changes: (x, label) marked there too and listed under the plot.
 
     Returns the title, `height` canvas rows, the axis row and the x labels (plus a legend line for overlays).
     """
     finite = [(x, y) for _, xs, ys in lines + points for x, y in zip(xs, ys) if math.isfinite(y)]
     if not finite:
         return f"{title}\n(no data)"
-    xs_all = [x for x, _ in finite] + list(epoch_ends) + list(pauses)
+    xs_all = [x for x, _ in finite] + list(epoch_ends) + list(pauses) + [x for x, _ in changes]
     x0, x1 = min(xs_all), max(xs_all)
     y0, y1 = min(y for _, y in finite), max(y for _, y in finite)
     if x1 == x0:
@@ -68,6 +69,8 @@ def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list,
         axis[col(x) // 2] = _EPOCH
     for x in pauses:
         axis[col(x) // 2] = _PAUSE
+    for x, _ in changes:
+        axis[col(x) // 2] = _CHANGE
     labels = {0: _fmt(y1), height // 2: _fmt((y0 + y1) / 2), height - 1: _fmt(y0)}
     pad = max(len(s) for s in labels.values())
     out = [title] if title else []
@@ -82,6 +85,8 @@ def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list,
                                           for k, (name, _, _) in enumerate(lines) if k]
         out.append(" " * (pad + 2) + "   ".join(legend) + "   (val: " +
                    ", ".join(f"{_POINT_MARKS[k % len(_POINT_MARKS)]} {n}" for k, (n, _, _) in enumerate(points)) + ")")
+    if changes:
+        out.append(" " * (pad + 2) + f"{_CHANGE} " + " · ".join(f"{x - 0.5:g} {text}" for x, text in changes))
     return "\n".join(out)
 
 

@@ -38,12 +38,14 @@ def smooth_values(values: list[float], n: int) -> list[float]:
     return out
 
 
-def plot_series(rows: list[dict], smooth: int = 10, trial: str = "") -> dict:
-    """What a plot shows, as lists: train (per batch) and smoothed values, val points, epoch ends, pause marks.
+def plot_series(rows: list[dict], smooth: int = 10, trial: str = "", changes: list[dict] | None = None) -> dict:
+    """What a plot shows, as lists: train (per batch) and smoothed values, val points, epoch ends, pause marks, and
+    the session's changes.
 
     rows: metrics.csv rows (engine.metrics.read_rows). Only rows of `trial` are used ("" = ordinary training, not a
     tuning trial). Epoch ends are the steps of the val rows; a pause mark is the step of the first training batch of
-    a new run (the `run` column counts starts and resumes).
+    a new run (the `run` column counts starts and resumes). changes: [{"step", "label"}] from the change log — a
+    change logged at step S applied from batch S + 1 on, so its line is drawn between the two.
     """
     trial = str(trial or "")
     rows = [r for r in rows if str(r.get("trial") or "") == trial]
@@ -57,7 +59,8 @@ def plot_series(rows: list[dict], smooth: int = 10, trial: str = "") -> dict:
     v = {"step": [int(r["step"]) for r in val], "epoch": [int(r["epoch"]) for r in val],
          "loss": [_num(r["loss"]) for r in val], "accuracy": [_num(r["accuracy"]) for r in val]}
     return {"train": t, "smoothed": {m: smooth_values(t[m], smooth) for m in ("loss", "accuracy")},
-            "val": v, "epoch_ends": list(v["step"]), "pauses": pauses, "smooth": smooth, "trial": trial}
+            "val": v, "epoch_ends": list(v["step"]), "pauses": pauses, "smooth": smooth, "trial": trial,
+            "changes": [] if trial else [{"step": int(c["step"]), "label": str(c["label"])} for c in changes or []]}
 
 
 def _figure(**kw):
@@ -101,6 +104,11 @@ def draw_png(named: list[tuple[str, dict]], out: str | os.PathLike, metric: str 
             for i, p in enumerate(s["pauses"]):
                 ax.axvline(p - 0.5, color="red", ls="--", lw=1.0,
                            label="pause/resume" if (k == 0 and i == 0) else None)
+            for ch in s["changes"]:
+                ax.axvline(ch["step"] + 0.5, color=c, ls="-.", lw=1.0)
+                if ax is axes[0]:  # the label once, along the line at the top
+                    ax.text(ch["step"] + 0.5, 0.98, ch["label"], transform=ax.get_xaxis_transform(), rotation=90,
+                            va="top", ha="right", fontsize=7, color=c)
         ax.set_ylabel({"lr": "learning rate"}.get(m, m))
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize="small")
@@ -143,7 +151,7 @@ def draw_text(named: list[tuple[str, dict]], metric: str = "all", width: int = 7
     """The same panels as text (braille for the first series, a marker character for each further one)."""
     panels = []
     for m in _metric_list(metric):
-        lines, points, ends, pauses = [], [], [], []
+        lines, points, ends, pauses, changes = [], [], [], [], []
         for name, s in named:
             tr = s["train"]
             ys = tr["lr"] if m == "lr" else s["smoothed"][m]
@@ -151,8 +159,10 @@ def draw_text(named: list[tuple[str, dict]], metric: str = "all", width: int = 7
             points.append((name, s["val"]["step"], [] if m == "lr" else s["val"][m]))
             ends += s["epoch_ends"]
             pauses += s["pauses"]
+            changes += [(ch["step"] + 0.5, ch["label"]) for ch in s["changes"]]
         what = "train" if m == "lr" else (f"train smoothed {named[0][1]['smooth']}" if named[0][1]["smooth"] > 1
                                           else "train")
-        panels.append(text_plot(lines, points, ends, pauses, width=width, height=height,
-                                title=f"{m} — {what}, o val, ┴ epoch end, ▲ pause/resume"))
+        panels.append(text_plot(lines, points, ends, pauses, width=width, height=height, changes=changes,
+                                title=f"{m} — {what}, o val, ┴ epoch end, ▲ pause/resume"
+                                      + (", ◆ change" if changes else "")))
     return "\n\n".join(panels)

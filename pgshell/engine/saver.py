@@ -75,19 +75,24 @@ class CheckpointSaver(Handler):
     def _track_best(self, path: Path, val: dict, epoch: int, metric: str) -> None:
         value = val["accuracy"] if metric == "val_accuracy" else val["loss"]
         if self.best is not None and self.best.get("metric") != metric:
-            # `set best_metric` changed what "best" means: judge the epoch checkpoints kept so far by it (their
-            # headers hold both metrics), rather than crowning whichever epoch comes next
-            self.best = None
-            for p in C.list_checkpoint_files(path.parent):
-                if not p.name.startswith("epoch-") or p == path:
-                    continue
-                try:
-                    meta = C.read_metadata(p)
-                except C.CheckpointError:
-                    continue
-                if metric in meta:
-                    self._consider(p, float(meta[metric]), int(meta.get("epoch", 0)), metric)
+            # `set best_metric` changed what "best" means: judge the epoch checkpoints kept so far by it, rather
+            # than crowning whichever epoch comes next
+            self.rejudge(path.parent, metric, skip=path)
         self._consider(path, value, epoch, metric)
+
+    def rejudge(self, folder: Path, metric: str, skip: Path | None = None) -> None:
+        """The best of the epoch checkpoints in `folder` by `metric`, from their headers (they hold both metrics);
+        also what a fork's folder starts with."""
+        self.best = None
+        for p in C.list_checkpoint_files(folder):
+            if not p.name.startswith("epoch-") or p == skip:
+                continue
+            try:
+                meta = C.read_metadata(p)
+            except C.CheckpointError:
+                continue
+            if metric in meta:
+                self._consider(p, float(meta[metric]), int(meta.get("epoch", 0)), metric)
 
     def _consider(self, path: Path, value: float, epoch: int, metric: str) -> None:
         better = (self.best is None

@@ -13,7 +13,8 @@ from ..engine.config import TrainConfig, is_live, parse_value
 from ..engine.errors import PgError
 from ..engine.saver import CheckpointSaver
 from . import files as F
-from .jobs import TrainJob
+from .changelog import ChangeLog, value_text
+from .jobs import RESTART, TrainJob
 from .worker import Worker
 
 
@@ -37,6 +38,7 @@ class Session:
         self.saver = CheckpointSaver(on_saved=lambda path: self.write_session_file())
         self.saver.writes = self._quarantine.writes = self._writes
         self._log = None  # engine.metrics.MetricsLog of this session's folder
+        self.changes = ChangeLog(self)  # changes.jsonl: what changed training, and at which step
         self.worker = Worker(lambda msg: self.notify(msg), self._triage)
 
     # ================================================================ state
@@ -107,20 +109,22 @@ class Session:
         if n < 2:
             raise PgError("--classes must be at least 2")
         spec = M.ModelSpec(name=name, num_classes=n, pretrained=pretrained, weights=weights)
+        at = self.changes.position()
         self.spec, self.built = spec, self._build(spec)
         self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
         self.settle()
         self.dirty = True
+        self.changes.record_load(at, name, pretrained, weights, classes)
         trainable, total = M.count_params(self.built.module)
         notes = "".join(f"\n{note}" for note in self.built.notes)
         return f"{self.built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes{notes}"
 
-    def _build(self, spec):
+    def _build(self, spec, seed: int | None = None):
         import torch
 
         from ..engine import models as M
 
-        torch.manual_seed(self.config.seed)  # the new head's initialisation follows the seed
+        torch.manual_seed(self.config.seed if seed is None else seed)  # the new head's initialisation follows it
         return M.build_model(spec)
 
     def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False,
@@ -139,6 +143,7 @@ class Session:
         splits = D.resolve_data(path, split=split, seed=self.config.seed, root=root)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
+        at, kept = self.changes.position(), self.pending_state is not None
         self.splits = splits
         self.data = {"path": D.data_location(path), "split": split, "size": size}
         if root is not None:
@@ -147,10 +152,12 @@ class Session:
         self.settle()
         self.dirty = True
         self.quarantine(splits.rejected)
-        if self.spec is not None and self.spec.num_classes != len(splits.classes):
+        rebuilt = self.spec is not None and self.spec.num_classes != len(splits.classes)
+        if rebuilt:
             self.spec = M.ModelSpec(**{**self.spec.to_dict(), "num_classes": len(splits.classes)})
             self.built = self._build(self.spec)
             self.notify(f"model rebuilt with a {len(splits.classes)}-class head for this data")
+        self.changes.record_data(at, splits, split, size, check, kept, rebuilt)
         return splits
 
     def freeze(self, what: list[str], unfreeze: bool = False) -> tuple[int, int]:
@@ -159,10 +166,15 @@ class Session:
         if self.built is None:
             raise PgError("no model yet: `load MODEL` first")
 
-        def change():
+        def change():  # between two batches when training: the position logged is the loop's
             (M.unfreeze if unfreeze else M.freeze)(self.built, what)
             if self.trainer is not None:
                 self.trainer.params_changed()
+                # mid-run, the run restarts at this batch boundary (TrainJob): frozen BatchNorm layers and the
+                # feature cache are decided at a run's start, so the change acts as it would between two runs
+                self.trainer.request("pause", RESTART)
+            self.changes.record("unfreeze" if unfreeze else "freeze",
+                                f"{'unfreeze' if unfreeze else 'freeze'} {' '.join(what)}".strip())
 
         self.apply(change)
         self.dirty = True
@@ -177,16 +189,53 @@ class Session:
             if not TB.available():
                 raise PgError(TB.INSTALL)
         old = getattr(self.config, name)
+        if name == "seed" and old != value and self.built is not None:
+            return self._reseed(old, value)
         self.config = self.config.replace(**{name: value})
         self.dirty = True
-        if self.trainer is None or old == value:
+        if old == value:
             return ""
-        if is_live(name):
-            self.apply(lambda: self.trainer.apply_live(name, value))
+        cmd, detail = f"set {name} {value_text(value)}", {"name": name, "value": value, "old": old}
+        if self.trainer is not None and is_live(name):
+            def change():  # between two batches when training: the position logged is the loop's
+                self.trainer.apply_live(name, value)
+                self.changes.record("set", cmd, **detail)
+
+            self.apply(change)
             return "applies at the next batch" if self.running else ""
-        if self.running:
+        if self.trainer is not None and self.running:
+            self.changes.hold("set", cmd, **detail)  # logged where it applies: when training next starts
             return f"{name} applies when training next starts: `pause` then `continue` to use it now"
+        self.changes.record("set", cmd, **detail)
         return ""
+
+    def _reseed(self, old: int, value: int) -> str:
+        """`set seed` with a model loaded. Before the first training step it re-initialises what `load`
+        initialised, exactly as `set seed` then `load` would; after, the weights keep their initialisation."""
+        from ..engine.fingerprint import weights_digest
+
+        detail = {"name": "seed", "value": value, "old": old}
+        if self.changes.position()[0] == 0 and not self.running:
+            frozen = {n for n, p in self.built.module.named_parameters() if not p.requires_grad}
+            built = self._build(self.spec, seed=value)  # first: if it fails, nothing has changed
+            for n, p in built.module.named_parameters():
+                p.requires_grad_(n not in frozen)
+            self.config, self.built, self.dirty = self.config.replace(seed=value), built, True
+            self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
+            self.changes.record("set", f"set seed {value}", init_seed=value, digest=weights_digest(built.module),
+                                **detail)
+            return f"re-initialised {self.spec.name} with seed {value} (as `set seed {value}` then `load` would)"
+        self.config, self.dirty = self.config.replace(seed=value), True
+        if self.trainer is not None and self.running:
+            self.changes.hold("set", f"set seed {value}", **detail)
+        else:
+            self.changes.record("set", f"set seed {value}", **detail)
+        init = self.changes.init_seed()
+        was = f"seed {init}" if init is not None else "the seed in force at `load`"
+        why = "training has started" if self.changes.position()[0] else f"{self.worker.job.label} is running"
+        return (f"{why}: the weights keep their initialisation from {was}; seed {value} sets the data order and "
+                f"augmentation from {'the next start' if self.running else 'here'} — `load {self.spec.name}` again "
+                "to re-initialise the weights with it")
 
     # ================================================================ training and jobs
     def train(self, epochs: int | None = None, steps: int | None = None) -> str:
@@ -204,6 +253,8 @@ class Session:
                 raise PgError(f"already trained {pos.epoch} epochs (epochs = {self.config.epochs}): "
                               "`train N` for N more")
         self.target = {"step": pos.step + steps} if steps is not None else {"epoch": pos.epoch + epochs}
+        self.changes.record("train", f"train --steps {steps}" if steps is not None else f"train {epochs}",
+                            target=dict(self.target), device=str(self.trainer.runtime.device))
         self._start_training()
         return self._describe_target() + self._schedule_notice()
 
@@ -296,6 +347,8 @@ class Session:
             self.trainer = self._new_trainer()
         elif self.trainer.cfg != self.config:
             self.trainer.reconfigure(self.config)
+        if not self.running:
+            self.changes.flush_pending()  # settings set mid-run apply from here
         return self.trainer
 
     def _new_trainer(self):
@@ -305,6 +358,7 @@ class Session:
         tr.notify, tr.on_bad = self.notify, self.report_bad
         tr.on_handler_error = lambda msg: self.notify(f"warning: {msg}")
         tr.on_phase = self._on_phase
+        tr.add_handler(self.changes.counter)  # before the state: restoring it rewinds the change log
         if self.pending_state is not None:
             tr.load_state_dict(self.pending_state)
             self.pending_state = None
@@ -359,6 +413,7 @@ class Session:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.saver.folder, self.saver.root = self.folder / "checkpoints", self.root
         self._quarantine.use(self.folder)
+        self.changes.use(self.folder)
         self.quarantine([])  # what `data` found before there was a folder
 
     def write_session_file(self) -> None:
@@ -378,7 +433,9 @@ class Session:
             return self.pending_state
         from ..engine.train import fresh_state
 
-        return fresh_state(self.built, self.spec, self.splits, self.config, (self.data or {}).get("size", 0))
+        state = fresh_state(self.built, self.spec, self.splits, self.config, (self.data or {}).get("size", 0))
+        state["handlers"] = {self.changes.counter.key: self.changes.counter.state_dict()}
+        return state
 
     def save(self, path: str | None = None) -> Path:
         """Write the session file and a checkpoint of exactly now; mid-run it pauses, saves and resumes."""

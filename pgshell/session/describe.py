@@ -25,6 +25,47 @@ def summary_line(s) -> str:
     return ", ".join(parts)
 
 
+def best_line(s) -> str:
+    """The best epoch by `best_metric`, its value and checkpoint, beside the last epoch's: what the end of a run
+    and a script's last lines say, so that a run whose best was epoch 7 does not read as its epoch 8."""
+    best = s.best
+    if not best:
+        return ""
+    metric, last = best["metric"], (s.trainer.last if s.trainer is not None else {})
+    line = f"best epoch {best['epoch']} by {metric}: {best['value']:.4f} (checkpoint {s.root / best['path']})"
+    if last.get("val_epoch") is None or last["val_epoch"] == best["epoch"]:
+        return line + ", also the last epoch validated"
+    return line + f"; last epoch {last['val_epoch']}: {metric} {last[metric]:.4f}"
+
+
+def evaluated_line(s, report: dict) -> str:
+    """Which weights `eval` evaluated: the live ones, at their position, or a checkpoint — and where the best is."""
+    from pathlib import Path
+
+    best = s.best
+    best_path = (s.root / best["path"]).resolve() if best else None
+    at = f"epoch {report['epoch']}" + (f" + {report['batch']} batches" if report.get("batch") else "")
+    at += f", step {report['step']}" if report.get("step") is not None else ""
+    if report["checkpoint"] is not None:
+        line = f"evaluated: checkpoint {report['checkpoint']} ({at})"
+        if best_path is not None and Path(report["checkpoint"]).resolve() == best_path:
+            line += f", the best by {best['metric']}"
+        return line
+    line = f"evaluated: the current weights ({at})" if report.get("epoch") is not None else \
+        "evaluated: the current weights (not trained yet)"
+    if best and (report.get("epoch"), report.get("batch") or 0) != (best["epoch"], 0):
+        line += f"; the best is epoch {best['epoch']} ({best['metric']} {best['value']:.4f}): `eval --checkpoint best`"
+    return line
+
+
+def _init_seed(s) -> str:
+    seed = s.changes.init_seed()
+    if seed is None:
+        return "seed unknown (the change log did not see the load)"
+    now = "" if seed == s.config.seed else f" (seed is {s.config.seed} now: `load` again to use it)"
+    return f"seed {seed}{now}"
+
+
 def describe(s) -> dict[str, dict]:
     """Model, data, settings, position, last metrics and files, as the tables of `show`."""
     from ..engine import models as M
@@ -35,6 +76,7 @@ def describe(s) -> dict[str, dict]:
         out["model"] = {"name": s.spec.name, "resolved": s.built.full_name, "source": s.built.source,
                         "pretrained": s.spec.pretrained or bool(s.spec.weights),
                         "classes": s.spec.num_classes, "parameters": total, "trainable": trainable,
+                        "initialised with": _init_seed(s),
                         "input": _input_size(s)}
     if s.splits is not None:
         out["data"] = {"path": s.data["path"], "layout": s.splits.layout,

@@ -16,6 +16,8 @@ from ..engine.errors import PgError
 from ..engine.events import Handler
 from ..engine.progress import Progress
 
+RESTART = "restart"  # the reason of a pause a change asks for (freeze mid-run): the run carries on at once
+
 
 class Listeners(Handler):
     """The session's `batch_listeners`: plain functions called after each batch with its row (and the job's tags)."""
@@ -83,10 +85,16 @@ class TrainJob:
             from ..engine.tensorboard import TensorBoardHandler
 
             handlers.append(TensorBoardHandler(s.folder / "tensorboard", {"model": s.spec.name, **s.config.to_dict()}))
-        if "step" in t:
-            res = tr.run(steps=t["step"] - tr.pos.step, handlers=handlers)
-        else:
-            res = tr.run(epochs=t["epoch"] - tr.pos.epoch, handlers=handlers)
+        batches = images = seconds = 0
+        while True:  # a restart (a freeze applied mid-run) ends the run at a batch boundary and starts it again
+            if "step" in t:
+                res = tr.run(steps=t["step"] - tr.pos.step, handlers=handlers)
+            else:
+                res = tr.run(epochs=t["epoch"] - tr.pos.epoch, handlers=handlers)
+            batches, images, seconds = batches + res.batches, images + res.images, seconds + res.seconds
+            if not (res.outcome == "paused" and tr.request_reason == RESTART):
+                break
+        res.batches, res.images, res.seconds = batches, images, seconds
         self._report(res)
         return res.outcome
 
@@ -105,6 +113,7 @@ class TrainJob:
                 s.write_session_file()
             s.notify(f"done: {self.batches} batches, {self.images} images in {self.seconds:.1f} s "
                      f"({self.images / max(self.seconds, 1e-9):.0f} img/s) — at {at}")
+            self._best(s)
         elif res.outcome == "paused":
             path = s.write_checkpoint("pause")
             if not s.saving:
@@ -113,6 +122,15 @@ class TrainJob:
             s.target = None
             path = s.write_checkpoint("pause")
             s.notify(f"stopped at {at}; checkpoint {path.name}")
+            self._best(s)
+
+    @staticmethod
+    def _best(s) -> None:
+        from .describe import best_line
+
+        line = best_line(s)
+        if line:
+            s.notify(line)
 
 
 # ====================================================================== LR range test

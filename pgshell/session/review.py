@@ -300,6 +300,23 @@ def _rows_of(source: str) -> tuple[str, list[dict]]:
     return name, read_rows(csv_path)
 
 
+def _log_of(source: str) -> list[dict]:
+    """The change-log entries of a session named by its .session file or folder (none for a bare metrics.csv)."""
+    from .changelog import LOG, read_log
+
+    p = Path(source).expanduser()
+    folder = p.with_suffix("") if p.suffix == ".session" else p if p.is_dir() else p.parent
+    return read_log(folder / LOG)[1] if (folder / LOG).is_file() else []
+
+
+def _marks(entries: list[dict]) -> list[dict]:
+    """The changes made once training was under way (those before its first step set the run up) and forks."""
+    from .changelog import REPLAYED, label
+
+    return [{"step": e["step"], "label": label(e)} for e in entries
+            if e["step"] > 0 and (e["kind"] in REPLAYED or e["kind"] == "fork")]
+
+
 def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int = 10, metric: str = "all",
          trial: str = "") -> dict:
     """Curves from metrics.csv: of the named sessions (overlaid), or of this one. A PNG with `out`, else text."""
@@ -310,14 +327,13 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
     if metric not in (*P.METRICS, "all"):
         raise PgError(f"--metric must be loss, accuracy, lr or all, not {metric!r}")
     if sources:
-        loaded = [_rows_of(src) for src in sources]
+        loaded = [(*_rows_of(src), _marks(_log_of(src))) for src in sources]
     else:
         if s.folder is None or not (s.folder / "metrics.csv").exists():
             raise PgError("no metrics yet: train first, or name session files (`plot sessions/a.session`)")
         s.sync_metrics()
-        loaded = [_rows_of(str(s.folder))]
-        loaded[0] = (s.name, loaded[0][1])
-    named = [(name, P.plot_series(rows, smooth, trial)) for name, rows in loaded]
+        loaded = [(s.name, _rows_of(str(s.folder))[1], _marks(s.changes.entries))]
+    named = [(name, P.plot_series(rows, smooth, trial, marks)) for name, rows, marks in loaded]
     empty = [name for name, ser in named if not ser["train"]["step"]]
     if empty:
         what = f"trial {trial}" if trial else "training (not tuning-trial)"

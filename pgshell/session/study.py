@@ -93,7 +93,8 @@ def lrfind_result(session) -> dict:
 def apply_lrfind(session, which: str = "valley") -> float:
     result = lrfind_result(session)
     lr = float(result[which])
-    session.set("lr", lr)
+    with session.changes.via(f"lrfind apply {which}"):  # logged as a `set lr`, marked as made by lrfind
+        session.set("lr", lr)
     return lr
 
 
@@ -369,12 +370,13 @@ def apply_trial(session, number: int | None = None, storage: str | None = None, 
     if not params:
         raise PgError(f"trial {t.number} has no parameters (it never started): pick another from `tune show`")
     settings = {k: v for k, v in params.items() if k != "freeze"}
-    for k, v in settings.items():
-        session.set(k, v)
-    if "freeze" in params:
-        session.freeze(["none"])
-        if params["freeze"] == "backbone":
-            session.freeze(["backbone"])
+    with session.changes.via(f"tune apply {t.number}"):  # logged as the sets and freezes it makes
+        for k, v in settings.items():
+            session.set(k, v)
+        if "freeze" in params:
+            session.freeze(["none"])
+            if params["freeze"] == "backbone":
+                session.freeze(["backbone"])
     return {"trial": t.number, "state": t.state.name.lower(),
             "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
             "settings": settings, "freeze": params.get("freeze")}

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import sys
+
 import cmd2
 from cmd2 import with_argparser
 
 from ..session import review as A
+from ..session.describe import evaluated_line
 from ._common import Commands, parser
 from ._table import fit_table
 
@@ -43,7 +46,7 @@ class AnalysisCommands(Commands):
         reports = A.evaluate(self.session, [args.split] if args.split else None, args.checkpoint)
         app, p = self._cmd, self._cmd.poutput
         r0 = reports[0]
-        p(r0["model"] + (f" (epoch {r0['epoch']}, step {r0['step']})" if r0["step"] is not None else ""))
+        p(evaluated_line(self.session, r0))
         top5 = any(r["top5"] is not None for r in reports)  # top-5 of 5 classes or fewer is always 1: left out
         app.ptable([[r["split"], f"{r['loss']:.4f}", f"{r['accuracy']:.4f}", *([_f(r["top5"])] if top5 else []), r["n"]]
                     for r in reports], ["split", "loss", "accuracy", *(["top-5"] if top5 else []), "images"],
@@ -125,15 +128,20 @@ class AnalysisCommands(Commands):
                            "class names and preprocessing (input size, mean/std, interpolation, crop_pct); or as timm "
                            "publishes one: `export timm FOLDER` writes model.safetensors + config.json (architecture, "
                            "class names, the preprocessing used), which timm.create_model, `load FOLDER` and the "
-                           "Hugging Face Hub take. The written files are run once and compared with the PyTorch model.",
+                           "Hugging Face Hub take. The written files are run once and compared with the PyTorch model. "
+                           "`export plan FILE` writes a plan that rebuilds this session from nothing and replays its "
+                           "change log to where it is now (`pgshell FILE` in a new process: the same weights and "
+                           "metrics rows on CPU); it names any line that cannot replay exactly, and why.",
                            "export onnx model.onnx")
-    export_parser.add_argument("format", choices=("onnx", "torchscript", "timm"))
+    export_parser.add_argument("format", choices=("onnx", "torchscript", "timm", "plan"))
     export_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="the file to write (timm: a folder)")
     export_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
 
     @with_argparser(export_parser)
     def do_export(self, args):
-        """Export the model."""
+        """Export the model, or a plan that replays the session."""
+        if args.format == "plan":
+            return self._export_plan(args)
         if args.format == "timm":
             info = A.export_timm(self.session, args.path, args.checkpoint)
             written = f"{args.path}/model.safetensors and {args.path}/config.json"
@@ -145,6 +153,21 @@ class AnalysisCommands(Commands):
                  else info["check"]["by"])
         self._cmd.poutput(f"wrote {written} ({check})")
         self._cmd.last_result = info
+
+    def _export_plan(self, args):
+        from ..engine.errors import PgError
+        from ..session import replay as R
+
+        if args.checkpoint:
+            raise PgError("a plan replays the session to where it is now: `fork NAME --checkpoint X` first to "
+                          "replay up to a checkpoint")
+        res = R.export_plan(self.session, args.path)
+        self._cmd.poutput(f"wrote {res['path']}: {res['lines']} lines replaying {res['changes']} changes to step "
+                          f"{res['step']}" + (f" — {len(res['warnings'])} cannot replay exactly:" if res["warnings"]
+                                              else ""))
+        for w in res["warnings"]:  # said, not failed: the plan is written, and a script goes on
+            self._cmd.print_to(sys.stderr, f"warning: {w}")
+        self._cmd.last_result = res
 
 
 def _confusion_text(r: dict, width: int | None) -> str:

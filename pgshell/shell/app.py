@@ -20,13 +20,14 @@ from cmd2 import Settable, plugin, with_argparser, with_category
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
 from ..session import Session
+from ..session.describe import best_line
 from ..session.files import log_error
 from ._common import Parser, _fmt_secs, parser
 from ._table import fit_table
 from .analysis import AnalysisCommands
 from .data import DataCommands
 from .model import ModelCommands
-from .sessioncmds import SessionCommands
+from .sessioncmds import SessionCommands, history_parser, show_history
 from .training import TrainingCommands
 from .tuning import TuningCommands
 
@@ -92,6 +93,7 @@ class PgShell(cmd2.Cmd):
         self.session = session
         self.session.notify = self._notify
         self.hidden_commands += _CMD2_HIDDEN
+        self._said_best = ""
         for name in ("shell", "run_pyscript", "edit"):  # a shared plan file must not run programs or Python
             self.disable_command(name, f"`{name}` is not available in pgshell")
         self.register_postparsing_hook(self._unescape_spaces)
@@ -126,6 +128,8 @@ class PgShell(cmd2.Cmd):
 
     # ---------------- messages from the worker thread
     def _notify(self, msg: str) -> None:
+        if msg.startswith("best epoch "):
+            self._said_best = msg  # the end of a run said it: quit need not say it again
         if self.interactive:
             self.add_alert(msg=msg)
         else:
@@ -227,6 +231,12 @@ class PgShell(cmd2.Cmd):
                 self.poutput("pausing after this batch (`continue` resumes)")
             raise
 
+    # ---------------- the session's change log (cmd2's `history` of typed lines is replaced by it)
+    @with_argparser(history_parser)
+    def do_history(self, args):
+        """The session's changes, with the step at which each took effect."""
+        show_history(self, args)
+
     # ---------------- `data my\ data`: a backslash-escaped space is part of the word, as in a Unix shell
     def _unescape_spaces(self, data: plugin.PostparsingData) -> plugin.PostparsingData:
         raw = data.statement.raw
@@ -234,6 +244,13 @@ class PgShell(cmd2.Cmd):
         if fixed != raw:
             data.statement = self.statement_parser.parse(fixed)
         return data
+
+    def switch_session(self, session: Session) -> None:
+        """Work on another session (after `fork`): the app and every command set are given it."""
+        self.session = session
+        session.notify = self._notify
+        for commands in self._installed_command_sets:
+            commands.session = session
 
     # ---------------- quit: pause and save first
     @with_category("Session")
@@ -252,6 +269,9 @@ class PgShell(cmd2.Cmd):
             self.perror(f"error: {e}")
             saved = None
         self.flush_messages()
+        best = best_line(self.session)
+        if best and best != self._said_best:  # a script's last lines name the best epoch, not only the last one
+            self.poutput(best)
         if saved:
             self.poutput(f"saved {what}: {saved}" if what else f"saved {saved}")
         return saved

@@ -1,10 +1,11 @@
-"""Session commands: show, save (quit is the app's own)."""
+"""Session commands: show, save, fork, expect; `history` (PgShell.do_history calls show_history here)."""
 
 from __future__ import annotations
 
 import cmd2
 from cmd2 import with_argparser
 
+from ..engine.errors import PgError
 from ._common import Commands, parser
 
 
@@ -34,3 +35,84 @@ class SessionCommands(Commands):
         self._cmd.flush_messages()
         self._cmd.poutput(f"saved {path}")
         self._cmd.last_result = str(path)
+
+    fork_parser = parser("A new session NAME from a checkpoint of this one (default: exactly now), with its change "
+                         "log, checkpoints and metrics rows up to that point, in its own folder; the shell then works "
+                         "on NAME and this session is saved. `plot A.session B.session` shows where they part.",
+                         "fork lower-lr --checkpoint 5")
+    fork_parser.add_argument("name", help="the new session's name (sessions/NAME.session)")
+    fork_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH",
+                             help="where to fork: an epoch, step:N (a pause or save at step N), best, last, or a file")
+
+    @with_argparser(fork_parser)
+    def do_fork(self, args):
+        """Fork the session from a checkpoint."""
+        from ..session import Session
+        from ..session import replay as R
+
+        app, s = self._cmd, self.session
+        R.check_fork(s, args.name)  # before anything changes
+        if s.running:
+            s.pause()
+        if args.checkpoint is None:
+            s.save()  # the fork starts from exactly now
+        file = R.fork(s, args.name, args.checkpoint)
+        parent = s.file
+        s.close(save=True)
+        try:
+            app.switch_session(Session.open(file, notify=app._notify))
+        except PgError:
+            app.switch_session(Session.open(parent, notify=app._notify))  # the shell stays on a session
+            raise
+        app.flush_messages()
+        app.poutput(f"forked {parent} into {file}: {app.session.summary_line()} — the shell works on "
+                    f"{args.name} now ({parent.name} is saved)")
+        app.last_result = str(file)
+
+    expect_parser = parser("Stop a plan where its replay could not be exact: `expect data MANIFEST` (the attached "
+                           "folder holds the same files, byte for byte), `expect file PATH SHA256`, `expect weights "
+                           "DIGEST` (the model's weights now). `export plan` writes these lines.",
+                           "expect data run.plan.data-1.tsv")
+    _what = expect_parser.add_subparsers(dest="what", required=True, metavar="data|file|weights")
+    _what.add_parser("data", help="the attached data against a manifest").add_argument(
+        "manifest", completer=cmd2.Cmd.path_complete)
+    _file = _what.add_parser("file", help="a file against its SHA-256")
+    _file.add_argument("path", completer=cmd2.Cmd.path_complete)
+    _file.add_argument("sha256")
+    _what.add_parser("weights", help="the model's weights against a digest").add_argument("digest")
+
+    @with_argparser(expect_parser)
+    def do_expect(self, args):
+        """Check what a replay starts from."""
+        from ..session import replay as R
+
+        app = self._cmd
+        # a failure is one error line; in a plan the app prefixes the plan's line, and the replay stops there
+        if args.what == "data":
+            msg = R.expect_data(self.session, args.manifest)
+        elif args.what == "file":
+            msg = R.expect_file(args.path, args.sha256)
+        else:
+            msg = R.expect_weights(self.session, args.digest)
+        app.poutput(f"checked: {msg}")
+        app.last_result = True
+
+
+history_parser = parser("The session's change log: every command that changed what training does (load, data, "
+                        "freeze, unfreeze, set — also by `tune apply` and `lrfind apply` — and train targets), with "
+                        "the step at which it took effect. `plot` marks them; `export plan` replays them.", "history")
+
+
+def show_history(app, _args) -> None:
+    """`history` (cmd2's own, of typed lines, is replaced: PgShell.do_history calls this)."""
+    from tabulate import tabulate
+
+    from ..session import replay as R
+
+    rows = R.history(app.session)
+    if not rows:
+        app.poutput("no changes yet: `data PATH` and `load MODEL` start the log")
+    else:
+        app.poutput(tabulate([[e.get("n", ""), "" if e.get("pending") else e["step"], e["where"], e["cmd"],
+                               R.note(e)] for e in rows], headers=["#", "step", "where", "change", "note"]))
+    app.last_result = rows
