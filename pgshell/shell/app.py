@@ -8,9 +8,13 @@ blocks, progress is one plain line per epoch, and the first failing command ends
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import queue
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,7 @@ from cmd2 import Settable, with_argparser
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
 from ..session import Session
-from ..session.files import log_error
+from ..session.files import log_error, log_warning
 from ._common import Parser, _fmt_secs, _failed, parser
 from .analysis import AnalysisCommands
 from .data import DataCommands
@@ -32,6 +36,18 @@ from .tuning import TuningCommands
 # cmd2's own commands (set, help) parse with this class too, so `set lr 0.1 0.2` fails like any bad command and
 # a plan stops there; with cmd2's parser it printed a usage error and the plan went on.
 cmd2.set_default_argument_parser(Parser)
+
+MAX_LINE = 64 * 1024  # characters in one command line: cmd2's tokenizer is quadratic, a 5 MB line would hang it
+
+
+class Hangup(BaseException):
+    """SIGTERM or SIGHUP (the terminal closed): raised in the main thread, wherever it waits, and caught by `main`,
+    which pauses the run at the batch boundary, writes the checkpoint and the session file, and exits. A
+    BaseException, so no command's `except Exception` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
 # ====================================================================== the app
@@ -88,8 +104,11 @@ class PgShell(cmd2.Cmd):
                 self.remove_settable(name)
         self.hidden_commands += ["alias", "macro", "edit", "run_pyscript", "run_script", "shell", "shortcuts",
                                  "history", "_relative_run_script"]
-        for name in ("shell", "run_pyscript", "edit"):  # a shared plan file must not run programs or Python
-            self.disable_command(name, f"`{name}` is not available in pgshell")
+        # a shared plan file must not run programs or Python; `history -o FILE` would truncate any file; a nested
+        # script (`run_script`, `@file`) would go on past a failing command: plans are `pgshell plan.txt`
+        for name in ("shell", "run_pyscript", "edit", "history", "run_script", "_relative_run_script"):
+            self.disable_command(name, f"`{name}` is not available in pgshell"
+                                 + (": run a plan with `pgshell PLAN`" if "script" in name else ""))
         self._settings = _Settings(self)
         for name, f in SETTINGS.items():
             meta = f.metadata
@@ -107,20 +126,22 @@ class PgShell(cmd2.Cmd):
         else:
             self._messages.put(msg)
 
-    def flush_messages(self) -> None:
+    def flush_messages(self, skip: str = "") -> None:
         while True:
             try:
-                self.poutput(self._messages.get_nowait())
+                msg = self._messages.get_nowait()
             except queue.Empty:
                 return
+            if msg != skip:
+                self.poutput(msg)
 
     def wait_for_run(self) -> None:
         """Block until the run ends or pauses, printing its messages as they come (Ctrl-C pauses)."""
         s = self.session
         while not s.wait(timeout=0.2):
             self.flush_messages()
-        self.flush_messages()
         err = s.status.get("error")
+        self.flush_messages(skip=f"error: {err}" if err else "")  # the error line is printed once: raised below
         if err:
             s.status.pop("error", None)
             raise PgError(err)
@@ -164,6 +185,17 @@ class PgShell(cmd2.Cmd):
         log = log_error(Path(self.session.folder or self.session.root), exception) or "(could not write the log)"
         self.perror(f"internal error: {type(exception).__name__}: {str(exception)[:200]} (full trace in {log})")
 
+    def onecmd_plus_hooks(self, line, *args, **kwargs):
+        if isinstance(line, str) and len(line) > MAX_LINE:  # before cmd2 parses it; never echoed back
+            self.perror(f"error: a command line of {len(line):,} characters: lines are limited to {MAX_LINE:,}")
+            return False
+        return super().onecmd_plus_hooks(line, *args, **kwargs)
+
+    def termination_signal_handler(self, signum, _frame):
+        """cmd2 installs this for SIGTERM and SIGHUP in the interactive loop: `main` saves, then exits."""
+        _ignore_termination()  # one save: a second signal while saving must not cut it short
+        raise Hangup(signum)
+
     def sigint_handler(self, signum, frame):
         if self.session.running:  # Ctrl-C while a command waits on training: pause it, keep the shell
             self.session.request_pause()
@@ -204,7 +236,8 @@ def _bool_choices(_self):
 
 # ====================================================================== entry point
 def run_plan(app: PgShell, lines) -> int:
-    """Run a plan line by line; the first failing command ends it with exit code 1 (the session is still saved)."""
+    """Run a plan line by line; the first failing command ends it with exit code 1 (the session is still saved,
+    unless it failed before training started: then an auto-named session is not left behind)."""
     for raw in lines:
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -218,7 +251,10 @@ def run_plan(app: PgShell, lines) -> int:
             _failed.set()
             stop = False
         if _failed.is_set():
-            app.do_quit("")
+            if app.session.has_work():
+                app.do_quit("")
+            else:
+                app.session.discard()
             return 1
         if stop:
             return app.exit_code or 0
@@ -236,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="under torchrun: DistributedDataParallel over all processes (needs a PLAN file)")
     ap.add_argument("--version", action="version", version=f"pgshell {__import__('pgshell').__version__}")
     args = ap.parse_args(argv)
+    _printable_output()
     if args.ddp:
         return _main_ddp(args)
     interactive = args.plan is None and sys.stdin.isatty() and sys.stdout.isatty()
@@ -248,10 +285,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     app = PgShell(session=session, interactive=interactive, sessions_dir=args.sessions_dir)
+    with _saving_on_termination(), _warnings_to_log(app):
+        try:
+            return _run(app, args, interactive, notify_box)
+        except Hangup as e:
+            return _terminated(app, e.signum)
+
+
+def _run(app: PgShell, args, interactive: bool, notify_box: list) -> int:
     for m in notify_box:
         app.poutput(m)
-    if session is not None:
-        app.poutput(f"reopened {args.session}: {session.summary_line()}")
+    if args.session:
+        app.poutput(f"reopened {args.session}: {app.session.summary_line()}")
     if args.plan:
         try:
             with open(args.plan) as f:
@@ -267,6 +312,72 @@ def main(argv: list[str] | None = None) -> int:
     if app.session.worker.thread.is_alive():  # left by an exception path: still save
         app.session.close(save=True)
     return code
+
+
+# ---------------- signals, warnings, output: what the process as a whole does
+def _printable_output() -> None:
+    """A file name that is not UTF-8 in any message prints as \\xNN instead of ending the shell."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
+def _raise_hangup(signum, _frame) -> None:
+    _ignore_termination()
+    raise Hangup(signum)
+
+
+def _ignore_termination() -> None:
+    for sig in _TERMINATION:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+_TERMINATION = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+@contextlib.contextmanager
+def _saving_on_termination():
+    """SIGTERM/SIGHUP raise Hangup in the main thread (in a plan; cmd2's loop calls PgShell's handler, the same)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.getsignal(sig) for sig in _TERMINATION}
+    for sig in _TERMINATION:
+        signal.signal(sig, _raise_hangup)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _terminated(app: PgShell, signum: int) -> int:
+    """After SIGTERM/SIGHUP: pause at the batch boundary, write the checkpoint and the session file, exit."""
+    name = signal.Signals(signum).name
+    try:
+        saved = app.session.close(save=True)
+        msg = f"{name}: paused and saved {saved}" if saved else f"{name}: nothing unsaved"
+    except PgError as e:
+        msg = f"{name}: error: {e}"
+    with contextlib.suppress(OSError, ValueError):  # the terminal may be gone (SIGHUP)
+        app.flush_messages()
+        print(msg, file=sys.stderr)
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def _warnings_to_log(app: PgShell):
+    """Library warnings (torch's UserWarnings, ...) go to the session's errors.log, never into the output."""
+    old = warnings.showwarning
+
+    def to_log(message, category, filename, lineno, file=None, line=None):
+        log_warning(app.session.folder, warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = to_log
+    try:
+        yield
+    finally:
+        warnings.showwarning = old
 
 
 def _main_ddp(args) -> int:

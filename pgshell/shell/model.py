@@ -50,6 +50,7 @@ class ModelCommands(CommandSet):
         if args.weights and not Path(args.weights).is_file():
             raise PgError(f"no weights file {args.weights}")
         msg = self._cmd.session.load_model(args.model, args.pretrained, args.weights or "", args.classes)
+        self._cmd.flush_messages()  # a new run of the session: said first
         self._cmd.poutput(msg)
         self._cmd.last_result = self._cmd.session.spec.to_dict()
 
