@@ -91,11 +91,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     try:
-        tmp.unlink()  # a stale one (or a link someone planted there): "x" below creates, never follows
+        tmp.unlink()  # a stale one, or a link someone planted there: the write below must not follow it
     except FileNotFoundError:
         pass
     try:
-        with open(tmp, "xb") as f:
+        with open(tmp, "wb") as f:
             if _fault_now(path):  # test-only: die halfway through this write, as `kill -9` or a power cut would
                 f.write(data[: len(data) // 2])
                 f.flush()

@@ -41,8 +41,8 @@ def export_model(module: torch.nn.Module, fmt: str, path: str | os.PathLike, inf
     """Write `module` (on the CPU, in eval mode) as `fmt` to `path` and `info` + the check's result to PATH.json.
 
     `info` must hold "preprocessing" (see preprocessing()) and "classes". Returns the written info. The file is made
-    and checked in memory and written atomically (temp + rename) only then; the old PATH.json goes first, so a kill
-    never leaves a broken file, nor a JSON vouching for a file it does not describe.
+    and checked in memory, then written beside its target and renamed in (`_publish`): a kill or a full disk never
+    leaves a broken file, nor a JSON vouching for a file it does not describe.
     """
     if fmt not in FORMATS:
         raise PgError(f"export format must be onnx or torchscript, not {fmt!r}")
@@ -65,12 +65,26 @@ def export_model(module: torch.nn.Module, fmt: str, path: str | os.PathLike, inf
     out = {"format": fmt, "file": path.name, "input_name": "input", "output_name": "logits", **info,
            "check": {"max_abs_diff": diff, "by": {"torchscript": "torch.jit.load", "onnx": "onnxruntime"}[fmt]
                      if diff is not None else "not checked: pip install onnxruntime"}}
-    meta = Path(f"{path}.json")
-    if meta.exists():
-        meta.unlink()
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(meta, (json.dumps(out, indent=2) + "\n").encode())
+    _publish({path: data, Path(f"{path}.json"): (json.dumps(out, indent=2) + "\n").encode()})
     return out
+
+
+def _publish(files: dict[Path, bytes]) -> None:
+    """Write every file beside its target first (a full disk fails here, changing nothing), then rename them in: the
+    old JSON goes before the new model arrives, so no JSON ever describes a file it was not written for."""
+    staged = {}
+    try:
+        for target, data in files.items():
+            staged[target] = target.with_name(f".{target.name}.{os.getpid()}.staged.tmp")
+            atomic_write_bytes(staged[target], data)
+    except BaseException:
+        for p in staged.values():
+            p.unlink(missing_ok=True)
+        raise
+    *first, last = files
+    last.unlink(missing_ok=True)
+    for target in (*first, last):
+        os.replace(staged[target], target)
 
 
 def _export_torchscript(module: torch.nn.Module, example: torch.Tensor) -> bytes:

@@ -20,6 +20,11 @@ from .lock import SessionLock
 from .worker import Worker
 
 
+# How out-of-memory reads: CUDA's OutOfMemoryError says "out of memory"; on CPU torch's allocator raises a plain
+# RuntimeError ("DefaultCPUAllocator: not enough memory: you tried to allocate ...", older: "can't allocate memory").
+_OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
+
+
 class Session:
     def __init__(self, root: str | os.PathLike = "sessions", notify: Callable[[str], None] | None = None):
         self.root = Path(root)
@@ -372,7 +377,7 @@ class Session:
 
         log = F.log_error(self.folder or self.root, e) or "(errors.log could not be written)"
         if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
-                words in str(e).lower() for words in ("out of memory", "can't allocate memory", "cannot allocate")):
+                words in str(e).lower() for words in _OUT_OF_MEMORY):
             bs = (self.trainer.cfg if self.trainer is not None else self.config).batch_size  # the size that failed
             if self.trainer is not None and self.trainer.optimizer is not None:
                 self.trainer.optimizer.zero_grad(set_to_none=True)  # give the half-done step's memory back
