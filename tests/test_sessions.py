@@ -441,3 +441,22 @@ def test_a_device_that_is_not_here_reopens_on_what_exists_with_a_note(work, monk
     with pytest.raises(PgError, match="no GPU is visible"):
         r.train(steps=1)
     r.close(save=False)
+
+
+@pytest.mark.slow
+def test_sighup_while_training_from_the_interactive_prompt_saves_the_run(tmp_path, split_folder):
+    import pexpect
+    from test_interactive import Screen
+
+    screen = Screen(tmp_path)
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8", "save i.session",
+                 "train 200"):
+        screen.cmd(line)  # `train` returns to the prompt at once: the run goes on in the background
+    screen.expect("epoch 2 done")
+    screen.child.kill(signal.SIGHUP)  # the terminal window closed
+    screen.child.expect(pexpect.EOF, timeout=WAIT)
+    screen.child.close()
+    assert screen.child.exitstatus == 128 + signal.SIGHUP, screen.text[-800:]
+    doc = json.loads((tmp_path / "i.session").read_text())
+    step = C.load_checkpoint(tmp_path / doc["checkpoint"])["position"]["step"]
+    assert step > 2 * BATCHES and _steps(tmp_path / "i") == list(range(1, step + 1))

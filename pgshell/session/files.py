@@ -134,7 +134,7 @@ def folder_name(doc: dict, file: Path) -> str:
 def session_doc(s) -> dict:
     data = None
     if s.data:  # the data's classes and fingerprint beside its path: reopen compares them with the folder
-        data = dict(s.data, **({k: s.data_id[k] for k in ("classes", "fingerprint", "counts")} if s.data_id else {}))
+        data = dict(s.data, **{k: v for k, v in (s.data_id or {}).items() if k in ("classes", "fingerprint", "counts")})
     return {
         "format": SESSION_FORMAT, "version": SESSION_VERSION, "name": s.name, "folder": s.name,
         "model": s.spec.to_dict() if s.spec else None,
@@ -146,9 +146,10 @@ def session_doc(s) -> dict:
 
 
 def write_session_file(s) -> None:
-    if s.data_lists is not None and s.folder is not None and s.lists_written != s.data_id["fingerprint"]:
+    fingerprint = (s.data_id or {}).get("fingerprint")
+    if s.data_lists is not None and s.folder is not None and fingerprint and s.lists_written != fingerprint:
         FP.write_lists(s.folder, s.data_lists)  # the lists behind the fingerprint, once per change
-        s.lists_written = s.data_id["fingerprint"]
+        s.lists_written = fingerprint
     C.atomic_write_bytes(s.file, (json.dumps(session_doc(s), indent=2) + "\n").encode())
 
 
@@ -252,8 +253,8 @@ def reopen(s, file: Path, doc: dict) -> None:
     if removed:
         s.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
     found = _find_checkpoint(s, file, doc, lineage)
-    s.lineage = lineage or new_lineage()  # a session file from before lineages: its next checkpoints get one
-    s.saver.lineage = s.lineage
+    s.lineage = lineage  # None: a session file from before lineages stays without one until a new run
+    s.saver.lineage = lineage or ""
     if doc.get("model"):
         _rebuild_model(s, file, doc["model"], found)
     if found:
