@@ -40,13 +40,15 @@ cmd2.set_default_argument_parser(Parser)
 MAX_LINE = 64 * 1024  # characters in one command line: cmd2's tokenizer is quadratic, a 5 MB line would hang it
 
 
-class Hangup(BaseException):
+class Hangup(SystemExit):
     """SIGTERM or SIGHUP (the terminal closed): raised in the main thread, wherever it waits, and caught by `main`,
-    which pauses the run at the batch boundary, writes the checkpoint and the session file, and exits. A
-    BaseException, so no command's `except Exception` swallows it."""
+    which pauses the run at the batch boundary, writes the checkpoint and the session file, and exits 128 + signal.
+    A SystemExit: no `except Exception` swallows it, and asyncio (prompt_toolkit's loop at the prompt) lets it
+    through; cmd2 turns one raised inside a command into the end of its loop, so `run_plan` and `main` look at
+    `PgShell.hangup` afterwards and raise it again."""
 
     def __init__(self, signum: int):
-        super().__init__(signum)
+        super().__init__(128 + signum)
         self.signum = signum
 
 
@@ -96,6 +98,7 @@ class PgShell(cmd2.Cmd):
         self.intro = ("pgshell — fine-tune image classifiers. `help` lists commands, `help load` explains one."
                       if self.interactive else "")
         self._messages: queue.Queue[str] = queue.Queue()
+        self.hangup = 0  # the SIGTERM/SIGHUP received, if any
         self.session = session or Session(root=sessions_dir, notify=self._notify)
         self.session.notify = self._notify
         for name in ("allow_style", "always_show_hint", "editor", "max_completion_table_items", "max_column_completion_results",
@@ -192,8 +195,9 @@ class PgShell(cmd2.Cmd):
         return super().onecmd_plus_hooks(line, *args, **kwargs)
 
     def termination_signal_handler(self, signum, _frame):
-        """cmd2 installs this for SIGTERM and SIGHUP in the interactive loop: `main` saves, then exits."""
+        """SIGTERM and SIGHUP (cmd2 installs this in its loop; `main` for plans): `main` saves, then exits."""
         _ignore_termination()  # one save: a second signal while saving must not cut it short
+        self.hangup = signum
         raise Hangup(signum)
 
     def sigint_handler(self, signum, frame):
@@ -250,6 +254,8 @@ def run_plan(app: PgShell, lines) -> int:
             app.perror("interrupted: pausing and saving")
             _failed.set()
             stop = False
+        if app.hangup:  # cmd2 took it for an exit request: `main` pauses and saves
+            raise Hangup(app.hangup)
         if _failed.is_set():
             if app.session.has_work():
                 app.do_quit("")
@@ -285,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
     app = PgShell(session=session, interactive=interactive, sessions_dir=args.sessions_dir)
-    with _saving_on_termination(), _warnings_to_log(app):
+    with _saving_on_termination(app), _warnings_to_log(app):
         try:
             return _run(app, args, interactive, notify_box)
         except Hangup as e:
@@ -309,6 +315,8 @@ def _run(app: PgShell, args, interactive: bool, notify_box: list) -> int:
     if not interactive:
         return run_plan(app, sys.stdin)
     code = app.cmdloop()
+    if app.hangup:
+        raise Hangup(app.hangup)
     if app.session.worker.thread.is_alive():  # left by an exception path: still save
         app.session.close(save=True)
     return code
@@ -322,11 +330,6 @@ def _printable_output() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
-def _raise_hangup(signum, _frame) -> None:
-    _ignore_termination()
-    raise Hangup(signum)
-
-
 def _ignore_termination() -> None:
     for sig in _TERMINATION:
         signal.signal(sig, signal.SIG_IGN)
@@ -336,14 +339,14 @@ _TERMINATION = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if 
 
 
 @contextlib.contextmanager
-def _saving_on_termination():
-    """SIGTERM/SIGHUP raise Hangup in the main thread (in a plan; cmd2's loop calls PgShell's handler, the same)."""
+def _saving_on_termination(app: PgShell):
+    """SIGTERM/SIGHUP raise Hangup in the main thread (cmd2's interactive loop installs the same handler)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old = {sig: signal.getsignal(sig) for sig in _TERMINATION}
     for sig in _TERMINATION:
-        signal.signal(sig, _raise_hangup)
+        signal.signal(sig, app.termination_signal_handler)
     try:
         yield
     finally:
