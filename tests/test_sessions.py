@@ -9,7 +9,6 @@ test start `pgshell` subprocesses and are marked slow.
 
 import io
 import json
-import math
 import os
 import shutil
 import signal

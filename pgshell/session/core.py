@@ -151,7 +151,9 @@ class Session:
         else:
             self._new_run("other data")
         self.splits = splits
-        self.data = {"path": root, "split": split, "size": size, "seed": self.config.seed, **({"keep": True} if keep else {})}
+        self.data = {"path": root, "split": split, "size": size, "seed": self.config.seed}  # seed: the split's
+        if keep:
+            self.data["keep"] = True  # reopen takes the recorded lists again, without asking
         self.data_id, self.data_lists, self.data_change = ident, lists, None
         self.dirty = True
         self.quarantine(splits.rejected)

@@ -130,7 +130,8 @@ def _checkpoint_copy(s: "Session", path: Path):
     from ..engine import models as M
 
     if s.spec is None:
-        raise PgError("no model yet: `load MODEL` first — the model is yours to name, a checkpoint only brings weights")
+        raise PgError("no model yet: `load MODEL` first — the model is yours to name, a checkpoint only brings "
+                      "weights")
     state = C.load_checkpoint(path)
     theirs = state.get("model_spec")
     theirs = (theirs.get("name"), theirs.get("num_classes")) if isinstance(theirs, dict) else (theirs, None)
