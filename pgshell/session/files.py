@@ -346,6 +346,8 @@ def _reattach_data(s, data: dict, state: dict | None) -> None:
     if recorded is None and state and state.get("classes"):  # a file from before fingerprints: the classes at least
         recorded = {"classes": list(state["classes"])}
     s.data_id, s.data_lists = recorded, FP.read_lists(s.folder)
+    if s.data_lists and recorded and FP.fingerprint(s.data_lists) != recorded.get("fingerprint"):
+        s.data_lists = None  # not the lists behind the file's fingerprint (a kill between the two writes)
     s.lists_written = recorded.get("fingerprint") if recorded and s.data_lists else None
     try:
         if data.get("keep") and s.data_lists:
