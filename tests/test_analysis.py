@@ -314,7 +314,7 @@ def test_export_torchscript_round_trip(trained, tmp_path):
     # --checkpoint 1 exports epoch 1's weights, not the live ones
     path1 = tmp_path / "epoch1.pt"
     ok(app, f"export torchscript {path1} --checkpoint 1")
-    built, _, _ = A._checkpoint_copy(app.session.folder / "checkpoints" / "epoch-0001.safetensors")
+    built, _, _ = A._checkpoint_copy(app.session, app.session.folder / "checkpoints" / "epoch-0001.safetensors")
     with torch.no_grad():
         e1, g1 = built.module.eval()(x), torch.jit.load(str(path1))(x)
     assert torch.allclose(g1, e1, atol=1e-5) and not torch.allclose(g1, expected, atol=1e-3)

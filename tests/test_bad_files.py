@@ -11,6 +11,7 @@ rejects and why (tests/test_data.py::test_scan_rejects_what_the_header_shows and
 
 import io
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -328,3 +329,164 @@ def test_impossible_datasets_are_refused_before_training(app, capsys, tmp_path, 
     ok, err = _cmd(app, capsys, f"data {root}")
     assert not ok and message in err and len(err.strip().splitlines()) == 1
     assert app.session.splits is None
+
+
+# ------------------------------------------------------------------ checkpoints never name code
+EVIL_MODEL = '''
+import pathlib
+
+pathlib.Path({marker!r}).touch()  # the proof that this file was imported
+
+
+def f(num_classes=3):
+    import torch
+
+    return torch.nn.Linear(3, num_classes)
+'''
+
+
+def test_a_checkpoint_naming_code_never_imports_it(copy, tmp_path, app, capsys):
+    """A stranger's checkpoint whose model is `evil.py:f`, re-signed so its checksum passes: the model comes from
+    the session file or the user's `load`, a checkpoint of another model is refused, the file never imported."""
+    file, ckpt = copy
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil" / "evil.py"
+    evil.parent.mkdir()
+    evil.write_text(EVIL_MODEL.format(marker=str(marker)))
+    _edit_checkpoint(ckpt, lambda st: st["model_spec"].update(name=f"{evil}:f"), C.read_metadata(ckpt))
+    _open_fails(file, "another model", "never chooses the model")
+    data = json.loads(file.read_text())["data"]["path"]
+    for line in (f"data {data} --size 32", "load test_resnet"):
+        assert _cmd(app, capsys, line)[0]
+    for line in (f"eval --checkpoint {ckpt}", f"predict {data} --checkpoint {ckpt}",
+                 f"export torchscript {tmp_path / 'x.pt'} --checkpoint {ckpt}"):
+        ok, err = _cmd(app, capsys, line)
+        assert not ok and "another model" in err and len(err.strip().splitlines()) == 1, (line, err)
+    assert not marker.exists() and not (tmp_path / "x.pt").exists()
+
+
+# ------------------------------------------------------------------ writes stay inside the session folder
+def test_session_files_are_never_written_through_a_symbolic_link(copy, tmp_path):
+    from pgshell.session.files import log_error
+
+    file, _ = copy
+    folder = file.parent / "s"
+    outside = {}
+    for name in ("metrics.csv", "quarantine.txt", "errors.log"):
+        outside[name] = tmp_path / f"outside-{name}"
+        outside[name].write_text("precious\n")
+        (folder / name).unlink(missing_ok=True)
+        (folder / name).symlink_to(outside[name])
+    s = Session.open(file)
+    with pytest.raises(PgError, match="symbolic link"):
+        s.quarantine([(str(tmp_path / "x.png"), "not an image")])
+    assert log_error(folder, RuntimeError("boom")) is None  # refused (the caller says the log could not be written)
+    s.train(steps=1)
+    assert s.wait(WAIT)
+    assert "symbolic link" in s.status.get("error", "") or not (folder / "metrics.csv").is_symlink()
+    s.close(save=False)
+    assert all(p.read_text() == "precious\n" for p in outside.values())
+
+
+def test_history_and_nested_scripts_cannot_write_files_or_run_a_plan_past_its_errors(tmp_path, app, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    nested = tmp_path / "nested.txt"
+    nested.write_text("set lr banana\nset lr 0.5\n")
+    for line in (f"history -o {victim}", f"run_script {nested}", f"@{nested}", f"_relative_run_script {nested}"):
+        ok, err = _cmd(app, capsys, line)
+        assert not ok and "not available in pgshell" in err, (line, err)
+    assert victim.read_text() == "precious\n" and app.session.config.lr == 0.001
+
+
+# ------------------------------------------------------------------ damaged metrics rows, a huge "checkpoint"
+def test_bad_metrics_rows_are_skipped_and_counted_and_hide_no_later_row(copy, tmp_path):
+    from pgshell.engine.metrics import read_rows
+    from pgshell.session import review
+
+    file, _ = copy
+    metrics = file.parent / "s" / "metrics.csv"
+    header, *rows = metrics.read_text().splitlines()  # 4 training rows and the validation row
+    garbage = ["abc,1,0,train,0.5,0.5,0.001,8,0.1,1,", '2,1,2,train,"0.5,0.5,0.001,8,0.1,1,']  # no closing quote
+    metrics.write_text("\n".join([header, rows[0], *garbage, *rows[1:]]) + "\n")
+    other = tmp_path / "other" / "metrics.csv"  # plotted as a file of its own: named after its folder
+    other.parent.mkdir()
+    other.write_bytes(metrics.read_bytes())
+    good = read_rows(metrics)
+    assert [int(r["step"]) for r in good] == [1, 2, 3, 4, 4]  # the quote hid nothing, the garbage row is out
+    from pgshell.engine.metrics import read_rows_counted
+
+    assert read_rows_counted(metrics) == (good, 2)
+    notes: list[str] = []
+    s = Session.open(file, notify=notes.append)  # not "the session file is damaged": the rows are skipped
+    assert any("2 unreadable row(s) skipped" in m for m in notes), notes
+    assert read_rows_counted(metrics) == (good, 0)  # and removed from the session's own file
+    res = review.plot(s, [str(other)])
+    assert res["skipped"] == {"other": 2} and res["series"]["other"]["train"]["step"] == [1, 2, 3, 4]
+    s.close(save=False)
+
+
+def _fake_checkpoint(path: Path, data_bytes: int, size: int, meta: dict) -> None:
+    """A safetensors header claiming one tensor of `data_bytes`, in a sparse file of `size` bytes (no disk used)."""
+    header = json.dumps({"__metadata__": meta, "x": {"dtype": "U8", "shape": [data_bytes],
+                                                      "data_offsets": [0, data_bytes]}}).encode()
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header)
+        f.truncate(size if size else 8 + len(header) + data_bytes)
+
+
+def test_a_huge_file_named_like_a_checkpoint_is_refused_by_its_header_before_it_is_read(copy, monkeypatch):
+    file, ckpt = copy
+    meta = {"step": "36", "epoch": "9", "lineage": C.read_metadata(ckpt).get("lineage", "")}  # of the session's run
+    huge = ckpt.parent / "epoch-0009.safetensors"
+    _fake_checkpoint(huge, 16, 64 * 2**30, meta)  # 64 GiB on disk (sparse), a header describing 16 bytes
+    with pytest.raises(C.CheckpointError, match="header accounts for"):
+        C.load_checkpoint(huge)
+    notes: list[str] = []
+    s = Session.open(file, notify=notes.append)
+    assert s.trainer.pos.step == 4 and any("epoch-0009" in m and "skipping" in m for m in notes), notes
+    s.close(save=False)
+    _fake_checkpoint(huge, 2**33, 0, meta)  # a header that accounts for all of its 8 GiB
+    monkeypatch.setattr(C, "_physical_memory", lambda: 2**32)  # on a machine with 4 GiB
+    with pytest.raises(C.CheckpointError, match="more than this machine's memory"):
+        C.load_checkpoint(huge)
+
+
+# ------------------------------------------------------------------ file names that are not UTF-8
+def test_file_names_not_in_utf8_or_holding_a_newline_survive_quarantine_training_reopen_and_predict(
+        app, capsys, tmp_path):
+    import csv
+
+    from conftest import make_images
+
+    data = make_images(tmp_path / "odd", classes=("cat", "dog"), per_class=8)
+    cat = os.fsencode(data / "cat")
+    png = (data / "cat" / "cat_001.png").read_bytes()
+    names = {"good": b"caf\xe9.png", "trunc": b"trunc\xe9.png", "newline": b"new\nline.png"}
+    paths = {k: os.path.join(cat, v) for k, v in names.items()}
+    Path(os.fsdecode(paths["good"])).write_bytes(png)
+    Path(os.fsdecode(paths["trunc"])).write_bytes(png[: len(png) // 2])  # shows when decoded: mid-training
+    Path(os.fsdecode(paths["newline"])).write_bytes(b"not an image")  # rejected by the scan
+    for line in (f"data {data} --size 32", "load test_resnet", "set batch_size 4", "train 1",
+                 f"data {data} --size 32 --check"):
+        ok, err = _cmd(app, capsys, line)
+        assert ok, (line, err)
+    from pgshell.engine.names import unescape
+
+    lines = (app.session.folder / "quarantine.txt").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2  # one line each, the newline in a name escaped
+    assert {unescape(ln.split("\t")[0]) for ln in lines} == {os.fsdecode(paths["trunc"]), os.fsdecode(paths["newline"])}
+    out = app.stdout.getvalue()
+    assert "trunc\\xe9.png" in out and "new\\x0aline.png" in out  # `data --check` prints them escaped
+    ok, err = _cmd(app, capsys, f"predict {data} --out {tmp_path / 'p.csv'}")
+    assert ok, err
+    with open(tmp_path / "p.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    by_name = {unescape(r[0]): r for r in rows[1:]}
+    assert by_name[os.path.join("cat", os.fsdecode(names["good"]))][-1] == ""  # classified
+    assert by_name[os.path.join("cat", os.fsdecode(names["trunc"]))][-1] != ""  # its error, on its own row
+    file = app.session.save()
+    app.session.close(save=False)
+    s = Session.open(file)  # the session with those names reopens
+    assert s.trainer.pos.epoch == 1
+    s.close(save=False)

@@ -10,12 +10,14 @@ renamed: a kill leaves either the old file or the new one, never half of one; th
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
 import re
 import signal
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +91,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
     try:
+        tmp.unlink()  # a stale one, or a link someone planted there: the write below must not follow it
+    except FileNotFoundError:
+        pass
+    try:
         with open(tmp, "wb") as f:
             if _fault_now(path):  # test-only: die halfway through this write, as `kill -9` or a power cut would
                 f.write(data[: len(data) // 2])
@@ -112,6 +118,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def open_append(path: str | os.PathLike, newline: str | None = None):
+    """Open a file of the session folder for appending text (created if missing), refusing anything but a regular
+    file: a symbolic link planted as metrics.csv, quarantine.txt or errors.log must not send writes elsewhere."""
+    path = Path(path)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o644)  # O_NONBLOCK: a FIFO without a reader fails at once instead of hanging
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise PgError(_not_regular(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PgError(_not_regular(path))
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8", newline=newline)
+
+
+def _not_regular(path: Path) -> str:
+    return (f"{path} is a symbolic link or not a regular file: pgshell writes only regular files inside the session "
+            "folder — remove it and try again")
 
 
 _FAULT_KINDS = {".safetensors": "kill-during-checkpoint-write", ".session": "kill-during-session-write"}
@@ -167,7 +196,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            if n <= 0 or n > 100_000_000:
+            if n <= 0 or n > _MAX_HEADER:
                 raise ValueError
             header = json.loads(f.read(n))
         return header.get("__metadata__", {}) or {}
@@ -175,13 +204,52 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a readable checkpoint ({e.__class__.__name__})") from None
 
 
+def check_size(path: str | os.PathLike) -> int:
+    """The file's size, once its safetensors header (read alone, bounded) accounts for every byte of it and it fits
+    in this machine's memory: a huge file named like a checkpoint is refused before it is read."""
+    path = Path(path)
+    try:
+        size = os.stat(path).st_size
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n <= min(_MAX_HEADER, size - 8):
+                raise ValueError("header length")
+            header = json.loads(f.read(n))
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):
+        raise CheckpointError(f"{path} is damaged or not a pgshell checkpoint (no readable header)") from None
+    if 8 + n + end != size:
+        raise CheckpointError(f"{path} is {size:,} bytes but its header accounts for {8 + n + end:,}: damaged or "
+                              "not a pgshell checkpoint")
+    memory = _physical_memory()
+    if memory and size > memory:
+        raise CheckpointError(f"{path} is {size / 2**30:.1f} GiB, more than this machine's memory "
+                              f"({memory / 2**30:.1f} GiB): not loaded")
+    return size
+
+
+_MAX_HEADER = 100_000_000  # bytes of JSON header: far above any real checkpoint's
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Read and verify a checkpoint; raises CheckpointError naming what is wrong."""
     path = Path(path)
+    check_size(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path}: {e.strerror}") from None
+    except MemoryError:
+        raise CheckpointError(f"{path} does not fit in memory here: not loaded") from None
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError, Exception) as e:  # truncated or not safetensors at all
@@ -205,7 +273,7 @@ def _header_metadata(data: bytes) -> dict[str, str]:
     return json.loads(data[8 : 8 + n]).get("__metadata__", {}) or {}
 
 
-_CKPT_RE = re.compile(r"^(epoch|step)-(\d+)\.safetensors$")
+_CKPT_RE = re.compile(r"^(epoch|step)-(\d+)(-[0-9a-f]+)?\.safetensors$")  # -LINEAGE: a new run's, beside another's
 
 
 def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
@@ -225,11 +293,11 @@ def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def load_latest(folder: str | os.PathLike, warn=lambda msg: None) -> tuple[Path, dict[str, Any]] | None:
+def load_latest(folder: str | os.PathLike, warn=lambda msg: None, accept=None) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of `folder` that loads and verifies, preferring one that keeps the full training state
-    (older ones are rewritten slim once superseded: engine/saver.py); damaged newer ones are reported through
-    `warn`."""
-    files = list(reversed(list_checkpoint_files(folder)))
+    (older ones are rewritten slim once superseded: engine/saver.py); damaged newer ones are reported through `warn`.
+    `accept(path, header metadata or None when the header is unreadable)` leaves out the files it returns False for."""
+    files = [p for p in reversed(list_checkpoint_files(folder)) if accept is None or accept(p, _metadata_or_none(p))]
     full = [p for p in files if _resumable(p)]
     for p in full + [p for p in files if p not in full]:
         try:
@@ -237,6 +305,13 @@ def load_latest(folder: str | os.PathLike, warn=lambda msg: None) -> tuple[Path,
         except CheckpointError as e:
             warn(f"skipping {p.name}: {e}; using the previous checkpoint")
     return None
+
+
+def _metadata_or_none(path: Path) -> dict | None:
+    try:
+        return read_metadata(path)
+    except CheckpointError:
+        return None
 
 
 def _resumable(path: Path) -> bool:

@@ -20,6 +20,7 @@ class Runtime:
     amp_dtype: torch.dtype | None  # None: full fp32
     channels_last: bool
     gpu_ids: list[int]  # DataParallel over these when more than one
+    note: str = ""  # what `fallback` changed: the device asked for is not here
 
     @property
     def fp16(self) -> bool:
@@ -54,13 +55,28 @@ class Runtime:
 
 
 def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: str = "auto",
-                    devices: str = "all", is_convnet: bool = True) -> Runtime:
+                    devices: str = "all", is_convnet: bool = True, fallback: bool = False) -> Runtime:
+    """The runtime the settings ask for. A device that is not here is an error, or with `fallback` (a session
+    reopened on another machine: its device is a preference) what exists instead, said in `Runtime.note`."""
+    try:
+        return _resolve(device, amp, channels_last, devices, is_convnet)
+    except PgError:
+        if not fallback:
+            raise
+        rt = _resolve("auto", "auto", "auto", "all", is_convnet)
+        asked = f"device {device}" + (f" (devices {devices})" if devices != "all" else "")
+        rt.note = (f"{asked} is not here: running on {rt.describe()} instead; the session keeps it as its "
+                   "preference (`set device auto` makes this the setting)")
+        return rt
+
+
+def _resolve(device: str, amp: str, channels_last: str, devices: str, is_convnet: bool) -> Runtime:
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
         dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise PgError("device is set to cuda but no GPU is visible here: `set device cpu` (or auto)")
+        raise PgError(f"device is set to {device} but no GPU is visible here: `set device cpu` (or auto)")
     gpu_ids: list[int] = []
     if dev.type == "cuda":
         n = torch.cuda.device_count()
@@ -72,7 +88,7 @@ def resolve_runtime(device: str = "auto", amp: str = "auto", channels_last: str 
             gpu_ids = [int(i) for i in devices.split(",")]
         bad = [i for i in gpu_ids if i >= n]
         if bad:
-            raise PgError(f"GPU {bad[0]} does not exist: {n} visible; `set devices all` or 0..{n - 1}")
+            raise PgError(f"GPU {bad[0]} does not exist here: {n} visible; `set devices all` or 0..{n - 1}")
         dev = torch.device("cuda", gpu_ids[0])
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True

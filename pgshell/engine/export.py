@@ -6,9 +6,11 @@ running the written file on an input and comparing with the PyTorch model (ONNX:
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -40,23 +42,24 @@ def preprocessing(data_config: dict, size: int = 0) -> dict:
 def export_model(module: torch.nn.Module, fmt: str, path: str | os.PathLike, info: dict) -> dict:
     """Write `module` (on the CPU, in eval mode) as `fmt` to `path` and `info` + the check's result to PATH.json.
 
-    `info` must hold "preprocessing" (see preprocessing()) and "classes". Returns the written info.
+    `info` must hold "preprocessing" (see preprocessing()) and "classes". Returns the written info. The file is made
+    and checked in memory, then written beside its target and renamed in (`_publish`): a kill or a full disk never
+    leaves a broken file, nor a JSON vouching for a file it does not describe.
     """
     if fmt not in FORMATS:
         raise PgError(f"export format must be onnx or torchscript, not {fmt!r}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = module.cpu().eval()
     _, h, w = info["preprocessing"]["input_size"]
     example = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = module(example).float()
         if fmt == "torchscript":
-            _export_torchscript(module, example, path)
-            got = torch.jit.load(str(path), map_location="cpu")(example).float()
+            data = _export_torchscript(module, example)
+            got = torch.jit.load(io.BytesIO(data), map_location="cpu")(example).float()
         else:
-            _export_onnx(module, example, path)
-            got = _run_onnx(path, example)
+            data = _export_onnx(module, example)
+            got = _run_onnx(data, example)
     diff = None if got is None else float((got - expected).abs().max())
     if diff is not None and not diff <= 1e-3 * max(1.0, float(expected.abs().max())):
         raise PgError(f"the exported {fmt} file gives outputs up to {diff:.3g} away from the model's: "
@@ -64,28 +67,54 @@ def export_model(module: torch.nn.Module, fmt: str, path: str | os.PathLike, inf
     out = {"format": fmt, "file": path.name, "input_name": "input", "output_name": "logits", **info,
            "check": {"max_abs_diff": diff, "by": {"torchscript": "torch.jit.load", "onnx": "onnxruntime"}[fmt]
                      if diff is not None else "not checked: pip install onnxruntime"}}
-    atomic_write_bytes(f"{path}.json", (json.dumps(out, indent=2) + "\n").encode())
+    _publish({path: data, Path(f"{path}.json"): (json.dumps(out, indent=2) + "\n").encode()})
     return out
 
 
-def _export_torchscript(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _publish(files: dict[Path, bytes]) -> None:
+    """Write every file beside its target first (a full disk fails here, changing nothing), then rename them in: the
+    old JSON goes before the new model arrives, so no JSON ever describes a file it was not written for."""
+    staged = {}
+    try:
+        for target, data in files.items():
+            staged[target] = target.with_name(f".{target.name}.{os.getpid()}.staged.tmp")
+            atomic_write_bytes(staged[target], data)
+    except BaseException:
+        for p in staged.values():
+            p.unlink(missing_ok=True)
+        raise
+    *first, last = files
+    last.unlink(missing_ok=True)
+    for target in (*first, last):
+        os.replace(staged[target], target)
+
+
+def _export_torchscript(module: torch.nn.Module, example: torch.Tensor) -> bytes:
     try:
         traced = torch.jit.trace(module, example[:1], check_trace=False)
     except Exception as e:  # tracing fails on data-dependent control flow
         raise PgError(f"TorchScript tracing failed ({type(e).__name__}: {str(e)[:120]}): try `export onnx`") from None
-    traced.save(str(path))
+    buf = io.BytesIO()  # in memory: torch's C++ writer aborts the process on a full disk
+    torch.jit.save(traced, buf)
+    return buf.getvalue()
 
 
-def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
+def _export_onnx(module: torch.nn.Module, example: torch.Tensor) -> bytes:
     kw = dict(input_names=["input"], output_names=["logits"], opset_version=17,
               dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     install = "ONNX export needs the onnx package: pip install 'pgshell[onnx]' (or pip install onnx onnxruntime)"
     try:
-        # the TorchScript-based exporter needs only `onnx`; the dynamo one (torch's default) also needs onnxscript
-        torch.onnx.export(module, (example[:1],), str(path), dynamo=False, **kw)
+        # the TorchScript-based exporter needs only `onnx` (and writes to memory); the dynamo one (torch's default)
+        # also needs onnxscript
+        buf = io.BytesIO()
+        torch.onnx.export(module, (example[:1],), buf, dynamo=False, **kw)
+        return buf.getvalue()
     except TypeError:  # a torch without the TorchScript-based exporter
         try:
-            torch.onnx.export(module, (example[:1],), str(path), dynamo=True, **kw)
+            with tempfile.TemporaryDirectory(prefix="pgshell-onnx-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                torch.onnx.export(module, (example[:1],), str(path), dynamo=True, **kw)
+                return path.read_bytes()
         except ModuleNotFoundError as e:
             raise PgError(f"ONNX export needs the {e.name} package: pip install onnx onnxscript") from None
     except ModuleNotFoundError:
@@ -96,12 +125,12 @@ def _export_onnx(module: torch.nn.Module, example: torch.Tensor, path: Path) -> 
         raise PgError(f"ONNX export failed ({type(e).__name__}: {str(e)[:160]}): try `export torchscript`") from None
 
 
-def _run_onnx(path: Path, example: torch.Tensor) -> torch.Tensor | None:
+def _run_onnx(data: bytes, example: torch.Tensor) -> torch.Tensor | None:
     try:
         import onnxruntime as ort
     except ImportError:
         return None
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
     return torch.from_numpy(sess.run(["logits"], {"input": example.numpy()})[0]).float()
 
 

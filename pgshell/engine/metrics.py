@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, open_append
 from .events import Handler
 
 COLUMNS = ["step", "epoch", "batch", "split", "loss", "accuracy", "lr", "images", "seconds", "run", "trial"]
@@ -27,13 +27,13 @@ class MetricsLog:
         self.path = Path(path)
         self._lock = threading.Lock()
         self._file = None
+        self.skipped = 0  # unreadable rows the last truncate_after dropped
 
     def _open(self):
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            new = not self.path.exists() or self.path.stat().st_size == 0
-            self._file = open(self.path, "a", newline="")
-            if new:
+            self._file = open_append(self.path, newline="")  # never through a symbolic link
+            if self._file.tell() == 0:
                 self._file.write(",".join(COLUMNS) + "\n")
         return self._file
 
@@ -56,9 +56,10 @@ class MetricsLog:
         """Drop rows with step > `step` (written after the checkpoint being resumed); returns how many were dropped."""
         with self._lock:
             self.close_locked()
-            rows = read_rows(self.path)
+            rows, self.skipped = read_rows_counted(self.path)
             keep = [r for r in rows if int(r["step"]) <= step]
-            if len(keep) != len(rows) or _torn(self.path):  # a torn last row would be glued to the next one
+            # a torn last row would be glued to the next one; unreadable rows go too (they were counted)
+            if len(keep) != len(rows) or self.skipped or _torn(self.path):
                 out = io.StringIO()
                 w = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
                 w.writeheader()
@@ -103,16 +104,49 @@ class MetricsLogger(Handler):
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """All complete rows of a metrics file (a torn last line from a kill is ignored)."""
+    """All complete, readable rows of a metrics file (a torn last line from a kill is ignored)."""
+    return read_rows_counted(path)[0]
+
+
+def read_rows_counted(path: str | os.PathLike) -> tuple[list[dict], int]:
+    """(rows, how many lines were skipped as unreadable). Each line is parsed on its own, so a damaged one (a stray
+    quote, text where a number belongs, a NUL byte) costs that line only, never the rows after it."""
     path = Path(path)
     if not path.exists():
-        return []
-    with open(path, newline="") as f:
+        return [], 0
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
         text = f.read()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
-    rows = list(csv.DictReader(io.StringIO(text)))
-    return [r for r in rows if r.get("step") not in (None, "") and r.get("split")]
+    lines = text.splitlines()
+    if not lines:
+        return [], 0
+    header = next(csv.reader([lines[0].replace("\0", "")]), [])
+    if "step" not in header or "split" not in header:
+        header = COLUMNS  # the header line itself was damaged: the columns pgshell writes
+        lines.insert(0, "")
+    rows, skipped = [], 0
+    for line in lines[1:]:
+        row = _parse(line, header)
+        if row is None:
+            skipped += 1
+        else:
+            rows.append(row)
+    return rows, skipped
+
+
+def _parse(line: str, header: list[str]) -> dict | None:
+    if "\0" in line:
+        return None
+    cells = next(csv.reader([line]), [])
+    if len(cells) != len(header):
+        return None
+    row = dict(zip(header, cells))
+    try:
+        int(row["step"]), int(row["epoch"]), int(row["batch"]), float(row["loss"]), float(row["accuracy"])
+    except (KeyError, ValueError):
+        return None
+    return row if row.get("split") in ("train", "val") else None
 
 
 def _torn(path: Path) -> bool:

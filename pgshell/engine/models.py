@@ -539,9 +539,8 @@ def _build_from_file(full_name: str, num_classes: int) -> BuiltModel:
     takes_classes = _accepts_num_classes(factory)
     try:
         module = factory(num_classes=num_classes) if takes_classes else factory()
-    except Exception as exc:  # noqa: BLE001 - the user's code may raise anything; report it, don't crash
-        raise PgError(f"{factory_name}() in {path} raised {type(exc).__name__}: {exc} — fix the file and load "
-                      "again") from exc
+    except _USER_CODE_ERRORS as exc:  # the user's code may raise anything, sys.exit() too: report it, don't end
+        raise PgError(f"{factory_name}() in {path} {_what_it_did(exc)} — fix the file and load again") from None
     if not isinstance(module, nn.Module):
         raise PgError(f"{factory_name}() in {path} returned {type(module).__name__}, not a torch nn.Module")
     if hasattr(module, "get_classifier") and hasattr(module, "reset_classifier"):  # a timm model: its own contract
@@ -579,6 +578,19 @@ def _file_data_config(module: nn.Module, user_module, path: Path) -> dict[str, A
                       "input_size=(3, H, W), mean, std, crop_pct, interpolation") from None
 
 
+# What the user's model file may do that must not end pgshell: any exception, sys.exit(), a KeyboardInterrupt of
+# its own (a real Ctrl-C while it runs ends up here too: the command fails, the shell goes on).
+_USER_CODE_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+
+def _what_it_did(exc: BaseException) -> str:
+    if isinstance(exc, SystemExit):
+        return f"called sys.exit({exc.code!r})"
+    if isinstance(exc, KeyboardInterrupt):
+        return "was interrupted (KeyboardInterrupt)"
+    return f"raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+
+
 def _import_factory(path: Path, factory_name: str):
     module_name = f"pgshell_user_model_{abs(hash(str(path)))}"
     import_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -588,10 +600,9 @@ def _import_factory(path: Path, factory_name: str):
     sys.modules[module_name] = user_module  # dataclasses and pickling inside the file look themselves up here
     try:
         import_spec.loader.exec_module(user_module)
-    except Exception as exc:  # noqa: BLE001 - the user's code may raise anything
+    except _USER_CODE_ERRORS as exc:
         sys.modules.pop(module_name, None)
-        raise PgError(f"importing {path} failed with {type(exc).__name__}: {exc} — fix the file and load "
-                      "again") from exc
+        raise PgError(f"importing {path} failed: it {_what_it_did(exc)} — fix the file and load again") from None
     factory = getattr(user_module, factory_name, None)
     if not callable(factory):
         found = [n for n, v in vars(user_module).items() if callable(v) and not n.startswith("_")

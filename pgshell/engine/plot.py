@@ -113,10 +113,7 @@ def draw_png(named: list[tuple[str, dict]], out: str | os.PathLike, metric: str 
         ax.grid(alpha=0.3)
         ax.legend(loc="best", fontsize="small")
     axes[-1].set_xlabel("step (batch)")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
-    return out
+    return save_png(fig, out)
 
 
 def confusion_png(confusion: list[list[int]], classes: list[str], out: str | os.PathLike, title: str = "") -> Path:
@@ -140,9 +137,20 @@ def confusion_png(confusion: list[list[int]], classes: list[str], out: str | os.
             for j, v in enumerate(row):
                 ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
                         color="white" if v > peak / 2 else "black")
+    return save_png(fig, out)
+
+
+def save_png(fig, out: str | os.PathLike, **kw) -> Path:
+    """Render in memory, then write atomically (temp + rename): a kill or a full disk never leaves half a PNG or an
+    empty one where the file was."""
+    import io
+
+    from .checkpoint import atomic_write_bytes  # at the first PNG only: it imports torch
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", **kw)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, format="png")
+    atomic_write_bytes(out, buf.getvalue())
     return out
 
 

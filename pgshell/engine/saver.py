@@ -45,6 +45,7 @@ class CheckpointSaver(Handler):
         self.best: dict | None = None  # {"path", "value", "epoch", "metric"}
         self.log = None  # the metrics log, synced before each checkpoint
         self.writes = True  # False in DDP processes other than rank 0
+        self.lineage = ""  # the run these checkpoints continue (in each header): reopening never mixes two runs
         self.on_saved = on_saved
 
     def after_epoch(self, tr, ctx) -> None:
@@ -56,8 +57,13 @@ class CheckpointSaver(Handler):
         path = self.folder / name
         if not self.writes:
             return path
+        if self.lineage and path.exists() and _lineage_of(path) != self.lineage:
+            # another run's checkpoint at this position (a new run starts where the last one stopped): kept as is
+            path = self.folder / f"{path.stem}-{self.lineage}.safetensors"
         summary = {"kind": kind, "step": pos["step"], "epoch": pos["epoch"], "batch": pos["batch"],
                    "time": datetime.now().isoformat(timespec="seconds")}
+        if self.lineage:
+            summary["lineage"] = self.lineage
         if val:
             summary.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
         if self.log is not None:
@@ -130,3 +136,10 @@ def slim(path: Path) -> bool:
     summary = {k: v for k, v in meta.items() if k not in ("format", "version", "state", "sha256")}
     C.save_checkpoint(path, {**state, **{k: None for k in SLIM}}, {**summary, "resumable": False})
     return True
+
+
+def _lineage_of(path: Path) -> str | None:
+    try:
+        return C.read_metadata(path).get("lineage")
+    except C.CheckpointError:
+        return None

@@ -134,8 +134,10 @@ class Trainer:
     """Holds the model, optimizer, schedule and position of one training run, and runs its loop."""
 
     def __init__(self, built: M.BuiltModel, spec: M.ModelSpec, splits: D.Splits, cfg: TrainConfig,
-                 log: MetricsLog | None = None, run_id: int = 1, trial: str = "", size: int = 0):
+                 log: MetricsLog | None = None, run_id: int = 1, trial: str = "", size: int = 0,
+                 device_fallback: bool = False):
         self.built, self.spec, self.splits = built, spec, splits
+        self.device_fallback = device_fallback  # a device that is not here: run on what is (Runtime.note says so)
         self.size = size  # image size override (0: the model's own input size)
         self.cfg = cfg
         self.run_id, self.trial = run_id, trial
@@ -166,7 +168,7 @@ class Trainer:
         if self.world.active and torch.cuda.is_available():
             device = f"cuda:{self.world.local_rank}"  # DDP: one GPU per process
         self.runtime: Runtime = resolve_runtime(device, cfg.amp, cfg.channels_last, cfg.devices,
-                                                self.built.is_convnet)
+                                                self.built.is_convnet, fallback=self.device_fallback)
         if cfg.batch_size % self.world.size:
             raise PgError(f"batch_size {cfg.batch_size} must be a multiple of the {self.world.size} processes "
                           "(it is the global batch; each process takes an equal share)")

@@ -13,9 +13,16 @@ from ..engine.config import TrainConfig, is_live, parse_value
 from ..engine.errors import PgError
 from ..engine.saver import CheckpointSaver
 from . import files as F
+from . import fingerprint as FP
 from .changelog import ChangeLog, value_text
 from .jobs import RESTART, TrainJob
+from .lock import SessionLock
 from .worker import Worker
+
+
+# How out-of-memory reads: CUDA's OutOfMemoryError says "out of memory"; on CPU torch's allocator raises a plain
+# RuntimeError ("DefaultCPUAllocator: not enough memory: you tried to allocate ...", older: "can't allocate memory").
+_OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
 
 
 class Session:
@@ -38,6 +45,7 @@ class Session:
         self.saver = CheckpointSaver(on_saved=lambda path: self.write_session_file())
         self.saver.writes = self._quarantine.writes = self._writes
         self._log = None  # engine.metrics.MetricsLog of this session's folder
+        self._init_files()
         self.changes = ChangeLog(self)  # changes.jsonl: what changed training, and at which step
         self.worker = Worker(lambda msg: self.notify(msg), self._triage)
 
@@ -110,8 +118,9 @@ class Session:
             raise PgError("--classes must be at least 2")
         spec = M.ModelSpec(name=name, num_classes=n, pretrained=pretrained, weights=weights)
         at = self.changes.position()
-        self.spec, self.built = spec, self._build(spec)
-        self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
+        built = self._build(spec)
+        self._new_run("a new model")
+        self.spec, self.built = spec, built
         self.settle()
         self.dirty = True
         self.changes.record_load(at, name, pretrained, weights, classes)
@@ -127,11 +136,13 @@ class Session:
         torch.manual_seed(self.config.seed if seed is None else seed)  # the new head's initialisation follows it
         return M.build_model(spec)
 
-    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False,
-                    root: str | None = None) -> Any:
-        """Scan an image folder (or a label file with paths from `root`, or a Hugging Face dataset) into splits.
-        `check` also decodes every image, adding those that fail to
-        `splits.rejected` (they stay in their split, skipped when loaded, so the split is the same either way)."""
+    def attach_data(self, path: str | None = None, split: float = 0.2, size: int = 0, check: bool = False,
+                    keep: bool = False, root: str | None = None) -> Any:
+        """Attach a dataset: an image folder, a label file (paths from `root`) or a Hugging Face dataset (PATH: the
+        session's data when None). `check` also decodes every image, adding those that fail to `splits.rejected`
+        (they stay in their split, skipped when loaded, so the split is the same either way). The same data as the
+        run's changes nothing; other data, once the session has trained, starts a new run (`_new_run`); `keep`
+        trains on with the recorded file lists, less the files gone (session/fingerprint.py)."""
         from ..engine import data as D
         from ..engine import models as M
 
@@ -140,15 +151,29 @@ class Session:
             raise PgError(f"--split must be between 0 and 1 (the validation fraction), not {split}")
         if size < 0 or size > 4096:
             raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
-        splits = D.resolve_data(path, split=split, seed=self.config.seed, root=root)
+        at = self.changes.position()
+        location, root = self._data_location(path, root)
+        splits = self._kept_splits(location) if keep else D.resolve_data(location, split=split,
+                                                                           seed=self.config.seed, root=root)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
-        at, kept = self.changes.position(), self.pending_state is not None
+        lists = FP.file_lists(splits, location)
+        ident = FP.identity(lists)
+        same = self.data_id is not None and self.data_id.get("fingerprint") == ident["fingerprint"] \
+            and (self.data or {}).get("size", 0) == size
+        if keep or same:  # the run goes on, exactly, over the files as they are now (an edited image is read again)
+            if self.trainer is not None:
+                self.pending_state, self.trainer = self.trainer.state_dict(), None
+        else:
+            self._new_run("other data")
+        kept = self.pending_state is not None
         self.splits = splits
-        self.data = {"path": D.data_location(path), "split": split, "size": size}
+        self.data = {"path": location, "split": split, "size": size, "seed": self.config.seed}  # seed: the split's
         if root is not None:
-            self.data["root"] = str(Path(root).expanduser().resolve())
-        self.trainer, self.target, self.worker.job = None, None, None
+            self.data["root"] = root
+        if keep:
+            self.data["keep"] = True  # reopen takes the recorded lists again, without asking
+        self.data_id, self.data_lists, self.data_change = ident, lists, None
         self.settle()
         self.dirty = True
         self.quarantine(splits.rejected)
@@ -159,6 +184,51 @@ class Session:
             self.notify(f"model rebuilt with a {len(splits.classes)}-class head for this data")
         self.changes.record_data(at, splits, split, size, check, kept, rebuilt)
         return splits
+
+    def _data_location(self, path: str | None, root: str | None) -> tuple[str, str | None]:
+        """(where the data is, the root a label file's paths start from): as given, or the session's own."""
+        from ..engine import data as D
+
+        if path is None:
+            if not self.data:
+                raise PgError("which data? `data PATH` attaches an image folder, a label file or hf:NAME")
+            return self.data["path"], root if root is not None else self.data.get("root")
+        return D.data_location(path), None if root is None else str(Path(root).expanduser().resolve())
+
+    def _kept_splits(self, root: str):
+        lists = self.data_lists or FP.read_lists(self.folder)
+        if lists is None:
+            raise PgError("--keep needs the file lists this session recorded, and it has none: `data PATH` attaches "
+                          "the folder as it is now")
+        splits, gone = FP.kept_splits(lists, root)
+        if gone:
+            self.notify(f"{gone} recorded image(s) are gone: training goes on with the rest")
+        return splits
+
+    def _new_run(self, why: str) -> None:
+        """What `load` and `data` (other data) do to a session that has trained: never start over at step 0 and
+        overwrite its checkpoints and metrics, but begin a new run of the session. The position carries on (steps
+        and epochs count on, so files and rows never collide; the schedule goes on from there), with a fresh
+        optimizer, a new lineage (reopening never mixes the two runs' checkpoints) and a new `best`."""
+        pos = self._position()
+        self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
+        if pos is None or pos["step"] == 0:
+            return
+        self._carry = pos
+        self.lineage = self.saver.lineage = F.new_lineage()
+        self.saver.best = None
+        self.notify(f"{why}: a new run of this session from step {pos['step']} (after epoch {pos['epoch']}); its "
+                    "checkpoints so far stay as they are (`checkpoints` lists them)")
+
+    def _position(self) -> dict | None:
+        """{epoch, step, run} of the session's run: trainer, reopened checkpoint, or a new run's carried start."""
+        if self.trainer is not None:
+            p = self.trainer.pos
+            return {"epoch": p.epoch, "step": p.step, "run": self.trainer.run_id}
+        if self.pending_state is not None:
+            p = self.pending_state["position"]
+            return {"epoch": int(p["epoch"]), "step": int(p["step"]), "run": int(self.pending_state.get("run", 0))}
+        return self._carry
 
     def freeze(self, what: list[str], unfreeze: bool = False) -> tuple[int, int]:
         from ..engine import models as M
@@ -333,19 +403,24 @@ class Session:
         if self.built is None:
             raise PgError("no model yet: `load MODEL` first (e.g. `load resnet18 --pretrained`)")
         if self.splits is None:
+            if self.data_change:
+                raise PgError(f"the data changed since this session was saved ({self.data_change}): `data --keep` "
+                              "trains on with the recorded images that still exist, `data PATH` starts a new run")
             raise PgError("no data yet: `data PATH` attaches an image folder")
         if self.trainer is None:  # before naming the session: a refusal leaves nothing behind
             from ..engine.models import check_input_size
 
             check_input_size(self.built, self.data.get("size", 0))
         if self.name is None:
-            self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
+            self._auto_name()
         if self._log is None and self._writes:
             self._log = MetricsLog(self.folder / "metrics.csv")
             self.saver.log = self._log
         if self.trainer is None:
             self.trainer = self._new_trainer()
         elif self.trainer.cfg != self.config:
+            if (self.trainer.cfg.device, self.trainer.cfg.devices) != (self.config.device, self.config.devices):
+                self.device_fallback = self.trainer.device_fallback = False  # asked for here and now: it must exist
             self.trainer.reconfigure(self.config)
         if not self.running:
             self.changes.flush_pending()  # settings set mid-run apply from here
@@ -354,14 +429,16 @@ class Session:
     def _new_trainer(self):
         from ..engine.train import Trainer
 
-        tr = Trainer(self.built, self.spec, self.splits, self.config, log=self._log, size=self.data.get("size", 0))
+        tr = Trainer(self.built, self.spec, self.splits, self.config, log=self._log, size=self.data.get("size", 0),
+                     device_fallback=self.device_fallback)
         tr.notify, tr.on_bad = self.notify, self.report_bad
         tr.on_handler_error = lambda msg: self.notify(f"warning: {msg}")
         tr.on_phase = self._on_phase
         tr.add_handler(self.changes.counter)  # before the state: restoring it rewinds the change log
-        if self.pending_state is not None:
-            tr.load_state_dict(self.pending_state)
-            self.pending_state = None
+        state = self.pending_state if self.pending_state is not None else self._carried_state()
+        if state is not None:
+            tr.load_state_dict(state)
+            self.pending_state = self._carry = None
         return tr
 
     def _on_phase(self, name: str, done: int, total: int) -> None:
@@ -383,7 +460,8 @@ class Session:
         import torch
 
         log = F.log_error(self.folder or self.root, e) or "(errors.log could not be written)"
-        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+        if isinstance(e, (torch.OutOfMemoryError, MemoryError)) or any(
+                words in str(e).lower() for words in _OUT_OF_MEMORY):
             bs = (self.trainer.cfg if self.trainer is not None else self.config).batch_size  # the size that failed
             if self.trainer is not None and self.trainer.optimizer is not None:
                 self.trainer.optimizer.zero_grad(set_to_none=True)  # give the half-done step's memory back
@@ -401,9 +479,23 @@ class Session:
         return msg, "the run is paused; the last checkpoint is intact" if paused else None
 
     # ================================================================ files
+    def _init_files(self) -> None:
+        """The session-file side of a new Session: its lock, its run's lineage, the data it records."""
+        self.lock = SessionLock()  # one writer per session (session/lock.py)
+        self.lineage = self.saver.lineage = F.new_lineage()
+        self.auto_named = False  # named by auto_name: `save NAME` renames its folder instead of copying it
+        self.data_id: dict | None = None  # {"classes", "fingerprint", "counts"} of the data the run trains on
+        self.data_lists: dict | None = None  # the file lists behind it (sessions/NAME/data-files.json)
+        self.lists_written: str | None = None  # the fingerprint of the lists on disk
+        self.data_change: str | None = None  # what changed since the session was saved (data left detached)
+        self.device_fallback = False  # a reopened session runs on the devices that exist (engine/device.py)
+        self._carry: dict | None = None  # a new run's start: {epoch, step, run} of the run before it
+
     def use_name(self, name: str, root: Path | None = None) -> None:
-        if root is not None:
-            self.root = root
+        root = self.root if root is None else root
+        if self._writes:  # the folder's lock before anything is written there (DDP: rank 0 alone writes)
+            self.lock.acquire(root / name, str(root / f"{name}.session"))
+        self.root = root
         if self._log is not None and self.name != name:
             self._log.close()
             self._log = self.saver.log = None
@@ -420,10 +512,14 @@ class Session:
         if self._writes:
             F.write_session_file(self)
 
+    def _auto_name(self) -> None:
+        self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
+        self.auto_named = True
+
     def write_checkpoint(self, kind: str) -> Path:
         """A checkpoint of exactly now (a pause, a save, the end of a --steps run), and the session file."""
         if self.name is None:
-            self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
+            self._auto_name()
         return self.saver.save(self._state(), kind, None, self.config)
 
     def _state(self) -> dict:
@@ -433,16 +529,36 @@ class Session:
             return self.pending_state
         from ..engine.train import fresh_state
 
-        state = fresh_state(self.built, self.spec, self.splits, self.config, (self.data or {}).get("size", 0))
-        state["handlers"] = {self.changes.counter.key: self.changes.counter.state_dict()}
+        state = self._carried_state() or fresh_state(self.built, self.spec, self.splits, self.config,
+                                                     (self.data or {}).get("size", 0))
+        state["handlers"] = {**state.get("handlers", {}),
+                             self.changes.counter.key: self.changes.counter.state_dict()}
         return state
 
-    def save(self, path: str | None = None) -> Path:
-        """Write the session file and a checkpoint of exactly now; mid-run it pauses, saves and resumes."""
+    def _carried_state(self) -> dict | None:
+        """A new run's first state: fresh (the model as it is, no optimizer state) at the position carried on."""
+        if self._carry is None:
+            return None
+        from ..engine.train import fresh_state, position_rng
+
+        state = fresh_state(self.built, self.spec, self.splits, self.config, (self.data or {}).get("size", 0))
+        state["position"].update(epoch=self._carry["epoch"], step=self._carry["step"])
+        state["rng"], state["run"] = position_rng(self.config.seed, self._carry["step"]), self._carry["run"]
+        return state
+
+    def save(self, path: str | None = None, force: bool = False) -> Path:
+        """Write the session file and a checkpoint of exactly now; mid-run it pauses, saves and resumes. Onto
+        another session's name only with `force`, which replaces that session whole (F.SessionExists otherwise)."""
         if self.built is None:
             raise PgError("nothing to save yet: `load MODEL` first")
         if path and Path(path).suffix != ".session":
             raise PgError(f"session files end in .session: `save {Path(path).with_suffix('.session')}`")
+        if path and not force:
+            p = Path(path)
+            other = F.other_session(self, p.stem, p.parent if str(p.parent) else Path("."))
+            if other is not None:
+                raise F.SessionExists(f"{path} is another session ({other} exists): `save {path} --force` replaces "
+                                      "it whole, or choose another name")
         was_running = self.running
         self.saving = was_running  # the worker's pause is part of the save: no "paused" notice
         try:
@@ -451,7 +567,7 @@ class Session:
         finally:
             self.saving = False
         try:
-            self._save_now(path, was_running)
+            self._save_now(path, was_running, force)
         except OSError as e:  # the run stays paused: `continue` once there is space again
             if F.disk_full(e):
                 raise PgError(F.disk_full_message(self.folder)) from None
@@ -461,18 +577,18 @@ class Session:
             self.resume()
         return self.file
 
-    def _save_now(self, path: str | None, was_running: bool) -> None:
+    def _save_now(self, path: str | None, was_running: bool, force: bool = False) -> None:
         if path:
             p = Path(path)
             root = p.parent if str(p.parent) else Path(".")
             if (p.stem, root.resolve()) != (self.name, self.root.resolve()):
-                F.move_folder(self, p.stem, root)
+                F.move_folder(self, p.stem, root, replace=force)
                 if self.trainer is not None and self._writes:
                     from ..engine.metrics import MetricsLog
 
                     self._log = self.saver.log = self.trainer.log = MetricsLog(self.folder / "metrics.csv")
         if self.name is None:
-            self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
+            self._auto_name()
         job = self.worker.job
         if was_running and self.status.get("error") is None and job is not None and job.label == "train":
             self.write_session_file()  # the training pause wrote a checkpoint of this exact position
@@ -510,7 +626,28 @@ class Session:
             self.worker.close()
             if self._log is not None:
                 self._log.close()
+            self.lock.release()
         return saved
+
+    def has_work(self) -> bool:
+        """Anything closing should save: a name the user chose, a position, a checkpoint, a paused job."""
+        pos = self._position()
+        return ((self.name is not None and not self.auto_named) or bool(pos and pos["step"])
+                or self.latest_checkpoint is not None or self.worker.job is not None)
+
+    def discard(self) -> None:
+        """Close without saving, leaving nothing behind if nothing was made: a plan that fails before training
+        started removes the session it auto-named (a folder with a checkpoint, a trace or metrics stays)."""
+        folder, file = self.folder, self.file
+        self.close(save=False)
+        if folder is None or not self.auto_named or not folder.is_dir():
+            return
+        if {p.name for p in folder.iterdir()} <= {".lock", "quarantine.txt", "data-files.json"}:
+            import shutil
+
+            shutil.rmtree(folder, ignore_errors=True)
+            if file is not None and file.exists():
+                file.unlink()
 
     def sync_metrics(self) -> None:
         if self._log is not None:

@@ -23,12 +23,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine.errors import PgError
+from ..engine.names import escape
 
 if TYPE_CHECKING:
     from .core import Session
 
 
-from .files import C
+from .files import C, disk_full
+
+
+def _written(out, write):
+    """`write()` writes `out` atomically (temp + rename); a full disk or an unwritable place is one line, and
+    whatever was at `out` before is still there, whole."""
+    try:
+        return write()
+    except OSError as e:
+        if disk_full(e):
+            raise PgError(f"the disk is full: {out} was not written (nothing half-written was left there) — free "
+                          "some space and try again") from None
+        raise PgError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 # ====================================================================== checkpoints
@@ -107,14 +120,26 @@ def resolve_checkpoint(s: "Session", which: str) -> Path:
     return path
 
 
-def _checkpoint_copy(path: Path):
-    """(BuiltModel, ModelSpec, state) of a checkpoint: a fresh model with its weights. Call through Session.apply."""
+def _checkpoint_copy(s: "Session", path: Path):
+    """(BuiltModel, ModelSpec, state) of a checkpoint: a fresh model of the session's kind with the checkpoint's
+    weights. The model comes from the session (the user's `load` or session file), never from the checkpoint: one
+    made by another model is refused, so a stranger's checkpoint cannot name code to import. Call through
+    Session.apply."""
     import torch
 
     from ..engine import models as M
 
+    if s.spec is None:
+        raise PgError("no model yet: `load MODEL` first — the model is yours to name, a checkpoint only brings "
+                      "weights")
     state = C.load_checkpoint(path)
-    spec = M.ModelSpec.from_dict(state["model_spec"])
+    theirs = state.get("model_spec")
+    theirs = (theirs.get("name"), theirs.get("num_classes")) if isinstance(theirs, dict) else (theirs, None)
+    if theirs != (s.spec.name, s.spec.num_classes):
+        raise PgError(f"{path.name} was made by another model ({str(theirs[0])[:80]}, {theirs[1]} classes) than this "
+                      f"session's ({s.spec.name}, {s.spec.num_classes} classes): a checkpoint never chooses the "
+                      "model — evaluate it in a session of its own model")
+    spec = s.spec
     with torch.random.fork_rng(devices=[]):  # the copy's throwaway initialisation leaves the global stream as it was
         built = M.build_model(M.ModelSpec(spec.name, spec.num_classes))
     M.restore_weights(built.module, state["model"], [], f"{path.name} ({spec.name})")
@@ -161,7 +186,7 @@ def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str]):
     from ..engine.config import TrainConfig
     from ..engine.train import Trainer
 
-    built, spec, state = _checkpoint_copy(path)
+    built, spec, state = _checkpoint_copy(s, path)
     classes = list(state.get("classes") or [])
     if classes and classes != list(s.splits.classes):
         raise PgError(f"{path.name} was trained on the classes {', '.join(classes[:6])}; the attached data has "
@@ -179,7 +204,7 @@ def confusion_png(report: dict, out: str) -> Path:
     from ..engine.plot import confusion_png as draw
 
     title = f"{report['model']} — {report['split']} ({report['n']} images, accuracy {report['accuracy']:.3f})"
-    return draw(report["confusion"], report["classes"], out, title)
+    return _written(out, lambda: draw(report["confusion"], report["classes"], out, title))
 
 
 # ====================================================================== the model: live or saved
@@ -187,7 +212,7 @@ def _model_for_use(s: "Session", checkpoint: str | None):
     """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint."""
     if checkpoint is not None:
         path = resolve_checkpoint(s, checkpoint)
-        built, spec, state = s.apply(lambda: _checkpoint_copy(path))
+        built, spec, state = s.apply(lambda: _checkpoint_copy(s, path))
         classes = list(state.get("classes") or []) or [str(i) for i in range(spec.num_classes)]
         return built.module, classes, int(state.get("size") or 0), built.data_config, {
             "checkpoint": str(path), "model": spec.name, "epoch": state["position"]["epoch"],
@@ -228,7 +253,7 @@ def predict(s: "Session", path: str, top: int = 5, checkpoint: str | None = None
     base = Path(path).expanduser().resolve()
     rows = []
     for r in raw:
-        rel = os.path.relpath(r["path"], base) if base.is_dir() else Path(r["path"]).name
+        rel = escape(os.path.relpath(r["path"], base) if base.is_dir() else Path(r["path"]).name)  # printable
         if "error" in r:
             rows.append({"path": rel, "file": r["path"], "error": r["error"], "top": []})
         else:
@@ -238,16 +263,18 @@ def predict(s: "Session", path: str, top: int = 5, checkpoint: str | None = None
 
 
 def write_predictions_csv(result: dict, out: str, top: int) -> Path:
-    """One row per image: path, class_1, prob_1, ..., class_K, prob_K, error."""
+    """One row per image: path (escaped: engine/names.py), class_1, prob_1, ..., class_K, prob_K, error."""
+    import io
+
     out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     k = min(top, len(result["classes"]))
-    with open(out_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")] + ["error"])
-        for r in result["rows"]:
-            cells = [x for c, p in r["top"] for x in (c, repr(float(p)))]
-            w.writerow([r["path"]] + cells + [""] * (2 * k - len(cells)) + [r["error"]])
+    f = io.StringIO()
+    w = csv.writer(f, lineterminator="\n")
+    w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")] + ["error"])
+    for r in result["rows"]:
+        cells = [x for c, p in r["top"] for x in (c, repr(float(p)))]
+        w.writerow([r["path"]] + cells + [""] * (2 * k - len(cells)) + [escape(r["error"]) if r["error"] else ""])
+    _written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
     return out_path
 
 
@@ -260,7 +287,7 @@ def export(s: "Session", fmt: str, path: str, checkpoint: str | None = None) -> 
     module, classes, size, data_config, source = _model_for_use(s, checkpoint)
     info = {"model": source["model"], "classes": classes, "preprocessing": preprocessing(data_config, size),
             "source": {k: v for k, v in source.items() if k != "model"}}
-    return export_model(module, fmt, path, info)
+    return _written(path, lambda: export_model(module, fmt, path, info))
 
 
 def export_timm(s: "Session", folder: str, checkpoint: str | None = None) -> dict:
@@ -277,9 +304,10 @@ def export_timm(s: "Session", folder: str, checkpoint: str | None = None) -> dic
 
 
 # ====================================================================== graphs
-def _rows_of(source: str) -> tuple[str, list[dict]]:
-    """(name, metrics rows) of a .session file, a session folder or a metrics.csv file."""
-    from ..engine.metrics import read_rows
+def _rows_of(source: str, skipped: dict | None = None) -> tuple[str, list[dict]]:
+    """(name, metrics rows) of a .session file, a session folder or a metrics.csv file; unreadable rows are left
+    out and counted in `skipped` by name."""
+    from ..engine.metrics import read_rows_counted
 
     p = Path(source).expanduser()
     if p.suffix == ".session":
@@ -297,7 +325,10 @@ def _rows_of(source: str) -> tuple[str, list[dict]]:
         name, csv_path = p.parent.name or p.stem, p
     if not csv_path.is_file():
         raise PgError(f"no metrics for {source}: {csv_path} does not exist (train first)")
-    return name, read_rows(csv_path)
+    rows, bad = read_rows_counted(csv_path)
+    if bad and skipped is not None:
+        skipped[name] = bad
+    return name, rows
 
 
 def _log_of(source: str) -> list[dict]:
@@ -326,22 +357,23 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
         raise PgError("--smooth must be at least 1 (1: no smoothing)")
     if metric not in (*P.METRICS, "all"):
         raise PgError(f"--metric must be loss, accuracy, lr or all, not {metric!r}")
+    skipped: dict[str, int] = {}
     if sources:
-        loaded = [(*_rows_of(src), _marks(_log_of(src))) for src in sources]
+        loaded = [(*_rows_of(src, skipped), _marks(_log_of(src))) for src in sources]
     else:
         if s.folder is None or not (s.folder / "metrics.csv").exists():
             raise PgError("no metrics yet: train first, or name session files (`plot sessions/a.session`)")
         s.sync_metrics()
-        loaded = [(s.name, _rows_of(str(s.folder))[1], _marks(s.changes.entries))]
+        loaded = [(s.name, _rows_of(str(s.folder), skipped)[1], _marks(s.changes.entries))]
     named = [(name, P.plot_series(rows, smooth, trial, marks)) for name, rows, marks in loaded]
     empty = [name for name, ser in named if not ser["train"]["step"]]
     if empty:
         what = f"trial {trial}" if trial else "training (not tuning-trial)"
         raise PgError(f"no {what} rows in the metrics of {', '.join(empty)}"
                       + ("" if trial else ": `--trial N` plots a tuning trial"))
-    result = {"series": {name: ser for name, ser in named}, "names": [n for n, _ in named]}
+    result = {"series": {name: ser for name, ser in named}, "names": [n for n, _ in named], "skipped": skipped}
     if out:
-        result["out"] = str(P.draw_png(named, out, metric))
+        result["out"] = str(_written(out, lambda: P.draw_png(named, out, metric)))
     else:
         result["text"] = P.draw_text(named, metric)
     return result

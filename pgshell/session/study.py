@@ -119,9 +119,12 @@ def write_lrfind_png(result: dict, out: str) -> None:
     ax.set_title("learning-rate range test")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    from ..engine.plot import save_png
+
+    try:
+        save_png(fig, out, dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _check_png(out: str | None) -> None:

@@ -100,6 +100,8 @@ class AnalysisCommands(Commands):
         """Plot the training curves."""
         res = A.plot(self.session, args.sessions, args.out, args.smooth, args.metric, args.trial)
         self._cmd.poutput(f"wrote {res['out']}" if args.out else res["text"])
+        for name, n in res["skipped"].items():
+            self._cmd.poutput(f"({name}: {n} unreadable metrics row{'s' * (n != 1)} skipped)")
         self._cmd.last_result = res
 
     predict_parser = parser("Top-K classes with probabilities for an image or every image in a folder, with the "

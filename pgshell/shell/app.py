@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -34,6 +35,22 @@ from .tuning import TuningCommands
 # cmd2's own commands (set, help, history) parse with this class too, so their argument errors are one line that
 # fails the command like any other (a plan stops there).
 cmd2.set_default_argument_parser(Parser)
+
+MAX_LINE = 64 * 1024  # characters in one command line: cmd2's tokenizer is quadratic, a 5 MB line would hang it
+
+
+class Hangup(SystemExit):
+    """SIGTERM or SIGHUP (the terminal closed): raised in the main thread, wherever it waits, and caught by `main`,
+    which pauses the run at the batch boundary, writes the checkpoint and the session file, and exits 128 + signal.
+    A SystemExit: no `except Exception` swallows it, and asyncio (prompt_toolkit's loop at the prompt) lets it
+    through; cmd2 turns one raised inside a command into the end of its loop, so `run_plan` and `main` look at
+    `PgShell.hangup` afterwards and raise it again."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
 # cmd2's documented way to name the category of its built-in commands (help, set, history): not "Cmd2 Commands".
 cmd2.Cmd.DEFAULT_CATEGORY = "Shell"
 
@@ -94,11 +111,16 @@ class PgShell(cmd2.Cmd):
         self.session.notify = self._notify
         self.hidden_commands += _CMD2_HIDDEN
         self._said_best = ""
-        for name in ("shell", "run_pyscript", "edit"):  # a shared plan file must not run programs or Python
-            self.disable_command(name, f"`{name}` is not available in pgshell")
+        self.hangup = 0  # the SIGTERM/SIGHUP received, if any
+        # a shared plan file must not run programs or Python; a nested script (`run_script`, `@file`) would go on
+        # past a failing command: plans are `pgshell plan.txt`. (`history` is the session's change log: it writes
+        # nothing and runs nothing.)
+        for name in ("shell", "run_pyscript", "edit", "run_script", "_relative_run_script"):
+            self.disable_command(name, f"`{name}` is not available in pgshell"
+                                 + (": run a plan with `pgshell PLAN`" if "script" in name else ""))
         self.register_postparsing_hook(self._unescape_spaces)
         self._add_settings()
-        for name, example in (("help", "help train"), ("history", "history -o plan.txt")):  # cmd2's own: no example
+        for name, example in (("help", "help train"),):  # cmd2's own: no example
             self.command_parsers.get(getattr(self, f"do_{name}")).epilog = f"example:  {example}"
 
     def _add_settings(self) -> None:
@@ -135,20 +157,22 @@ class PgShell(cmd2.Cmd):
         else:
             self._messages.put(msg)
 
-    def flush_messages(self) -> None:
+    def flush_messages(self, skip: str = "") -> None:
         while True:
             try:
-                self.poutput(self._messages.get_nowait())
+                msg = self._messages.get_nowait()
             except queue.Empty:
                 return
+            if msg != skip:
+                self.poutput(msg)
 
     def wait_for_run(self) -> None:
         """Block until the run ends or pauses, printing its messages as they come (Ctrl-C pauses)."""
         s = self.session
         while not s.wait(timeout=0.2):
             self.flush_messages()
-        self.flush_messages()
         err = s.status.get("error")
+        self.flush_messages(skip=f"error: {err}" if err else "")  # the error line is printed once: raised below
         if err:
             s.status.pop("error", None)
             raise PgError(err)
@@ -211,6 +235,18 @@ class PgShell(cmd2.Cmd):
             return
         log = log_error(Path(self.session.folder or self.session.root), exception) or "(could not write the log)"
         self.perror(f"internal error: {type(exception).__name__}: {str(exception)[:200]} (full trace in {log})")
+
+    def onecmd_plus_hooks(self, line, *args, **kwargs):
+        if isinstance(line, str) and len(line) > MAX_LINE:  # before cmd2 parses it; never echoed back
+            self.perror(f"error: a command line of {len(line):,} characters: lines are limited to {MAX_LINE:,}")
+            return False
+        return super().onecmd_plus_hooks(line, *args, **kwargs)
+
+    def termination_signal_handler(self, signum, _frame):
+        """SIGTERM and SIGHUP (cmd2 installs this in its loop; `main` for plans): `main` saves, then exits."""
+        ignore_termination()  # one save: a second signal while saving must not cut it short
+        self.hangup = signum
+        raise Hangup(signum)
 
     # ---------------- Ctrl-C
     def sigint_handler(self, signum, frame):
@@ -348,3 +384,11 @@ def unescape_spaces(line: str) -> str:
 
 def _quoted(word: str) -> str:
     return f"'{word}'" if '"' in word else f'"{word}"'
+
+
+TERMINATION = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def ignore_termination() -> None:
+    for sig in TERMINATION:
+        signal.signal(sig, signal.SIG_IGN)

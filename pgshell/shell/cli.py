@@ -4,12 +4,17 @@ or one process of a DDP plan under torchrun."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import sys
+import threading
+import warnings
 
 from ..engine.errors import PgError
 from ..session import Session
-from .app import PgShell
+from ..session.files import log_warning
+from .app import TERMINATION, Hangup, PgShell
 
 
 def run_plan(app: PgShell, lines, name: str = "") -> int:
@@ -32,7 +37,12 @@ def run_plan(app: PgShell, lines, name: str = "") -> int:
             app.perror("interrupted: pausing and saving")
             stop = False
         app.plan_line = None
+        if app.hangup:  # cmd2 took it for an exit request: `main` pauses and saves
+            raise Hangup(app.hangup)
         if app.failed.is_set():
+            if not app.session.has_work():  # failed before training started: no auto-named session left behind
+                app.session.discard()
+                return 1
             unchanged = _progress(app.session) == before
             app.close_session(f"the session as it was before line {number}" if unchanged
                               else f"the session as line {number} left it")
@@ -60,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="under torchrun: DistributedDataParallel over all processes (needs a PLAN file)")
     ap.add_argument("--version", action="version", version=f"pgshell {__import__('pgshell').__version__}")
     args = ap.parse_args(argv)
+    _printable_output()
     if args.ddp:
         return _main_ddp(args)
     interactive = args.plan is None and sys.stdin.isatty() and sys.stdout.isatty()
@@ -73,10 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             return 1
     app = PgShell(session=session, interactive=interactive, sessions_dir=args.sessions_dir)
     app.echo = args.echo
+    with _saving_on_termination(app), _warnings_to_log(app):
+        try:
+            return _run(app, args, interactive, notify_box)
+        except Hangup as e:
+            return _terminated(app, e.signum)
+
+
+def _run(app: PgShell, args, interactive: bool, notify_box: list) -> int:
     for m in notify_box:
         app.poutput(m)
-    if session is not None:
-        app.poutput(f"reopened {args.session}: {session.summary_line()}")
+    if args.session:
+        app.poutput(f"reopened {args.session}: {app.session.summary_line()}")
     if args.plan:
         try:
             with open(args.plan) as f:
@@ -89,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     if not interactive:
         return run_plan(app, sys.stdin)
     code = app.cmdloop()
+    if app.hangup:
+        raise Hangup(app.hangup)
     if app.session.worker.thread.is_alive():  # left by an exception path: still save
         app.session.close(save=True)
     return code
@@ -120,3 +141,56 @@ def _main_ddp(args) -> int:
         return 1
     finally:
         distributed.shutdown()
+
+
+# ---------------- signals, warnings, output: what the process as a whole does
+def _printable_output() -> None:
+    """A file name that is not UTF-8 in any message prints as \\xNN instead of ending the shell."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")
+
+
+@contextlib.contextmanager
+def _saving_on_termination(app: PgShell):
+    """SIGTERM/SIGHUP raise Hangup in the main thread (cmd2's interactive loop installs the same handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {sig: signal.getsignal(sig) for sig in TERMINATION}
+    for sig in TERMINATION:
+        signal.signal(sig, app.termination_signal_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def _terminated(app: PgShell, signum: int) -> int:
+    """After SIGTERM/SIGHUP: pause at the batch boundary, write the checkpoint and the session file, exit."""
+    name = signal.Signals(signum).name
+    try:
+        saved = app.session.close(save=True)
+        msg = f"{name}: paused and saved {saved}" if saved else f"{name}: nothing unsaved"
+    except PgError as e:
+        msg = f"{name}: error: {e}"
+    with contextlib.suppress(OSError, ValueError):  # the terminal may be gone (SIGHUP)
+        app.flush_messages()
+        print(msg, file=sys.stderr)
+    return 128 + signum
+
+
+@contextlib.contextmanager
+def _warnings_to_log(app: PgShell):
+    """Library warnings (torch's UserWarnings, ...) go to the session's errors.log, never into the output."""
+    old = warnings.showwarning
+
+    def to_log(message, category, filename, lineno, file=None, line=None):
+        log_warning(app.session.folder, warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = to_log
+    try:
+        yield
+    finally:
+        warnings.showwarning = old

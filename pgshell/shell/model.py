@@ -79,6 +79,7 @@ class ModelCommands(Commands):
                          or (Path(args.model).expanduser() / "config.json").is_file())
         pretrained = args.pretrained or (names_weights and not args.weights)
         msg = self.session.load_model(args.model, pretrained, args.weights or "", args.classes)
+        self._cmd.flush_messages()  # a new run of the session: said first
         self._cmd.poutput(msg)
         self._cmd.last_result = self.session.spec.to_dict()
 
