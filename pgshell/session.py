@@ -208,6 +208,25 @@ class Session:
         self.dirty = True
         return M.count_params(self.built.module)
 
+    def random_backbone_warning(self) -> str:
+        """`freeze` on a backbone that was never pretrained nor trained: a line saying so (engine.models), or ""."""
+        from .engine import models as M
+
+        steps = self.trainer.pos.step if self.trainer is not None else \
+            int(((self._pending_state or {}).get("position") or {}).get("step", 0))
+        return M.random_backbone_warning(self.built, self.spec, steps) if self.built is not None else ""
+
+    def data_hints(self) -> list[str]:
+        """What `data` should point out about the attached images: a milder augmentation for small images, and
+        class imbalance (engine.data)."""
+        from .engine import data as D
+
+        if self.splits is None:
+            return []
+        size = (self.data or {}).get("size", 0)
+        hints = (D.small_image_hint(self.splits, size, self.config), D.imbalance_warning(self.splits))
+        return [h for h in hints if h]
+
     def set(self, name: str, value: Any) -> str:
         """Change a setting. Live ones apply at the next batch; the others when training next starts."""
         value = parse_value(name, value)
@@ -814,6 +833,14 @@ class Session:
                            "train": len(self.splits.train), "val": len(self.splits.val),
                            "test": len(self.splits.test or []), "size": self.data.get("size") or "model default"}
         out["settings"] = self.config.to_dict()
+        if self.built is not None:
+            from .engine.data import describe_policy
+
+            out["augmentation"] = describe_policy(self.built.data_config, self.config, (self.data or {}).get("size", 0))
+        if self.trainer is not None:
+            from .engine.recipes import describe_groups
+
+            out["lr groups"] = describe_groups(self.trainer.optimizer)
         pos: dict[str, Any] = {"state": self.status.get("state", "idle")}
         if self.trainer is not None:
             p = self.trainer.pos

@@ -38,4 +38,6 @@ class DataCommands(CommandSet):
             self._cmd.poutput(f"{len(splits.rejected)} file(s) rejected" + ("" if args.check else " (`data PATH --check` lists them)"))
             if args.check:
                 self._cmd.poutput(tabulate(splits.rejected, headers=["file", "reason"]))
+        for hint in self._cmd.session.data_hints():
+            self._cmd.poutput(hint)
         self._cmd.last_result = {"classes": splits.classes, "counts": rows, "rejected": splits.rejected}

@@ -62,6 +62,9 @@ class ModelCommands(CommandSet):
     def do_freeze(self, args):
         """Freeze parts of the model."""
         self._report(self._cmd.session.freeze(args.what))
+        warning = self._cmd.session.random_backbone_warning()
+        if warning:
+            self._cmd.poutput(warning)
 
     unfreeze_parser = parser("Make parameters trainable again: `all` or module prefixes.", "unfreeze layer4")
     unfreeze_parser.add_argument("what", nargs="*", default=["all"], help="all | PREFIX ...")
