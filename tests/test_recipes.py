@@ -489,3 +489,15 @@ def test_lrfind_suggestions_lie_before_the_divergence_and_the_legend_says_minimu
                           f"minimum/10 {s['minimum']:.2e}"]
     with pytest.raises(PgError, match="never fell"):
         suggest(lrs, [1 + 0.01 * i for i in range(101)])
+
+
+def test_tune_can_search_the_policy_and_the_recipes():
+    from pgshell.engine.search import parse_space
+
+    space = parse_space("mixup=0:0.8 ema=0,0.999 crop_scale=0.08:0.8 auto_augment=none,rand-m9-mstd0.5 accumulate=1:4",
+                        100)
+    assert space["mixup"].kind == "range" and (space["mixup"].low, space["mixup"].high) == (0.0, 0.8)
+    assert space["ema"].choices == (0.0, 0.999) and space["auto_augment"].choices == ("none", "rand-m9-mstd0.5")
+    assert space["accumulate"].integer and space["crop_scale"].high == 0.8
+    with pytest.raises(PgError, match="auto_augment"):
+        parse_space("auto_augment=none,x", 100)
