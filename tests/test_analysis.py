@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pgshell import analysis as A
+from pgshell.session import review as A
 from pgshell.engine import checkpoint as C
 from pgshell.engine import plot as P
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
@@ -246,13 +246,13 @@ def test_eval_of_a_checkpoint_mid_run_leaves_the_run_exact(tmp_path, trained):
             release.wait(WAIT)
 
     s.batch_listeners.append(at_batch)
-    queued, put = threading.Event(), s._changes.put
+    queued, put = threading.Event(), s.worker.changes.put
 
     def put_and_tell(item, *args, **kw):  # the evaluation is queued for the worker: it runs between two batches
         put(item, *args, **kw)
         queued.set()
 
-    s._changes.put = put_and_tell
+    s.worker.changes.put = put_and_tell
     s.train(epochs=2)
     assert hold.wait(WAIT)
     t = threading.Thread(target=lambda: result.update(rep=A.evaluate(s, ["val"], "1")[0]))
@@ -506,7 +506,7 @@ def test_analysis_commands_in_a_script(trained, tmp_path):
 def test_analysis_layers_import_without_cmd2():
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
             "import pgshell.engine.evaluate, pgshell.engine.plot, pgshell.engine.export, pgshell.engine.tensorboard\n"
-            "import pgshell.analysis\n"
+            "import pgshell.session.review\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -13,7 +13,7 @@ import optuna
 import pytest
 import torch
 
-from pgshell import tuning as T
+from pgshell.session import study as T
 from pgshell.engine.checkpoint import load_checkpoint
 from pgshell.engine.errors import PgError
 from pgshell.engine.lrfind import RangeTest, suggest
@@ -347,7 +347,7 @@ def test_bad_tuning_input_gives_one_clear_line(app, capsys, line, message):
 
 def test_tuning_engine_imports_without_cmd2():
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
-            "import pgshell.engine.lrfind, pgshell.engine.search, pgshell.tuning\n"
+            "import pgshell.engine.lrfind, pgshell.engine.search, pgshell.session.study\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -88,9 +88,12 @@ class Events:
         self.handlers.sort(key=lambda h: h.order)  # stable: equal orders keep the order they were added in
         return handler
 
-    def remove(self, handler: Handler) -> None:
+    def remove(self, handler: Handler, keep_state: bool = False) -> None:
+        """Detach a handler; with `keep_state` its state stays in the checkpoint until a handler of its key returns."""
         if handler in self.handlers:
             self.handlers.remove(handler)
+            if keep_state and handler.key is not None:
+                self._pending[handler.key] = handler.state_dict()
 
     def find(self, kind: type) -> Handler | None:
         return next((h for h in self.handlers if isinstance(h, kind)), None)

@@ -2,8 +2,8 @@
 model for a few batches while the learning rate grows exponentially from `start` to `end`, record the smoothed loss,
 stop when it diverges, and suggest a learning rate from the curve.
 
-The batches go through the one training loop (`Trainer.run`): `control()` sets the next batch's learning rate with
-`apply_live("lr", ...)` and says "stop" once the curve has diverged; `on_batch` records the loss. The trainer it
+The batches go through the one training loop (`Trainer.run`): the `RangeTestSchedule` handler sets each batch's
+learning rate with `apply_live("lr", ...)`, records its loss, and asks the loop to stop once the curve has diverged. The trainer it
 drives is built here from *copies* of the model and the optimizer state, so the session's run is left untouched.
 """
 
@@ -15,6 +15,7 @@ import math
 from typing import Any, Callable
 
 from .errors import PgError
+from .events import Handler
 
 BETA = 0.98  # fastai's smoothing of the loss: a debiased exponential moving average
 DIVERGE = 4.0  # stop once the smoothed loss exceeds 4x the best smoothed loss so far (fastai's stop_div)
@@ -133,31 +134,35 @@ def range_test_trainer(built, spec, splits, cfg, size: int = 0, optimizer_state:
     return tr
 
 
-def run_range_test(trainer, test: RangeTest, control: Callable[[], str | None] | None = None,
-                   on_batch: Callable[[dict], None] | None = None) -> str:
-    """Drive `trainer` through the rest of `test`; returns "done", "paused" or "stopped" (a pause can be resumed by
-    calling this again). `control` is the caller's own (pause/stop); `on_batch` sees each batch's row."""
-    from .train import Callbacks
+class RangeTestSchedule(Handler):
+    """The range test as a loop handler: each batch's lr from the test, each batch's loss into it, a stop request
+    once the curve has diverged or every step ran."""
 
-    def ctl():
-        request = control() if control else None
-        if request:
-            return request
-        lr = test.next_lr()
+    order = 15  # before the progress report, so it counts this batch
+
+    def __init__(self, test: RangeTest):
+        self.test = test
+
+    def before_batch(self, tr, ctx) -> None:
+        if tr.requested:
+            return
+        lr = self.test.next_lr()
         if lr is None:
-            return "stop"
-        trainer.apply_live("lr", lr)
-        return None
+            tr.request("stop", "the range test is complete")
+        else:
+            tr.apply_live("lr", lr)
 
-    def batch(row):
-        if row["images"]:  # a batch of nothing but bad images taught nothing: its lr is tried again
-            test.record(test.lr(len(test.lrs)), row["loss"])
-        if on_batch:
-            on_batch(row)
+    def after_batch(self, tr, ctx) -> None:
+        if ctx.row["images"]:  # a batch of nothing but bad images taught nothing: its lr is tried again
+            self.test.record(self.test.lr(len(self.test.lrs)), ctx.row["loss"])
 
+
+def run_range_test(trainer, test: RangeTest, handlers: list | tuple = ()) -> str:
+    """Drive `trainer` through the rest of `test`; returns "done", "paused" or "stopped" (a pause can be resumed by
+    calling this again). `handlers` are the caller's own (pause/stop, progress)."""
     left = test.steps - len(test.lrs)
     if left > 0 and not test.done:
-        res = trainer.run(steps=left, callbacks=Callbacks(on_batch=batch, control=ctl))
+        res = trainer.run(steps=left, handlers=[RangeTestSchedule(test), *handlers])
         if res.outcome == "paused" or (res.outcome == "stopped" and not test.done):
             return res.outcome
     test.next_lr()  # marks the end when every step ran

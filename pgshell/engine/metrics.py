@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 
 from .checkpoint import atomic_write_bytes
+from .events import Handler
 
 COLUMNS = ["step", "epoch", "batch", "split", "loss", "accuracy", "lr", "images", "seconds", "run", "trial"]
 # The columns that two runs of the same training share exactly; `seconds` and `run` (the resume counter) differ.
@@ -73,6 +74,32 @@ class MetricsLog:
     def close(self) -> None:
         with self._lock:
             self.close_locked()
+
+
+class MetricsLogger(Handler):
+    """The loop's rows into metrics.csv: one per training batch, one per validation (written after the epoch's
+    schedule step, so its lr is the next epoch's), synced when a run ends."""
+
+    order = 10
+    essential = True  # a run whose rows cannot be written would leave graphs and resume disagreeing
+
+    def __init__(self, log: MetricsLog | None):
+        self.log = log
+
+    def after_batch(self, tr, ctx) -> None:
+        if self.log is not None:
+            self.log.append(ctx.row)
+
+    def after_epoch(self, tr, ctx) -> None:
+        val = ctx.info["val"]
+        if self.log is not None and val is not None:
+            self.log.append({"step": tr.pos.step, "epoch": ctx.info["epoch"], "batch": 0, "split": "val",
+                             "loss": val["loss"], "accuracy": val["accuracy"], "lr": tr.lr, "images": val["n"],
+                             "run": tr.run_id, "trial": tr.trial})
+
+    def after_fit(self, tr, ctx) -> None:
+        if self.log is not None:
+            self.log.sync()
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:

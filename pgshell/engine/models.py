@@ -811,3 +811,19 @@ def _ancestor_frozen(modules: dict[str, nn.Module], name: str) -> bool:
         if params:
             return not any(p.requires_grad for p in params)
     return False
+
+
+def restore_weights(module: nn.Module, weights: dict, frozen: list[str], what: str = "the checkpoint") -> None:
+    """Load a saved state dict exactly (every tensor, nothing extra) and restore which parameters were frozen: the
+    one place that does both, for reopening, resuming, evaluating a checkpoint and starting a tuning trial."""
+    try:
+        missing, unexpected = module.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # torch's first line is only "Error(s) in loading state_dict for ResNet:"
+        detail = [line.strip() for line in str(e).splitlines() if line.strip()][1:2] or [str(e)]
+        raise PgError(f"{what}'s weights do not fit this model: {detail[0]}") from None
+    if missing or unexpected:
+        raise PgError(f"{what}'s weights do not fit this model ({len(missing)} missing, {len(unexpected)} "
+                      "unexpected tensors): was it saved from another model?")
+    frozen_set = set(frozen)
+    for n, p in module.named_parameters():
+        p.requires_grad = n not in frozen_set

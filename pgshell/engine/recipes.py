@@ -164,15 +164,17 @@ class Accumulate(Handler):
     shorter and is averaged over its own length.
 
     The gradients are averaged in before_step (divided by the group's length) rather than by scaling each loss: the
-    same sum, and the logged loss stays each batch's own. A checkpoint written mid-group holds the partial sum, which
-    before_fit puts back, so a resumed run steps on exactly the gradients it would have."""
+    same sum, and the logged loss stays each batch's own. The partial sum of a group is held after each batch (a copy:
+    a batch that raises after its backward pass must not leave its share in it) and put back when a run starts — the
+    loop clears gradients then — and it is in every checkpoint written mid-group, so a resumed run steps on exactly
+    the gradients it would have."""
 
     order = 45
     key = "accumulate"
 
     def __init__(self, tr, k: int):
-        self.tr, self.k = tr, k
-        self._pending: dict | None = None
+        self.k = k
+        self.held: dict[str, torch.Tensor] | None = None  # the group's gradient sum so far, by parameter name
 
     def _group(self, tr) -> tuple[int, bool]:
         """(length of the current batch's group, whether this batch ends it)."""
@@ -181,11 +183,9 @@ class Accumulate(Handler):
         return min(self.k, total - start), (batch + 1) % self.k == 0 or batch + 1 >= total
 
     def before_fit(self, tr, ctx) -> None:
-        if self._pending:
-            for name, p in tr.built.module.named_parameters():
-                if name in self._pending:
-                    p.grad = self._pending[name].to(p.device, p.dtype).clone()
-            self._pending = None
+        for name, p in tr.built.module.named_parameters():
+            if self.held and name in self.held:
+                p.grad = self.held[name].to(p.device, p.dtype).clone()
 
     def before_step(self, tr, ctx) -> None:
         length, last = self._group(tr)
@@ -194,19 +194,24 @@ class Accumulate(Handler):
             grads = [p.grad for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
             torch._foreach_div_(grads, float(length))
 
+    def after_batch(self, tr, ctx) -> None:
+        if ctx.out is None:  # a batch of bad images only: no backward pass, the group goes on
+            return
+        module = tr.built.module
+        self.held = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None} \
+            if ctx.skip_step else None
+
     def state_dict(self) -> dict:
-        tr = self.tr
-        if tr.pos.batch % self.k == 0:  # between groups: nothing is held
-            return {}
-        return {"grads": {n: p.grad for n, p in tr.built.module.named_parameters() if p.grad is not None}}
+        return {"grads": self.held} if self.held else {}
 
     def load_state_dict(self, state: dict) -> None:
-        self._pending = dict(state.get("grads") or {}) or None
+        self.held = dict(state.get("grads") or {}) or None
 
 
 class ClipGrad(Handler):
     """`set clip_grad C` (`clip_mode norm|value`): timm's dispatch_clip_grad on the gradients about to be stepped.
-    Under fp16 the gradients are unscaled first (the GradScaler then steps without unscaling again)."""
+    Under fp16 the gradients are unscaled first (Trainer.unscale_gradients; the GradScaler then steps without
+    unscaling again)."""
 
     order = 55
 
@@ -215,8 +220,7 @@ class ClipGrad(Handler):
             return
         from timm.utils import dispatch_clip_grad
 
-        if tr.scaler is not None:
-            tr.scaler.unscale_(tr.optimizer)
+        tr.unscale_gradients()
         params = [p for g in tr.optimizer.param_groups for p in g["params"] if p.grad is not None]
         dispatch_clip_grad(params, tr.cfg.clip_grad, mode=tr.cfg.clip_mode)
 

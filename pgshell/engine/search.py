@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from .config import SETTINGS, parse_value
 from .errors import PgError
+from .events import Handler
 
 # Settings a search may vary; `freeze` is the model's trainable part (backbone: only the head trains; none: all).
 SEARCHABLE = ("lr", "weight_decay", "optimizer", "batch_size", "freeze", "label_smoothing", "momentum", "nesterov",
@@ -246,40 +247,14 @@ class TrialRun:
     def _metric(self, val: dict) -> float:
         return float(val[METRICS[self.metric][0]])
 
-    def run(self, control: Callable[[], str | None] | None = None,
-            on_batch: Callable[[dict], None] | None = None) -> str:
-        """Returns "complete" (self.value set), "pruned", "paused" or "stopped"."""
-        from .train import Callbacks
-
+    def run(self, handlers: list | tuple = ()) -> str:
+        """Returns "complete" (self.value set), "pruned", "paused" or "stopped". `handlers` are the caller's own."""
         tr = self.trainer
-
-        def ctl():
-            if self.reason:
-                return "stop"
-            return control() if control else None
-
-        def batch(row):
-            if row["images"] and not math.isfinite(row["loss"]):
-                self.reason = "diverged"
-            if on_batch:
-                on_batch(row)
-
-        def epoch(info):
-            if self.steps is not None or info["val"] is None:
-                return
-            v = self._metric(info["val"])
-            self.curve[info["epoch"]] = v
-            self.trial.report(v, info["epoch"])
-            if not math.isfinite(v):
-                self.reason = "diverged"
-            elif info["epoch"] < self.epochs and self.trial.should_prune():  # the last epoch completes the trial
-                self.reason = "pruned"
-
-        cbs = Callbacks(on_batch=batch, on_epoch=epoch, control=ctl)
+        cbs = [_Pruning(self), *handlers]
         if self.epochs is not None and tr.pos.epoch < self.epochs and not self.reason:
-            res = tr.run(epochs=self.epochs - tr.pos.epoch, callbacks=cbs)
+            res = tr.run(epochs=self.epochs - tr.pos.epoch, handlers=cbs)
         elif self.steps is not None and tr.pos.step < self.steps and not self.reason:
-            res = tr.run(steps=self.steps - tr.pos.step, callbacks=cbs)
+            res = tr.run(steps=self.steps - tr.pos.step, handlers=cbs)
         else:
             res = None
         if self.reason:
@@ -299,6 +274,39 @@ class TrialRun:
         return "complete"
 
 
+class _Pruning(Handler):
+    """A trial's pruning as a loop handler: a non-finite loss, or the pruner's verdict on the validation metric
+    after an epoch, stops the trial."""
+
+    order = 60
+
+    def __init__(self, run: TrialRun):
+        self.run = run
+
+    def before_batch(self, tr, ctx) -> None:
+        if self.run.reason:
+            tr.request("stop", self.run.reason)
+
+    def after_batch(self, tr, ctx) -> None:
+        if ctx.row["images"] and not math.isfinite(ctx.row["loss"]):
+            self.run.reason = "diverged"
+            tr.request("stop", "diverged")
+
+    def after_epoch(self, tr, ctx) -> None:
+        run, info = self.run, ctx.info
+        if run.steps is not None or info["val"] is None:
+            return
+        v = run._metric(info["val"])
+        run.curve[info["epoch"]] = v
+        run.trial.report(v, info["epoch"])
+        if not math.isfinite(v):
+            run.reason = "diverged"
+        elif info["epoch"] < run.epochs and run.trial.should_prune():  # the last epoch completes the trial
+            run.reason = "pruned"
+        if run.reason:
+            tr.request("stop", run.reason)
+
+
 # ---------------------------------------------------------------- the study's initial weights
 def save_initial(path, built) -> None:
     """The weights (and which parameters are frozen) every trial of a study starts from, as a pgshell checkpoint."""
@@ -312,18 +320,14 @@ def save_initial(path, built) -> None:
 
 def load_initial(path, built):
     """A copy of `built` holding the study's initial weights; PgError if they do not fit this model."""
+    from . import models as M
     from .checkpoint import load_checkpoint
 
     state = load_checkpoint(path)
     twin = dataclasses.replace(built, module=copy.deepcopy(built.module))
     try:
-        missing, unexpected = twin.module.load_state_dict(state["model"], strict=False)
-    except RuntimeError:
-        missing, unexpected = ["?"], []
-    if missing or unexpected:
+        M.restore_weights(twin.module, state["model"], state.get("frozen", []))
+    except PgError:
         raise PgError(f"this study's trials start from weights ({path}) that do not fit the current model: load the "
-                      "model the study began with, or start another study with --study NAME")
-    frozen = set(state.get("frozen", []))
-    for n, p in twin.module.named_parameters():
-        p.requires_grad = n not in frozen
+                      "model the study began with, or start another study with --study NAME") from None
     return twin

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .errors import PgError
+from .events import Handler
 
 INSTALL = "TensorBoard is not installed: pip install 'pgshell[tensorboard]' (or pip install tensorboard)"
 
@@ -60,3 +61,33 @@ class TensorBoardLog:
     def close(self) -> None:
         self.writer.flush()
         self.writer.close()
+
+
+class TensorBoardHandler(Handler):
+    """The event files of one run, fed by the loop: batch and epoch scalars; at a run's end (done or stopped) its
+    settings with the final metrics. Not essential: a full disk here is reported once and training goes on."""
+
+    order = 30
+
+    def __init__(self, folder: str | os.PathLike, settings: dict):
+        self.folder, self.settings, self.tb = folder, settings, None
+
+    def before_fit(self, tr, ctx) -> None:
+        self.tb = TensorBoardLog(self.folder, start_step=tr.pos.step)
+
+    def after_batch(self, tr, ctx) -> None:
+        self.tb.batch(ctx.row)
+
+    def after_epoch(self, tr, ctx) -> None:
+        self.tb.epoch(ctx.info)
+
+    def after_fit(self, tr, ctx) -> None:
+        if self.tb is None:
+            return
+        try:
+            if ctx.outcome in ("done", "stopped"):
+                last = {k: v for k, v in tr.last.items() if not k.startswith("epoch_")}
+                self.tb.hparams(self.settings, last, tr.pos.step)
+        finally:
+            self.tb.close()
+            self.tb = None

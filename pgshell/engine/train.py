@@ -34,7 +34,8 @@ from . import recipes as R
 from .config import TrainConfig
 from .device import Runtime, resolve_runtime
 from .errors import PgError
-from .metrics import MetricsLog
+from .events import Ctx, Events, Handler
+from .metrics import MetricsLog, MetricsLogger
 
 
 @dataclass
@@ -46,15 +47,6 @@ class Position:
 
 
 @dataclass
-class Callbacks:
-    on_batch: Callable[[dict], None] | None = None
-    on_epoch: Callable[[dict], None] | None = None  # after validation; the session checkpoints here
-    on_bad: Callable[[list], None] | None = None  # [(path, reason)] found while decoding
-    control: Callable[[], str | None] | None = None  # between batches: apply changes; "pause" | "stop" | None
-    on_note: Callable[[str], None] | None = None  # one-off information (e.g. "caching features ...")
-
-
-@dataclass
 class RunResult:
     outcome: str  # "done" | "paused" | "stopped"
     position: Position
@@ -62,6 +54,41 @@ class RunResult:
     images: int
     seconds: float
     extra: dict = field(default_factory=dict)
+
+
+def fresh_state(built, spec, splits, cfg: TrainConfig, size: int) -> dict:
+    """The checkpoint state of a model that has not trained yet (what `save` writes before any training)."""
+    module = built.module
+    return {"model_spec": spec.to_dict(), "classes": list(splits.classes) if splits else [], "config": cfg.to_dict(),
+            "size": size, "position": asdict(Position()),
+            "frozen": [n for n, p in module.named_parameters() if not p.requires_grad],
+            "model": dict(module.state_dict()), "optimizer": None, "scheduler": None, "scaler": None,
+            "rng": {}, "handlers": {}, "last": {}, "run": 0}
+
+
+def position_rng(seed: int, step: int) -> dict:
+    """The global generators' states a checkpoint stores: each seeded from (seed, step) alone, so a checkpoint holds
+    nothing that depends on the history that led to it. (Training never reads them: data and the model's own
+    randomness are seeded per sample and per step; they are restored so code after a resume sees the same streams.)"""
+    s = step_seed(seed, step)
+    py = random.Random(s).getstate()
+    npy = np.random.RandomState(s % 2**32).get_state()
+    gen = torch.Generator().manual_seed(s)
+    return {"python": [py[0], list(py[1]), py[2]],
+            "numpy": [npy[0], torch.from_numpy(npy[1].astype(np.int64)), *npy[2:]],
+            "torch": gen.get_state()}
+
+
+def restore_rng(rng: dict) -> None:
+    """Set the global generators from a checkpoint's `rng` (a bad one raises: a hand-edited file)."""
+    if "python" in rng:
+        v, internal, gauss = rng["python"]
+        random.setstate((v, tuple(internal), gauss))
+    if "numpy" in rng:
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -154,9 +181,18 @@ class Trainer:
         self.built, self.spec, self.splits = built, spec, splits
         self.size = size  # image size override (0: the model's own input size)
         self.cfg = cfg
-        self.log = log
         self.run_id, self.trial = run_id, trial
         self.pos = Position()
+        # how the loop reports to whoever drives it (the session sets these; a bare Trainer stays silent)
+        self.notify: Callable[[str], None] = lambda msg: None  # one-off information ("feature cache: ...")
+        self.on_bad: Callable[[list], None] = lambda bad: None  # [(path, reason)] found while decoding
+        self.on_phase: Callable[[str, int, int], None] = lambda name, done, total: None  # cache builds
+        self.on_handler_error: Callable[[str], None] = lambda msg: None
+        self.events = Events(on_error=self._handler_failed)
+        self._request: str | None = None
+        self.request_reason = ""
+        self._metrics = self.events.add(MetricsLogger(log))
+        self._recipe_handlers: list[Handler] = []
         self.last: dict[str, Any] = {}  # last train/val metrics, for `show`
         self._opt_state: dict | None = None  # optimizer state by parameter name, kept across rebuilds
         self._fcache: dict | None = None  # the frozen-backbone feature cache (engine/features.py), when built
@@ -198,6 +234,27 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.runtime.device.type) if self.runtime.fp16 else None
         if self.scaler is not None and self.scaler_state:
             self.scaler.load_state_dict(self.scaler_state)
+        self._attach_recipes()
+
+    def _attach_recipes(self) -> None:
+        """The handlers the settings ask for (EMA, mixup, early stopping, ...), rebuilt with the settings."""
+        from .recipes import config_handlers
+
+        for h in self._recipe_handlers:
+            self.events.remove(h, keep_state=True)
+        self._recipe_handlers = [self.events.add(h) for h in config_handlers(self)]
+
+    @property
+    def log(self) -> MetricsLog | None:
+        return self._metrics.log
+
+    @log.setter
+    def log(self, log: MetricsLog | None) -> None:
+        self._metrics.log = log
+
+    def _handler_failed(self, handler: Handler, event: str, error: BaseException) -> None:
+        self.on_handler_error(f"{handler!r} failed in {event} ({type(error).__name__}: {str(error)[:160]}); "
+                              "it is switched off for the rest of this run, training goes on")
 
     @property
     def steps_per_epoch(self) -> int:
@@ -272,58 +329,92 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
     # ---------------- the loop
-    def run(self, epochs: int | None = None, steps: int | None = None, callbacks: Callbacks | None = None) -> RunResult:
-        """Train `epochs` more epochs or `steps` more batches from the current position."""
-        cb = callbacks or Callbacks()
+    def request(self, what: str, reason: str = "") -> None:
+        """A handler (or the session) asks the loop to pause or stop at the next batch boundary; stop wins."""
+        if what not in ("pause", "stop"):
+            raise ValueError(f"request 'pause' or 'stop', not {what!r}")
+        if self._request != "stop":
+            self._request, self.request_reason = what, reason
+
+    @property
+    def requested(self) -> str | None:
+        return self._request
+
+    def add_handler(self, handler: Handler) -> Handler:
+        return self.events.add(handler)
+
+    def remove_handler(self, handler: Handler) -> None:
+        self.events.remove(handler)
+
+    def run(self, epochs: int | None = None, steps: int | None = None, handlers: list | tuple = ()) -> RunResult:
+        """Train `epochs` more epochs or `steps` more batches from the current position; `handlers` attach for this
+        run only. Returns with outcome "done", "paused" or "stopped" (a request), or raises (on_exception first)."""
         if self.optimizer is None:
             raise PgError("nothing to train: every parameter is frozen — `unfreeze all` or `freeze backbone`")
         if not self.splits.train:
             raise PgError("the training split is empty: attach a dataset with `data PATH`")
-        start_pos = Position(**asdict(self.pos))
-        target_step = self.pos.step + steps if steps is not None else None
-        target_epoch = self.pos.epoch + epochs if epochs is not None else None
-        self._use_cache = self._prepare_feature_cache(cb)
-        self._prepare_input_cache(cb)
-        t0, n_batches, n_images = time.perf_counter(), 0, 0
-        outcome = "done"
+        for h in handlers:
+            self.add_handler(h)
+        target = (self.pos.step + steps, None) if steps is not None else (None, self.pos.epoch + (epochs or 0))
+        self._request, self.request_reason = None, ""
+        ctx = Ctx()
+        tally = RunResult("done", self.pos, 0, 0, 0.0, {"start": Position(**asdict(self.pos))})
+        t0 = time.perf_counter()
+        try:
+            self.optimizer.zero_grad(set_to_none=True)  # nothing left over from a batch that raised
+            self.events.fire("before_fit", self, ctx)
+            self._prepare_batches(self.notify)
+            tally.outcome = self._fit(target, tally, t0)
+        except BaseException as e:
+            ctx.error, ctx.outcome = e, "failed"
+            self.events.fire("on_exception", self, ctx)
+            self.events.fire("after_fit", self, ctx)
+            raise
+        finally:
+            for h in handlers:
+                self.remove_handler(h)
+        tally.position, tally.seconds = Position(**asdict(self.pos)), time.perf_counter() - t0
+        ctx.outcome = tally.outcome
+        for h in handlers:  # their after_fit still sees the run's end
+            self.add_handler(h)
+        try:
+            self.events.fire("after_fit", self, ctx)
+        finally:
+            for h in handlers:
+                self.remove_handler(h)
+        return tally
+
+    def _fit(self, target: tuple, tally: RunResult, t0: float) -> str:
+        target_step, target_epoch = target
         self._train_mode()
-        while True:
-            if target_step is not None and self.pos.step >= target_step:
-                break
-            if target_epoch is not None and self.pos.epoch >= target_epoch:
-                break
-            stop = False
+        while not (target_step is not None and self.pos.step >= target_step
+                   or target_epoch is not None and self.pos.epoch >= target_epoch):
             if self.pos.sample >= len(self.splits.train):  # every batch done, the epoch's end not (it raised)
-                self._end_epoch(cb)
+                self._end_epoch()
                 continue
+            if self.pos.batch == 0:
+                self.events.fire("before_epoch", self, Ctx())
             for x, y, nkeys, bad in self._batches():
-                request = DIST.agree(cb.control() if cb.control else None, self.runtime.device)
-                if request in ("pause", "stop"):
-                    outcome = "paused" if request == "pause" else "stopped"
-                    stop = True
-                    break
-                if bad and cb.on_bad:
-                    cb.on_bad(bad)
+                ctx = Ctx(x=x, y=y)
+                self.events.fire("before_batch", self, ctx)
+                request = DIST.agree(self._request, self.runtime.device)
+                if request is not None:
+                    return "paused" if request == "pause" else "stopped"
+                if bad:
+                    self.on_bad(bad)
                 tb = time.perf_counter()
-                row = self._train_batch(x, y, nkeys)
-                n_batches += 1
-                n_images += row["images"]
-                row["seconds"] = time.perf_counter() - tb
-                if self.log is not None:
-                    self.log.append(row)
-                if cb.on_batch:
-                    cb.on_batch(dict(row, batches=self.steps_per_epoch_now, elapsed=time.perf_counter() - t0,
-                                     done=n_images))
+                row = self._train_batch(ctx, nkeys)
+                tally.batches += 1
+                tally.images += row["images"]
+                ctx.row = dict(row, seconds=time.perf_counter() - tb, batches=self.steps_per_epoch_now,
+                               elapsed=time.perf_counter() - t0, done=tally.images)
+                self.events.fire("after_batch", self, ctx)
                 if self.pos.sample >= len(self.splits.train):
-                    self._end_epoch(cb)
+                    self._end_epoch()
                     break
                 if target_step is not None and self.pos.step >= target_step:
                     break
-            if stop:
-                break
-        self._flush_log()
-        return RunResult(outcome, Position(**asdict(self.pos)), n_batches, n_images, time.perf_counter() - t0,
-                         {"start": start_pos})
+        return "done"
 
     @property
     def steps_per_epoch_now(self) -> int:
@@ -359,35 +450,17 @@ class Trainer:
         self.net.train()
         M.frozen_bn_to_eval(self.built.module)
 
-    def _train_batch(self, x, y, nkeys: int) -> dict:
+    def _train_batch(self, ctx: Ctx, nkeys: int) -> dict:
         lr = self.lr
-        if x is None:  # every image of the batch was bad: nothing to learn from, position still advances
+        if ctx.x is None:  # every image of the batch was bad: nothing to learn from, position still advances
             loss_v, acc, n = float("nan"), float("nan"), 0
         else:
-            torch.manual_seed(step_seed(self.cfg.seed, self.pos.step))
-            x, y = self.runtime.to_input(x), y.to(self.runtime.device, non_blocking=True)
-            with self.runtime.autocast():
-                out = (self._fcache["head"] if self._use_cache else self.net)(x)
-            loss = self.loss_fn(out.float(), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-            else:
-                loss.backward()
-                self.optimizer.step()
-            n = len(y)
-            loss_v, correct = loss.item(), (out.argmax(1) == y).sum().item()
-            if self.world.active:  # the global batch's figures, as one process would log them
-                loss_sum, correct, n = DIST.all_sum([loss_v * n, correct, n], self.runtime.device)
-                loss_v, n = loss_sum / n, int(n)
-            acc = correct / n
+            loss_v, acc, n = self._step(ctx)
         # the position advances only once the step is done: a batch that raised (out of memory) is trained again
         self.pos.sample += nkeys
         self.pos.batch += 1
         self.pos.step += 1
-        if self._sched_unit == "step":
+        if self._sched_unit == "step" and not ctx.skip_step:
             self.scheduler.step()
         if n:  # the epoch's running means (kept in `last`, so they survive a resume mid-epoch)
             sums = [self.last.get("epoch_loss_sum", 0.0) + loss_v * n, self.last.get("epoch_correct", 0.0) + acc * n,
@@ -397,9 +470,45 @@ class Trainer:
         return {"step": self.pos.step, "epoch": self.pos.epoch + 1, "batch": self.pos.batch, "split": "train",
                 "loss": loss_v, "accuracy": acc, "lr": lr, "images": n, "run": self.run_id, "trial": self.trial}
 
-    def _end_epoch(self, cb: Callbacks) -> None:
+    def _step(self, ctx: Ctx) -> tuple[float, float, int]:
+        """Forward, loss, backward and (unless a handler skips it) the optimizer step of one batch."""
+        torch.manual_seed(step_seed(self.cfg.seed, self.pos.step))
+        ctx.x, ctx.y = self.runtime.to_input(ctx.x), ctx.y.to(self.runtime.device, non_blocking=True)
+        with self.runtime.autocast():
+            ctx.out = self._train_module()(ctx.x)
+        ctx.loss = self.loss_fn(ctx.out.float(), ctx.y)
+        self.events.fire("after_loss", self, ctx)
+        (self.scaler.scale(ctx.loss) if self.scaler is not None else ctx.loss).backward()
+        self.events.fire("before_step", self, ctx)
+        if not ctx.skip_step:
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.events.fire("after_step", self, ctx)
+        n = len(ctx.y)
+        loss_v, correct = ctx.loss.item(), (ctx.out.argmax(1) == ctx.y).sum().item()
+        if self.world.active:  # the global batch's figures, as one process would log them
+            loss_sum, correct, n = DIST.all_sum([loss_v * n, correct, n], self.runtime.device)
+            loss_v, n = loss_sum / n, int(n)
+        return loss_v, correct / n, n
+
+    def unscale_gradients(self) -> None:
+        """For handlers that read gradients (clipping) under fp16: make them true gradients first (once a step)."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+
+    def _end_epoch(self) -> None:
         epoch = self.pos.epoch + 1
-        val = self.evaluate("val") if self.splits.val else None
+        ctx = Ctx()
+        val = None
+        if self.splits.val:
+            self.events.fire("before_validate", self, ctx)
+            val = self.evaluate("val", module=ctx.eval_module)
+            ctx.val = val
+            self.events.fire("after_validate", self, ctx)
         self.pos.epoch, self.pos.batch, self.pos.sample = epoch, 0, 0
         for k in ("epoch_loss_sum", "epoch_correct", "epoch_n"):
             self.last.pop(k, None)
@@ -407,18 +516,10 @@ class Trainer:
             self.scheduler.step()
         if val is not None:
             self.last.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_epoch=epoch)
-            if self.log is not None:
-                self.log.append({"step": self.pos.step, "epoch": epoch, "batch": 0, "split": "val",
-                                 "loss": val["loss"], "accuracy": val["accuracy"], "lr": self.lr,
-                                 "images": val["n"], "run": self.run_id, "trial": self.trial})
         self._train_mode()
-        if cb.on_epoch:
-            cb.on_epoch({"epoch": epoch, "step": self.pos.step, "val": val, "train_loss": self.last.get("train_loss"),
-                         "train_accuracy": self.last.get("train_accuracy")})
-
-    def _flush_log(self) -> None:
-        if self.log is not None:
-            self.log.sync()
+        ctx.info = {"epoch": epoch, "step": self.pos.step, "val": val, "train_loss": self.last.get("train_loss"),
+                    "train_accuracy": self.last.get("train_accuracy")}
+        self.events.fire("after_epoch", self, ctx)
 
     # ---------------- evaluation
     def evaluate(self, split: str = "val", collect: bool = False, module: torch.nn.Module | None = None) -> dict:
@@ -466,7 +567,16 @@ class Trainer:
         return (self.size, self.cfg.augment, len(self.splits.train), tuple(self.splits.train[:1]),
                 len(self.splits.val), str(self.runtime.device))
 
-    def _prepare_input_cache(self, cb: Callbacks | None = None) -> None:
+    def _prepare_batches(self, note=None) -> None:
+        """Choose the run's data path: the frozen-feature cache, the decoded-input cache, or the image loader."""
+        self._use_cache = self._prepare_feature_cache()
+        self._prepare_input_cache()
+
+    def _train_module(self):
+        """What a training batch goes through: the head alone on cached features, else the whole network."""
+        return self._fcache["head"] if self._use_cache else self.net
+
+    def _prepare_input_cache(self) -> None:
         mode = self.cfg.input_cache
         wanted = (mode == "on" or (mode == "auto" and self.runtime.device.type == "cuda")) and not self._use_cache \
             and not self.world.active
@@ -477,7 +587,7 @@ class Trainer:
             return
         from torchvision.transforms import CenterCrop
 
-        note = cb.on_note if cb is not None else None
+        note = self.notify
         resize, crop, side, mean, std = IC.eval_steps(self.built.data_config, self.size)
         size = crop.size[0] if isinstance(crop.size, (tuple, list)) else int(crop.size)
         desc = f"{resize!r}|{crop!r}"
@@ -499,8 +609,8 @@ class Trainer:
                     self._icache = None
                     return
                 cache[split] = st
-        if cb is not None and cb.on_bad and stored.bad:
-            cb.on_bad(stored.bad)
+        if stored.bad:
+            self.on_bad(stored.bad)
         self._icache = cache
 
     def _icache_batches(self, split: str, keys: list, batch_size: int, world: int):
@@ -561,7 +671,7 @@ class Trainer:
     def _cache_valid(self) -> bool:
         return self._fcache is not None and self._cache_applicable() and self._fcache["key"] == self._cache_key()
 
-    def _prepare_feature_cache(self, cb: Callbacks | None = None) -> bool:
+    def _prepare_feature_cache(self) -> bool:
         """Build (or reuse) the cache when only the head trains; rebuilt whenever its key changes (unfreeze, new
         weights, another size or augmentation, other data)."""
         if not self._cache_applicable():
@@ -595,24 +705,17 @@ class Trainer:
                                                    self.cfg.workers)
                 cache[split] = FC.CachedSplit([f], torch.tensor([lab for _, lab in ds.samples], device=dev), vok, vbad)
         self._fcache = cache
-        if bad and cb is not None and cb.on_bad:
-            cb.on_bad(list(bad.values()))
-        if cb is not None and cb.on_note:
-            cb.on_note(f"feature cache: {n} training images x {views} view(s), {train_views[0].shape[1]} features each, "
-                 f"built in {time.perf_counter() - t0:.1f} s (the frozen backbone runs once, not every epoch)")
+        if bad:
+            self.on_bad(list(bad.values()))
+        self.notify(f"feature cache: {n} training images x {views} view(s), {train_views[0].shape[1]} features each, "
+                    f"built in {time.perf_counter() - t0:.1f} s (the frozen backbone runs once, not every epoch)")
         return True
 
     # ---------------- checkpoint state
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: a plain structure for engine.checkpoint."""
+        """Everything needed to continue exactly: a plain structure for engine.checkpoint. Nothing in it depends on
+        the history that led to it: the global RNG states stored are functions of (seed, position) too."""
         module = self.built.module
-        py_state = random.getstate()
-        np_state = np.random.get_state()
-        rng = {"python": [py_state[0], list(py_state[1]), py_state[2]],
-               "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-               "torch": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "model_spec": self.spec.to_dict(),
             "classes": list(self.splits.classes),
@@ -625,39 +728,24 @@ class Trainer:
             "scheduler": {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
             if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng,
+            "rng": position_rng(self.cfg.seed, self.pos.step),
+            "handlers": self.events.state_dict(),
             "last": {k: v for k, v in self.last.items() if isinstance(v, (int, float))},
             "run": self.run_id,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state written by state_dict() (the model must already be built from state['model_spec'])."""
-        module = self.built.module
-        try:
-            missing, unexpected = module.load_state_dict(state["model"], strict=False)
-        except RuntimeError as e:
-            raise PgError(f"the checkpoint's weights do not fit this model: {str(e).splitlines()[0]}") from None
-        if missing or unexpected:
-            raise PgError(f"the checkpoint's weights do not fit this model ({len(missing)} missing, "
-                          f"{len(unexpected)} unexpected tensors): was it saved from another model?")
-        frozen = set(state.get("frozen", []))
-        for n, p in module.named_parameters():
-            p.requires_grad = n not in frozen
+        M.restore_weights(self.built.module, state["model"], state.get("frozen", []))
         self.pos = Position(**state["position"])
         self.last = dict(state.get("last", {}))
         self.run_id = int(state.get("run", 1))
         self.scaler_state = state.get("scaler")
         self._opt_state = state.get("optimizer") or None
         self.optimizer = None
+        for h in self._recipe_handlers:  # their state comes from the checkpoint, not from before it
+            self.events.remove(h)
+        self._recipe_handlers = []
+        self.events.load_state_dict(state.get("handlers") or {})
         self.setup()
-        rng = state.get("rng") or {}
-        if "python" in rng:
-            v, internal, gauss = rng["python"]
-            random.setstate((v, tuple(internal), gauss))
-        if "numpy" in rng:
-            kind, keys, *rest = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_rng(state.get("rng") or {})

@@ -1,11 +1,11 @@
-"""Analysis commands: eval, checkpoints, plot, predict, export. They parse, call pgshell.analysis, print."""
+"""Analysis commands: eval, checkpoints, plot, predict, export. They parse, call pgshell.session.review, print."""
 
 from __future__ import annotations
 
 import cmd2
 from cmd2 import CommandSet, with_argparser
 
-from .. import analysis as A
+from ..session import review as A
 from ._common import parser
 
 _CHECKPOINT_HELP = "EPOCH (a number), best, last, or a checkpoint file (`checkpoints` lists them)"

@@ -11,7 +11,6 @@ import argparse
 import os
 import queue
 import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from cmd2 import Settable, with_argparser
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
 from ..session import Session
+from ..session.files import log_error
 from ._common import Parser, _fmt_secs, _failed, parser
 from .analysis import AnalysisCommands
 from .data import DataCommands
@@ -161,13 +161,7 @@ class PgShell(cmd2.Cmd):
         if isinstance(exception, (ValueError,)) and "Error setting" in str(exception):
             self.perror(str(exception))
             return
-        log = Path(self.session.folder or self.session.root) / "errors.log"
-        try:
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as f:
-                f.write("".join(traceback.format_exception(exception)))
-        except OSError:
-            log = Path("(could not write the log)")
+        log = log_error(Path(self.session.folder or self.session.root), exception) or "(could not write the log)"
         self.perror(f"internal error: {type(exception).__name__}: {str(exception)[:200]} (full trace in {log})")
 
     def sigint_handler(self, signum, frame):
@@ -270,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     if not interactive:
         return run_plan(app, sys.stdin)
     code = app.cmdloop()
-    if app.session._worker.is_alive():  # left by an exception path: still save
+    if app.session.worker.thread.is_alive():  # left by an exception path: still save
         app.session.close(save=True)
     return code
 

@@ -34,7 +34,7 @@ class TuningCommands(CommandSet):
     @with_argparser(lrfind_parser)
     def do_lrfind(self, args):
         """Find a learning rate."""
-        from .. import tuning as T
+        from ..session import study as T
 
         app, s = self._cmd, self._cmd.session
         if args.which and args.action != "apply":
@@ -89,7 +89,7 @@ class TuningCommands(CommandSet):
     @with_argparser(tune_parser)
     def do_tune(self, args):
         """Search hyperparameters."""
-        from .. import tuning as T
+        from ..session import study as T
 
         app, s = self._cmd, self._cmd.session
         if args.trial is not None and args.action != "apply":

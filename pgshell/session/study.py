@@ -30,13 +30,12 @@ import json
 import math
 import re
 import socket
-import time
-import traceback
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .engine.errors import PgError
+from ..engine.errors import PgError
+from .jobs import LRFindJob, TuneJob
 
 STUDY_ATTR = "pgshell"  # the study's user attribute holding its metric, budget and space
 DEFAULT_EPOCHS = 3  # per trial, when neither the user nor the study says
@@ -44,58 +43,27 @@ DEFAULT_TRIALS = 10
 
 
 # ====================================================================== LR range test
-class LRFindJob:
-    """The `lrfind` background job: a RangeTest driven through a Trainer on copies of the model and optimizer."""
-
-    label = "lrfind"
-
-    def __init__(self, session, test, trainer, out: str | None = None):
-        self.session, self.test, self.trainer, self.out = session, test, trainer, out
-        self.t0 = time.perf_counter()
-
-    def __call__(self, control: Callable[[], str | None]) -> str:
-        from .engine._rng import preserved_rng
-        from .engine.lrfind import run_range_test
-
-        s, test = self.session, self.test
-        s.status = {"state": "training", "job": self.label}
-
-        def on_batch(row):
-            done = len(test.lrs)
-            el = time.perf_counter() - self.t0
-            s.status = {"state": "training", "job": self.label, "epoch": row["epoch"], "batch": done,
-                        "batches": test.steps, "step": done, "loss": row["loss"], "accuracy": row["accuracy"],
-                        "lr": row["lr"], "rate": row["images"] / max(row["seconds"], 1e-9),
-                        "eta": (test.steps - done) * el / max(done, 1)}
-            for listener in s.batch_listeners:
-                listener(dict(row, job=self.label))
-
-        with preserved_rng():
-            outcome = run_range_test(self.trainer, test, control, on_batch)
-        if outcome != "done":
-            if outcome == "stopped":
-                s.notify("lrfind stopped; the session is unchanged")
-            return outcome
-        try:
-            result = test.result()
-        except PgError as e:
-            s.status = {"state": "idle", "error": str(e)}
-            s.notify(f"error: {e}")
-            return "done"
-        result["time"] = datetime.now().isoformat(timespec="seconds")
-        _write_json(s.folder / "lrfind.json", result)
-        msg = (f"lrfind done: {len(result['lrs'])} batches ({result['stop']}); suggested lr {result['valley']:.2e} "
-               f"(valley), steepest {result['steepest']:.2e}, minimum/10 {result['minimum']:.2e} — `lrfind apply`")
-        if self.out:
-            write_lrfind_png(result, self.out)
-            msg += f"; plot {self.out}"
-        s.notify(msg)
-        return "done"
+def finish_lrfind(session, test, out: str | None) -> None:
+    """A finished range test: its result into lrfind.json (and the PNG), and the suggestions in one line."""
+    try:
+        result = test.result()
+    except PgError as e:
+        session.worker.status = {"state": "idle", "error": str(e)}
+        session.notify(f"error: {e}")
+        return
+    result["time"] = datetime.now().isoformat(timespec="seconds")
+    _write_json(session.folder / "lrfind.json", result)
+    msg = (f"lrfind done: {len(result['lrs'])} batches ({result['stop']}); suggested lr {result['valley']:.2e} "
+           f"(valley), steepest {result['steepest']:.2e}, minimum/10 {result['minimum']:.2e} — `lrfind apply`")
+    if out:
+        write_lrfind_png(result, out)
+        msg += f"; plot {out}"
+    session.notify(msg)
 
 
 def start_lrfind(session, start: float = 1e-7, end: float = 10.0, steps: int = 100, out: str | None = None) -> str:
     """Start an LR range test in the background on copies of the model and optimizer state."""
-    from .engine.lrfind import RangeTest, range_test_trainer
+    from ..engine.lrfind import RangeTest, range_test_trainer
 
     if session.running:
         raise PgError("something is already running: `pause`, `stop` or `wait` first")
@@ -106,7 +74,7 @@ def start_lrfind(session, start: float = 1e-7, end: float = 10.0, steps: int = 1
                                  size=(session.data or {}).get("size", 0),
                                  optimizer_state=live.state_dict()["optimizer"])
     trainer.apply_live("lr", test.lr(0))
-    session.start_job(LRFindJob.label, LRFindJob(session, test, trainer, out))
+    session.start_job(LRFindJob(session, test, trainer, out))
     return (f"lrfind: {steps} batches, lr {start:.0e} to {end:.0e}, on a copy of the model "
             f"(stops early when the loss diverges)")
 
@@ -138,7 +106,7 @@ def write_lrfind_png(result: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result["lrs"], result["losses"], color="0.8", lw=1, label="batch loss")
     ax.plot(result["lrs"], result["smoothed"], color="C0", lw=2, label="smoothed loss")
-    from .engine.lrfind import LABELS
+    from ..engine.lrfind import LABELS
 
     for key, colour in (("valley", "C2"), ("steepest", "C1"), ("minimum", "C3")):
         ax.axvline(result[key], color=colour, ls="--", lw=1, label=f"{LABELS[key]} {result[key]:.2e}")
@@ -163,7 +131,7 @@ def _check_png(out: str | None) -> None:
 
 
 # ====================================================================== the search
-def _optuna():
+def optuna_module():
     try:
         import optuna
     except ImportError:
@@ -172,7 +140,7 @@ def _optuna():
     return optuna
 
 
-def _session_key(session) -> str:
+def session_key(session) -> str:
     """Marks the trials this session runs, so a later `tune` of the same session can find its interrupted ones
     without touching trials that other machines are running on a shared storage."""
     return f"{socket.gethostname()}:{session.folder.resolve()}"
@@ -196,7 +164,7 @@ def _where(session, storage: str | None, study: str | None) -> tuple[str, str, b
 
 
 def _load(session, storage: str | None, study: str | None):
-    optuna = _optuna()
+    optuna = optuna_module()
     if session.folder is None:
         raise PgError("no study yet: `tune` starts one")
     url, name, local = _where(session, storage, study)
@@ -214,164 +182,7 @@ def _shown(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)  # never print a password
 
 
-class TuneJob:
-    """The `tune` background job: asks the study for trials and trains each through TrialRun until `trials` more
-    have finished (complete or pruned)."""
-
-    label = "tune"
-
-    def __init__(self, session, study, space, metric: str, epochs: int | None, steps: int | None, trials: int,
-                 init, trial_prefix: str):
-        from .engine.metrics import MetricsLog
-
-        self.session, self.study, self.space, self.metric = session, study, space, metric
-        self.epochs, self.steps, self.trials, self.init = epochs, steps, trials, init
-        self.trial_prefix = trial_prefix
-        self.key = _session_key(session)
-        self.log = MetricsLog(session.folder / "trials" / "metrics.csv")
-        self.finished = 0
-        self.failures_in_row = 0
-        self.counts = {"complete": 0, "pruned": 0, "failed": 0}
-        self.current: tuple[Any, Any, float] | None = None  # (optuna trial, TrialRun, seconds spent) of a paused trial
-
-    # ---------------- the job
-    def __call__(self, control: Callable[[], str | None]) -> str:
-        from .engine._rng import preserved_rng
-
-        s = self.session
-        s.status = {"state": "training", "job": self.label, "trials_done": self.finished, "trials": self.trials}
-        try:
-            with preserved_rng():
-                while self.finished < self.trials:
-                    if self.current is None:
-                        request = control()  # between trials too: a pause or stop needs no trial
-                        if request:
-                            s.notify(f"tune {'paused' if request == 'pause' else 'stopped'} between trials"
-                                     + (" — `continue` resumes" if request == "pause" else ""))
-                            return "paused" if request == "pause" else "stopped"
-                        self.current = self._next_trial()
-                        if self.current is None:
-                            continue
-                    outcome = self._run_current(control)
-                    if outcome in ("paused", "stopped"):
-                        return outcome
-        finally:
-            self.log.sync()
-            self.log.close()  # reopened on the next append (a `continue`)
-        self._report_done()
-        return "done"
-
-    def _next_trial(self):
-        from .engine.search import TrialRun, suggest, trial_trainer
-
-        s = self.session
-        trial = self.study.ask()
-        try:
-            trial.set_user_attr("session", self.key)
-            params = suggest(trial, self.space)
-            trial.set_user_attr("fixed", {d.name: d.value for d in self.space.values() if d.kind == "fixed"})
-            trial.set_user_attr("budget", {"epochs": self.epochs} if self.epochs else {"steps": self.steps})
-            trainer = trial_trainer(self.init, s.spec, s.splits, s.config, params,
-                                    size=(s.data or {}).get("size", 0), log=self.log,
-                                    label=f"{self.trial_prefix}{trial.number}", epochs=self.epochs, steps=self.steps)
-        except Exception as e:
-            self._fail(trial, e)
-            return None
-        return trial, TrialRun(trial, trainer, self.metric, epochs=self.epochs, steps=self.steps), 0.0
-
-    def _run_current(self, control) -> str:
-        optuna = _optuna()
-        trial, run, spent = self.current
-        t0 = time.perf_counter()
-        try:
-            outcome = run.run(control, self._on_batch(trial, run, t0))
-        except Exception as e:  # one failing trial (out of memory at batch 64, say) must not end the search
-            self.current = None
-            self._fail(trial, e)
-            return "failed"
-        spent += time.perf_counter() - t0
-        self.current = (trial, run, spent)
-        if outcome == "paused":
-            self.session.notify(f"trial {trial.number} paused at epoch {run.trainer.pos.epoch + 1} batch "
-                                f"{run.trainer.pos.batch} — `continue` resumes it")
-            return outcome
-        self.current = None
-        if outcome == "stopped":
-            trial.set_user_attr("reason", "stopped")
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            if trial.params:
-                self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            self.session.notify(f"trial {trial.number} stopped (marked failed); the next `tune` runs it again first")
-            return outcome
-        self.failures_in_row = 0
-        self.finished += 1
-        params = _params_text(trial, self.space)
-        if outcome == "pruned":
-            trial.set_user_attr("reason", run.reason)
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            self.counts["pruned"] += 1
-            last = max(run.curve) if run.curve else 0
-            where = f"at epoch {last}" if self.epochs and last else f"at step {run.trainer.pos.step}"
-            value = f": {self.metric} {run.curve[last]:.4f}" if run.curve and math.isfinite(run.curve[last]) else ""
-            self.session.notify(f"trial {trial.number} {run.reason} {where}{value} ({params}) in {spent:.1f} s")
-        else:
-            self.study.tell(trial, run.value)
-            self.counts["complete"] += 1
-            self.session.notify(f"trial {trial.number} complete: {self.metric} {run.value:.4f} ({params}) "
-                                f"in {spent:.1f} s")
-        return outcome
-
-    def _on_batch(self, trial, run, t0: float):
-        s, tr = self.session, run.trainer
-        total = self.epochs * tr.steps_per_epoch if self.epochs else self.steps
-        start_step = tr.pos.step
-
-        def on_batch(row):
-            el = time.perf_counter() - t0
-            per_batch = el / max(1, tr.pos.step - start_step)
-            self.batch_seconds = per_batch
-            left = max(0, total - tr.pos.step) + (self.trials - self.finished - 1) * total
-            s.status = {"state": "training", "job": self.label, "trial": trial.number, "trials_done": self.finished,
-                        "trials": self.trials, "epoch": row["epoch"], "batch": row["batch"],
-                        "batches": tr.steps_per_epoch_now, "step": row["step"], "loss": row["loss"],
-                        "accuracy": row["accuracy"], "lr": row["lr"],
-                        "rate": row["images"] / max(row["seconds"], 1e-9), "eta": left * per_batch}
-            for listener in s.batch_listeners:
-                listener(dict(row, job=self.label, trial=trial.number))
-
-        return on_batch
-
-    def _fail(self, trial, e: Exception) -> None:
-        optuna = _optuna()
-        s = self.session
-        _log_error(s, e)
-        msg = str(e) if isinstance(e, PgError) else f"{type(e).__name__}: {str(e)[:200]}"
-        try:
-            trial.set_user_attr("reason", msg[:500])
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        except Exception:  # the storage itself is failing: the error below says enough
-            pass
-        self.counts["failed"] += 1
-        self.failures_in_row += 1
-        s.notify(f"trial {trial.number} failed: {msg}")
-        if self.failures_in_row >= 3:
-            self.failures_in_row = 0
-            raise PgError(f"3 trials in a row failed (last: {msg}); fix the cause (`--space`, settings), then "
-                          "`continue`")
-
-    def _report_done(self) -> None:
-        c = self.counts
-        msg = f"tune done: {self.finished} trials ({c['complete']} complete, {c['pruned']} pruned"
-        msg += f", {c['failed']} failed)" if c["failed"] else ")"
-        try:
-            best = self.study.best_trial
-            msg += f"; best trial {best.number}: {self.metric} {best.value:.4f} — `tune show`, `tune apply`"
-        except ValueError:
-            msg += "; no trial completed yet"
-        self.session.notify(msg)
-
-
-def _params_text(trial, space) -> str:
+def params_text(trial, space) -> str:
     merged = {**trial.user_attrs.get("fixed", {}), **trial.params}
     return " ".join(f"{k}={_short(v)}" for k, v in merged.items() if space.get(k) is None or space[k].kind != "fixed")
 
@@ -380,17 +191,8 @@ def _short(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
-def _log_error(session, e: BaseException) -> None:
-    try:
-        with open(session.folder / "errors.log", "a") as f:
-            f.write(f"--- {datetime.now().isoformat(timespec='seconds')}\n"
-                    + "".join(traceback.format_exception(e)) + "\n")
-    except OSError:
-        pass
-
-
 def _write_json(path: Path, doc: dict) -> None:
-    from .engine.checkpoint import atomic_write_bytes
+    from ..engine.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
 
@@ -399,14 +201,10 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-.") or "study"
 
 
-def start_tune(session, trials: int | None = None, epochs: int | None = None, steps: int | None = None,
-               metric: str | None = None, space: str | None = None, pruner: str = "median",
-               storage: str | None = None, study: str | None = None) -> str:
-    """Start (or resume) the session's study in the background: `trials` more finished trials."""
-    from .engine.search import METRICS, check_compatible, format_space, load_initial, make_pruner, make_sampler, \
-        parse_space, save_initial
+def _check_tune_args(session, trials: int | None, epochs: int | None, steps: int | None,
+                     metric: str | None) -> int:
+    from ..engine.search import METRICS
 
-    optuna = _optuna()
     if session.running:
         raise PgError("something is already running: `pause`, `stop` or `wait` first")
     trials = DEFAULT_TRIALS if trials is None else trials
@@ -418,23 +216,25 @@ def start_tune(session, trials: int | None = None, epochs: int | None = None, st
         raise PgError("--epochs and --steps take positive numbers")
     if metric is not None and metric not in METRICS:
         raise PgError(f"--metric is one of {', '.join(METRICS)}, not {metric!r}")
-    pruner_obj = make_pruner(pruner)
-    session.ensure_trainer()  # model and data present, the session named, a pending checkpoint loaded
-    if not session.splits.val:
-        raise PgError("tune compares trials on the validation split, and this data has none: attach data with a "
-                      "val/ folder or a --split")
-    n_train = len(session.splits.train)
-    parsed = parse_space(space, n_train)  # a bad --space fails before any file is touched
+    return trials
 
-    url, name, local = _where(session, storage, study)
+
+def _open_study(url: str, name: str, metric: str | None):
+    from ..engine.search import METRICS
+
     try:
-        st = optuna.create_study(storage=url, study_name=name, load_if_exists=True,
-                                 direction=METRICS[metric or "val_accuracy"][1])
+        return optuna_module().create_study(storage=url, study_name=name, load_if_exists=True,
+                                            direction=METRICS[metric or "val_accuracy"][1])
     except Exception as e:
         raise PgError(f"cannot open the study storage {_shown(url)}: {str(e).splitlines()[0][:160]}") from None
+
+
+def _study_terms(st, name: str, metric, epochs, steps, space, parsed, n_train: int):
+    """A resumed study keeps its metric, budget and space; returns (metric, epochs, steps, parsed space)."""
+    from ..engine.search import parse_space
+
     stored = st.user_attrs.get(STUDY_ATTR, {})
-    existing = st.get_trials(deepcopy=False)
-    if stored or existing:  # resuming: the metric and the budget stay those of the study
+    if stored or st.get_trials(deepcopy=False):
         old_metric = stored.get("metric") or ("val_accuracy" if st.direction.name == "MAXIMIZE" else "val_loss")
         if metric is not None and metric != old_metric:
             raise PgError(f"study {name!r} compares {old_metric}: omit --metric, or start another study with "
@@ -444,41 +244,61 @@ def start_tune(session, trials: int | None = None, epochs: int | None = None, st
         new_budget = {"epochs": epochs} if epochs else {"steps": steps} if steps else old_budget
         if old_budget and new_budget != old_budget:
             k, v = next(iter(old_budget.items()))
-            raise PgError(f"study {name!r} trains each trial for {v} {k[:-1] if v == 1 else k}: omit --epochs/--steps (trials must "
-                          "compare), or start another study with --study NAME")
+            raise PgError(f"study {name!r} trains each trial for {v} {k[:-1] if v == 1 else k}: omit "
+                          "--epochs/--steps (trials must compare), or start another study with --study NAME")
         epochs, steps = new_budget.get("epochs"), new_budget.get("steps")
         if space is None and stored.get("space"):
             parsed = parse_space(stored["space"], n_train)
-    metric = metric or "val_accuracy"
     if epochs is None and steps is None:
         epochs = DEFAULT_EPOCHS
-    check_compatible(parsed, existing)
+    return metric or "val_accuracy", epochs, steps, parsed
+
+
+def _initial_weights(session, name: str, existing: bool):
+    """The weights every trial of the study starts from: saved when the study began, read back when it resumes."""
+    from ..engine.search import load_initial, save_initial
 
     folder = session.folder / "trials"
     folder.mkdir(parents=True, exist_ok=True)
     init_path = folder / f"{_safe(name)}.initial.safetensors"
-    if existing or not init_path.exists():
-        if init_path.exists():
-            init = load_initial(init_path, session.built)
-        else:
-            init = dataclasses.replace(session.built, module=copy.deepcopy(session.built.module))
-            save_initial(init_path, init)
-    else:  # a new study (its name reused after tune.db was removed): it starts from the model as it is now
-        init = dataclasses.replace(session.built, module=copy.deepcopy(session.built.module))
-        save_initial(init_path, init)
+    if existing and init_path.exists():
+        return load_initial(init_path, session.built)
+    # a new study (or its name reused after tune.db was removed): it starts from the model as it is now
+    init = dataclasses.replace(session.built, module=copy.deepcopy(session.built.module))
+    save_initial(init_path, init)
+    return init
 
+
+def start_tune(session, trials: int | None = None, epochs: int | None = None, steps: int | None = None,
+               metric: str | None = None, space: str | None = None, pruner: str = "median",
+               storage: str | None = None, study: str | None = None) -> str:
+    """Start (or resume) the session's study in the background: `trials` more finished trials."""
+    from ..engine.search import METRICS, check_compatible, format_space, make_pruner, make_sampler, parse_space
+
+    trials = _check_tune_args(session, trials, epochs, steps, metric)
+    pruner_obj = make_pruner(pruner)
+    session.ensure_trainer()  # model and data present, the session named, a pending checkpoint loaded
+    if not session.splits.val:
+        raise PgError("tune compares trials on the validation split, and this data has none: attach data with a "
+                      "val/ folder or a --split")
+    n_train = len(session.splits.train)
+    parsed = parse_space(space, n_train)  # a bad --space fails before any file is touched
+    url, name, local = _where(session, storage, study)
+    st = _open_study(url, name, metric)
+    existing = st.get_trials(deepcopy=False)
+    metric, epochs, steps, parsed = _study_terms(st, name, metric, epochs, steps, space, parsed, n_train)
+    check_compatible(parsed, existing)
+    init = _initial_weights(session, name, bool(existing))
     st.set_user_attr(STUDY_ATTR, {"metric": metric, "epochs": epochs, "steps": steps, "space": format_space(parsed)})
-    requeued = _requeue_interrupted(st, _session_key(session))
+    requeued = _requeue_interrupted(st, session_key(session))
     st.sampler = make_sampler(session.config.seed, len(existing))
     st.pruner = pruner_obj
     _write_json(session.folder / "tune.json", {"storage": None if local else url, "study": name})
     prefix = "" if name == session.name else f"{name}#"
-    job = TuneJob(session, st, parsed, metric, epochs, steps, trials, init, prefix)
-    session.start_job(TuneJob.label, job)
+    session.start_job(TuneJob(session, st, parsed, metric, epochs, steps, trials, init, prefix))
     budget = f"{epochs} epoch{'s' * (epochs != 1)}" if epochs else f"{steps} steps"
-    msg = (f"tune: {trials} more trial{'s' * (trials != 1)} of {budget} each, maximising {metric}"
-           if METRICS[metric][1] == "maximize" else
-           f"tune: {trials} more trial{'s' * (trials != 1)} of {budget} each, minimising {metric}")
+    aim = "maximising" if METRICS[metric][1] == "maximize" else "minimising"
+    msg = f"tune: {trials} more trial{'s' * (trials != 1)} of {budget} each, {aim} {metric}"
     msg += f"; study {name!r} ({len(existing)} trials so far) in {_shown(url) if not local else session.folder / 'tune.db'}"
     if requeued:
         msg += f"; re-running interrupted trial{'s' * (len(requeued) > 1)} {', '.join(map(str, requeued))} first"
@@ -488,7 +308,7 @@ def start_tune(session, trials: int | None = None, epochs: int | None = None, st
 def _requeue_interrupted(study, key: str) -> list[int]:
     """This session's trials still RUNNING belong to no live job (a new `tune` cannot start while one runs): fail
     them and enqueue their parameters (marked `retry_of`) so they run again first."""
-    optuna = _optuna()
+    optuna = optuna_module()
     numbers = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         if t.user_attrs.get("session") != key:
@@ -503,7 +323,7 @@ def _requeue_interrupted(study, key: str) -> list[int]:
 def trials_table(session, storage: str | None = None, study: str | None = None) -> dict:
     """The study's trials as plain rows, best first: complete (by value), pruned (by their last reported value),
     then failed, running and waiting ones (by number)."""
-    optuna = _optuna()
+    optuna = optuna_module()
     st = _load(session, storage, study)
     maximize = st.direction == optuna.study.StudyDirection.MAXIMIZE
     metric = st.user_attrs.get(STUDY_ATTR, {}).get("metric") or ("val_accuracy" if maximize else "val_loss")
@@ -535,7 +355,7 @@ def trials_table(session, storage: str | None = None, study: str | None = None) 
 
 def apply_trial(session, number: int | None = None, storage: str | None = None, study: str | None = None) -> dict:
     """Set the best (or the named) trial's hyperparameters on the session; the model itself stays as it is."""
-    optuna = _optuna()
+    optuna = optuna_module()
     st = _load(session, storage, study)
     if number is None:
         try:

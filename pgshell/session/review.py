@@ -7,7 +7,7 @@ evaluated on a model copy of its own.
 Threads. Building a model draws from torch's global generator (weight initialisation) and the evaluation data path
 seeds and restores the process-wide generators around every image; the worker's training relies on those same
 generators between its own seeding and use. So every step that builds a model or reads through an ImageDataset runs
-through `Session._apply`: at once when idle, between two batches when training (the run waits for it and then goes on
+through `Session.apply`: at once when idle, between two batches when training (the run waits for it and then goes on
 exactly as it would have). Steps that draw no random numbers — an eval-mode forward pass of a private copy, the
 deterministic eval transform, writing files — run in the calling thread, so `predict` and `export` barely hold up a
 run.
@@ -22,20 +22,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .engine.errors import PgError
+from ..engine.errors import PgError
 
 if TYPE_CHECKING:
-    from .session import Session
+    from .core import Session
 
 
-class _LazyCheckpoint:
-    def __getattr__(self, name):
-        from .engine import checkpoint
-
-        return getattr(checkpoint, name)
-
-
-C = _LazyCheckpoint()
+from .files import C
 
 
 # ====================================================================== checkpoints
@@ -115,22 +108,16 @@ def resolve_checkpoint(s: "Session", which: str) -> Path:
 
 
 def _checkpoint_copy(path: Path):
-    """(BuiltModel, ModelSpec, state) of a checkpoint: a fresh model with its weights. Call through Session._apply."""
+    """(BuiltModel, ModelSpec, state) of a checkpoint: a fresh model with its weights. Call through Session.apply."""
     import torch
 
-    from .engine import models as M
+    from ..engine import models as M
 
     state = C.load_checkpoint(path)
     spec = M.ModelSpec.from_dict(state["model_spec"])
     with torch.random.fork_rng(devices=[]):  # the copy's throwaway initialisation leaves the global stream as it was
         built = M.build_model(M.ModelSpec(spec.name, spec.num_classes))
-    try:
-        missing, unexpected = built.module.load_state_dict(state["model"], strict=False)
-    except RuntimeError as e:
-        raise PgError(f"{path.name}'s weights do not fit {spec.name}: {str(e).splitlines()[0]}") from None
-    if missing or unexpected:
-        raise PgError(f"{path.name}'s weights do not fit {spec.name} ({len(missing)} missing, {len(unexpected)} "
-                      "unexpected tensors)")
+    M.restore_weights(built.module, state["model"], [], f"{path.name} ({spec.name})")
     return built, spec, state
 
 
@@ -139,7 +126,7 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
     """Full reports (loss, accuracy, top-5, per-class P/R/F1, confusion, confused pairs) per split, of the live model
     or of a saved checkpoint (evaluated on its own copy, with the settings and image size it was trained with, so
     `--checkpoint N` reproduces the validation row logged at epoch N to the bit)."""
-    from .engine.evaluate import classification_report
+    from ..engine.evaluate import classification_report
 
     if s.splits is None:
         raise PgError("no data attached: `data PATH` attaches the images to evaluate on")
@@ -149,14 +136,14 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
             raise PgError(f"there is no {split} split in this dataset"
                           + (" (a test/ folder next to train/ and val/ makes one)" if split == "test" else ""))
     if checkpoint is None:
-        # while a run goes on its trainer is the one to use; _ensure_trainer could reconfigure it under the worker
-        tr = s.trainer if s.running else s._ensure_trainer()
-        results = s._apply(lambda: [tr.evaluate(split, collect=True) for split in splits])
+        # while a run goes on its trainer is the one to use; ensure_trainer could reconfigure it under the worker
+        tr = s.trainer if s.running else s.ensure_trainer()
+        results = s.apply(lambda: [tr.evaluate(split, collect=True) for split in splits])
         source = {"checkpoint": None, "model": "current weights",
                   "epoch": tr.pos.epoch, "step": tr.pos.step, "batch": tr.pos.batch}
     else:
         path = resolve_checkpoint(s, checkpoint)
-        results, state = s._apply(lambda: _evaluate_checkpoint(s, path, splits))
+        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, splits))
         pos = state["position"]
         source = {"checkpoint": str(path), "model": path.name, "epoch": pos["epoch"], "step": pos["step"],
                   "batch": pos["batch"]}
@@ -171,8 +158,8 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
 
 
 def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str]):
-    from .engine.config import TrainConfig
-    from .engine.train import Trainer
+    from ..engine.config import TrainConfig
+    from ..engine.train import Trainer
 
     built, spec, state = _checkpoint_copy(path)
     classes = list(state.get("classes") or [])
@@ -189,7 +176,7 @@ def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str]):
 
 
 def confusion_png(report: dict, out: str) -> Path:
-    from .engine.plot import confusion_png as draw
+    from ..engine.plot import confusion_png as draw
 
     title = f"{report['model']} — {report['split']} ({report['n']} images, accuracy {report['accuracy']:.3f})"
     return draw(report["confusion"], report["classes"], out, title)
@@ -200,15 +187,15 @@ def _model_for_use(s: "Session", checkpoint: str | None):
     """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint."""
     if checkpoint is not None:
         path = resolve_checkpoint(s, checkpoint)
-        built, spec, state = s._apply(lambda: _checkpoint_copy(path))
+        built, spec, state = s.apply(lambda: _checkpoint_copy(path))
         classes = list(state.get("classes") or []) or [str(i) for i in range(spec.num_classes)]
         return built.module, classes, int(state.get("size") or 0), built.data_config, {
             "checkpoint": str(path), "model": spec.name, "epoch": state["position"]["epoch"],
             "step": state["position"]["step"]}
     if s.built is None:
         raise PgError("no model yet: `load MODEL` first, or give --checkpoint")
-    module = s._apply(lambda: copy.deepcopy(s.built.module))  # between batches: never half-way through a step
-    pending = s._pending_state  # a reopened session's checkpoint state while its data is not attached
+    module = s.apply(lambda: copy.deepcopy(s.built.module))  # between batches: never half-way through a step
+    pending = s.pending_state  # a reopened session's checkpoint state while its data is not attached
     if s.splits is not None:
         classes = list(s.splits.classes)
     elif pending and pending.get("classes"):
@@ -226,8 +213,8 @@ def _model_for_use(s: "Session", checkpoint: str | None):
 
 def predict(s: "Session", path: str, top: int = 5, checkpoint: str | None = None) -> dict:
     """Top-`top` classes with probabilities for an image or every image under a folder."""
-    from .engine import data as D
-    from .engine.evaluate import image_files, predict_files
+    from ..engine import data as D
+    from ..engine.evaluate import image_files, predict_files
 
     if top < 1:
         raise PgError("--top must be at least 1")
@@ -266,7 +253,7 @@ def write_predictions_csv(result: dict, out: str, top: int) -> Path:
 
 def export(s: "Session", fmt: str, path: str, checkpoint: str | None = None) -> dict:
     """The model (live or a checkpoint) as ONNX or TorchScript, with PATH.json: classes and preprocessing."""
-    from .engine.export import FORMATS, export_model, preprocessing
+    from ..engine.export import FORMATS, export_model, preprocessing
 
     if fmt not in FORMATS:
         raise PgError(f"export format must be onnx or torchscript, not {fmt!r}")
@@ -279,7 +266,7 @@ def export(s: "Session", fmt: str, path: str, checkpoint: str | None = None) -> 
 # ====================================================================== graphs
 def _rows_of(source: str) -> tuple[str, list[dict]]:
     """(name, metrics rows) of a .session file, a session folder or a metrics.csv file."""
-    from .engine.metrics import read_rows
+    from ..engine.metrics import read_rows
 
     p = Path(source).expanduser()
     if p.suffix == ".session":
@@ -303,7 +290,7 @@ def _rows_of(source: str) -> tuple[str, list[dict]]:
 def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int = 10, metric: str = "all",
          trial: str = "") -> dict:
     """Curves from metrics.csv: of the named sessions (overlaid), or of this one. A PNG with `out`, else text."""
-    from .engine import plot as P
+    from ..engine import plot as P
 
     if smooth < 1:
         raise PgError("--smooth must be at least 1 (1: no smoothing)")
@@ -314,8 +301,7 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
     else:
         if s.folder is None or not (s.folder / "metrics.csv").exists():
             raise PgError("no metrics yet: train first, or name session files (`plot sessions/a.session`)")
-        if s._log is not None:
-            s._log.sync()
+        s.sync_metrics()
         loaded = [_rows_of(str(s.folder))]
         loaded[0] = (s.name, loaded[0][1])
     named = [(name, P.plot_series(rows, smooth, trial)) for name, rows in loaded]
@@ -330,28 +316,3 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
     else:
         result["text"] = P.draw_text(named, metric)
     return result
-
-
-# ====================================================================== TensorBoard
-def attach_tensorboard(s: "Session") -> None:
-    """Event files for the run about to start, in sessions/NAME/tensorboard/; closed (with the hparams of a run that
-    ended) by an end listener. Called by Session._start while nothing runs."""
-    from .engine.tensorboard import TensorBoardLog
-
-    tr = s.trainer
-    tb = TensorBoardLog(s.folder / "tensorboard", start_step=tr.pos.step)
-
-    def on_end(outcome: str) -> None:
-        for lst, fn in ((s.batch_listeners, tb.batch), (s.epoch_listeners, tb.epoch), (s.end_listeners, on_end)):
-            if fn in lst:
-                lst.remove(fn)
-        try:
-            if outcome in ("done", "stopped"):
-                last = {k: v for k, v in tr.last.items() if not k.startswith("epoch_")}
-                tb.hparams({"model": s.spec.name, **s.config.to_dict()}, last, tr.pos.step)
-        finally:
-            tb.close()
-
-    s.batch_listeners.append(tb.batch)
-    s.epoch_listeners.append(tb.epoch)
-    s.end_listeners.append(on_end)

@@ -1,0 +1,15 @@
+"""One session: model, data, settings, trainer, the one worker thread, the session file (no cmd2 here).
+
+- core.py     the Session facade: what the shell calls
+- worker.py   the worker thread, its change queue, pause/stop, the status the toolbar reads
+- jobs.py     the background jobs (train, lrfind, tune): one shape, the same loop handlers
+- files.py    the session file and folder: naming, writing, validating, moving, reopening, quarantine, errors.log
+- describe.py the summary line and `show`'s tables
+- review.py   checkpoints, evaluation of a checkpoint, predict, export, plot
+- study.py    lrfind and tune: the study's storage, initial weights, trials, apply
+"""
+
+from .core import Session
+from .files import SESSION_FORMAT, SESSION_VERSION
+
+__all__ = ["Session", "SESSION_FORMAT", "SESSION_VERSION"]

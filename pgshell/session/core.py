@@ -1,0 +1,477 @@
+"""The Session facade: model + data + settings + trainer, run by the one worker thread (session/worker.py), saved as
+a session file and its folder (session/files.py). The shell calls these methods from its own thread; training runs
+in the worker (session/jobs.py); `session/review.py` and `session/study.py` use only the public names here.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from ..engine.config import TrainConfig, is_live, parse_value
+from ..engine.errors import PgError
+from ..engine.saver import CheckpointSaver
+from . import files as F
+from .jobs import TrainJob
+from .worker import Worker
+
+
+class Session:
+    def __init__(self, root: str | os.PathLike = "sessions", notify: Callable[[str], None] | None = None):
+        self.root = Path(root)
+        self.config = TrainConfig()
+        self.notify = notify or (lambda msg: None)
+        self.spec = None  # engine.models.ModelSpec
+        self.built = None  # engine.models.BuiltModel
+        self.data: dict | None = None  # {"path", "split", "size"}
+        self.splits = None  # engine.data.Splits
+        self.trainer = None  # engine.train.Trainer
+        self.name: str | None = None
+        self.file: Path | None = None
+        self.target: dict | None = None  # what the paused/active training run is training towards
+        self.pending_state: dict | None = None  # a checkpoint loaded before data was attached
+        self.batch_listeners: list[Callable[[dict], None]] = []  # plain functions the worker calls after each batch
+        self.dirty = False
+        self.saving = False  # a `save` is pausing the run: no "paused" notice
+        self.saver = CheckpointSaver(on_saved=lambda path: self.write_session_file())
+        self.saver.writes = self._quarantine.writes = self._writes
+        self._log = None  # engine.metrics.MetricsLog of this session's folder
+        self.worker = Worker(lambda msg: self.notify(msg), self._triage)
+
+    # ================================================================ state
+    @property
+    def running(self) -> bool:
+        return self.worker.running
+
+    @property
+    def paused(self) -> bool:
+        return (self.worker.job is not None or self.target is not None) and not self.running
+
+    @property
+    def status(self) -> dict:
+        return self.worker.status
+
+    @property
+    def folder(self) -> Path | None:
+        return self.root / self.name if self.name else None
+
+    @property
+    def latest_checkpoint(self) -> Path | None:
+        return self.saver.latest
+
+    @property
+    def best(self) -> dict | None:
+        return self.saver.best
+
+    @property
+    def _quarantine(self) -> F.Quarantine:
+        if "_q" not in self.__dict__:
+            self._q = F.Quarantine()
+        return self._q
+
+    @property
+    def _writes(self) -> bool:
+        """Under torchrun (DDP) only rank 0 writes files; every other process keeps its state in memory."""
+        from ..engine.distributed import world
+
+        return world().main
+
+    # ================================================================ model, data, settings
+    @staticmethod
+    def list_models(pattern: str = "") -> list[dict]:
+        from ..engine.models import list_models
+
+        return list_models(pattern)
+
+    def load_model(self, name: str, pretrained: bool = False, weights: str = "", classes: int | None = None) -> str:
+        """Build a model and give it a fresh head for the data's classes (or `classes`)."""
+        from ..engine import models as M
+
+        self._refuse_while_training("load a model")
+        n = len(self.splits.classes) if self.splits is not None else classes
+        if self.splits is not None and classes is not None and classes != n:
+            raise PgError(f"the attached data has {n} classes; drop --classes or attach other data")
+        if n is None:
+            raise PgError("how many classes? attach data first (`data PATH`) or give `--classes N`")
+        if n < 2:
+            raise PgError("--classes must be at least 2")
+        spec = M.ModelSpec(name=name, num_classes=n, pretrained=pretrained, weights=weights)
+        self.spec, self.built = spec, self._build(spec)
+        self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
+        self.dirty = True
+        trainable, total = M.count_params(self.built.module)
+        notes = "".join(f"\n{note}" for note in self.built.notes)
+        return f"{self.built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes{notes}"
+
+    def _build(self, spec):
+        import torch
+
+        from ..engine import models as M
+
+        torch.manual_seed(self.config.seed)  # the new head's initialisation follows the seed
+        return M.build_model(spec)
+
+    def attach_data(self, path: str, split: float = 0.2, size: int = 0, check: bool = False) -> Any:
+        """Scan an image folder into splits. `check` also decodes every image, adding those that fail to
+        `splits.rejected` (they stay in their split, skipped when loaded, so the split is the same either way)."""
+        from ..engine import data as D
+        from ..engine import models as M
+
+        self._refuse_while_training("change the data")
+        if not (0.0 < split < 1.0):
+            raise PgError(f"--split must be between 0 and 1 (the validation fraction), not {split}")
+        if size < 0 or size > 4096:
+            raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
+        splits = D.scan_folder(path, split=split, seed=self.config.seed)
+        if check:
+            splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
+        self.splits = splits
+        self.data = {"path": str(Path(path).resolve()), "split": split, "size": size}
+        self.trainer, self.target, self.worker.job = None, None, None
+        self.dirty = True
+        self.quarantine(splits.rejected)
+        if self.spec is not None and self.spec.num_classes != len(splits.classes):
+            self.spec = M.ModelSpec(**{**self.spec.to_dict(), "num_classes": len(splits.classes)})
+            self.built = self._build(self.spec)
+            self.notify(f"model rebuilt with a {len(splits.classes)}-class head for this data")
+        return splits
+
+    def freeze(self, what: list[str], unfreeze: bool = False) -> tuple[int, int]:
+        from ..engine import models as M
+
+        if self.built is None:
+            raise PgError("no model yet: `load MODEL` first")
+
+        def change():
+            (M.unfreeze if unfreeze else M.freeze)(self.built, what)
+            if self.trainer is not None:
+                self.trainer.params_changed()
+
+        self.apply(change)
+        self.dirty = True
+        return M.count_params(self.built.module)
+
+    def random_backbone_warning(self) -> str:
+        """`freeze` on a backbone that was never pretrained nor trained: a line saying so (engine.models), or ""."""
+        from ..engine import models as M
+
+        steps = self.trainer.pos.step if self.trainer is not None else \
+            int(((self.pending_state or {}).get("position") or {}).get("step", 0))
+        return M.random_backbone_warning(self.built, self.spec, steps) if self.built is not None else ""
+
+    def data_hints(self) -> list[str]:
+        """What `data` should point out about the attached images: a milder augmentation for small images, and
+        class imbalance (engine.data)."""
+        from ..engine import data as D
+
+        if self.splits is None:
+            return []
+        size = (self.data or {}).get("size", 0)
+        hints = (D.small_image_hint(self.splits, size, self.config), D.imbalance_warning(self.splits))
+        return [h for h in hints if h]
+
+    def set(self, name: str, value: Any) -> str:
+        """Change a setting. Live ones apply at the next batch; the others when training next starts."""
+        value = parse_value(name, value)
+        if name == "tensorboard" and value:
+            from ..engine import tensorboard as TB
+
+            if not TB.available():
+                raise PgError(TB.INSTALL)
+        old = getattr(self.config, name)
+        self.config = self.config.replace(**{name: value})
+        self.dirty = True
+        if self.trainer is None or old == value:
+            return ""
+        if is_live(name):
+            self.apply(lambda: self.trainer.apply_live(name, value))
+            return "applies at the next batch" if self.running else ""
+        if self.running:
+            return f"{name} applies when training next starts: `pause` then `continue` to use it now"
+        return ""
+
+    # ================================================================ training and jobs
+    def train(self, epochs: int | None = None, steps: int | None = None) -> str:
+        if self.running:
+            raise PgError("training is already running: `pause`, `stop` or `wait` first")
+        if epochs is not None and epochs < 1 or steps is not None and steps < 1:
+            raise PgError("train takes a positive number of epochs (train 5) or steps (train --steps 100)")
+        if self.built is not None and not any(p.requires_grad for p in self.built.module.parameters()):
+            # the trainer says so too, but only once the session is named and the run started
+            raise PgError("nothing to train: every parameter is frozen — `unfreeze all` or `freeze backbone`")
+        pos = self.ensure_trainer().pos
+        if epochs is None and steps is None:
+            epochs = self.config.epochs - pos.epoch
+            if epochs < 1:
+                raise PgError(f"already trained {pos.epoch} epochs (epochs = {self.config.epochs}): "
+                              "`train N` for N more")
+        self.target = {"step": pos.step + steps} if steps is not None else {"epoch": pos.epoch + epochs}
+        self._start_training()
+        return self._describe_target()
+
+    def resume(self) -> str:
+        if self.running:
+            raise PgError("training is already running")
+        job = self.worker.job
+        if job is not None and job.label != "train":
+            self.start_job(job)  # a paused job of another kind (a tuning study, ...)
+            return f"continuing {job.label}"
+        if self.target is None:
+            raise PgError("nothing to continue: no run is paused — `train N` starts one")
+        pos, t = self.ensure_trainer().pos, self.target
+        if pos.step >= t.get("step", float("inf")) or pos.epoch >= t.get("epoch", float("inf")):
+            self.target = None
+            raise PgError("nothing to continue: the last run reached its end — `train N` for more")
+        self._start_training()
+        return self._describe_target()
+
+    def _start_training(self) -> None:
+        self.trainer.run_id = max(self.trainer.run_id, 0) + 1
+        self.start_job(TrainJob(self))
+
+    def start_job(self, job) -> None:
+        """Run `job.run(worker)` in the worker thread and return at once: training, a tuning study, an LR range
+        test all go through here, so `pause`, `continue`, `stop`, `wait` and the toolbar work the same for all."""
+        self.worker.start(job)
+        self.dirty = True
+
+    def pause(self, timeout: float = 120.0) -> bool:
+        """Ask the run to pause after the current batch; returns True once it has (checkpoint written)."""
+        return self.worker.pause(timeout)
+
+    def request_pause(self) -> None:
+        """Non-blocking pause (Ctrl-C)."""
+        self.worker.request_pause()
+
+    def stop(self, timeout: float = 120.0) -> bool:
+        if not self.running:
+            had = self.target is not None or self.worker.job is not None
+            self.target, self.worker.job = None, None
+            return had
+        return self.worker.stop(timeout)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the current run finishes or pauses; True if it did within `timeout`."""
+        return self.worker.idle.wait(timeout)
+
+    def apply(self, change: Callable[[], Any]) -> Any:
+        """Run `change` now if idle, or between two batches of the running job; returns its result."""
+        return self.worker.apply(change)
+
+    def _describe_target(self) -> str:
+        t, pos = self.target, self.trainer.pos
+        if "step" in t:
+            return f"training {t['step'] - pos.step} steps (to step {t['step']})"
+        left = t["epoch"] - pos.epoch
+        return f"training {left} epoch{'s' * (left != 1)} (epoch {pos.epoch + 1} to {t['epoch']})"
+
+    def ensure_trainer(self):
+        """The session's trainer, built on first use (model and data checked, the session named, a reopened
+        checkpoint loaded), with the session's settings in force."""
+        from ..engine.metrics import MetricsLog
+        from ..engine.train import Trainer
+
+        if self.built is None:
+            raise PgError("no model yet: `load MODEL` first (e.g. `load resnet18 --pretrained`)")
+        if self.splits is None:
+            raise PgError("no data yet: `data PATH` attaches an image folder")
+        if self.trainer is None:  # before naming the session: a refusal leaves nothing behind
+            from ..engine.models import check_input_size
+
+            check_input_size(self.built, self.data.get("size", 0))
+        if self.name is None:
+            self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
+        if self._log is None and self._writes:
+            self._log = MetricsLog(self.folder / "metrics.csv")
+            self.saver.log = self._log
+        if self.trainer is None:
+            self.trainer = self._new_trainer()
+        elif self.trainer.cfg != self.config:
+            self.trainer.reconfigure(self.config)
+        return self.trainer
+
+    def _new_trainer(self):
+        from ..engine.train import Trainer
+
+        tr = Trainer(self.built, self.spec, self.splits, self.config, log=self._log, size=self.data.get("size", 0))
+        tr.notify, tr.on_bad = self.notify, self.report_bad
+        tr.on_handler_error = lambda msg: self.notify(f"warning: {msg}")
+        tr.on_phase = self._on_phase
+        if self.pending_state is not None:
+            tr.load_state_dict(self.pending_state)
+            self.pending_state = None
+        return tr
+
+    def _on_phase(self, name: str, done: int, total: int) -> None:
+        from ..engine.progress import phase_status
+
+        if done == 0:
+            self._phase_started = __import__("time").perf_counter()
+        self.worker.status = phase_status(getattr(self.worker.job, "label", "train"), name, done, total,
+                                          getattr(self, "_phase_started", 0.0))
+
+    def evaluate(self, split: str = "val") -> dict:
+        # while training, the running trainer as it is: ensure_trainer would apply pending settings (reconfigure:
+        # a new optimizer) from this thread, under the worker's feet
+        tr = self.trainer if self.running else self.ensure_trainer()
+        return self.apply(lambda: tr.evaluate(split))
+
+    def _triage(self, e: BaseException) -> tuple[str, str | None]:
+        """One line for a job's exception (the trace goes to errors.log), and a note to follow it."""
+        import torch
+
+        log = F.log_error(self.folder or self.root, e) or "(errors.log could not be written)"
+        if isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower():
+            bs = (self.trainer.cfg if self.trainer is not None else self.config).batch_size  # the size that failed
+            if self.trainer is not None and self.trainer.optimizer is not None:
+                self.trainer.optimizer.zero_grad(set_to_none=True)  # give the half-done step's memory back
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            msg = (f"out of memory at batch_size {bs}: `set batch_size {max(1, bs // 2)}` (or a smaller --size), "
+                   "then `continue`")
+        elif F.disk_full(e):
+            msg = F.disk_full_message(self.folder)
+        elif isinstance(e, PgError):
+            msg = str(e)
+        else:
+            msg = f"training stopped by an error: {type(e).__name__}: {str(e)[:200]} (full trace in {log})"
+        paused = self.trainer is not None and self.target is not None
+        return msg, "the run is paused; the last checkpoint is intact" if paused else None
+
+    # ================================================================ files
+    def use_name(self, name: str, root: Path | None = None) -> None:
+        if root is not None:
+            self.root = root
+        if self._log is not None and self.name != name:
+            self._log.close()
+            self._log = self.saver.log = None
+        self.name = name
+        self.file = self.root / f"{name}.session"
+        if self._writes:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self.saver.folder, self.saver.root = self.folder / "checkpoints", self.root
+        self._quarantine.use(self.folder)
+        self.quarantine([])  # what `data` found before there was a folder
+
+    def write_session_file(self) -> None:
+        if self._writes:
+            F.write_session_file(self)
+
+    def write_checkpoint(self, kind: str) -> Path:
+        """A checkpoint of exactly now (a pause, a save, the end of a --steps run), and the session file."""
+        if self.name is None:
+            self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
+        return self.saver.save(self._state(), kind, None, self.config)
+
+    def _state(self) -> dict:
+        if self.trainer is not None:
+            return self.trainer.state_dict()
+        if self.pending_state is not None:
+            return self.pending_state
+        from ..engine.train import fresh_state
+
+        return fresh_state(self.built, self.spec, self.splits, self.config, (self.data or {}).get("size", 0))
+
+    def save(self, path: str | None = None) -> Path:
+        """Write the session file and a checkpoint of exactly now; mid-run it pauses, saves and resumes."""
+        if self.built is None:
+            raise PgError("nothing to save yet: `load MODEL` first")
+        if path and Path(path).suffix != ".session":
+            raise PgError(f"session files end in .session: `save {Path(path).with_suffix('.session')}`")
+        was_running = self.running
+        self.saving = was_running  # the worker's pause is part of the save: no "paused" notice
+        try:
+            if was_running and not self.pause():  # before a move too: the worker must not write while it moves
+                raise PgError("could not pause the run to save (a batch is taking very long); try again")
+        finally:
+            self.saving = False
+        try:
+            self._save_now(path, was_running)
+        except OSError as e:  # the run stays paused: `continue` once there is space again
+            if F.disk_full(e):
+                raise PgError(F.disk_full_message(self.folder)) from None
+            raise PgError(f"cannot save to {e.filename or self.folder}: {e.strerror or e}") from None
+        self.dirty = False
+        if was_running and self.paused and "error" not in self.status:  # not if it ended or failed meanwhile
+            self.resume()
+        return self.file
+
+    def _save_now(self, path: str | None, was_running: bool) -> None:
+        if path:
+            p = Path(path)
+            root = p.parent if str(p.parent) else Path(".")
+            if (p.stem, root.resolve()) != (self.name, self.root.resolve()):
+                F.move_folder(self, p.stem, root)
+                if self.trainer is not None and self._writes:
+                    from ..engine.metrics import MetricsLog
+
+                    self._log = self.saver.log = self.trainer.log = MetricsLog(self.folder / "metrics.csv")
+        if self.name is None:
+            self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
+        job = self.worker.job
+        if was_running and self.status.get("error") is None and job is not None and job.label == "train":
+            self.write_session_file()  # the training pause wrote a checkpoint of this exact position
+        else:  # idle, or another job (lrfind, tune) paused: it wrote nothing of the session's own state
+            self.write_checkpoint("save")
+
+    @classmethod
+    def open(cls, file: str | os.PathLike, notify: Callable[[str], None] | None = None) -> "Session":
+        """Reopen a session exactly where it stopped: model, optimizer, schedule, position."""
+        file = Path(file)
+        doc = F.read_session_file(file)
+        s = cls(root=file.parent, notify=notify)
+        try:
+            F.reopen(s, file, doc)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:  # RuntimeError: torch
+            s.close(save=False)
+            detail = " ".join(str(e).split())[:300]  # one line, whatever the exception held
+            raise PgError(f"{file} is damaged or was edited by hand ({type(e).__name__}: {detail})") from None
+        except BaseException:
+            s.close(save=False)
+            raise
+        return s
+
+    def close(self, save: bool = True) -> Path | None:
+        """Pause and save if anything is unsaved (a named session is always brought up to date), then end the
+        worker."""
+        saved = None
+        was_running = self.running
+        try:
+            if was_running:
+                self.pause()
+            if save and self.built is not None and (self.dirty or was_running):
+                saved = self.save()
+        finally:  # a failed save (a full disk) still ends the worker
+            self.worker.close()
+            if self._log is not None:
+                self._log.close()
+        return saved
+
+    def sync_metrics(self) -> None:
+        if self._log is not None:
+            self._log.sync()
+
+    # ================================================================ housekeeping
+    def quarantine(self, bad: list) -> list:
+        """List bad files in quarantine.txt, each once; returns the ones new to the list."""
+        return self._quarantine.add(bad)
+
+    def report_bad(self, bad: list) -> None:
+        for path, reason in self.quarantine(bad):  # said once, not at every epoch that meets the file again
+            self.notify(f"skipped bad image {path}: {reason}")
+
+    def _refuse_while_training(self, what: str) -> None:
+        if self.running:
+            raise PgError(f"cannot {what} while training: `pause` or `stop` first")
+
+    def summary_line(self) -> str:
+        from .describe import summary_line
+
+        return summary_line(self)
+
+    def describe(self) -> dict[str, dict]:
+        from .describe import describe
+
+        return describe(self)
