@@ -63,6 +63,9 @@ class FakeTrainer:
     def request(self, what: str, reason: str = "") -> None:
         self.requests.append((what, reason))
 
+    def notify(self, msg: str) -> None:
+        pass
+
     def unscale_gradients(self) -> None:
         pass
 
@@ -289,8 +292,9 @@ def test_clipping_limits_the_gradients_and_waits_for_the_real_step(mode):
 
 # ------------------------------------------------------------------ early stopping
 def _epochs(h, values, metric="accuracy"):
-    tr = SimpleNamespace(requests=[], pos=SimpleNamespace(epoch=0))
+    tr = SimpleNamespace(requests=[], pos=SimpleNamespace(epoch=0), notes=[])
     tr.request = lambda what, reason="": tr.requests.append((what, reason))
+    tr.notify = tr.notes.append
     stopped = None
     for epoch, v in values:
         h.after_epoch(tr, Ctx(info={"epoch": epoch, "val": {metric: v}}))
@@ -508,3 +512,122 @@ def test_tune_can_search_the_policy_and_the_recipes():
     assert space["accumulate"].integer and space["crop_scale"].high == 0.8
     with pytest.raises(PgError, match="auto_augment"):
         parse_space("auto_augment=none,x", 100)
+
+
+# ------------------------------------------------------------------ end to end, through the session and Trainer.run
+WAIT = 300  # seconds: a tiny run on a loaded 2-core machine
+ALL = dict(batch_size=8, lr=0.05, mixup=0.8, cutmix=1.0, mix_prob=0.8, label_smoothing=0.1, accumulate=2,
+           clip_grad=1.0, ema=0.9, patience=5, class_weights="balanced", sampler="balanced", layer_decay=0.8,
+           tta="flip", crop_scale=0.5, color_jitter=0.0, random_erasing=0.25, vflip=0.5)
+
+
+def _session(tmp_path, folder, name, **settings):
+    from pgshell.session import Session
+
+    s = Session(root=tmp_path / "sessions")
+    for k, v in settings.items():
+        s.set(k, v)
+    s.attach_data(str(folder), size=32)
+    s.load_model("test_resnet")
+    s.use_name(name)
+    return s
+
+
+def _train(s, **kw):
+    s.train(**kw)
+    assert s.wait(WAIT), "training did not finish in time"
+    assert "error" not in s.status, s.status
+
+
+class _PauseAt:
+    """Asks for a pause once the position reaches (epoch, batch): a cut anywhere, whatever a step counts."""
+
+    order = 50
+    key = None
+
+    def __init__(self, epoch: int, batch: int):
+        self.at = (epoch, batch)
+
+    def after_batch(self, tr, ctx):
+        if (tr.pos.epoch, tr.pos.batch) == self.at:
+            tr.request("pause")
+
+
+def _snapshot(s):
+    from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+
+    tr = s.trainer
+    states = copy.deepcopy(tr.events.state_dict())
+    return ({k: v.clone() for k, v in s.built.module.state_dict().items()},
+            [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(s.folder / "metrics.csv")], states)
+
+
+def _same(a, b) -> None:
+    weights_a, rows_a, states_a = a
+    weights_b, rows_b, states_b = b
+    assert all(torch.equal(weights_a[n], weights_b[n]) for n in weights_a)
+    assert rows_a == rows_b
+    ema_a, ema_b = states_a["ema"], states_b["ema"]
+    assert ema_a["updates"] == ema_b["updates"] and ema_a["weights"].keys() == ema_b["weights"].keys()
+    assert all(torch.equal(ema_a["weights"][k], ema_b["weights"][k]) for k in ema_a["weights"])
+    assert states_a["early_stopping"] == states_b["early_stopping"]
+
+
+@pytest.mark.parametrize("cut", [(0, 1), (0, 3), (1, 1)])  # mid-group each: batch 1 or 3 of an epoch, accumulate 2
+def test_exact_mid_epoch_resume_in_a_new_session_with_every_recipe_on(tmp_path, split_folder, cut):
+    from pgshell.session import Session
+
+    ref = _session(tmp_path, split_folder, "ref", **ALL)
+    _train(ref, epochs=2)
+    kinds = [type(h).__name__ for h in ref.trainer.events.handlers]
+    assert {"MixupCutmix", "Accumulate", "ClipGrad", "WeightEma", "EarlyStopping"} <= set(kinds)
+    reference = _snapshot(ref)
+    assert reference[2]["ema"]["updates"] == 4  # 4 batches an epoch (30 images by 8), a step every 2
+    ref.close(save=False)
+    s = _session(tmp_path, split_folder, "cut", **ALL)
+    s.ensure_trainer().add_handler(_PauseAt(*cut))
+    _train(s, epochs=2)
+    assert s.paused and (s.trainer.pos.epoch, s.trainer.pos.batch) == cut
+    assert s.trainer.events.state_dict()["accumulate"]["grads"]  # the cut holds half a group
+    file = s.save()
+    s.close(save=False)
+    torch.manual_seed(12345)  # disturb the global RNG: resuming must not depend on the process's history
+    r = Session.open(file)
+    _train(r, epochs=2 - r.trainer.pos.epoch)
+    assert r.trainer.pos.epoch == 2
+    _same(_snapshot(r), reference)
+    r.close(save=False)
+
+
+@pytest.mark.xfail(strict=True, reason="needs the loop change in the report: pos.step counts optimizer steps and the "
+                                       "schedule spans optimizer steps (Trainer._train_batch, _rebuild_optimizer)")
+def test_a_per_step_schedule_under_accumulation_resumes_exactly(tmp_path, split_folder):
+    from pgshell.session import Session
+
+    settings = dict(batch_size=8, accumulate=2, scheduler="cosine", epochs=2, lr=0.05)
+    ref = _session(tmp_path, split_folder, "ref", **settings)
+    _train(ref, epochs=2)
+    reference = _snapshot(ref)[:2]
+    assert ref.trainer.lr == pytest.approx(0.0, abs=1e-12)  # the cosine ends at the run's last optimizer step
+    ref.close(save=False)
+    s = _session(tmp_path, split_folder, "cut", **settings)
+    s.ensure_trainer().add_handler(_PauseAt(1, 1))
+    _train(s, epochs=2)
+    file = s.save()
+    s.close(save=False)
+    r = Session.open(file)
+    _train(r, epochs=2 - r.trainer.pos.epoch)
+    weights, rows, _ = _snapshot(r)
+    assert rows == reference[1] and all(torch.equal(weights[n], reference[0][n]) for n in weights)
+    r.close(save=False)
+
+
+def test_early_stopping_through_the_loop_stops_with_a_line_naming_the_best_epoch(tmp_path, split_folder):
+    notes = []
+    s = _session(tmp_path, split_folder, "es", batch_size=8, lr=0.0, patience=2)
+    s.notify = notes.append
+    _train(s, epochs=6)  # lr 0: the validation never improves after epoch 1
+    assert s.trainer.pos.epoch == 3 and s.target is None
+    assert any(n.startswith("early stop: val_accuracy has not improved by more than 0 for 2 epochs; best")
+               and "at epoch 1" in n for n in notes), notes
+    s.close(save=False)

@@ -316,6 +316,7 @@ class EarlyStopping(Handler):
             return
         self.bad += 1
         if self.bad >= self.patience:
+            tr.notify(self.reason())
             tr.request("stop", self.reason())
 
     def reason(self) -> str:
