@@ -424,7 +424,11 @@ def test_the_default_policy_is_exactly_timms_transform_and_each_setting_reaches_
     assert D.policy_data_config(DATA_CONFIG, TrainConfig(normalize="imagenet"))["mean"] == (0.485, 0.456, 0.406)
     assert D.normalisation(parse_value("normalize", "0.5/0.25")) == ((0.5,) * 3, (0.25,) * 3)
     assert D.input_cache_unsupported(TrainConfig()) == []
-    assert D.input_cache_unsupported(cfg) == ["auto_augment", "random_erasing", "interpolation"]
+    assert D.input_cache_unsupported(cfg) == ["crop_scale", "crop_ratio", "hflip", "vflip", "color_jitter",
+                                              "auto_augment", "random_erasing", "interpolation"]
+    reads = ("crop_scale", "crop_ratio", "hflip", "vflip", "color_jitter")
+    assert D.input_cache_unsupported(cfg, reads) == ["auto_augment", "random_erasing", "interpolation"]
+    assert D.input_cache_unsupported(TrainConfig(interpolation="bilinear", crop_pct=1.0, normalize="none")) == []
     shown = D.describe_policy(DATA_CONFIG, TrainConfig(), 32)
     assert shown["training"].startswith("random resized crop to 32px, area 0.08-1, ratio 0.75-1.33; hflip 0.5")
     assert shown["evaluation"] == "resize to 36px (bicubic), centre crop 32px (crop_pct 0.875)"

@@ -343,8 +343,12 @@ _CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_
 _NO_NORMALISATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # an identity Normalize: the pipeline keeps its shape
 _SMALL_IMAGES = 64  # px: at or below this, timm's ImageNet crops (down to 8% of the area) leave little to learn from
 _IMBALANCE = 5.0  # the largest class this many times the smallest: say so at `data`
-# what a device-side augmentation (engine/inputcache.py) cannot do: PIL operations, or a resize filter for the crop
-_PIL_ONLY = ("auto_augment", "random_erasing", "interpolation")
+_TRAIN_POLICY = ("crop_scale", "crop_ratio", "hflip", "vflip", "color_jitter", "auto_augment", "random_erasing",
+                 "interpolation")
+# The policy settings engine/inputcache.py's device augmentation takes as parameters. None yet: it draws timm's
+# default crop (0.08-1, 3/4-4/3), flip (0.5) and jitter (0.4). Its rewrite adds the ones it reads; auto_augment and
+# random_erasing are PIL/per-image operations it is not expected to do.
+DEVICE_AUGMENT_READS: tuple[str, ...] = ()
 
 
 def policy_data_config(data_config: dict, policy=None) -> dict:
@@ -435,18 +439,22 @@ def _triple(values) -> str:
     return ",".join(f"{v:.4g}" for v in values or ())
 
 
-def input_cache_unsupported(policy) -> list[str]:
-    """The settings, away from their defaults, that a batched device augmentation (engine/inputcache.py) cannot
-    honour: auto-augment and random erasing are PIL/per-image operations, and its crops are resampled bilinearly.
-    The rest of the policy (crop_scale, crop_ratio, hflip, vflip, color_jitter: `train_policy`) and the evaluation
-    settings (through `policy_data_config`) it can. A caller falls back to the DataLoader, or says so, when this
+def input_cache_unsupported(policy, reads: tuple[str, ...] | None = None) -> list[str]:
+    """The training-policy settings, away from their defaults, that the decoded-input cache's batched device
+    augmentation (engine/inputcache.py) does not honour: those it does not take as parameters (`reads`, default
+    DEVICE_AUGMENT_READS), and a resize filter other than bilinear (its crops are resampled by roi_align). Evaluation
+    settings are honoured through `policy_data_config`. A trainer falls back to the DataLoader, saying so, when this
     is not empty."""
+    from .config import TrainConfig
+
+    reads = DEVICE_AUGMENT_READS if reads is None else reads
+    default = TrainConfig()
     out = []
-    for name in _PIL_ONLY:
+    for name in _TRAIN_POLICY:
         value = getattr(policy, name)
-        if name == "interpolation" and value in ("model", "bilinear"):
+        if name in reads or (name == "interpolation" and value in ("model", "bilinear")):
             continue
-        if value not in ("none", 0, 0.0):
+        if value != getattr(default, name):
             out.append(name)
     return out
 
