@@ -211,6 +211,30 @@ class Session:
         self._start_training()
         return self._describe_target()
 
+    def finetune(self, epochs: int, head_epochs: int = 1, backbone_lr_scale: float = 0.1) -> str:
+        """fastai's fine_tune as ordinary steps: `freeze`, `train HEAD_EPOCHS`, then `unfreeze all`,
+        `set backbone_lr_scale S`, `train EPOCHS` — one background job, pausable and resumable in either phase."""
+        if self.running:
+            raise PgError("training is already running: `pause`, `stop` or `wait` first")
+        if epochs < 1 or head_epochs < 0:
+            raise PgError("finetune takes EPOCHS >= 1 for the whole model and --head-epochs >= 0 (finetune 5)")
+        parse_value("backbone_lr_scale", backbone_lr_scale)
+        if self.built is None:
+            raise PgError("no model yet: `load MODEL --pretrained` first")
+        if not head_epochs:
+            self.freeze(["all"], unfreeze=True)
+            self.set("backbone_lr_scale", backbone_lr_scale)
+            return self.train(epochs)
+        self.freeze(["backbone"])
+        warning = self.random_backbone_warning()
+        pos = self.ensure_trainer().pos
+        self.target = {"epoch": pos.epoch + head_epochs + epochs, "unfreeze_at": pos.epoch + head_epochs,
+                       "backbone_lr_scale": float(backbone_lr_scale)}
+        self._start_training()
+        return (f"finetune: the head for {head_epochs} epoch{'s' * (head_epochs != 1)} with the backbone frozen "
+                f"(epoch {pos.epoch + 1} to {pos.epoch + head_epochs}), then everything with backbone lr x "
+                f"{backbone_lr_scale:g} to epoch {self.target['epoch']}" + (f"\n{warning}" if warning else ""))
+
     def resume(self) -> str:
         if self.running:
             raise PgError("training is already running")
@@ -221,6 +245,9 @@ class Session:
         if self.target is None:
             raise PgError("nothing to continue: no run is paused — `train N` starts one")
         pos, t = self.ensure_trainer().pos, self.target
+        if t.get("unfreeze_at") is not None:  # paused in finetune's first phase: its job picks it up
+            self._start_training()
+            return self._describe_target()
         if pos.step >= t.get("step", float("inf")) or pos.epoch >= t.get("epoch", float("inf")):
             self.target = None
             raise PgError("nothing to continue: the last run reached its end — `train N` for more")

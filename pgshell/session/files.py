@@ -171,7 +171,8 @@ def reopen(s, file: Path, doc: dict) -> None:
         _reattach_data(s, doc["data"])
     if s.splits is not None and s.built is not None and found:
         s.ensure_trainer()
-    target = checked(doc.get("target"), "target", {"epoch": int, "step": int}, required=False)
+    target = checked(doc.get("target"), "target", {"epoch": int, "step": int, "unfreeze_at": int,
+                                                   "backbone_lr_scale": (int, float)}, required=False)
     s.target = target if found else None
     s.dirty = False
 
