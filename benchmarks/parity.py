@@ -173,7 +173,8 @@ def plain_accuracy(model, splits, data_config, cfg: TrainConfig, size: int) -> f
 
 def pgshell_run(args, settings: dict, seed: int, root: Path) -> tuple[float, Session]:
     s = Session(root=root / f"seed{seed}")
-    for name, value in {**settings, "seed": seed, "epochs": args.epochs, "device": "cpu" if args.cpu else "auto"}.items():
+    run = {"seed": seed, "epochs": args.epochs, "device": "cpu" if args.cpu else "auto"}
+    for name, value in {**settings, **run}.items():
         s.set(name, value)
     s.attach_data(args.data, split=args.split, size=args.size)
     s.load_model(args.model, weights=args.weights or "")
@@ -198,8 +199,8 @@ def check_pgshell_honours(s: Session, cfg: TrainConfig) -> list[str]:
 def summary(name: str, values: list[float]) -> str:
     mean = statistics.mean(values)
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return (f"{name:8s} {100 * mean:5.1f}% ± {100 * sd:.1f} (sd; range {100 * min(values):.1f}-{100 * max(values):.1f}, "
-            f"{len(values)} seeds)")
+    return (f"{name:8s} {100 * mean:5.1f}% ± {100 * sd:.1f} (sd; range {100 * min(values):.1f}-"
+            f"{100 * max(values):.1f}, {len(values)} seeds)")
 
 
 def main() -> None:

@@ -736,3 +736,21 @@ def test_finetune_as_one_command_equals_the_same_steps_typed_by_hand_and_resumes
     finally:
         hand.session.close(save=False)
         one.session.close(save=False)
+
+
+def test_eval_weights_ema_gives_the_validation_logged_with_ema_on_and_live_differs(tmp_path, split_folder):
+    from pgshell.session import review as A
+
+    s = _session(tmp_path, split_folder, "ema", batch_size=8, ema=0.9, lr=0.05)
+    _train(s, epochs=1)
+    logged = (s.trainer.last["val_loss"], s.trainer.last["val_accuracy"])
+    for checkpoint in (None, "1"):
+        ema = A.evaluate(s, ["val"], checkpoint, weights="ema")[0]
+        assert (ema["loss"], ema["accuracy"]) == logged
+    live = A.evaluate(s, ["val"], weights="live")[0]
+    assert live["loss"] != logged[0]
+    plain = _session(tmp_path, split_folder, "plain", batch_size=8)
+    with pytest.raises(PgError, match="no EMA weights yet"):
+        A.evaluate(plain, ["val"], weights="ema")
+    s.close(save=False)
+    plain.close(save=False)

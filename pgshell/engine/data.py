@@ -424,7 +424,8 @@ def describe_policy(data_config: dict, policy, size: int = 0) -> dict[str, str]:
         if p["auto_augment"] and "3a" not in p["auto_augment"]:
             train += f"; {p['auto_augment']} (timm turns colour jitter off with it)"
         else:
-            train += f"; colour jitter {policy.color_jitter:g}" + (f"; {p['auto_augment']}" if p["auto_augment"] else "")
+            train += f"; colour jitter {policy.color_jitter:g}"
+            train += f"; {p['auto_augment']}" if p["auto_augment"] else ""
         if policy.random_erasing:
             train += f"; random erasing {policy.random_erasing:g}"
     crop_pct = config.get("crop_pct", 0.875)

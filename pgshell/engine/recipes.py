@@ -265,6 +265,7 @@ class WeightEma(Handler):
     def module(self) -> torch.nn.Module | None:
         return None if self.ema is None else self.ema.module
 
+
     def state_dict(self) -> dict:
         weights = self._pending if self.ema is None else dict(self.ema.module.state_dict())
         return {"updates": self.updates, "weights": weights or {}}
@@ -275,6 +276,27 @@ class WeightEma(Handler):
         if self.ema is not None and self._pending:
             self.ema.module.load_state_dict(self._pending)
             self._pending = None
+
+
+def ema_module(module: torch.nn.Module, state: dict | None) -> torch.nn.Module:
+    """A copy of `module` holding the EMA weights of a checkpoint's handler state (`state["handlers"]["ema"]`), for
+    `eval --weights ema`; PgError when the checkpoint has none."""
+    import copy
+
+    weights = ((state or {}).get("handlers") or {}).get("ema", {}).get("weights")
+    if not weights:
+        raise PgError("no EMA weights here: `set ema 0.9998` and train first (EMA weights exist after a step)")
+    twin = copy.deepcopy(module)
+    twin.load_state_dict(weights)
+    return twin
+
+
+def live_ema_module(tr) -> torch.nn.Module:
+    """The running EMA of a trainer, for `eval --weights ema` on the current weights."""
+    h = tr.events.find(WeightEma)
+    if h is not None and h.updates:
+        return h.module if h.module is not None else ema_module(tr.built.module, {"handlers": {"ema": h.state_dict()}})
+    raise PgError("no EMA weights yet: `set ema 0.9998` and train first (EMA weights exist after a step)")
 
 
 # ---------------------------------------------------------------- early stopping

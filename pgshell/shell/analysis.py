@@ -32,6 +32,8 @@ class AnalysisCommands(CommandSet):
                          "--split: val, and test if there is one.", "eval --checkpoint best --out confusion.png")
     eval_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
     eval_parser.add_argument("--split", choices=("val", "test", "train"), help="the split to evaluate")
+    eval_parser.add_argument("--weights", choices=("live", "ema"), default="live",
+                             help="the trained weights (live) or their moving average (ema, with `set ema`)")
     eval_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
                              help="write the confusion matrix of the (first) split as a heat map")
 
@@ -40,7 +42,7 @@ class AnalysisCommands(CommandSet):
         """Evaluate the model or a checkpoint."""
         from tabulate import tabulate
 
-        reports = A.evaluate(self._cmd.session, [args.split] if args.split else None, args.checkpoint)
+        reports = A.evaluate(self._cmd.session, [args.split] if args.split else None, args.checkpoint, args.weights)
         p = self._cmd.poutput
         r0 = reports[0]
         where = r0["model"] + (f" (epoch {r0['epoch']}, step {r0['step']})" if r0["step"] is not None else "")
