@@ -475,6 +475,26 @@ def test_load_without_weights_says_random_initialisation_and_freezing_it_warns(t
         app.session.close(save=False)
 
 
+def test_data_hints_at_a_milder_policy_and_show_prints_the_policy_and_the_lr_groups(tmp_path):
+    from pgshell.shell import PgShell
+
+    root = make_images(tmp_path / "imgs", per_class=6)
+    app = PgShell(interactive=False, sessions_dir=str(tmp_path / "s"), stdout=io.StringIO())
+    try:
+        for line in (f"data {root} --split 0.34", "load test_resnet", "set layer_decay 0.5", "set crop_pct 1.0",
+                     "train --steps 1", "show"):
+            assert app.onecmd_plus_hooks(line) is False, line
+        out = app.stdout.getvalue()
+        assert "the images are small (32 px)" in out and "`set crop_scale 0.5`, `set color_jitter 0`" in out
+        shown = app.last_result
+        assert shown["augmentation"]["evaluation"] == "resize to 160px (bilinear), centre crop 160px (crop_pct 1)"
+        groups = shown["lr groups"]
+        assert list(groups)[:2] == ["head", "backbone x0.5"] and len(groups) == 6  # stem, 4 stages, head
+        assert groups["backbone x0.5"].startswith("lr 0.0005 ")
+    finally:
+        app.session.close(save=False)
+
+
 def test_lrfind_suggestions_lie_before_the_divergence_and_the_legend_says_minimum_over_10(tmp_path, monkeypatch):
     from pgshell.engine.lrfind import suggest
     from pgshell.session.study import write_lrfind_png
