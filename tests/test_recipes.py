@@ -774,3 +774,17 @@ def test_eval_weights_ema_gives_the_validation_logged_with_ema_on_and_live_diffe
         A.evaluate(plain, ["val"], weights="ema")
     s.close(save=False)
     plain.close(save=False)
+
+
+def test_export_describes_the_evaluation_policy_of_the_live_model_and_of_a_checkpoint(tmp_path, split_folder):
+    from pgshell.session import review as A
+
+    s = _session(tmp_path, split_folder, "pol", batch_size=8, crop_pct=1.0, normalize="0.5/0.25",
+                 interpolation="nearest")
+    _train(s, steps=1)
+    s.save()
+    for checkpoint in (None, "last"):
+        pre = A.export(s, "torchscript", str(tmp_path / f"m-{checkpoint}.pt"), checkpoint)["preprocessing"]
+        assert (pre["crop_pct"], pre["mean"], pre["std"], pre["interpolation"]) == (1.0, [0.5] * 3, [0.25] * 3,
+                                                                                      "nearest")
+    s.close(save=False)

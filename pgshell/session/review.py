@@ -191,12 +191,17 @@ def confusion_png(report: dict, out: str) -> Path:
 
 # ====================================================================== the model: live or saved
 def _model_for_use(s: "Session", checkpoint: str | None):
-    """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint."""
+    """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint; the
+    data config has the evaluation policy of its settings in force (crop_pct, interpolation, normalize)."""
+    from ..engine.config import TrainConfig
+    from ..engine.data import policy_data_config
+
     if checkpoint is not None:
         path = resolve_checkpoint(s, checkpoint)
         built, spec, state = s.apply(lambda: _checkpoint_copy(path))
         classes = list(state.get("classes") or []) or [str(i) for i in range(spec.num_classes)]
-        return built.module, classes, int(state.get("size") or 0), built.data_config, {
+        config = policy_data_config(built.data_config, TrainConfig.from_dict(state.get("config") or {}))
+        return built.module, classes, int(state.get("size") or 0), config, {
             "checkpoint": str(path), "model": spec.name, "epoch": state["position"]["epoch"],
             "step": state["position"]["step"]}
     if s.built is None:
@@ -214,7 +219,7 @@ def _model_for_use(s: "Session", checkpoint: str | None):
     else:
         size = int((pending or {}).get("size") or 0)
     pos = s.trainer.pos if s.trainer is not None else None
-    return module, classes, size, s.built.data_config, {
+    return module, classes, size, policy_data_config(s.built.data_config, s.config), {
         "checkpoint": None, "model": s.spec.name, "epoch": pos.epoch if pos else None, "step": pos.step if pos else None}
 
 
