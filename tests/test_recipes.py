@@ -199,6 +199,9 @@ def test_mixup_cutmix_draws_are_a_function_of_seed_and_position_and_leave_global
         h.before_batch(tr, ctx)
         return ctx, h.target
 
+    empty = Ctx(x=None, y=None)  # a batch of bad images only
+    R.MixupCutmix(tr).before_batch(tr, empty)
+    assert empty.x is None and empty.y is None
     np_state, torch_state = np.random.get_state(), torch.get_rng_state()
     (a, ta), (b, tb) = draw(1, 8), draw(1, 8)
     assert torch.equal(a.x, b.x) and torch.equal(ta, tb)

@@ -142,6 +142,8 @@ class MixupCutmix(Handler):
         self.target: torch.Tensor | None = None
 
     def before_batch(self, tr, ctx) -> None:
+        if ctx.x is None:  # every image of the batch was bad: nothing to mix
+            return
         if ctx.x.ndim != 4:
             raise PgError("mixup/cutmix mix images, but this batch holds cached features: `set feature_cache off`")
         seed = mix_seed(tr.cfg.seed, tr.pos.epoch, tr.pos.sample)
