@@ -6,6 +6,7 @@ Importing this module does not import torch, so the shell can list and validate 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -47,6 +48,50 @@ class TrainConfig:
     augment: bool = _setting(True, "random crop/flip/colour jitter on the training split")
     seed: int = _setting(0, "seed of data order, augmentation and initialisation: same seed, same run", minimum=0,
                          maximum=2**63 - 1)  # sample seeds pack it as a signed 64-bit number
+    # --- augmentation policy: timm's create_transform; the defaults are timm's ImageNet policy, `model` defers to
+    #     the model's own data config (pretrained_cfg) ---
+    crop_scale: float = _setting(0.08, "training crop: smallest area kept, as a fraction of the image (timm 0.08; "
+                                       "small images: 0.5)", minimum=0.01, maximum=1.0)
+    crop_ratio: float = _setting(4 / 3, "training crop: aspect ratios from 1/r to r (timm 4/3; 1: square crops)",
+                                 minimum=1.0, maximum=10.0)
+    hflip: float = _setting(0.5, "training: probability of a horizontal flip", minimum=0.0, maximum=1.0)
+    vflip: float = _setting(0.0, "training: probability of a vertical flip", minimum=0.0, maximum=1.0)
+    color_jitter: float = _setting(0.4, "training: brightness/contrast/saturation jitter strength (0: off)",
+                                   minimum=0.0, maximum=2.0)
+    auto_augment: str = _setting("none", "training: none | timm's RandAugment (rand-m9-mstd0.5; TrivialAugment-like: "
+                                         "rand-n1-mstd101) | AutoAugment (original, v0) | augmix-m5-w4-d2")
+    random_erasing: float = _setting(0.0, "training: probability of erasing a random rectangle (timm's RandomErasing, "
+                                          "pixel mode)", minimum=0.0, maximum=1.0)
+    crop_pct: float = _setting(0.0, "evaluation: centre crop after resizing, as a fraction (1.0: no border cut; 0: the "
+                                    "model's own)", minimum=0.0, maximum=1.0)
+    interpolation: str = _setting("model", "resize filter: model (its own) | bilinear | bicubic | nearest | lanczos",
+                                  choices=("model", "bilinear", "bicubic", "nearest", "lanczos"))
+    normalize: str = _setting("model", "normalisation: model (its mean/std) | imagenet | none | MEAN/STD, e.g. "
+                                       "0.5,0.5,0.5/0.25,0.25,0.25")
+    # --- recipes: handlers attached to the loop (engine/recipes.py) ---
+    ema: float = _setting(0.0, "weight EMA decay, e.g. 0.9998 (0: off): validation uses the averaged weights",
+                          minimum=0.0, maximum=0.999999)
+    ema_warmup: bool = _setting(True, "EMA decay warm-up (timm's 1 - (1 + updates)^(-2/3), capped at `ema`)")
+    mixup: float = _setting(0.0, "mixup alpha, e.g. 0.8 (0: off)", minimum=0.0, maximum=10.0)
+    cutmix: float = _setting(0.0, "cutmix alpha, e.g. 1.0 (0: off)", minimum=0.0, maximum=10.0)
+    mix_prob: float = _setting(1.0, "probability that a batch is mixed (mixup/cutmix)", minimum=0.0, maximum=1.0)
+    layer_decay: float = _setting(1.0, "layer-wise lr decay, e.g. 0.75: each block towards the input gets this "
+                                       "factor more (1: off)", minimum=0.0, maximum=1.0)
+    accumulate: int = _setting(1, "gradient accumulation: an optimizer step every K batches (effective batch K x "
+                                  "batch_size)", minimum=1, maximum=1024)
+    clip_grad: float = _setting(0.0, "clip gradients to this norm (or value, see clip_mode) before each step (0: off)",
+                                minimum=0.0)
+    clip_mode: str = _setting("norm", "norm | value: what clip_grad limits", choices=("norm", "value"))
+    patience: int = _setting(0, "early stopping: stop after N epochs without an improvement of best_metric (0: off)",
+                             minimum=0)
+    min_delta: float = _setting(0.0, "early stopping: the smallest change of best_metric that counts as better",
+                                minimum=0.0)
+    class_weights: str = _setting("none", "none | balanced: weigh the training loss by inverse class frequency",
+                                  choices=("none", "balanced"))
+    sampler: str = _setting("shuffle", "shuffle | balanced: draw training images so each class comes equally often",
+                            choices=("shuffle", "balanced"))
+    tta: str = _setting("none", "test-time augmentation at validation: none | flip (mean of plain and flipped logits)",
+                        choices=("none", "flip"))
     # --- device and precision (decided in one place: engine/device.py) ---
     device: str = _setting("auto", "auto | cpu | cuda | cuda:N")
     amp: str = _setting("auto", "auto (bf16 on a GPU, off on CPU) | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off"))
@@ -143,6 +188,10 @@ def parse_value(name: str, value: Any) -> Any:
         raise PgError(f"{name} must be at most {meta['max']}, not {out}")
     if name == "device":
         _check_device(out)
+    if name == "auto_augment":
+        out = _check_auto_augment(out)
+    if name == "normalize":
+        out = _check_normalize(out)
     if name == "devices" and out != "all":
         parts = out.split(",")
         if not all(p.strip().isdigit() for p in parts):
@@ -154,3 +203,31 @@ def _check_device(value: str) -> None:
     if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
         return
     raise PgError(f"device must be auto, cpu, cuda or cuda:N — not {value!r}")
+
+
+_AA_POLICIES = ("rand", "augmix", "original", "originalr", "v0", "v0r", "3a")  # timm's first config sections
+
+
+def _check_auto_augment(value: str) -> str:
+    """timm's auto-augment strings by their first section; timm itself checks the rest when the transform is built."""
+    if value.lower() in ("none", ""):
+        return "none"
+    if value.split("-")[0] not in _AA_POLICIES:
+        raise PgError(f"auto_augment must be none or a timm policy string (rand-m9-mstd0.5, original, v0, "
+                      f"augmix-m5-w4-d2), not {value!r}")
+    return value
+
+
+def _check_normalize(value: str) -> str:
+    if value.lower() in ("model", "imagenet", "none"):
+        return value.lower()
+    parts = value.split("/")
+    try:
+        numbers = [[float(v) for v in part.split(",")] for part in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 2 or any(len(n) not in (1, 3) for n in numbers) or not all(v > 0 for v in numbers[1]) \
+            or not all(math.isfinite(v) for n in numbers for v in n):
+        raise PgError(f"normalize must be model, imagenet, none or MEAN/STD with 1 or 3 numbers each (std > 0), e.g. "
+                      f"0.5,0.5,0.5/0.25,0.25,0.25 — not {value!r}")
+    return value

@@ -458,20 +458,181 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------------
 
 _CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+_NO_NORMALISATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # an identity Normalize: the pipeline keeps its shape
+_SMALL_IMAGES = 64  # px: at or below this, timm's ImageNet crops (down to 8% of the area) leave little to learn from
+_IMBALANCE = 5.0  # the largest class this many times the smallest: say so at `data`
+_TRAIN_POLICY = ("crop_scale", "crop_ratio", "hflip", "vflip", "color_jitter", "auto_augment", "random_erasing",
+                 "interpolation")
+# The policy settings engine/inputcache.py's device augmentation takes as parameters. None yet: it draws timm's
+# default crop (0.08-1, 3/4-4/3), flip (0.5) and jitter (0.4). Its rewrite adds the ones it reads; auto_augment and
+# random_erasing are PIL/per-image operations it is not expected to do.
+DEVICE_AUGMENT_READS: tuple[str, ...] = ()
 
 
-def build_transform(data_config: dict, train: bool, size: int = 0,
-                    augment: bool = True) -> Callable[[Image.Image], torch.Tensor]:
-    """timm's transform for a model's data config (from timm.data.resolve_model_data_config).
+def policy_data_config(data_config: dict, policy=None) -> dict:
+    """The model's data config (timm's resolve_model_data_config) with the settings' evaluation policy in force:
+    `crop_pct`, `interpolation` and `normalize` replace the model's own values unless they say `model` (or 0).
 
-    Training with augment: timm's defaults (random resized crop, horizontal flip, colour jitter 0.4). Evaluation, and
-    training without augment: resize + centre crop by crop_pct. size > 0 replaces the model's input size (small, fast
-    runs); mean and std always come from the config.
+    Evaluation, prediction, export and the decoded-input cache all start from this, so they agree with training."""
+    out = dict(data_config)
+    if policy is None:
+        return out
+    if policy.crop_pct > 0:
+        out["crop_pct"] = policy.crop_pct
+    if policy.interpolation != "model":
+        out["interpolation"] = policy.interpolation
+    if policy.normalize != "model":
+        out["mean"], out["std"] = normalisation(policy.normalize)
+    return out
+
+
+def normalisation(value: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) for a `normalize` setting other than `model`: imagenet, none, or MEAN/STD (1 or 3 numbers each)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    if value == "imagenet":
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    if value == "none":
+        return _NO_NORMALISATION
+    mean, std = ([float(v) for v in part.split(",")] for part in value.split("/"))
+    return tuple(mean * (3 // len(mean))), tuple(std * (3 // len(std)))
+
+
+def train_policy(policy) -> dict:
+    """The training augmentation of the settings, as timm's create_transform arguments."""
+    return {"scale": (policy.crop_scale, 1.0), "ratio": (1.0 / policy.crop_ratio, policy.crop_ratio),
+            "hflip": policy.hflip, "vflip": policy.vflip, "color_jitter": policy.color_jitter or None,
+            "auto_augment": None if policy.auto_augment == "none" else policy.auto_augment,
+            "re_prob": policy.random_erasing, "re_mode": "pixel"}  # timm train.py's --remode default
+
+
+def build_transform(data_config: dict, train: bool, size: int = 0, augment: bool = True,
+                    policy=None) -> Callable[[Image.Image], torch.Tensor]:
+    """timm's transform for a model's data config (from timm.data.resolve_model_data_config) and the settings'
+    augmentation policy (`policy`: a TrainConfig; None keeps timm's defaults).
+
+    Training with augment: random resized crop, flips, colour jitter, auto-augment, random erasing as the policy says
+    (timm's ImageNet policy by default). Evaluation, and training without augment: resize + centre crop by crop_pct.
+    size > 0 replaces the model's input size (small, fast runs).
     """
-    cfg = {key: data_config[key] for key in _CONFIG_KEYS if key in data_config}
+    config = policy_data_config(data_config, policy)
+    cfg = {key: config[key] for key in _CONFIG_KEYS if key in config}
     if size > 0:
         cfg["input_size"] = (3, size, size)
-    return create_transform(**cfg, is_training=train and augment)
+    training = train and augment
+    if training and policy is not None:
+        cfg.update(train_policy(policy))
+    try:
+        return create_transform(**cfg, is_training=training)
+    except (AssertionError, ValueError, KeyError, IndexError) as exc:  # timm checks auto_augment's sections here
+        raise PgError(f"timm cannot build the augmentation (auto_augment {getattr(policy, 'auto_augment', '')!r}: "
+                      f"{exc or type(exc).__name__}): try rand-m9-mstd0.5, original or augmix-m5-w4-d2") from None
+
+
+def describe_policy(data_config: dict, policy, size: int = 0) -> dict[str, str]:
+    """The augmentation in force, in words, for `show`."""
+    config = policy_data_config(data_config, policy)
+    side = size or config.get("input_size", (3, 224, 224))[-1]
+    if not policy.augment:
+        train = "none (augment off): resize and centre crop as for evaluation"
+    else:
+        p = train_policy(policy)
+        train = (f"random resized crop to {side}px, area {p['scale'][0]:g}-1, ratio {p['ratio'][0]:.3g}-"
+                 f"{p['ratio'][1]:.3g}; hflip {policy.hflip:g}, vflip {policy.vflip:g}")
+        if p["auto_augment"] and "3a" not in p["auto_augment"]:
+            train += f"; {p['auto_augment']} (timm turns colour jitter off with it)"
+        else:
+            train += f"; colour jitter {policy.color_jitter:g}"
+            train += f"; {p['auto_augment']}" if p["auto_augment"] else ""
+        if policy.random_erasing:
+            train += f"; random erasing {policy.random_erasing:g}"
+    crop_pct = config.get("crop_pct", 0.875)
+    return {"training": train,
+            "evaluation": f"resize to {math.floor(side / crop_pct)}px ({config.get('interpolation', 'bilinear')}), "
+                          f"centre crop {side}px (crop_pct {crop_pct:g})",
+            "normalisation": f"mean {_triple(config.get('mean'))} std {_triple(config.get('std'))}"
+                             + (f" ({policy.normalize})" if policy.normalize != "model" else " (the model's)")}
+
+
+def _triple(values) -> str:
+    return ",".join(f"{v:.4g}" for v in values or ())
+
+
+def input_cache_unsupported(policy, reads: tuple[str, ...] | None = None) -> list[str]:
+    """The training-policy settings, away from their defaults, that the decoded-input cache's batched device
+    augmentation (engine/inputcache.py) does not honour: those it does not take as parameters (`reads`, default
+    DEVICE_AUGMENT_READS), and a resize filter other than bilinear (its crops are resampled by roi_align). Evaluation
+    settings are honoured through `policy_data_config`. A trainer falls back to the DataLoader, saying so, when this
+    is not empty."""
+    from .config import TrainConfig
+
+    reads = DEVICE_AUGMENT_READS if reads is None else reads
+    default = TrainConfig()
+    out = []
+    for name in _TRAIN_POLICY:
+        value = getattr(policy, name)
+        if name in reads or (name == "interpolation" and value in ("model", "bilinear")):
+            continue
+        if value != getattr(default, name):
+            out.append(name)
+    return out
+
+
+def image_side(samples: list[tuple[str, int]], limit: int = 25) -> int | None:
+    """The median shorter side of up to `limit` images spread over `samples`, from their headers (no decoding)."""
+    if not samples:
+        return None
+    step = max(1, len(samples) // limit)
+    sides = []
+    for path, _ in samples[::step][:limit]:
+        try:
+            with Image.open(path) as im:
+                sides.append(min(im.size))
+        except Exception:  # a bad file is reported elsewhere; here it simply does not count
+            continue
+    return sorted(sides)[len(sides) // 2] if sides else None
+
+
+def small_image_hint(splits: Splits, size: int, policy) -> str:
+    """A line suggesting a milder policy when the images (or the training size) are at most 64 px and the policy
+    still has timm's ImageNet strength; "" otherwise."""
+    native = image_side(splits.train)
+    side = min(s for s in (native, size or None) if s) if (native or size) else None
+    if side is None or side > _SMALL_IMAGES or not policy.augment:
+        return ""
+    fixes = [f"`set {name} {value:g}`" for name, value, harsher in (
+        ("crop_scale", 0.5, policy.crop_scale < 0.5), ("color_jitter", 0, policy.color_jitter > 0.1),
+        ("crop_pct", 1.0, policy.crop_pct != 1.0)) if harsher]
+    if not fixes:
+        return ""
+    return (f"the images are small ({side} px): timm's ImageNet policy (crops down to {policy.crop_scale:g} of the "
+            f"area, colour jitter {policy.color_jitter:g}, a border cut at evaluation) leaves little to learn from — "
+            f"a milder one usually does better here: {', '.join(fixes)}")
+
+
+def class_counts(samples: list[tuple[str, int]], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for _, label in samples:
+        counts[label] += 1
+    return counts
+
+
+def imbalance_warning(splits: Splits) -> str:
+    """A line when the largest training class has at least 5x the images of the smallest; "" otherwise."""
+    counts = class_counts(splits.train, len(splits.classes))
+    if not counts or min(counts) * _IMBALANCE > max(counts):
+        return ""
+    big, small = counts.index(max(counts)), counts.index(min(counts))
+    ratio = f"{max(counts) / min(counts):.1f}x" if min(counts) else "it has none"
+    return (f"the classes are imbalanced: {splits.classes[big]!r} has {max(counts)} training images, "
+            f"{splits.classes[small]!r} {min(counts)} ({ratio}) — `set class_weights balanced` or "
+            f"`set sampler balanced`")
+
+
+def balanced_sample_weights(samples: list[tuple[str, int]], num_classes: int) -> list[float]:
+    """Each sample's weight for a class-balanced draw: 1 / (its class's count), so every class is drawn equally."""
+    counts = class_counts(samples, num_classes)
+    return [1.0 / counts[label] for _, label in samples]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -482,6 +643,12 @@ def _mix(tag: bytes, *numbers: int) -> int:
     """A well-mixed 63-bit int from `numbers` (blake2b; `tag` keeps different uses apart)."""
     digest = hashlib.blake2b(struct.pack(f"<{len(numbers)}q", *numbers), digest_size=8, person=tag).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def derived_seed(purpose: str, *numbers: int) -> int:
+    """A seed for one use (`purpose`, at most 16 characters) from integers such as (seed, epoch, sample): the
+    recipes' random draws (mixup) are functions of the position, like the data's, so a resumed run repeats them."""
+    return _mix(purpose.encode()[:16], *numbers)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -503,23 +670,33 @@ class EpochSampler(Sampler):
     `start` counts samples of the whole job (all ranks together), so a run resumed on a different number of GPUs
     picks up at the same place in the same order. It is rounded down to a multiple of `world` to keep the ranks in
     step (at most world-1 samples are seen twice). shuffle=False (val/test): sequential order, and the sample seed
-    depends on the index alone (epoch 0), so every evaluation sees identical inputs.
+    depends on the index alone (epoch 0), so every evaluation sees identical inputs. `weights` (one per sample, e.g.
+    balanced_sample_weights): the epoch is n draws with replacement in proportion to them (`set sampler balanced`),
+    still a function of (seed, epoch), so a resumed epoch continues the same draws.
     """
 
     def __init__(self, n: int, seed: int, epoch: int, start: int = 0, shuffle: bool = True,
-                 rank: int = 0, world: int = 1):
+                 rank: int = 0, world: int = 1, weights: list[float] | None = None):
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not in a world of {world}")
         if n < 1:
             raise ValueError("EpochSampler needs at least one sample")
         if not 0 <= start <= n:
             raise ValueError(f"start {start} is outside the epoch's {n} samples")
+        if weights is not None and len(weights) != n:
+            raise ValueError(f"{len(weights)} sample weights for {n} samples")
         self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
         self.rank, self.world = rank, world
         self.start = start - start % world
+        self.weights = weights
 
     def _order(self) -> list[int]:
-        order = epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else list(range(self.n))
+        if self.weights is not None:  # n draws with replacement, from their own generator seeded by (seed, epoch)
+            generator = torch.Generator().manual_seed(derived_seed("pgshell-balance", self.seed, self.epoch))
+            order = torch.multinomial(torch.tensor(self.weights, dtype=torch.float64), self.n, replacement=True,
+                                      generator=generator).tolist()
+        else:
+            order = epoch_permutation(self.n, self.seed, self.epoch) if self.shuffle else list(range(self.n))
         total = math.ceil(self.n / self.world) * self.world
         while len(order) < total:  # wrap, as DistributedSampler does, so every rank gets the same count
             order += order[: total - len(order)]
@@ -527,8 +704,13 @@ class EpochSampler(Sampler):
 
     def __iter__(self):
         seed_epoch = self.epoch if self.shuffle else 0
-        for index in self._order()[self.start + self.rank:: self.world]:
-            yield index, sample_seed(self.seed, seed_epoch, index)
+        order = self._order()
+        for at in range(self.start + self.rank, len(order), self.world):
+            index = order[at]
+            if self.weights is not None:  # an image drawn twice in an epoch gets two different augmentations
+                yield index, derived_seed("pgshell-drawn", self.seed, self.epoch, at)
+            else:
+                yield index, sample_seed(self.seed, seed_epoch, index)
 
     def __len__(self) -> int:
         total = math.ceil(self.n / self.world) * self.world
@@ -540,7 +722,7 @@ class EpochSampler(Sampler):
 # --------------------------------------------------------------------------------------------------------------
 
 @contextmanager
-def _seeded(seed: int):
+def seeded(seed: int):
     """Seed torch (CPU), python `random` and numpy from `seed`; restore all three on exit.
 
     Only the CPU generator is seeded (not torch.manual_seed, which would also reseed CUDA and so disturb the
@@ -580,7 +762,7 @@ class ImageDataset(Dataset):
             image = load_image(path)
         except BadImage as exc:
             return None, label, (path, str(exc))
-        with _seeded(seed):
+        with seeded(seed):
             return self.transform(image), label, None
 
 

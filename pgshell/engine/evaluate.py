@@ -38,11 +38,21 @@ class _EvalMode:
             m.training = training
 
 
+def forward_tta(net: torch.nn.Module, x: torch.Tensor, runtime: Runtime, tta: str = "none") -> torch.Tensor:
+    """The model's float logits for an input batch already on the device; tta "flip": the mean of the logits of the
+    images and of their mirror images (test-time augmentation)."""
+    with runtime.autocast():
+        out = net(x).float()
+        if tta == "flip":
+            out = (out + net(x.flip(-1)).float()) / 2
+    return out
+
+
 @torch.no_grad()
 def evaluate_dataset(net: torch.nn.Module, dataset: D.ImageDataset, loss_fn: Callable, runtime: Runtime,
                      batch_size: int, workers: int = 0, seed: int = 0, collect: bool = False,
-                     num_classes: int = 0) -> dict:
-    """Mean loss and accuracy of `net` over `dataset` in its fixed order.
+                     num_classes: int = 0, tta: str = "none") -> dict:
+    """Mean loss and accuracy of `net` over `dataset` in its fixed order (with `tta`, see forward_tta).
 
     The loss is the batch-mean loss times the batch's size, summed and divided by the image count: a batch of 64 and a
     remainder of 12 weigh 64 and 12. `collect` also returns the logits and labels (on the CPU).
@@ -56,9 +66,7 @@ def evaluate_dataset(net: torch.nn.Module, dataset: D.ImageDataset, loss_fn: Cal
                 yield None, None, bad
                 continue
             x, y = runtime.to_input(x), y.to(runtime.device)
-            with runtime.autocast():
-                out = net(x)
-            yield out.float(), y, bad
+            yield forward_tta(net, x, runtime, tta), y, bad
 
     with _EvalMode(net):
         return accumulate(outputs(), loss_fn, collect, num_classes)

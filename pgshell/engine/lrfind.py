@@ -77,21 +77,23 @@ class RangeTest:
 
 
 def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
-    """fastai's suggestions from the smoothed curve, after dropping its first tenth and last 5 points (the start is
-    flat and noisy; the end is the blow-up):
+    """fastai's suggestions, read on the descending part of the smoothed curve only: after its first tenth (flat and
+    noisy) and up to its lowest point (what follows climbs towards divergence, so no suggestion may lie there):
 
     - steepest: where the loss falls fastest per unit of log(lr);
     - valley: fastai's default, from the longest stretch where the loss keeps decreasing, 1/2 of the way down it;
-    - minimum: a tenth of the lr at the lowest loss (the classic rule of thumb).
+    - minimum: a tenth of the lr at the lowest loss (the classic rule of thumb; shown as "minimum/10").
     """
     pts = [(lr, v) for lr, v in zip(lrs, smoothed) if math.isfinite(v)]
-    n = len(pts)
-    lo = n // 10
-    hi = n - 5
-    if hi - lo < 5:
+    lo = len(pts) // 10
+    if len(pts) - 5 - lo < 5:  # as fastai: too few points past the noisy start to read anything
         raise PgError(f"the loss diverged after {len(lrs)} batches, too soon to read a curve: "
                       "lower --end, or give more --steps")
-    pts = pts[lo:hi]
+    tail = [v for _, v in pts[lo:]]
+    pts = pts[lo: lo + tail.index(min(tail)) + 1]
+    if len(pts) < 3:
+        raise PgError(f"the smoothed loss never fell: it was lowest at lr {pts[-1][0]:.2e}, the start of the range "
+                      "read — lower --start, or give more --steps")
     x = [math.log(lr) for lr, _ in pts]
     y = [v for _, v in pts]
     grads = [(y[i + 1] - y[i]) / (x[i + 1] - x[i]) for i in range(len(y) - 1)]
@@ -109,8 +111,11 @@ def suggest(lrs: list[float], smoothed: list[float]) -> dict[str, float]:
     best_start = best_end - run[best_end] + 1
     third = (best_end - best_start) / 3
     valley = pts[best_start + int(third) + int(third / 2)][0]
-    minimum = pts[min(range(m), key=y.__getitem__)][0] / 10
+    minimum = pts[-1][0] / 10
     return {"steepest": steepest, "valley": valley, "minimum": minimum}
+
+
+LABELS = {"valley": "valley", "steepest": "steepest descent", "minimum": "minimum/10"}  # what each suggestion is
 
 
 def range_test_trainer(built, spec, splits, cfg, size: int = 0, optimizer_state: dict | None = None):
@@ -120,7 +125,9 @@ def range_test_trainer(built, spec, splits, cfg, size: int = 0, optimizer_state:
 
     twin = dataclasses.replace(built, module=copy.deepcopy(built.module))
     data = dataclasses.replace(splits, val=[], test=None)  # no validation passes at epoch ends: only the curve counts
-    tr = Trainer(twin, spec, data, cfg.replace(scheduler="none", log_every=0), log=None, size=size)
+    # one optimizer step per batch and per lr, no averaged weights, no early stop: the curve is of the batches
+    tr = Trainer(twin, spec, data, cfg.replace(scheduler="none", log_every=0, accumulate=1, ema=0.0, patience=0),
+                 log=None, size=size)
     if optimizer_state and optimizer_state.get("type") == cfg.optimizer:
         tr._opt_state = copy.deepcopy(optimizer_state)
         tr.params_changed()  # rebuild the optimizer carrying the copied state over by parameter name

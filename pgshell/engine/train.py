@@ -30,6 +30,7 @@ from . import evaluate as E
 from . import features as FC
 from . import inputcache as IC
 from . import models as M
+from . import recipes as R
 from .config import TrainConfig
 from .device import Runtime, resolve_runtime
 from .errors import PgError
@@ -98,15 +99,25 @@ def step_seed(seed: int, step: int) -> int:
 
 # ---------------------------------------------------------------- optimizer, schedule, loss
 def build_optimizer(module: torch.nn.Module, head: set[str], cfg: TrainConfig) -> torch.optim.Optimizer | None:
-    """Two parameter groups, head and backbone, so their learning rates can differ (discriminative fine-tuning)."""
-    groups = []
-    for role, scale in (("head", 1.0), ("backbone", cfg.backbone_lr_scale)):
-        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad and ((n in head) == (role == "head"))]
-        if named:
-            groups.append({"params": [p for _, p in named], "names": [n for n, _ in named], "role": role,
-                           "lr": cfg.lr * scale, "initial_lr": cfg.lr * scale, "lr_scale": scale})
+    """Parameter groups by role, head and backbone, so their learning rates can differ (discriminative fine-tuning),
+    and with `layer_decay` < 1 by layer too (timm's layer-wise decay grouping, engine.recipes.layer_scales). A group's
+    lr is lr x lr_scale, lr_scale = layer_scale x (1 for the head, backbone_lr_scale for the backbone). The head's
+    group comes first: its lr is the one logged."""
+    scales = R.layer_scales(module, head, cfg.layer_decay) if cfg.layer_decay < 1 else {}
+    found: dict[tuple[bool, float], dict] = {}
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            key = (n not in head, scales.get(n, 1.0))
+            g = found.setdefault(key, {"params": [], "names": [], "role": "backbone" if key[0] else "head",
+                                       "layer_scale": key[1]})
+            g["params"].append(p)
+            g["names"].append(n)
+    groups = [found[k] for k in sorted(found, key=lambda k: (k[0], -k[1]))]
     if not groups:
         return None
+    for g in groups:
+        scale = g["layer_scale"] * (1.0 if g["role"] == "head" else cfg.backbone_lr_scale)
+        g.update(lr=cfg.lr * scale, initial_lr=cfg.lr * scale, lr_scale=scale)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)

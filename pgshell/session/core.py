@@ -250,6 +250,25 @@ class Session:
         self.dirty = True
         return M.count_params(self.built.module)
 
+    def random_backbone_warning(self) -> str:
+        """`freeze` on a backbone that was never pretrained nor trained: a line saying so (engine.models), or ""."""
+        from ..engine import models as M
+
+        steps = self.trainer.pos.step if self.trainer is not None else \
+            int(((self.pending_state or {}).get("position") or {}).get("step", 0))
+        return M.random_backbone_warning(self.built, self.spec, steps) if self.built is not None else ""
+
+    def data_hints(self) -> list[str]:
+        """What `data` should point out about the attached images: a milder augmentation for small images, and
+        class imbalance (engine.data)."""
+        from ..engine import data as D
+
+        if self.splits is None:
+            return []
+        size = (self.data or {}).get("size", 0)
+        hints = (D.small_image_hint(self.splits, size, self.config), D.imbalance_warning(self.splits))
+        return [h for h in hints if h]
+
     def set(self, name: str, value: Any) -> str:
         """Change a setting. Live ones apply at the next batch; the others when training next starts."""
         value = parse_value(name, value)
@@ -328,6 +347,30 @@ class Session:
         self._start_training()
         return self._describe_target() + self._schedule_notice()
 
+    def finetune(self, epochs: int, head_epochs: int = 1, backbone_lr_scale: float = 0.1) -> str:
+        """fastai's fine_tune as ordinary steps: `freeze`, `train HEAD_EPOCHS`, then `unfreeze all`,
+        `set backbone_lr_scale S`, `train EPOCHS` — one background job, pausable and resumable in either phase."""
+        if self.running:
+            raise PgError("training is already running: `pause`, `stop` or `wait` first")
+        if epochs < 1 or head_epochs < 0:
+            raise PgError("finetune takes EPOCHS >= 1 for the whole model and --head-epochs >= 0 (finetune 5)")
+        parse_value("backbone_lr_scale", backbone_lr_scale)
+        if self.built is None:
+            raise PgError("no model yet: `load MODEL --pretrained` first")
+        if not head_epochs:
+            self.freeze(["all"], unfreeze=True)
+            self.set("backbone_lr_scale", backbone_lr_scale)
+            return self.train(epochs)
+        self.freeze(["backbone"])
+        warning = self.random_backbone_warning()
+        pos = self.ensure_trainer().pos
+        self.target = {"epoch": pos.epoch + head_epochs + epochs, "unfreeze_at": pos.epoch + head_epochs,
+                       "backbone_lr_scale": float(backbone_lr_scale)}
+        self._start_training()
+        return (f"finetune: the head for {head_epochs} epoch{'s' * (head_epochs != 1)} with the backbone frozen "
+                f"(epoch {pos.epoch + 1} to {pos.epoch + head_epochs}), then everything with backbone lr x "
+                f"{backbone_lr_scale:g} to epoch {self.target['epoch']}" + (f"\n{warning}" if warning else ""))
+
     def resume(self) -> str:
         if self.running:
             raise PgError("training is already running")
@@ -338,6 +381,9 @@ class Session:
         if self.target is None:
             raise PgError("nothing to continue: no run is paused — `train N` starts one")
         pos, t = self.ensure_trainer().pos, self.target
+        if t.get("unfreeze_at") is not None:  # paused in finetune's first phase: its job picks it up
+            self._start_training()
+            return self._describe_target()
         if pos.step >= t.get("step", float("inf")) or pos.epoch >= t.get("epoch", float("inf")):
             self.target = None
             raise PgError("nothing to continue: the last run reached its end — `train N` for more")

@@ -84,6 +84,14 @@ def describe(s) -> dict[str, dict]:
                        "train": len(s.splits.train), "val": len(s.splits.val),
                        "test": len(s.splits.test or []), "size": s.data.get("size") or "model default"}
     out["settings"] = s.config.to_dict()
+    if s.built is not None:
+        from ..engine.data import describe_policy
+
+        out["augmentation"] = describe_policy(s.built.data_config, s.config, (s.data or {}).get("size", 0))
+    if s.trainer is not None:
+        from ..engine.recipes import describe_groups
+
+        out["lr groups"] = describe_groups(s.trainer.optimizer)
     pos: dict[str, Any] = {"state": s.status.get("state", "idle")}
     if s.trainer is not None:
         p = s.trainer.pos

@@ -267,7 +267,8 @@ def reopen(s, file: Path, doc: dict) -> None:
         tr = s.ensure_trainer()
         if tr.runtime.note:
             s.notify(tr.runtime.note)
-    target = checked(doc.get("target"), "target", {"epoch": int, "step": int}, required=False)
+    target = checked(doc.get("target"), "target", {"epoch": int, "step": int, "unfreeze_at": int,
+                                                   "backbone_lr_scale": (int, float)}, required=False)
     s.target = target if found else None
     s.settle()
     s.dirty = False

@@ -79,7 +79,15 @@ class TrainJob:
 
     def run(self, worker) -> str:
         s = self.session
-        tr, t = s.trainer, s.target
+        if s.target.get("unfreeze_at") is not None:  # `finetune`'s first phase: the head, up to that epoch
+            outcome = self._run(worker, {"epoch": s.target["unfreeze_at"]})
+            if outcome != "done":
+                return outcome
+            finetune_unfreeze(s)
+        return self._run(worker, s.target)
+
+    def _run(self, worker, t: dict) -> str:
+        s, tr = self.session, self.session.trainer
         handlers = [*loop_handlers(s, worker, self.label, self.remaining), s.saver, EpochReport(s)]
         if s.config.tensorboard:
             from ..engine.tensorboard import TensorBoardHandler
@@ -95,7 +103,8 @@ class TrainJob:
             if not (res.outcome == "paused" and tr.request_reason == RESTART):
                 break
         res.batches, res.images, res.seconds = batches, images, seconds
-        self._report(res)
+        if not (res.outcome == "done" and t is not s.target):  # the end of finetune's first phase is not the end
+            self._report(res)
         return res.outcome
 
     def _report(self, res) -> None:
@@ -131,6 +140,18 @@ class TrainJob:
         line = best_line(s)
         if line:
             s.notify(line)
+
+
+def finetune_unfreeze(s) -> None:
+    """`finetune`'s second phase begins as `unfreeze all`, `set backbone_lr_scale S` and a new `train` would."""
+    scale = s.target.pop("backbone_lr_scale")
+    del s.target["unfreeze_at"]
+    s.freeze(["all"], unfreeze=True)
+    s.set("backbone_lr_scale", scale)
+    s.ensure_trainer().run_id += 1  # a run of its own in metrics.csv, as a typed `train` is
+    s.write_session_file()
+    s.notify(f"finetune: the backbone unfrozen (backbone lr x {scale:g}), epoch {s.trainer.pos.epoch + 1} to "
+             f"{s.target['epoch']}")
 
 
 # ====================================================================== LR range test

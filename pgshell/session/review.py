@@ -147,10 +147,14 @@ def _checkpoint_copy(s: "Session", path: Path):
 
 
 # ====================================================================== evaluation
-def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | None = None) -> list[dict]:
+def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | None = None,
+             weights: str = "live") -> list[dict]:
     """Full reports (loss, accuracy, top-5, per-class P/R/F1, confusion, confused pairs) per split, of the live model
     or of a saved checkpoint (evaluated on its own copy, with the settings and image size it was trained with, so
-    `--checkpoint N` reproduces the validation row logged at epoch N to the bit)."""
+    `--checkpoint N` reproduces the validation row logged at epoch N to the bit). weights "ema": the averaged weights
+    (`set ema`) instead of the trained ones."""
+    from ..engine import recipes as R
+
     from ..engine.evaluate import classification_report
 
     if s.splits is None:
@@ -163,12 +167,13 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
     if checkpoint is None:
         # while a run goes on its trainer is the one to use; ensure_trainer could reconfigure it under the worker
         tr = s.trainer if s.running else s.ensure_trainer()
-        results = s.apply(lambda: [tr.evaluate(split, collect=True) for split in splits])
+        module = R.live_ema_module(tr) if weights == "ema" else None
+        results = s.apply(lambda: [tr.evaluate(split, collect=True, module=module) for split in splits])
         source = {"checkpoint": None, "model": "current weights",
                   "epoch": tr.pos.epoch, "step": tr.pos.step, "batch": tr.pos.batch}
     else:
         path = resolve_checkpoint(s, checkpoint)
-        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, splits))
+        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, splits, weights))
         pos = state["position"]
         source = {"checkpoint": str(path), "model": path.name, "epoch": pos["epoch"], "step": pos["step"],
                   "batch": pos["batch"]}
@@ -182,7 +187,8 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
     return reports
 
 
-def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str]):
+def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str], weights: str = "live"):
+    from ..engine import recipes as R
     from ..engine.config import TrainConfig
     from ..engine.train import Trainer
 
@@ -197,7 +203,8 @@ def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str]):
     here = {k: getattr(s.config, k) for k in ("device", "amp", "channels_last", "devices")}
     cfg = TrainConfig.from_dict({**state["config"], **here})
     tr = Trainer(built, spec, s.splits, cfg, log=None, size=int(state.get("size") or 0))
-    return [tr.evaluate(split, collect=True) for split in splits], state
+    module = R.ema_module(built.module, state) if weights == "ema" else None
+    return [tr.evaluate(split, collect=True, module=module) for split in splits], state
 
 
 def confusion_png(report: dict, out: str) -> Path:
@@ -209,12 +216,17 @@ def confusion_png(report: dict, out: str) -> Path:
 
 # ====================================================================== the model: live or saved
 def _model_for_use(s: "Session", checkpoint: str | None):
-    """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint."""
+    """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint; the
+    data config has the evaluation policy of its settings in force (crop_pct, interpolation, normalize)."""
+    from ..engine.config import TrainConfig
+    from ..engine.data import policy_data_config
+
     if checkpoint is not None:
         path = resolve_checkpoint(s, checkpoint)
         built, spec, state = s.apply(lambda: _checkpoint_copy(s, path))
         classes = list(state.get("classes") or []) or [str(i) for i in range(spec.num_classes)]
-        return built.module, classes, int(state.get("size") or 0), built.data_config, {
+        config = policy_data_config(built.data_config, TrainConfig.from_dict(state.get("config") or {}))
+        return built.module, classes, int(state.get("size") or 0), config, {
             "checkpoint": str(path), "model": spec.name, "epoch": state["position"]["epoch"],
             "step": state["position"]["step"]}
     if s.built is None:
@@ -232,7 +244,7 @@ def _model_for_use(s: "Session", checkpoint: str | None):
     else:
         size = int((pending or {}).get("size") or 0)
     pos = s.trainer.pos if s.trainer is not None else None
-    return module, classes, size, s.built.data_config, {
+    return module, classes, size, policy_data_config(s.built.data_config, s.config), {
         "checkpoint": None, "model": s.spec.name, "epoch": pos.epoch if pos else None, "step": pos.step if pos else None}
 
 

@@ -107,8 +107,10 @@ def write_lrfind_png(result: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result["lrs"], result["losses"], color="0.8", lw=1, label="batch loss")
     ax.plot(result["lrs"], result["smoothed"], color="C0", lw=2, label="smoothed loss")
+    from ..engine.lrfind import LABELS
+
     for key, colour in (("valley", "C2"), ("steepest", "C1"), ("minimum", "C3")):
-        ax.axvline(result[key], color=colour, ls="--", lw=1, label=f"{key} {result[key]:.2e}")
+        ax.axvline(result[key], color=colour, ls="--", lw=1, label=f"{LABELS[key]} {result[key]:.2e}")
     finite = [v for v in result["smoothed"] if math.isfinite(v)]
     if finite:
         lo, hi = min(finite), max(finite)

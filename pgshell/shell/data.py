@@ -60,6 +60,8 @@ class DataCommands(Commands):
                               + ("" if args.check else " (`data PATH --check` lists them)"))
             if args.check:
                 self._print_rejected(splits.rejected, args.wide)
+        for hint in self.session.data_hints():
+            self._cmd.poutput(hint)
         self._cmd.last_result = {"classes": splits.classes, "counts": rows, "rejected": splits.rejected}
 
     def _print_rejected(self, rejected, wide: bool) -> None:

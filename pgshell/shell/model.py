@@ -92,6 +92,9 @@ class ModelCommands(Commands):
     def do_freeze(self, args):
         """Freeze parts of the model."""
         self._report(self.session.freeze(args.what))
+        warning = self.session.random_backbone_warning()
+        if warning:
+            self._cmd.poutput(warning)
 
     unfreeze_parser = parser("Make parameters trainable again: `all` or module prefixes.", "unfreeze layer4")
     unfreeze_parser.add_argument("what", nargs="*", default=["all"], help="all | PREFIX ...")

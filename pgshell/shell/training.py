@@ -30,6 +30,22 @@ class TrainingCommands(Commands):
         self._cmd.poutput(self.session.train(args.epochs, args.steps))
         self._cmd.after_start()
 
+    finetune_parser = parser("fastai's fine-tune recipe as one command: train the head alone for --head-epochs with "
+                             "the backbone frozen, then unfreeze everything and train EPOCHS more with the backbone's "
+                             "lr x --backbone-lr-scale (discriminative lrs). The same as typing `freeze`, `train K`, "
+                             "`unfreeze all`, `set backbone_lr_scale S`, `train EPOCHS`; `pause`/`continue` work in "
+                             "either phase.", "finetune 5 --head-epochs 1")
+    finetune_parser.add_argument("epochs", type=int, help="epochs of the whole model after the head's")
+    finetune_parser.add_argument("--head-epochs", type=int, default=1, help="epochs of the head alone first (1)")
+    finetune_parser.add_argument("--backbone-lr-scale", type=float, default=0.1,
+                                 help="the backbone's lr factor in the second phase (0.1)")
+
+    @with_argparser(finetune_parser)
+    def do_finetune(self, args):
+        """Fine-tune: the head first, then everything."""
+        self._cmd.poutput(self.session.finetune(args.epochs, args.head_epochs, args.backbone_lr_scale))
+        self._cmd.after_start()
+
     @with_argparser(parser("Pause the run after the current batch (a checkpoint is written).", "pause"))
     def do_pause(self, _):
         """Pause training."""

@@ -1,0 +1,250 @@
+"""Parity: the same model, transforms and recipe trained by a plain PyTorch loop and by pgshell, several seeds each.
+
+Both sides take the same splits (engine.data.scan_folder), the same training and evaluation transforms (timm's
+create_transform through engine.data.build_transform with the settings' policy), the same initial weights (timm
+model built after torch.manual_seed(seed), as `load` does), the same optimizer, schedule and epochs. What differs
+is only the loop: the plain side is what a user writes with torch and timm's own utilities (a shuffling DataLoader,
+transforms on the global RNG, timm's Mixup / ModelEmaV3 / dispatch_clip_grad / param_groups_layer_decay, a step
+every `accumulate` batches on loss / K); pgshell trains through pgshell.session.Session. The final validation
+accuracy of each run is printed, then each side's mean, standard deviation and range.
+
+    python benchmarks/parity.py --data ../shared/datasets/sign-language-digits --size 32 --epochs 8 --seeds 0,1,2 \
+        --set lr=0.01 --set weight_decay=5e-4 --set scheduler=cosine --set crop_scale=0.5 --set color_jitter=0
+
+Settings are pgshell's (`--set NAME=VALUE`, as `set NAME VALUE`); `epochs` is set from --epochs so the schedule
+spans the run. The plain loop refuses settings it has no plain counterpart for (patience, input/feature caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pgshell.engine import data as D  # noqa: E402
+from pgshell.engine.config import TrainConfig  # noqa: E402
+from pgshell.session import Session  # noqa: E402
+
+_PLAIN_CANNOT = ("patience",)  # a fixed epoch budget is the point of the comparison
+
+
+class PlainDataset(torch.utils.data.Dataset):
+    """(path, label) -> (transform(image), label), the transform drawing from the global RNGs as torchvision's do."""
+
+    def __init__(self, samples, transform):
+        self.samples, self.transform = samples, transform
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        return self.transform(D.load_image(path)), label
+
+
+def plain_optimizer(model, cfg: TrainConfig):
+    if cfg.layer_decay < 1:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
+                                          weight_decay_exclude_1d=False)
+        for g in groups:
+            g["lr"] = cfg.lr * g["lr_scale"]
+    else:
+        groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+
+
+def plain_schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
+    """torch's own schedulers: CosineAnnealingLR per step (after a linear warm-up), StepLR per epoch, OneCycleLR."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.scheduler == "cosine":
+        warm = int(cfg.warmup_epochs * steps_per_epoch)
+        cos = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total - warm))
+        if not warm:
+            return cos, "step"
+        ramp = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / warm)
+        return torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cos], milestones=[warm]), "step"
+    if cfg.scheduler == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in opt.param_groups], total_steps=total), "step"
+    if cfg.scheduler == "step":
+        return torch.optim.lr_scheduler.StepLR(opt, cfg.step_size, cfg.gamma), "epoch"
+    return None, "epoch"
+
+
+def plain_loader(splits, cfg: TrainConfig, transform, seed: int):
+    ds = PlainDataset(splits.train, transform)
+    g = torch.Generator().manual_seed(seed)
+    if cfg.sampler == "balanced":
+        w = D.balanced_sample_weights(splits.train, len(splits.classes))
+        sampler = torch.utils.data.WeightedRandomSampler(w, len(w), replacement=True, generator=g)
+        return torch.utils.data.DataLoader(ds, cfg.batch_size, sampler=sampler, num_workers=cfg.workers)
+    return torch.utils.data.DataLoader(ds, cfg.batch_size, shuffle=True, generator=g, num_workers=cfg.workers)
+
+
+def plain_criterion(cfg: TrainConfig, splits):
+    """Soft targets (mixup) go through timm's SoftTargetCrossEntropy; hard ones through torch's cross-entropy."""
+    from timm.loss import SoftTargetCrossEntropy
+
+    weight = None
+    if cfg.class_weights == "balanced":
+        from pgshell.engine.recipes import class_loss_weights
+
+        weight = class_loss_weights(splits.train, len(splits.classes))
+    hard = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)
+    soft = SoftTargetCrossEntropy()
+    return lambda out, target: soft(out, target) if target.ndim == 2 else hard(out, target)
+
+
+def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str, weights: str, seed: int) -> float:
+    """timm/torch's recipe pieces in the loop a user writes; returns the final validation accuracy."""
+    import timm
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3, dispatch_clip_grad
+
+    torch.manual_seed(seed)
+    model = timm.create_model(model_name, num_classes=len(splits.classes))
+    if weights:  # the backbone's tensors; a head of another class count is left as initialised
+        own = model.state_dict()
+        if weights.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(weights)
+        else:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}, strict=False)
+    loader = plain_loader(splits, cfg, D.build_transform(data_config, True, size, cfg.augment, policy=cfg), seed)
+    opt = plain_optimizer(model, cfg)
+    sched, unit = plain_schedule(opt, cfg, math.ceil(len(loader) / cfg.accumulate))
+    criterion = plain_criterion(cfg, splits)
+    mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
+                  label_smoothing=cfg.label_smoothing, num_classes=len(splits.classes)) \
+        if cfg.mixup or cfg.cutmix else None
+    ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=cfg.ema_warmup) if cfg.ema else None
+    updates = 0
+    for _ in range(cfg.epochs):
+        model.train()
+        for i, (x, y) in enumerate(loader):
+            target = mixer(x, y)[1] if mixer is not None and len(x) % 2 == 0 else y
+            last = (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader)
+            group = min(cfg.accumulate, len(loader) - i // cfg.accumulate * cfg.accumulate)
+            (criterion(model(x), target) / group).backward()
+            if not last:
+                continue
+            if cfg.clip_grad:
+                dispatch_clip_grad(model.parameters(), cfg.clip_grad, mode=cfg.clip_mode)
+            opt.step()
+            opt.zero_grad()
+            updates += 1
+            if ema is not None:
+                ema.update(model, step=updates)
+            if unit == "step":
+                sched.step()
+        if unit == "epoch" and sched is not None:
+            sched.step()
+    return plain_accuracy(ema.module if ema is not None else model, splits, data_config, cfg, size)
+
+
+@torch.no_grad()
+def plain_accuracy(model, splits, data_config, cfg: TrainConfig, size: int) -> float:
+    model.eval()
+    ds = PlainDataset(splits.val, D.build_transform(data_config, False, size, policy=cfg))
+    correct = 0
+    for x, y in torch.utils.data.DataLoader(ds, batch_size=64, num_workers=cfg.workers):
+        out = model(x)
+        if cfg.tta == "flip":
+            out = (out + model(x.flip(-1))) / 2
+        correct += (out.argmax(1) == y).sum().item()
+    return correct / len(ds)
+
+
+def pgshell_run(args, settings: dict, seed: int, root: Path) -> tuple[float, Session]:
+    s = Session(root=root / f"seed{seed}")
+    run = {"seed": seed, "epochs": args.epochs, "device": "cpu" if args.cpu else "auto"}
+    for name, value in {**settings, **run}.items():
+        s.set(name, value)
+    s.attach_data(args.data, split=args.split, size=args.size)
+    s.load_model(args.model, weights=args.weights or "")
+    s.train(args.epochs)
+    s.wait()
+    return s.trainer.last["val_accuracy"], s
+
+
+def check_pgshell_honours(s: Session, cfg: TrainConfig) -> list[str]:
+    """What pgshell's trainer does not apply yet (so the comparison would not be like for like)."""
+    tr, problems = s.trainer, []
+    wanted = D.build_transform(s.built.data_config, True, s.data.get("size", 0), cfg.augment, policy=cfg)
+    if repr(tr.train_set.transform) != repr(wanted):
+        problems.append("the training transform is not the policy's (Trainer.setup does not pass policy=cfg)")
+    recipes = [n for n in ("ema", "mixup", "cutmix", "clip_grad", "class_weights", "tta")
+               if getattr(cfg, n) != getattr(TrainConfig(), n)] + (["accumulate"] if cfg.accumulate > 1 else [])
+    if recipes and not getattr(tr, "events", None):
+        problems.append(f"{', '.join(recipes)}: the trainer attaches no recipe handlers yet")
+    return problems
+
+
+def summary(name: str, values: list[float]) -> str:
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return (f"{name:8s} {100 * mean:5.1f}% ± {100 * sd:.1f} (sd; range {100 * min(values):.1f}-"
+            f"{100 * max(values):.1f}, {len(values)} seeds)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="a folder of class folders (or train/ and val/)")
+    ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--weights", default="", help="a local state-dict file (pretrained weights offline)")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--split", type=float, default=0.2)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a pgshell setting, both sides")
+    ap.add_argument("--cpu", action="store_true", help="pgshell on the CPU too (the plain loop always is)")
+    args = ap.parse_args()
+    settings = dict(item.split("=", 1) for item in args.set)
+    cfg = TrainConfig().replace(**settings, epochs=args.epochs)
+    refused = [n for n in _PLAIN_CANNOT if getattr(cfg, n) != getattr(TrainConfig(), n)]
+    if refused:
+        ap.error(f"the plain loop has no counterpart for {', '.join(refused)}")
+    seeds = [int(v) for v in args.seeds.split(",")]
+    root = Path(tempfile.mkdtemp())
+    print(f"{args.data}: {args.model} at {args.size} px, {args.epochs} epochs, settings {settings or 'defaults'}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    plain, ours = [], []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        acc, s = pgshell_run(args, settings, seed, root)
+        for problem in check_pgshell_honours(s, cfg):
+            print(f"warning: pgshell: {problem}", flush=True)
+        t1 = time.perf_counter()
+        splits = s.splits
+        p = plain_run(splits, s.built.data_config, cfg.replace(seed=seed), args.size, s.built.full_name,
+                      args.weights, seed)
+        t2 = time.perf_counter()
+        ours.append(acc)
+        plain.append(p)
+        print(f"seed {seed}: plain {100 * p:5.1f}% ({t2 - t1:5.0f} s)   pgshell {100 * acc:5.1f}% ({t1 - t0:5.0f} s)",
+              flush=True)
+        s.close(save=False)
+    print(summary("plain", plain))
+    print(summary("pgshell", ours))
+    diff = statistics.mean(ours) - statistics.mean(plain)
+    print(f"difference of the means: {100 * diff:+.1f} points (pgshell - plain)")
+
+
+if __name__ == "__main__":
+    main()
