@@ -626,8 +626,6 @@ def test_exact_mid_epoch_resume_in_a_new_session_with_every_recipe_on(tmp_path, 
     r.close(save=False)
 
 
-@pytest.mark.xfail(strict=True, reason="needs the loop change in the report: pos.step counts optimizer steps and the "
-                                       "schedule spans optimizer steps (Trainer._train_batch, _rebuild_optimizer)")
 def test_a_per_step_schedule_under_accumulation_resumes_exactly(tmp_path, split_folder):
     from pgshell.session import Session
 
@@ -661,9 +659,6 @@ def test_early_stopping_through_the_loop_stops_with_a_line_naming_the_best_epoch
 
 
 # ------------------------------------------------------------------ the Trainer's wiring of the policy and recipes
-WIRING = pytest.mark.xfail(strict=True, reason="needs the Trainer wiring in the report (setup passes policy=cfg, "
-                                               "_batches the sampler weights, evaluate the tta, apply_live the "
-                                               "layer scale, the caches the policy)")
 
 
 def _trainer(tmp_path, folder, **settings):
@@ -671,7 +666,6 @@ def _trainer(tmp_path, folder, **settings):
     return s, s.ensure_trainer()
 
 
-@WIRING
 def test_the_trainer_uses_the_policy_tta_and_keeps_layer_scales_live(tmp_path, split_folder):
     from pgshell.engine import evaluate as E
 
@@ -690,7 +684,6 @@ def test_the_trainer_uses_the_policy_tta_and_keeps_layer_scales_live(tmp_path, s
     s.close(save=False)
 
 
-@WIRING
 def test_the_balanced_sampler_reaches_the_loop_and_images_are_kept_for_mixup_and_tta(tmp_path):
     root = make_images(tmp_path / "imb", classes=("big",), per_class=20)
     make_images(root, classes=("small",), per_class=4, seed=3)

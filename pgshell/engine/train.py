@@ -194,8 +194,8 @@ class Trainer:
         if cfg.compile:  # compiled lazily at the first batch; checkpoints keep using the plain module
             self.net = torch.compile(self.net)
         self.train_set = D.ImageDataset(self.splits.train, D.build_transform(
-            self.built.data_config, train=True, size=self.size, augment=cfg.augment))
-        eval_tf = D.build_transform(self.built.data_config, train=False, size=self.size)
+            self.built.data_config, train=True, size=self.size, augment=cfg.augment, policy=cfg))
+        eval_tf = D.build_transform(self.built.data_config, train=False, size=self.size, policy=cfg)
         self.eval_sets = {"val": D.ImageDataset(self.splits.val, eval_tf), "train": D.ImageDataset(self.splits.train, eval_tf)}
         if self.splits.test:
             self.eval_sets["test"] = D.ImageDataset(self.splits.test, eval_tf)
@@ -243,7 +243,7 @@ class Trainer:
             index = {n: i for g in sd["param_groups"] for i, n in zip(g["params"], g["names"])}
             sd["state"] = {index[n]: s for n, s in self._opt_state["state"].items() if n in index}
             self.optimizer.load_state_dict(sd)
-        fn, self._sched_unit = lr_factor(self.cfg, self.steps_per_epoch)
+        fn, self._sched_unit = lr_factor(self.cfg, R.optimizer_steps_per_epoch(self.steps_per_epoch, self.cfg.accumulate))
         count = self.pos.epoch if self._sched_unit == "epoch" else self.pos.step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn, last_epoch=count - 1)
 
@@ -265,7 +265,7 @@ class Trainer:
             return
         for g in self.optimizer.param_groups:
             if name in ("lr", "backbone_lr_scale"):
-                g["lr_scale"] = 1.0 if g["role"] == "head" else self.cfg.backbone_lr_scale
+                g["lr_scale"] = g.get("layer_scale", 1.0) * (1.0 if g["role"] == "head" else self.cfg.backbone_lr_scale)
                 g["initial_lr"] = self.cfg.lr * g["lr_scale"]
             elif name == "momentum":
                 if "betas" in g:
@@ -396,7 +396,7 @@ class Trainer:
         """(images, labels, samples consumed, bad files) from the current position to the end of the epoch."""
         w = self.world
         sampler = D.EpochSampler(len(self.splits.train), self.cfg.seed, self.pos.epoch, start=self.pos.sample,
-                                 rank=w.rank, world=w.size)
+                                 rank=w.rank, world=w.size, weights=R.sample_weights(self.cfg, self.splits))
         if self._use_cache:  # the same order and position, features instead of images
             cached: FC.CachedSplit = self._fcache["train"]
             view = cached.views[self.pos.epoch % len(cached.views)]
@@ -429,7 +429,7 @@ class Trainer:
         # the position advances only once the step is done: a batch that raised (out of memory) is trained again
         self.pos.sample += nkeys
         self.pos.batch += 1
-        self.pos.step += 1
+        self.pos.step += 0 if ctx.skip_step else 1  # steps count optimizer steps (accumulation skips some)
         if self._sched_unit == "step" and not ctx.skip_step:
             self.scheduler.step()
         if n:  # the epoch's running means (kept in `last`, so they survive a resume mid-epoch)
@@ -442,7 +442,9 @@ class Trainer:
 
     def _step(self, ctx: Ctx) -> tuple[float, float, int]:
         """Forward, loss, backward and (unless a handler skips it) the optimizer step of one batch."""
-        torch.manual_seed(step_seed(self.cfg.seed, self.pos.step))
+        # the model's own randomness (dropout): per step, or per batch inside an accumulation group
+        torch.manual_seed(step_seed(self.cfg.seed, self.pos.step) if self.cfg.accumulate == 1 else
+                          D.derived_seed("pgshell-micro", self.cfg.seed, self.pos.epoch, self.pos.sample))
         ctx.x, ctx.y = self.runtime.to_input(ctx.x), ctx.y.to(self.runtime.device, non_blocking=True)
         with self.runtime.autocast():
             ctx.out = self._train_module()(ctx.x)
@@ -518,7 +520,7 @@ class Trainer:
                                    self.loss_fn, collect, classes)
         else:
             res = E.evaluate_dataset(net, ds, self.loss_fn, self.runtime, self.cfg.batch_size, self.cfg.workers,
-                                     self.cfg.seed, collect=collect, num_classes=classes)
+                                     self.cfg.seed, collect=collect, num_classes=classes, tta=self.cfg.tta)
         return {"split": split, **res}
 
     @property
@@ -526,8 +528,7 @@ class Trainer:
         return E.eval_batch_size(self.cfg.batch_size)
 
     def _forward_eval(self, net, x):
-        with self.runtime.autocast():
-            return net(self.runtime.to_input(x)).float()
+        return E.forward_tta(net, self.runtime.to_input(x), self.runtime, self.cfg.tta)
 
     # ---------------- the decoded-image cache
     def _icache_on(self) -> bool:
@@ -535,7 +536,7 @@ class Trainer:
 
     def _icache_key(self) -> tuple:
         return (self.size, self.cfg.augment, len(self.splits.train), tuple(self.splits.train[:1]),
-                len(self.splits.val), str(self.runtime.device))
+                len(self.splits.val), str(self.runtime.device), repr(self.eval_sets["val"].transform))
 
     def _prepare_batches(self, note=None) -> None:
         """Choose the run's data path: the frozen-feature cache, the decoded-input cache, or the image loader."""
@@ -550,7 +551,11 @@ class Trainer:
         mode = self.cfg.input_cache
         wanted = (mode == "on" or (mode == "auto" and self.runtime.device.type == "cuda")) and not self._use_cache \
             and not self.world.active
-        if not wanted:
+        unsupported = D.input_cache_unsupported(self.cfg) if wanted and self.cfg.augment else []
+        if unsupported:
+            self.notify(f"input cache off: its device augmentation cannot do {', '.join(unsupported)}; "
+                        "the DataLoader applies the policy")
+        if not wanted or unsupported:
             self._icache = None
             return
         if self._icache_on():
@@ -558,7 +563,7 @@ class Trainer:
         from torchvision.transforms import CenterCrop
 
         note = self.notify
-        resize, crop, side, mean, std = IC.eval_steps(self.built.data_config, self.size)
+        resize, crop, side, mean, std = IC.eval_steps(D.policy_data_config(self.built.data_config, self.cfg), self.size)
         size = crop.size[0] if isinstance(crop.size, (tuple, list)) else int(crop.size)
         desc = f"{resize!r}|{crop!r}"
         cache = {"key": self._icache_key(), "size": size, "mean": mean.to(self.runtime.device),
@@ -622,7 +627,8 @@ class Trainer:
     def _cache_applicable(self) -> bool:
         trainable = {n for n, p in self.built.module.named_parameters() if p.requires_grad}
         return bool(self.cfg.feature_cache and trainable and trainable <= set(self.built.head)
-                    and not isinstance(self.net, torch.nn.DataParallel) and not self.world.active)
+                    and not isinstance(self.net, torch.nn.DataParallel) and not self.world.active
+                    and not R.needs_images(self.cfg))
 
     def _cache_key(self) -> tuple:
         """Everything the cached features depend on: the frozen set and its weights, the transform (size, augment,
@@ -632,7 +638,8 @@ class Trainer:
         buffers = [n for n, _ in module.named_buffers()]
         return (FC.fingerprint(module, frozen + buffers), tuple(frozen), self.size, self.cfg.augment, self._views,
                 self.cfg.seed, tuple(self.splits.train[:1] + self.splits.train[-1:]), len(self.splits.train),
-                len(self.splits.val), str(self.runtime.device), str(self.runtime.amp_dtype), self.eval_batch_size)
+                len(self.splits.val), str(self.runtime.device), str(self.runtime.amp_dtype), self.eval_batch_size,
+                repr(self.train_set.transform), repr(self.eval_sets["val"].transform))
 
     @property
     def _views(self) -> int:
