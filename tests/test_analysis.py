@@ -389,7 +389,7 @@ def test_export_timm_is_rebuilt_identically_by_timm_and_by_load_folder(trained, 
         other.session.close(save=False)
     # a checkpoint exports its own weights
     ok(app, f"export timm {tmp_path / 'epoch1'} --checkpoint 1")
-    built, _, _ = A._checkpoint_copy(app.session.folder / "checkpoints" / "epoch-0001.safetensors")
+    built, _, _ = A._checkpoint_copy(app.session, app.session.folder / "checkpoints" / "epoch-0001.safetensors")
     with torch.no_grad():
         e1 = built.module.eval()(x)
         assert torch.equal(timm.create_model(f"local-dir:{tmp_path / 'epoch1'}", pretrained=True).eval()(x), e1)

@@ -393,7 +393,9 @@ def test_history_and_nested_scripts_cannot_write_files_or_run_a_plan_past_its_er
     victim.write_text("precious\n")
     nested = tmp_path / "nested.txt"
     nested.write_text("set lr banana\nset lr 0.5\n")
-    for line in (f"history -o {victim}", f"run_script {nested}", f"@{nested}", f"_relative_run_script {nested}"):
+    ok, err = _cmd(app, capsys, f"history -o {victim}")  # `history` is the session's change log: it writes nothing
+    assert not ok and "unrecognized arguments: -o" in err, err
+    for line in (f"run_script {nested}", f"@{nested}", f"_relative_run_script {nested}"):
         ok, err = _cmd(app, capsys, line)
         assert not ok and "not available in pgshell" in err, (line, err)
     assert victim.read_text() == "precious\n" and app.session.config.lr == 0.001

@@ -103,15 +103,13 @@ def app(tmp_path, monkeypatch):
 
 def run(app, capsys, line):
     """One command in-process: (ok, stdout, stderr); stderr never holds a traceback."""
-    from pgshell.shell._common import _failed
-
-    _failed.clear()
+    app.failed.clear()
     app.stdout.seek(0)
     app.stdout.truncate()
     app.onecmd_plus_hooks(line)
     err = capsys.readouterr().err
     assert "Traceback" not in err and "internal error" not in err, err
-    return not _failed.is_set(), app.stdout.getvalue(), err
+    return not app.failed.is_set(), app.stdout.getvalue(), err
 
 
 def _one_error(err: str) -> str:
@@ -131,7 +129,7 @@ def test_other_data_or_a_new_model_after_training_is_a_new_run_that_overwrites_n
     s = _session(tmp_path, split_folder, "r")
     _train(s, epochs=1)
     ck = s.folder / "checkpoints"
-    first = (ck / "epoch-0001.safetensors").read_bytes()
+    first = C.load_checkpoint(ck / "epoch-0001.safetensors")["model"]
     notes: list[str] = []
     s.notify = notes.append
     s.attach_data(str(split_folder), size=32)  # the same data again: the run goes on
@@ -143,7 +141,8 @@ def test_other_data_or_a_new_model_after_training_is_a_new_run_that_overwrites_n
     assert s.trainer.pos.epoch == 2 and s.trainer.pos.step == 2 * BATCHES
     s.load_model("test_resnet")  # a new model: another new run
     _train(s, steps=2)
-    assert (ck / "epoch-0001.safetensors").read_bytes() == first  # the first run's checkpoint is untouched
+    kept = C.load_checkpoint(ck / "epoch-0001.safetensors")["model"]  # slimmed once superseded, never overwritten
+    assert kept.keys() == first.keys() and all(torch.equal(kept[k], first[k]) for k in first)
     assert C.read_metadata(ck / "epoch-0002.safetensors")["step"] == str(2 * BATCHES)
     assert _steps(s.folder) == list(range(1, 2 * BATCHES + 3))  # every step once, none written twice
     pos, weights = s.trainer.pos, _weights(s)

@@ -67,7 +67,7 @@ def test_failure_state_belongs_to_each_app(tmp_path, capsys):
 # ====================================================================== issue 14 item 1: plans say which line failed
 def test_a_failing_plan_line_is_named_and_the_save_says_what_it_kept(tmp_path, split_folder):
     plan = tmp_path / "plan.txt"
-    plan.write_text(f"data {split_folder} --size 32\nload test_resnet\nset lr 0.05\n# a comment\nset lr fast\n"
+    plan.write_text(f"data {split_folder} --size 32\nload test_resnet\nset lr 0.05\ntrain --steps 1\nset lr fast\n"
                     "set lr 0.5\n")
     r = pgshell(str(plan), "--sessions-dir", "s", cwd=tmp_path)
     assert r.returncode == 1
@@ -78,6 +78,11 @@ def test_a_failing_plan_line_is_named_and_the_save_says_what_it_kept(tmp_path, s
     file = Path(saved[0].rpartition(": ")[2])
     file = file if file.is_absolute() else tmp_path / file
     assert json.loads(file.read_text())["config"]["lr"] == 0.05  # line 3 is in, line 6 never ran
+    # failing before any training leaves no session behind (issue 13), and says so
+    plan.write_text(f"data {split_folder} --size 32\nload test_resnet\nset lr fast\n")
+    r = pgshell(str(plan), "--sessions-dir", "s2", cwd=tmp_path)
+    assert r.returncode == 1 and not (tmp_path / "s2").exists() or not list((tmp_path / "s2").iterdir())
+    assert "nothing saved: line 3 failed before any training, so no session is left behind" in r.stdout
 
 
 def test_a_plan_on_stdin_names_line_n_and_echo_prints_each_command(tmp_path, split_folder):

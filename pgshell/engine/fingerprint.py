@@ -11,6 +11,8 @@ import hashlib
 import os
 from pathlib import Path
 
+from .names import escape, unescape
+
 Manifest = list[tuple[str, int, str]]  # (path relative to the data folder, size in bytes, content digest)
 
 
@@ -56,7 +58,7 @@ def data_manifest(root: str | os.PathLike, paths: list[str]) -> Manifest:
 def manifest_digest(rows: Manifest) -> str:
     h = _blake()
     for rel, size, digest in rows:
-        h.update(f"{rel}\t{size}\t{digest}\n".encode())
+        h.update(f"{rel}\t{size}\t{digest}\n".encode("utf-8", "surrogateescape"))  # names need not be UTF-8
     return h.hexdigest()
 
 
@@ -81,7 +83,7 @@ def write_manifest(path: str | os.PathLike, rows: Manifest, title: str) -> None:
     from .checkpoint import atomic_write_bytes
 
     lines = [f"# {title}", f"# {len(rows)} files, fingerprint {manifest_digest(rows)}"]
-    lines += [f"{rel}\t{size}\t{digest}" for rel, size, digest in rows]
+    lines += [f"{escape(rel)}\t{size}\t{digest}" for rel, size, digest in rows]  # any name fits one line
     atomic_write_bytes(Path(path), ("\n".join(lines) + "\n").encode())
 
 
@@ -94,5 +96,5 @@ def read_manifest(path: str | os.PathLike) -> tuple[str, Manifest]:
     rows = []
     for line in lines[2:]:
         rel, size, digest = line.split("\t")
-        rows.append((rel, int(size), digest))
+        rows.append((unescape(rel), int(size), digest))
     return lines[0][2:], rows

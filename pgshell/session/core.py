@@ -599,7 +599,7 @@ class Session:
             raise PgError("nothing to save yet: `load MODEL` first")
         if path and Path(path).suffix != ".session":
             raise PgError(f"session files end in .session: `save {Path(path).with_suffix('.session')}`")
-        if path and not force:
+        if path and not force and self._writes:  # DDP: rank 0 alone writes, and checks
             p = Path(path)
             other = F.other_session(self, p.stem, p.parent if str(p.parent) else Path("."))
             if other is not None:

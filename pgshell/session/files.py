@@ -189,7 +189,7 @@ def move_folder(s, name: str, root: Path, replace: bool = False) -> None:
     root.mkdir(parents=True, exist_ok=True)  # fails (unwritable place) before anything changed
     if replace:
         _remove_session(root, name)
-    elif other_session(s, name, root):
+    elif s._writes and other_session(s, name, root):
         raise SessionExists(f"{root / name}.session exists: `save {root / name}.session --force` replaces it")
     target = root / name
     if old_folder is None or not old_folder.exists():

@@ -329,7 +329,9 @@ def _settings_help():
     table = Table("setting", "default", "meaning", box=None, pad_edge=False, show_edge=False)
     for name, f in SETTINGS.items():
         live = " (applies at the next batch)" if f.metadata["live"] else ""
-        table.add_row(name, str(f.default).lower() if isinstance(f.default, bool) else str(f.default),
+        default = f.default
+        table.add_row(name, str(default).lower() if isinstance(default, bool) else
+                      f"{default:g}" if isinstance(default, float) else str(default),
                       f.metadata["help"] + live)
     intro = Text("Change a training setting: `set NAME VALUE`. `set` alone lists them all with their values, "
                  "`set NAME` shows one. While training, the settings marked so apply at the next batch; the others "

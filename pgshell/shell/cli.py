@@ -29,7 +29,8 @@ def run_plan(app: PgShell, lines, name: str = "") -> int:
             app.poutput(f"pgshell> {line}")
         before = _progress(app.session)
         app.failed.clear()
-        app.plan_line = f"{name}:{number}: {line}" if name else f"line {number}: {line}"
+        shown = line if len(line) <= 120 else line[:60] + "…"  # an error never echoes a huge line back
+        app.plan_line = f"{name}:{number}: {shown}" if name else f"line {number}: {shown}"
         try:
             stop = app.onecmd_plus_hooks(line)
         except KeyboardInterrupt:
@@ -42,6 +43,9 @@ def run_plan(app: PgShell, lines, name: str = "") -> int:
         if app.failed.is_set():
             if not app.session.has_work():  # failed before training started: no auto-named session left behind
                 app.session.discard()
+                if app.session.built is not None:  # there was something a save would have kept: say why not
+                    app.poutput(f"nothing saved: line {number} failed before any training, so no session is left "
+                                "behind")
                 return 1
             unchanged = _progress(app.session) == before
             app.close_session(f"the session as it was before line {number}" if unchanged

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import cmd2
 from cmd2 import with_argparser
 
@@ -60,8 +62,9 @@ class DataCommands(Commands):
                               + ("" if args.check else " (`data PATH --check` lists them)"))
             if args.check:
                 self._print_rejected(splits.rejected, args.wide)
-        for hint in self.session.data_hints():
-            self._cmd.poutput(hint)
+        width = None if args.wide else self._cmd.table_width()
+        for hint in self.session.data_hints():  # wrapped to the terminal like the tables
+            self._cmd.poutput(textwrap.fill(hint, width, break_on_hyphens=False) if width else hint)
         self._cmd.last_result = {"classes": splits.classes, "counts": rows, "rejected": splits.rejected}
 
     def _print_rejected(self, rejected, wide: bool) -> None:
