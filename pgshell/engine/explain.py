@@ -101,15 +101,20 @@ def activation_map(module: torch.nn.Module, x: torch.Tensor, class_index: int | 
     module.eval()
     for p in module.parameters():
         p.requires_grad_(True)
-    name, reshape = target_layer(module, x)
-    cam = getattr(G, METHODS[method])(model=module, target_layers=[module.get_submodule(name)],
-                                       reshape_transform=reshape)
     try:
-        targets = None if class_index is None else [ClassifierOutputTarget(class_index)]
-        grey = cam(input_tensor=x, targets=targets)[0]
-        probs = cam.outputs.detach().float().softmax(1)[0].cpu()
-    finally:
-        cam.activations_and_grads.release()  # hooks off the module (not the package's __exit__: it swallows errors)
+        name, reshape = target_layer(module, x)
+        cam = getattr(G, METHODS[method])(model=module, target_layers=[module.get_submodule(name)],
+                                           reshape_transform=reshape)
+        try:
+            targets = None if class_index is None else [ClassifierOutputTarget(class_index)]
+            grey = cam(input_tensor=x, targets=targets)[0]
+            probs = cam.outputs.detach().float().softmax(1)[0].cpu()
+        finally:
+            cam.activations_and_grads.release()  # hooks off (not the package's __exit__: it swallows IndexErrors)
+    except (RuntimeError, ValueError, IndexError, AssertionError) as e:  # the model's own code, on a shape it refuses
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PgError(f"the model could not be explained on this {x.shape[-1]}x{x.shape[-2]} input ({reason})") \
+            from None
     chosen = int(probs.argmax()) if class_index is None else class_index
     return {"map": np.asarray(grey, dtype=np.float32), "class": chosen, "probabilities": probs, "layer": name}
 

@@ -25,6 +25,7 @@ from ._common import Parser, _fmt_secs, _failed, parser
 from .analysis import AnalysisCommands
 from .data import DataCommands
 from .model import ModelCommands
+from .review import ReviewCommands
 from .sessioncmds import SessionCommands
 from .training import TrainingCommands
 from .tuning import TuningCommands
@@ -71,7 +72,7 @@ class PgShell(cmd2.Cmd):
         self.interactive = sys.stdin.isatty() and sys.stdout.isatty() if interactive is None else interactive
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
                          command_sets=[ModelCommands(), DataCommands(), TrainingCommands(), SessionCommands(),
-                                       AnalysisCommands(), TuningCommands()],
+                                       AnalysisCommands(), TuningCommands(), ReviewCommands()],
                          enable_bottom_toolbar=self.interactive, refresh_interval=0.5 if self.interactive else 0.0,
                          persistent_history_file=os.path.expanduser("~/.pgshell_history") if self.interactive else "",
                          suggest_similar_command=True, terminators=[],

@@ -18,7 +18,13 @@ class SessionCommands(CommandSet):
         """Show the session's state."""
         from tabulate import tabulate
 
+        from .. import analysis as A
+
         info = self._cmd.session.describe()
+        probes = A.probe_results(self._cmd.session)
+        if probes:  # `probe knn` / `probe linear`: the baseline a fine-tune must beat
+            info["probe"] = {k: f"val accuracy {r['accuracy']:.4f} at step {r['step']} ({r['time']})"
+                             for k, r in probes.items()}
         for title, rows in info.items():
             if rows:
                 self._cmd.poutput(f"\n{title}")
