@@ -205,10 +205,14 @@ def test_explain_a_vit(tmp_path, split_folder):
     try:
         ok(app, f"data {split_folder} --size 32")
         ok(app, "load test_vit")
+        ok(app, "freeze")  # a frozen backbone still explains (on a copy), and stays frozen
+        frozen = [n for n, p in app.session.built.module.named_parameters() if not p.requires_grad]
         image = split_folder / "val" / "cat" / "cat_000.png"
         a, b = ok(app, f"explain {image} --class cat"), ok(app, f"explain {image} --class dog")
         assert a["layer"] == "blocks.5.norm1" and a["map"].shape == (32, 32)
         assert np.abs(a["map"] - b["map"]).max() > 0.1
+        assert [n for n, p in app.session.built.module.named_parameters() if not p.requires_grad] == frozen
+        assert len(frozen) == 78  # every tensor but the head's two
     finally:
         app.session.close(save=False)
 

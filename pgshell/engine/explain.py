@@ -5,7 +5,8 @@ builds, which layer to explain and how to read its output as a spatial map, and 
 original image through the inverse of the eval transform's resize and centre crop.
 
 - Convnets: the last module whose output is an (N, C, H, W) map larger than 1x1 — the last stage at the model's own
-  resolution (ResNet's layer4), an earlier one when small images shrink the last stage to a single pixel.
+  resolution (ResNet's layer4), an earlier one when small images shrink the last stage to a single pixel. timm models
+  that keep channels last between stages (Swin: `output_fmt` NHWC) are read as such.
 - ViTs (timm's ViT/DeiT/DINO/EVA, torchvision's vit_*): the first norm of the last block, the layer the package's
   documentation uses — after it, only the class token reaches the head, so later patch tokens get no gradient. Its
   tokens, less the class/register tokens, are reshaped into the patch grid.
@@ -30,26 +31,31 @@ METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "xgradcam": "XG
 INSTALL = "explain needs the grad-cam package: pip install 'pgshell[explain]' (or pip install grad-cam)"
 
 
+def _last_child(container: torch.nn.Module, prefix: str, first_norm: str) -> str:
+    """The name of the container's last block, or of that block's `first_norm` when it has one."""
+    name, block = list(container.named_children())[-1]  # timm numbers its blocks; torchvision names them
+    return f"{prefix}.{name}" + (f".{first_norm}" if hasattr(block, first_norm) else "")
+
+
 def _token_layer(module: torch.nn.Module) -> tuple[str, int] | None:
     """(layer name, prefix tokens) of a vision transformer, or None for anything else."""
     blocks, prefix = getattr(module, "blocks", None), getattr(module, "num_prefix_tokens", None)
     if isinstance(blocks, torch.nn.Sequential | torch.nn.ModuleList) and len(blocks) and prefix is not None:
-        last = f"blocks.{len(blocks) - 1}"  # timm
-        return (f"{last}.norm1" if hasattr(blocks[-1], "norm1") else last), int(prefix)
+        return _last_child(blocks, "blocks", "norm1"), int(prefix)  # timm: ViT, DeiT, DINO, EVA, ...
     layers = getattr(getattr(module, "encoder", None), "layers", None)
-    if isinstance(layers, torch.nn.Sequential) and len(layers) and hasattr(module, "class_token"):  # torchvision
-        last = f"encoder.layers.{len(layers) - 1}"
-        return (f"{last}.ln_1" if hasattr(layers[-1], "ln_1") else last), 1
+    if isinstance(layers, torch.nn.Sequential) and len(layers) and hasattr(module, "class_token"):
+        return _last_child(layers, "encoder.layers", "ln_1"), 1  # torchvision's vit_*
     return None
 
 
-def _last_spatial_layer(module: torch.nn.Module, x: torch.Tensor) -> str:
-    """The last module (in the order they finish) whose output is an N, C, H, W map with H x W > 1."""
+def _last_spatial_layer(module: torch.nn.Module, x: torch.Tensor, nhwc: bool) -> str:
+    """The last module (in the order they finish) whose output is a 4-d map of more than 1x1 positions."""
     finished: list[str] = []
+    hw = (1, 2) if nhwc else (2, 3)
 
     def hook(name):
         def record(_m, _inp, out):
-            if torch.is_tensor(out) and out.dim() == 4 and out.shape[2] * out.shape[3] > 1:
+            if torch.is_tensor(out) and out.dim() == 4 and out.shape[hw[0]] * out.shape[hw[1]] > 1:
                 finished.append(name)
         return record
 
@@ -81,7 +87,9 @@ def target_layer(module: torch.nn.Module, x: torch.Tensor):
     if tokens is not None:
         name, prefix = tokens
         return name, _tokens_to_map(prefix, x.shape[-2], x.shape[-1])
-    return _last_spatial_layer(module, x), None
+    if getattr(module, "output_fmt", "NCHW") == "NHWC":  # timm's Swin and kin keep channels last between stages
+        return _last_spatial_layer(module, x, nhwc=True), lambda t: t.permute(0, 3, 1, 2)
+    return _last_spatial_layer(module, x, nhwc=False), None
 
 
 def activation_map(module: torch.nn.Module, x: torch.Tensor, class_index: int | None = None,
