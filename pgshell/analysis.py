@@ -320,8 +320,9 @@ def _rows_of(source: str) -> tuple[str, list[dict], set[int] | None]:
 
 
 def _paused_at(ckdir: Path) -> set[int] | None:
-    """The steps of the session's pause checkpoints (a pause and a stop write one; a finished run, an epoch end and
-    `save` write other kinds), or None when there is no checkpoint folder to tell."""
+    """The steps of the session's pause checkpoints (a pause, a stop and a `save` mid-run write one; a finished run,
+    an epoch end and a `save` while idle write other kinds), or None when there is no checkpoint folder to tell.
+    A pause checkpoint that retention or `checkpoints prune` removed takes its mark with it."""
     if not ckdir.is_dir():
         return None
     steps = set()
