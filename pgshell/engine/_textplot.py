@@ -20,7 +20,8 @@ def _fmt(v: float) -> str:
 
 
 def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list, list]], epoch_ends: list,
-              pauses: list, width: int = 70, height: int = 15, title: str = "", changes: list = ()) -> str:
+              pauses: list, width: int = 70, height: int = 15, title: str = "", changes: list = (),
+              xlabel: str = "step") -> str:
     """lines / points: (name, xs, ys) per series. epoch_ends and pauses: x positions marked on the axis row;
     changes: (x, label) marked there too and listed under the plot.
 
@@ -79,7 +80,7 @@ def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list,
         out.append(f"{labels.get(r, ''):>{pad}} ┤{cells}")
     out.append(" " * pad + " └" + "".join(axis))
     left, right = _fmt(x0), _fmt(x1)
-    out.append(" " * (pad + 2) + left + " " * max(1, width - len(left) - len(right)) + right + "  step")
+    out.append(" " * (pad + 2) + left + " " * max(1, width - len(left) - len(right)) + right + "  " + xlabel)
     if len(lines) > 1:
         legend = [f"⣿ {lines[0][0]}"] + [f"{_LINE_MARKS[(k - 1) % len(_LINE_MARKS)]} {name}"
                                           for k, (name, _, _) in enumerate(lines) if k]

@@ -271,21 +271,41 @@ def predict(s: "Session", path: str, top: int = 5, checkpoint: str | None = None
         else:
             rows.append({"path": rel, "file": r["path"], "error": "",
                          "top": [(classes[i], p) for i, p in r["top"]]})
-    return {"rows": rows, "classes": classes, "size": size, **source}
+    return {"rows": rows, "classes": classes, "size": size, **source, **_add_truth(rows, classes, base)}
+
+
+def _add_truth(rows: list[dict], classes: list[str], base: Path) -> dict:
+    """Under a folder with class subfolders (`cat/x.jpg`, or `val/cat/x.jpg`) each image's true class is its nearest
+    folder named after a class: rows get "true" and "correct"; returns {"labelled": n, "accuracy": a} (or {})."""
+    if not base.is_dir():
+        return {}
+    known = set(classes)
+    labelled = correct = 0
+    for r in rows:
+        folders = Path(r["path"]).parts[:-1]
+        r["true"] = next((f for f in reversed(folders) if f in known), "")
+        r["correct"] = bool(r["true"]) and bool(r["top"]) and r["top"][0][0] == r["true"]
+        labelled += bool(r["true"])
+        correct += r["correct"]
+    return {"labelled": labelled, "accuracy": correct / labelled} if labelled else {}
 
 
 def write_predictions_csv(result: dict, out: str, top: int) -> Path:
-    """One row per image: path (escaped: engine/names.py), class_1, prob_1, ..., class_K, prob_K, error."""
+    """One row per image: path (escaped: engine/names.py), class_1, prob_1, ..., class_K, prob_K, error; and true,
+    correct when the folder's subfolders name the classes."""
     import io
 
     out_path = Path(out)
     k = min(top, len(result["classes"]))
+    truth = ["true", "correct"] if result.get("labelled") else []
     f = io.StringIO()
     w = csv.writer(f, lineterminator="\n")
-    w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")] + ["error"])
+    w.writerow(["path"] + [c for i in range(1, k + 1) for c in (f"class_{i}", f"prob_{i}")] + ["error"] + truth)
     for r in result["rows"]:
         cells = [x for c, p in r["top"] for x in (c, repr(float(p)))]
-        w.writerow([r["path"]] + cells + [""] * (2 * k - len(cells)) + [escape(r["error"]) if r["error"] else ""])
+        known = [r["true"], int(r["correct"])] if truth and r["true"] else [""] * len(truth)
+        w.writerow([r["path"]] + cells + [""] * (2 * k - len(cells)) + [escape(r["error"]) if r["error"] else ""]
+                   + known)
     _written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
     return out_path
 
@@ -316,9 +336,9 @@ def export_timm(s: "Session", folder: str, checkpoint: str | None = None) -> dic
 
 
 # ====================================================================== graphs
-def _rows_of(source: str, skipped: dict | None = None) -> tuple[str, list[dict]]:
-    """(name, metrics rows) of a .session file, a session folder or a metrics.csv file; unreadable rows are left
-    out and counted in `skipped` by name."""
+def _rows_of(source: str, skipped: dict | None = None) -> tuple[str, list[dict], set[int] | None]:
+    """(name, metrics rows, steps where runs paused) of a .session file, a session folder or a metrics.csv file;
+    unreadable rows are left out and counted in `skipped` by name."""
     from ..engine.metrics import read_rows_counted
 
     p = Path(source).expanduser()
@@ -340,7 +360,24 @@ def _rows_of(source: str, skipped: dict | None = None) -> tuple[str, list[dict]]
     rows, bad = read_rows_counted(csv_path)
     if bad and skipped is not None:
         skipped[name] = bad
-    return name, rows
+    return name, rows, _paused_at(csv_path.parent / "checkpoints")
+
+
+def _paused_at(ckdir: Path) -> set[int] | None:
+    """The steps of the session's pause checkpoints (a pause, a stop and a `save` mid-run write one; a finished run,
+    an epoch end and a `save` while idle write other kinds), or None when there is no checkpoint folder to tell.
+    A pause checkpoint that retention or `checkpoints prune` removed takes its mark with it."""
+    if not ckdir.is_dir():
+        return None
+    steps = set()
+    for p in C.list_checkpoint_files(ckdir):
+        try:
+            meta = C.read_metadata(p)
+        except (C.CheckpointError, FileNotFoundError):
+            continue
+        if meta.get("kind") == "pause" and _int(meta.get("step")) is not None:
+            steps.add(int(meta["step"]))
+    return steps
 
 
 def _log_of(source: str) -> list[dict]:
@@ -361,8 +398,9 @@ def _marks(entries: list[dict]) -> list[dict]:
 
 
 def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int = 10, metric: str = "all",
-         trial: str = "") -> dict:
-    """Curves from metrics.csv: of the named sessions (overlaid), or of this one. A PNG with `out`, else text."""
+         trial: str = "", x: str = "step") -> dict:
+    """Curves from metrics.csv: of the named sessions (overlaid), or of this one. A PNG with `out`, else text.
+    `x`: step, epoch or time (overlaying runs by step misleads when their batch sizes differ)."""
     from ..engine import plot as P
 
     if smooth < 1:
@@ -370,22 +408,479 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
     if metric not in (*P.METRICS, "all"):
         raise PgError(f"--metric must be loss, accuracy, lr or all, not {metric!r}")
     skipped: dict[str, int] = {}
+    if x not in P.X_AXES:
+        raise PgError(f"--x must be epoch, step or time, not {x!r}")
     if sources:
         loaded = [(*_rows_of(src, skipped), _marks(_log_of(src))) for src in sources]
     else:
         if s.folder is None or not (s.folder / "metrics.csv").exists():
             raise PgError("no metrics yet: train first, or name session files (`plot sessions/a.session`)")
         s.sync_metrics()
-        loaded = [(s.name, _rows_of(str(s.folder), skipped)[1], _marks(s.changes.entries))]
-    named = [(name, P.plot_series(rows, smooth, trial, marks)) for name, rows, marks in loaded]
+        loaded = [(s.name, *_rows_of(str(s.folder), skipped)[1:], _marks(s.changes.entries))]
+    named = [(name, P.plot_series(rows, smooth, trial, marks, paused)) for name, rows, paused, marks in loaded]
     empty = [name for name, ser in named if not ser["train"]["step"]]
     if empty:
         what = f"trial {trial}" if trial else "training (not tuning-trial)"
         raise PgError(f"no {what} rows in the metrics of {', '.join(empty)}"
                       + ("" if trial else ": `--trial N` plots a tuning trial"))
-    result = {"series": {name: ser for name, ser in named}, "names": [n for n, _ in named], "skipped": skipped}
+    result = {"series": {name: ser for name, ser in named}, "names": [n for n, _ in named], "skipped": skipped,
+              "x": x}
     if out:
-        result["out"] = str(_written(out, lambda: P.draw_png(named, out, metric)))
+        result["out"] = str(_written(out, lambda: P.draw_png(named, out, metric, x)))
     else:
-        result["text"] = P.draw_text(named, metric)
+        result["text"] = P.draw_text(named, metric, x=x)
     return result
+
+
+# ====================================================================== mistakes, baselines, runs, disk
+def _size_of(s: "Session") -> int:
+    return int((s.data or {}).get("size") or 0)
+
+
+def _class_index(classes: list[str], name: str) -> int:
+    if name not in classes:
+        shown = ", ".join(classes[:12]) + (" ..." if len(classes) > 12 else "")
+        raise PgError(f"no class {name!r}: the classes are {shown}")
+    return classes.index(name)
+
+
+def _split_outputs(s: "Session", split: str, checkpoint: str | None):
+    """(eval result with logits and labels, the samples they belong to, source) of one split, in the split's order:
+    the plain evaluation pass (the feature and image caches' batches do not say which image they left out)."""
+    from ..engine import data as D
+    from ..engine.evaluate import evaluate_dataset
+
+    if s.splits is None:
+        raise PgError("no data attached: `data PATH` attaches the images to look at")
+    samples = getattr(s.splits, split, None)
+    if not samples:
+        raise PgError(f"there is no {split} split in this dataset")
+    if checkpoint is None:
+        tr = s.trainer if s.running else s.ensure_trainer()
+
+        def run():
+            ds = D.ImageDataset(samples, D.build_transform(s.built.data_config, train=False, size=_size_of(s)))
+            return evaluate_dataset(s.built.module, ds, tr.loss_fn, tr.runtime, tr.cfg.batch_size, tr.cfg.workers,
+                                    tr.cfg.seed, collect=True, num_classes=len(s.splits.classes))
+
+        result = s.apply(run)
+        source = {"model": "current weights", "epoch": tr.pos.epoch, "step": tr.pos.step}
+    else:
+        path = resolve_checkpoint(s, checkpoint)
+        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, [split]))
+        result, pos = results[0], state["position"]
+        source = {"model": path.name, "epoch": pos["epoch"], "step": pos["step"]}
+    bad = {p for p, _ in result["bad"]}
+    kept = [(p, label) for p, label in samples if p not in bad]
+    if len(kept) != len(result["labels"]):  # the plain pass lists every image it left out: this cannot happen
+        raise RuntimeError(f"{len(kept)} usable images but {len(result['labels'])} predictions")
+    return result, kept, source
+
+
+def top_losses(s: "Session", split: str = "val", top: int = 16, cls: str | None = None,
+               checkpoint: str | None = None) -> dict:
+    """The images of a split with the highest loss (fastai's plot_top_losses), highest first: path, true class,
+    predicted class and its probability, the true class's probability, and the loss (cross-entropy: -log p(true))."""
+    import torch.nn.functional as F
+
+    if top < 1:
+        raise PgError("--top must be at least 1")
+    classes = list(s.splits.classes) if s.splits is not None else []
+    wanted = _class_index(classes, cls) if cls is not None else None
+    result, kept, source = _split_outputs(s, split, checkpoint)
+    logits, labels = result["logits"].float(), result["labels"].long()
+    probs = logits.softmax(1)
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    order = sorted(range(len(kept)), key=lambda i: -losses[i].item())  # stable: ties keep the split's order
+    if wanted is not None:
+        order = [i for i in order if labels[i].item() == wanted]
+    base = Path(s.data["path"])
+    rows = []
+    for rank, i in enumerate(order[:top], 1):
+        pred = int(probs[i].argmax())
+        rows.append({"rank": rank, "path": os.path.relpath(kept[i][0], base), "file": kept[i][0],
+                     "true": classes[labels[i].item()], "predicted": classes[pred],
+                     "probability": probs[i, pred].item(), "p_true": probs[i, labels[i]].item(),
+                     "loss": losses[i].item()})
+    return {"rows": rows, "split": split, "n": len(kept), "class": cls, **source}
+
+
+ERRORS_COLUMNS = ["rank", "path", "true", "predicted", "probability", "p_true", "loss"]
+
+
+def write_errors(result: dict, out: str) -> dict:
+    """The contact sheet (FILE.png: tiles row by row, each labelled true / predicted / probability) and its sidecar
+    FILE.csv (the same rows, in tile order). Returns {"out", "csv", "tiles": pixel boxes, "labels"}."""
+    import numpy as np
+
+    from ..engine import data as D
+    from ..engine.plot import contact_sheet_png
+
+    if not result["rows"]:
+        raise PgError("no images to draw" + (f" of class {result['class']}" if result["class"] else ""))
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".png":
+        raise PgError(f"--out draws a PNG: give FILE.png, not {out}")
+    images, labels = [], []
+    for r in result["rows"]:
+        try:
+            images.append(np.asarray(D.load_image(r["file"])))
+        except D.BadImage as e:  # changed on disk since the evaluation
+            raise PgError(f"cannot draw {r['path']}: {e}") from None
+        labels.append(f"true {r['true']}\npred {r['predicted']} {r['probability']:.2f}")
+    what = f"{result['split']}, {result['model']}" + (f", class {result['class']}" if result["class"] else "")
+    png, boxes = contact_sheet_png(images, labels, out_path, f"highest losses ({what})",
+                                   wrong=[r["true"] != r["predicted"] for r in result["rows"]])
+    csv_path = out_path.with_suffix(".csv")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=ERRORS_COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({**r, **{k: repr(r[k]) for k in ("probability", "p_true", "loss")}} for r in result["rows"])
+    return {"out": str(png), "csv": str(csv_path), "tiles": boxes, "labels": labels}
+
+
+# ====================================================================== where the model looks (`explain`)
+def explain(s: "Session", image: str, cls: str | None = None, out: str | None = None,
+            checkpoint: str | None = None, method: str = "gradcam") -> dict:
+    """A class-activation map of one image for `cls` (default: the predicted class), on the original image's pixels
+    (H, W). Computed on a private copy of the model in the calling thread: a run goes on undisturbed."""
+    import numpy as np
+
+    from ..engine import data as D
+    from ..engine import explain as X
+    from ..engine.inputcache import eval_steps
+
+    module, classes, size, data_config, source = _model_for_use(s, checkpoint)
+    index = _class_index(classes, cls) if cls is not None else None
+    try:
+        picture = D.load_image(str(Path(image).expanduser()))
+    except D.BadImage as e:
+        raise PgError(f"cannot read {image}: {e}") from None
+    x = D.build_transform(data_config, train=False, size=size)(picture)[None]
+    res = X.activation_map(module, x.to(next(module.parameters()).device), index, method)
+    resize, crop, *_ = eval_steps(data_config, size)
+    full = X.to_image_frame(res["map"], picture.size, resize.size, crop.size)
+    probs = res["probabilities"]
+    result = {"image": str(image), "class": classes[res["class"]], "probability": probs[res["class"]].item(),
+              "predicted": classes[int(probs.argmax())], "map": full, "input_map": res["map"], "layer": res["layer"],
+              "method": method, **source}
+    if out:
+        from ..engine.plot import activation_png
+
+        title = (f"{X.METHODS[method]} for {result['class']} (p {result['probability']:.2f}; predicted "
+                 f"{result['predicted']}) at {res['layer']}")
+        result["out"] = str(activation_png(np.asarray(picture), full, out, title))
+    else:
+        from ..engine.plot import draw_heat_text
+
+        result["text"] = draw_heat_text(full)
+    return result
+
+
+# ====================================================================== a baseline in seconds (`probe`)
+PROBE_FILE = "probe.json"
+_probe_features_cache: dict = {}  # one entry: the last features extracted (`probe knn` then `probe linear` reuse it)
+
+
+def _probe_key(s: "Session") -> tuple:
+    """What the features depend on: the model object and its weights (a cheap sum), the data, the image size."""
+    import torch
+
+    with torch.no_grad():
+        weights = sum(float(t.double().abs().sum()) for t in s.built.module.state_dict().values()
+                      if t.is_floating_point())
+    return (id(s.built.module), weights, s.data["path"], len(s.splits.train), len(s.splits.val), _size_of(s))
+
+
+def _probe_features(s: "Session", tr) -> dict:
+    """{"train"|"val": (features, labels)} of the usable images: the head's input, the backbone in eval mode, with
+    the eval transform. Runs through Session._apply (the data path seeds the process-wide generators)."""
+    import torch
+
+    from ..engine import data as D
+    from ..engine.evaluate import eval_batch_size
+    from ..engine.features import compute_features, head_module_name
+
+    key = _probe_key(s)
+    if key in _probe_features_cache:
+        return _probe_features_cache[key]
+    head = head_module_name(s.built.head)
+    transform = D.build_transform(s.built.data_config, train=False, size=_size_of(s))
+    out = {}
+    for split in ("train", "val"):
+        samples = getattr(s.splits, split)
+        x, ok, _bad = compute_features(s.built.module, head, D.ImageDataset(samples, transform),
+                                       [(i, 0) for i in range(len(samples))], tr.runtime,
+                                       eval_batch_size(tr.cfg.batch_size), tr.cfg.workers)
+        y = torch.tensor([label for _, label in samples], device=x.device)
+        out[split] = (x[ok], y[ok])
+    _probe_features_cache.clear()
+    _probe_features_cache[key] = out
+    return out
+
+
+def probe(s: "Session", kind: str, k: int = 20) -> dict:
+    """Validation accuracy of a weighted k-NN (kind "knn") or a linear probe ("linear") on the frozen features of the
+    current model; recorded in the session folder's probe.json (what `show` and `compare` print)."""
+    import time
+    from datetime import datetime
+
+    from ..engine import probe as PR
+
+    if kind not in ("knn", "linear"):
+        raise PgError(f"probe knn or probe linear, not {kind!r}")
+    if k < 1:
+        raise PgError("--k must be at least 1")
+    if s.splits is None or s.built is None:
+        raise PgError("probe needs a model and data: `load MODEL` and `data PATH` first")
+    if not s.splits.val:
+        raise PgError("there is no val split to measure the probe on")
+    tr = s.trainer if s.running else s.ensure_trainer()
+    t0 = time.perf_counter()
+    feats = s.apply(lambda: _probe_features(s, tr))
+    t1 = time.perf_counter()
+    (tx, ty), (vx, vy) = feats["train"], feats["val"]
+    classes = len(s.splits.classes)
+    if kind == "knn":
+        scores = PR.knn_scores(tx, ty, vx, classes, k)
+        extra = {"k": min(k, len(tx)), "temperature": PR.KNN_TEMPERATURE}
+    else:
+        fitted = PR.fit_linear(tx, ty, classes, seed=s.config.seed)
+        scores, extra = fitted.scores(vx), {"weight_decay": fitted.weight_decay}
+    result = {"kind": kind, "accuracy": PR.accuracy(scores, vy), **extra, "train": len(tx), "val": len(vx),
+              "features": int(tx.shape[1]), "feature_seconds": t1 - t0, "fit_seconds": time.perf_counter() - t1,
+              "model": s.spec.name, "epoch": tr.pos.epoch, "step": tr.pos.step,
+              "time": datetime.now().isoformat(timespec="seconds")}
+    _record_probe(s, result)
+    return result
+
+
+def _record_probe(s: "Session", result: dict) -> None:
+    from ..engine.distributed import world
+
+    if s.folder is None or not world().main:
+        return
+    recorded = probe_results(s)
+    recorded[result["kind"]] = result
+    C.atomic_write_bytes(s.folder / PROBE_FILE, (json.dumps(recorded, indent=2) + "\n").encode())
+
+
+def probe_results(s: "Session") -> dict:
+    """{"knn": {...}, "linear": {...}} as last recorded in the session folder ({} when never probed)."""
+    return _read_probe(s.folder) if s.folder is not None else {}
+
+
+def _read_probe(folder: Path) -> dict:
+    try:
+        doc = json.loads((folder / PROBE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in doc.items() if k in ("knn", "linear") and isinstance(v, dict)} \
+        if isinstance(doc, dict) else {}
+
+
+# ====================================================================== runs side by side (`compare`, `sessions`)
+def folder_bytes(folder: Path) -> int:
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            total += p.stat().st_size if p.is_file() else 0
+        except OSError:  # removed meanwhile (retention while a run goes on)
+            pass
+    return total
+
+
+def _session_doc(file: Path) -> dict:
+    try:
+        doc = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise PgError(f"no session file {file}") from None
+    except (OSError, ValueError):
+        raise PgError(f"{file} is not a readable session file") from None
+    if not isinstance(doc, dict) or doc.get("format") != "pgshell-session":
+        raise PgError(f"{file} is not a pgshell session file")
+    return doc
+
+
+def _session_folder(file: Path, doc: dict) -> Path:
+    name = str(doc.get("folder") or file.stem)
+    if "/" in name or "\\" in name or name.startswith("."):
+        raise PgError(f"{file}: bad folder name {name!r}")
+    return file.parent / name
+
+
+def _session_file(s: "Session", source: str) -> Path:
+    """NAME (under the sessions folder), NAME.session or a path to one."""
+    p = Path(source).expanduser()
+    if p.suffix != ".session":
+        p = s.root / f"{source}.session" if not p.parent.parts else p.with_suffix(".session")
+    if not p.is_file():
+        raise PgError(f"no session {source}: `sessions` lists them ({s.root}/NAME.session)")
+    return p
+
+
+def _checkpoint_header(root: Path, doc: dict) -> dict:
+    """The session's latest checkpoint's header (position, kind, the JSON state), or {} when there is none."""
+    rel = doc.get("checkpoint")
+    if not isinstance(rel, str):
+        return {}
+    try:
+        return C.read_metadata(root / rel)
+    except (C.CheckpointError, FileNotFoundError):
+        return {}
+
+
+def _frozen(header: dict) -> str:
+    try:
+        frozen = json.loads(header["state"]).get("frozen") or []
+    except (KeyError, ValueError, AttributeError):
+        return "?"
+    return f"{len(frozen)} tensors" if frozen else "none"
+
+
+def _val_summary(rows: list[dict]) -> dict:
+    """Best and final validation accuracy and loss, with their epochs, and the seconds of training batches."""
+    val = [r for r in rows if r.get("split") == "val" and not r.get("trial")]
+    out: dict = {"seconds": sum(_float(r.get("seconds")) or 0.0 for r in rows
+                                if r.get("split") == "train" and not r.get("trial"))}
+    if val:
+        acc = max(val, key=lambda r: _float(r["accuracy"]) or 0.0)  # max/min keep the first of equals
+        loss = min(val, key=lambda r: _float(r["loss"]) if _float(r["loss"]) is not None else float("inf"))
+        out.update(best_accuracy=_float(acc["accuracy"]), best_accuracy_epoch=_int(acc["epoch"]),
+                   best_loss=_float(loss["loss"]), best_loss_epoch=_int(loss["epoch"]),
+                   final_accuracy=_float(val[-1]["accuracy"]), final_loss=_float(val[-1]["loss"]),
+                   final_epoch=_int(val[-1]["epoch"]))
+    return out
+
+
+def session_summary(file: Path) -> dict:
+    """One session as `compare` and `sessions` show it, from its files alone (no tensor is read)."""
+    from datetime import datetime
+
+    from ..engine.config import TrainConfig
+    from ..engine.metrics import read_rows
+
+    doc = _session_doc(file)
+    folder = _session_folder(file, doc)
+    model, data = doc.get("model") or {}, doc.get("data") or {}
+    header = _checkpoint_header(file.parent, doc)
+    try:
+        config = TrainConfig.from_dict(doc.get("config") or {}).to_dict()  # older files: today's defaults filled in
+    except (PgError, TypeError, ValueError) as e:
+        raise PgError(f"{file}: unreadable settings ({e})") from None
+    size = data.get("size") if isinstance(data, dict) else None
+    return {"session": file.stem, "file": str(file), "folder": str(folder), "model": model.get("name", ""),
+            "pretrained": "file" if model.get("weights") else ("yes" if model.get("pretrained") else "no"),
+            "data": (Path(str(data.get("path", ""))).name + (f" @{size}px" if size else "")) if data else "",
+            "config": {**config, "frozen": _frozen(header)} if header else config,
+            "epoch": _int(header.get("epoch")), "step": _int(header.get("step")), "batch": _int(header.get("batch")),
+            "best": doc.get("best"), **_val_summary(read_rows(folder / "metrics.csv")),
+            "bytes": file.stat().st_size + (folder_bytes(folder) if folder.is_dir() else 0),
+            "last_used": datetime.fromtimestamp(file.stat().st_mtime).isoformat(timespec="seconds"),
+            "probe": _read_probe(folder)}
+
+
+def _summaries(files: list[Path]) -> tuple[list[dict], list[str]]:
+    rows, skipped = [], []
+    for f in files:
+        try:
+            rows.append(session_summary(f))
+        except PgError as e:
+            skipped.append(str(e))
+    return rows, skipped
+
+
+def compare(s: "Session", sources: list[str]) -> dict:
+    """The named sessions (default: every session under the sessions folder), best validation accuracy first, and
+    the settings whose values differ between them (the frozen parameter count counts as one)."""
+    files = [_session_file(s, src) for src in sources] if sources else sorted(s.root.glob("*.session"))
+    if not files:
+        raise PgError(f"no sessions under {s.root}: a session is saved when training starts or on `save`")
+    rows, skipped = _summaries(files)
+    if not rows:
+        raise PgError("no readable session: " + "; ".join(skipped))
+    keys = list(dict.fromkeys(k for r in rows for k in r["config"]))
+    differing = [k for k in keys if len({json.dumps(r["config"].get(k)) for r in rows}) > 1]
+    rows.sort(key=lambda r: (r.get("best_accuracy") is None, -(r.get("best_accuracy") or 0.0), r["session"]))
+    return {"rows": rows, "differing": differing, "skipped": skipped}
+
+
+def list_sessions(s: "Session") -> dict:
+    """Every session under the sessions folder, last used first: name, model, position, best, size."""
+    rows, skipped = _summaries(sorted(s.root.glob("*.session")))
+    for r in rows:
+        r["open"] = s.name == r["session"] and s.root.resolve() == Path(r["file"]).parent.resolve()
+    rows.sort(key=lambda r: r["last_used"], reverse=True)
+    return {"rows": rows, "skipped": skipped, "bytes": sum(r["bytes"] for r in rows)}
+
+
+# ====================================================================== freeing space
+def session_removal(s: "Session", name: str) -> dict:
+    """What `sessions rm NAME` deletes: {"session", "paths": [file, folder], "bytes"}; refuses the open session."""
+    file = _session_file(s, name)
+    try:
+        folder = _session_folder(file, _session_doc(file))
+    except PgError:
+        folder = file.with_suffix("")  # a damaged file: its folder by the usual name
+    if s.folder is not None and folder.resolve() == s.folder.resolve():
+        raise PgError(f"{file.stem} is the open session: quit and reopen another, or remove it from another shell")
+    paths = [file] + ([folder] if folder.is_dir() else [])
+    return {"session": file.stem, "paths": [str(p) for p in paths],
+            "bytes": file.stat().st_size + (folder_bytes(folder) if folder.is_dir() else 0)}
+
+
+def remove_session(s: "Session", name: str) -> dict:
+    import shutil
+
+    plan = session_removal(s, name)
+    for p in reversed(plan["paths"]):  # the folder first: a file left alone still names what to clean up
+        path = Path(p)
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return plan
+
+
+def prune_plan(s: "Session", keep: int) -> dict:
+    """Which checkpoints `checkpoints prune --keep K` deletes: all but the last K epoch checkpoints, the best and
+    the resume point. {"remove": rows as list_checkpoints gives them, "kept": file names, "bytes"}."""
+    if keep < 0:
+        raise PgError("--keep must be 0 or more (epoch checkpoints kept besides the best and the resume point)")
+    rows = list_checkpoints(s)
+    epochs = [r["file"] for r in rows if r["file"].startswith("epoch-")]
+    recent = set(epochs[-keep:]) if keep else set()
+    remove = [r for r in rows if not (r["best"] or r["resume"] or r["file"] in recent)]
+    return {"remove": remove, "kept": [r["file"] for r in rows if r not in remove],
+            "bytes": sum(r["bytes"] for r in remove)}
+
+
+def prune_checkpoints(s: "Session", keep: int) -> dict:
+    """Delete what prune_plan names; between two batches while a run goes on (the worker writes and removes
+    checkpoints too)."""
+    def run():
+        plan = prune_plan(s, keep)
+        for r in plan["remove"]:
+            Path(r["path"]).unlink(missing_ok=True)
+        return plan
+
+    return s.apply(run)
+
+
+COMPARE_FIELDS = ["session", "model", "pretrained", "data", "epoch", "step", "best_accuracy", "best_accuracy_epoch",
+                  "final_accuracy", "best_loss", "best_loss_epoch", "final_loss", "final_epoch", "seconds", "bytes"]
+
+
+def write_compare_csv(result: dict, out: str) -> Path:
+    """`compare --out`: one row per session, the differing settings as columns of their own, then the probes."""
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(out_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(COMPARE_FIELDS + result["differing"] + ["knn_accuracy", "linear_accuracy"])
+        for r in result["rows"]:
+            probes = [r["probe"].get(k, {}).get("accuracy", "") for k in ("knn", "linear")]
+            w.writerow([_cell(r.get(k)) for k in COMPARE_FIELDS] + [_cell(r["config"].get(k))
+                                                                    for k in result["differing"]] + probes)
+    return out_path
+
+
+def _cell(v) -> str:
+    return "" if v is None else repr(v) if isinstance(v, float) else str(v)

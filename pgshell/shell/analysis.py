@@ -1,4 +1,5 @@
-"""Analysis commands: eval, checkpoints, plot, predict, export. They parse, call pgshell.session.review, print."""
+"""Analysis commands: eval, plot, predict, export (review.py has errors, explain, probe, compare, checkpoints). They
+parse, call pgshell.session.review, print."""
 
 from __future__ import annotations
 
@@ -13,13 +14,6 @@ from ._common import Commands, parser
 from ._table import fit_table
 
 _CHECKPOINT_HELP = "EPOCH (a number), best, last, or a checkpoint file (`checkpoints` lists them)"
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
 
 
 def _f(v, digits=4) -> str:
@@ -70,25 +64,10 @@ class AnalysisCommands(Commands):
             p(f"wrote {A.confusion_png(r0, args.out)}")
         app.last_result = {r["split"]: r for r in reports}
 
-    @with_argparser(parser("Every checkpoint of the session, oldest first: kind (epoch end, pause, save), epoch, step, "
-                           "validation metrics, size and time; marks the best and the one the session resumes from.",
-                           "checkpoints", wide=True))
-    def do_checkpoints(self, args):
-        """List the session's checkpoints."""
-        rows = A.list_checkpoints(self.session)
-        if not rows:
-            self._cmd.poutput("no checkpoints yet: one is written at every epoch end, pause and `save`")
-        else:
-            marks = lambda r: ", ".join(m for m in ("best", "resume") if r[m])  # noqa: E731
-            self._cmd.ptable([[r["file"], r["kind"], r["epoch"], r["step"], _f(r["val_loss"]), _f(r["val_accuracy"]),
-                               _size(r["bytes"]), r["time"], marks(r)] for r in rows],
-                             ["file", "kind", "epoch", "step", "val loss", "val acc", "size", "time", ""],
-                             wide=args.wide, drop=["time", "size", "kind", "val loss"], wrap=["file"])
-        self._cmd.last_result = rows
-
     plot_parser = parser("Graphs from metrics.csv: per-batch training loss/accuracy (raw and smoothed), validation "
-                         "points, learning rate, epoch ends and pause/resume marks. In the terminal, or a PNG with "
-                         "--out. Name session files to overlay several runs.",
+                         "points, learning rate (log scale), epoch ends and pause/resume marks (a pause, not a new "
+                         "`train` after a finished run). In the terminal, or a PNG with --out. Name session files to "
+                         "overlay several runs; --x epoch or time compares runs whose batch sizes differ.",
                          "plot --out runs.png sessions/a.session sessions/b.session")
     plot_parser.add_argument("sessions", nargs="*", metavar="SESSION", completer=cmd2.Cmd.path_complete,
                              help=".session files (default: this session)")
@@ -96,18 +75,22 @@ class AnalysisCommands(Commands):
     plot_parser.add_argument("--smooth", type=int, default=10, metavar="N", help="moving mean over N batches (1: off)")
     plot_parser.add_argument("--metric", choices=("loss", "accuracy", "lr", "all"), default="all")
     plot_parser.add_argument("--trial", default="", metavar="N", help="a tuning trial's rows (default: training)")
+    plot_parser.add_argument("--x", choices=("step", "epoch", "time"), default="step",
+                             help="horizontal axis: batches, epochs, or seconds of training (default step)")
 
     @with_argparser(plot_parser)
     def do_plot(self, args):
         """Plot the training curves."""
-        res = A.plot(self.session, args.sessions, args.out, args.smooth, args.metric, args.trial)
+        res = A.plot(self.session, args.sessions, args.out, args.smooth, args.metric, args.trial, args.x)
         self._cmd.poutput(f"wrote {res['out']}" if args.out else res["text"])
         for name, n in res["skipped"].items():
             self._cmd.poutput(f"({name}: {n} unreadable metrics row{'s' * (n != 1)} skipped)")
         self._cmd.last_result = res
 
     predict_parser = parser("Top-K classes with probabilities for an image or every image in a folder, with the "
-                            "model's own eval preprocessing; a table, or a CSV with --out.",
+                            "model's own eval preprocessing; a table, or a CSV with --out. Under a folder whose "
+                            "subfolders are class names, each image's true class and whether the model got it right "
+                            "are added (columns true, correct) with the accuracy.",
                             "predict photos/ --top 3 --out predictions.csv", wide=True)
     predict_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="an image file or a folder")
     predict_parser.add_argument("--top", type=int, default=3, metavar="K", help="classes per image (default 3)")
@@ -122,10 +105,15 @@ class AnalysisCommands(Commands):
             self._cmd.poutput(f"wrote {A.write_predictions_csv(res, args.out, args.top)} ({len(res['rows'])} images)")
         else:
             k = min(args.top, len(res["classes"]))
+            truth = ["true", "correct"] if res.get("labelled") else []
             table = [[r["path"], *[f"{c} {p:.3f}" for c, p in r["top"]]] if not r["error"]
                      else [r["path"], f"error: {r['error']}", *[""] * (k - 1)] for r in res["rows"]]
             ranks = [f"#{i}" for i in range(1, k + 1)]
-            self._cmd.ptable(table, ["image", *ranks], wide=args.wide, drop=ranks[:0:-1], wrap=["image"])
+            if truth:
+                table = [[*t, r["true"], "yes" if r["correct"] else "no"] for t, r in zip(table, res["rows"])]
+            self._cmd.ptable(table, ["image", *ranks, *truth], wide=args.wide, drop=ranks[:0:-1], wrap=["image"])
+        if res.get("labelled"):
+            self._cmd.poutput(f"accuracy {res['accuracy']:.4f} on {res['labelled']} images in class folders")
         self._cmd.last_result = res
 
     export_parser = parser("Write the model (or a checkpoint's) as ONNX or TorchScript, with PATH.json beside it: "

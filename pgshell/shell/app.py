@@ -28,6 +28,7 @@ from ._table import fit_table
 from .analysis import AnalysisCommands
 from .data import DataCommands
 from .model import ModelCommands
+from .review import ReviewCommands
 from .sessioncmds import SessionCommands, history_parser, show_history
 from .training import TrainingCommands
 from .tuning import TuningCommands
@@ -99,7 +100,8 @@ class PgShell(cmd2.Cmd):
         session = session or Session(root=sessions_dir, notify=self._notify)
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
                          command_sets=[cls(session) for cls in (ModelCommands, DataCommands, TrainingCommands,
-                                                                SessionCommands, AnalysisCommands, TuningCommands)],
+                                                                SessionCommands, AnalysisCommands, TuningCommands,
+                                                                ReviewCommands)],
                          enable_bottom_toolbar=self.interactive, refresh_interval=0.5 if self.interactive else 0.0,
                          persistent_history_file=os.path.expanduser("~/.pgshell_history") if self.interactive else "",
                          suggest_similar_command=True, terminators=[],

@@ -17,7 +17,13 @@ class SessionCommands(Commands):
                            "checkpoint and session file.", "show", wide=True))
     def do_show(self, args):
         """Show the session's state."""
+        from ..session import review as A
+
         info = self.session.describe()
+        probes = A.probe_results(self.session)
+        if probes:  # `probe knn` / `probe linear`: the baseline a fine-tune must beat
+            info["probe"] = {k: f"val accuracy {r['accuracy']:.4f} at step {r['step']} ({r['time']})"
+                             for k, r in probes.items()}
         for title, rows in info.items():
             if rows:
                 self._cmd.poutput(f"\n{title}")
