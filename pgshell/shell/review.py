@@ -206,7 +206,7 @@ class ReviewCommands(Commands):
                                 "epoch, step, validation metrics, size and time; marks the best and the one the "
                                 "session resumes from, and prints the folder's size. `checkpoints prune --keep K` "
                                 "deletes all but the last K epoch checkpoints, the best and the resume point (it asks "
-                                "first when interactive).", "checkpoints prune --keep 2")
+                                "first when interactive).", "checkpoints prune --keep 2", wide=True)
     checkpoints_parser.add_argument("action", nargs="?", choices=("prune",), help="prune: free space")
     checkpoints_parser.add_argument("--keep", type=int, default=1, metavar="K",
                                     help="prune: epoch checkpoints to keep besides the best and resume point (1)")
