@@ -190,7 +190,7 @@ def main() -> None:
               flush=True)
         b_rate, b_sec, b_acc = engine_train(s, args.epochs, None, device)
         print(f"pgshell engine:  {args.epochs} epochs in {b_sec:8.1f} s ({b_rate:7.1f} img/s), val accuracy {b_acc:.4f}"
-              f"  [{s.trainer.runtime.describe()}, feature cache {'on' if s.trainer._use_cache else 'off'}]")
+              f"  [{s.trainer.runtime.describe()}, batches from the {s.trainer.source.kind}]")
         print(f"speed-up end to end: {a_sec / b_sec:.1f}x; accuracy difference {100 * (b_acc - a_acc):+.1f} points")
     else:
         seed_train(model, loader, val_loader, None, 3, device)  # warm-up
