@@ -293,3 +293,29 @@ def test_progress_of_long_builds(photo_folder):
     phases.clear()
     tr._prepare_batches()
     assert tr.source.kind == "feature cache" and phases[-1] == ("caching features", 20, 20)
+
+
+# ------------------------------------------------------------------ the same paths on a GPU (pytest -m gpu)
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_matches_the_cpu_decoder_and_batches_do_not_depend_on_the_start(photo_folder):
+    """nvJPEG on the GPU and libjpeg on the CPU give each image at the same size and orientation, pixels within
+    decoder rounding; the GPU batches from a position on are those of the whole epoch (what exact resume needs)."""
+    from pgshell.engine import decode as DEC
+
+    tr = _trainer(photo_folder, input_cache="decode", device="cuda", amp="off")
+    files = DEC._FileBytes(tr.splits.train, 0)
+    items = [files[(i, 0)] for i in range(len(tr.splits.train))]
+    gpu, gpu_bad = DEC.decode_batch(items, torch.device("cuda"))
+    cpu, cpu_bad = DEC.decode_batch(items, torch.device("cpu"))
+    assert gpu_bad == cpu_bad and len(gpu_bad) == 1
+    for g, c in zip(gpu, cpu):
+        assert (g is None) == (c is None)
+        if g is not None:
+            assert g.is_cuda and g.shape == c.shape and (g.cpu().float() - c.float()).abs().mean() < 3.0
+    tr._prepare_batches()
+    assert tr.source.kind == "device decode"
+    full = [(x.cpu(), y.cpu()) for x, y, _, _ in tr.source.train_batches(1, 0, 0, 1, 4)]
+    tail = [(x.cpu(), y.cpu()) for x, y, _, _ in tr.source.train_batches(1, 8, 0, 1, 4)]
+    assert len(tail) == len(full) - 2  # the data from a position on is the same, whatever ran before
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], tail))

@@ -454,7 +454,7 @@ class CacheSource(BatchSource):
                 continue
             stores[split] = _write(plan, spec.cfg.workers, report)
             report.notify(f"input cache: decoded {len(plan.samples)} images once into {plan.files[0]} "
-                          f"({int(np.prod(plan.shape)) / 2**20:.0f} MiB)")
+                          f"({int(np.prod(plan.shape)) / 2**20:.1f} MiB)")
         if stores["train"].bad:
             report.bad(stores["train"].bad)
         return CacheSource(spec, aug, stores)
