@@ -470,24 +470,39 @@ class CacheSource(BatchSource):
 
     def _batches(self, split: str, keys: list, share: int, aug: DeviceAugment | None, world: int):
         """(x on the device, y, samples consumed, bad): images read from the array, augmented or just normalised.
-        Bad images were reported when the array was built; they are skipped (the position still advances)."""
+        Bad images were reported when the array was built; they are skipped (the position still advances).
+
+        The rows are gathered from the memory-mapped array by the DataLoader's workers (into pinned memory on a
+        GPU), so the next batches are read while the device trains on this one."""
         stored, samples, dev = self.stores[split], self.spec.samples(split), self.spec.runtime.device
-        for b in range(0, len(keys), share):
-            chunk = keys[b: b + share]
-            rows = [(i, s) for i, s in chunk if stored.ok[i]]
+        chunks = [keys[b: b + share] for b in range(0, len(keys), share)]
+        loader = torch.utils.data.DataLoader(_Rows(stored), sampler=chunks, batch_size=None,
+                                             num_workers=self.spec.cfg.workers, pin_memory=dev.type == "cuda",
+                                             generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+        for chunk, (u8, rows) in zip(chunks, loader):
             if not rows:
                 yield None, None, len(chunk) * world, []
                 continue
             idx = [i for i, _ in rows]
-            u8 = torch.from_numpy(stored.array[idx])
-            if dev.type == "cuda":
-                u8 = u8.pin_memory()
             u8 = u8.to(dev, non_blocking=True)
             if aug is None:
                 x = plain_batch(u8, self.eval.mean, self.eval.std)
             else:
                 x = augment_batch(u8, stored.extents[idx], stored.transposed[idx], [s for _, s in rows], aug)
             yield x, torch.tensor([samples[i][1] for i in idx], device=dev), len(chunk) * world, []
+
+
+class _Rows(torch.utils.data.Dataset):
+    """A chunk of (index, seed) keys -> (the good rows of the array as one uint8 tensor, their keys)."""
+
+    def __init__(self, stored: Stored):
+        self.stored = stored
+
+    def __getitem__(self, chunk):
+        rows = [(i, s) for i, s in chunk if self.stored.ok[i]]
+        if not rows:
+            return torch.empty(0, dtype=torch.uint8), rows
+        return torch.from_numpy(self.stored.array[[i for i, _ in rows]]), rows
 
 
 def to_image(arr: np.ndarray) -> Image.Image:  # for debugging and tests
