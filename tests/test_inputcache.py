@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_images
 from pgshell.engine import data as D
 from pgshell.engine import inputcache as IC
 from pgshell.engine import models as M
@@ -319,3 +318,24 @@ def test_gpu_decode_matches_the_cpu_decoder_and_batches_do_not_depend_on_the_sta
     tail = [(x.cpu(), y.cpu()) for x, y, _, _ in tr.source.train_batches(1, 8, 0, 1, 4)]
     assert len(tail) == len(full) - 2  # the data from a position on is the same, whatever ran before
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(full[2:], tail))
+
+
+def test_big_jpegs_decode_at_reduced_scale_the_same_on_every_path(tmp_path):
+    """A JPEG 20x the target size is decoded at 1/4 scale (both sides stay >= 4x the target), and the cache's eval
+    crops equal the DataLoader's to the bit: every path decodes with the same rule."""
+    root = tmp_path / "big"
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        for split, n in (("train", 3), ("val", 2)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                a = np.kron(rng.integers(0, 255, (20, 16, 3)), np.ones((16, 16, 1))).astype(np.uint8)
+                Image.fromarray(a).save(root / split / c / f"{i}.jpg", quality=90)
+    path = str(root / "val" / "a" / "0.jpg")
+    assert D.load_image(path).size == (256, 320) and D.load_image(path, D.draft_side(16)).size == (64, 80)
+    tr = _trainer(root, size=16, input_cache="on", augment=False)
+    tr._prepare_batches()
+    assert tr.loader.eval_set("val").min_side == 64 == tr.source.layouts(tr.data_spec(), None)["val"].min_side
+    cached = [x for x, _, _ in tr.source.eval_batches("val", 64)]
+    plain = [tr.runtime.to_input(x) for x, _, _ in tr.loader.eval_batches("val", 64)]
+    assert len(cached) == len(plain) == 1 and torch.equal(cached[0], plain[0])

@@ -260,6 +260,9 @@ def _pixels_in(exc: Exception) -> str:
 # Loading one image
 # --------------------------------------------------------------------------------------------------------------
 
+DRAFT_FACTOR = 4  # JPEGs are decoded with both sides at least this many times the target size
+
+
 def draft_side(size: int) -> int:
     """The smallest side a JPEG is decoded at when the pipeline's target is `size` pixels: DRAFT_FACTOR x the target.
 
@@ -270,9 +273,6 @@ def draft_side(size: int) -> int:
     cache, the feature pass) decodes with the same rule, so their figures stay identical.
     """
     return DRAFT_FACTOR * size if size > 0 else 0
-
-
-DRAFT_FACTOR = 4
 
 
 def load_image(path: str, min_side: int = 0) -> Image.Image:

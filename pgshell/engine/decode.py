@@ -18,6 +18,8 @@ import io
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as TF
 
 from . import data as D
 from . import inputcache as IC
@@ -66,8 +68,6 @@ def _items(batch):
 def decode_batch(items: list, device: torch.device) -> tuple[list, list]:
     """([CHW uint8 image on `device` or None], [(path, reason)]) for a batch of _FileBytes items: the JPEGs decoded
     in one call; if that call fails, one by one, so a single corrupt file costs only itself."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     images: list = [None] * len(items)
     bad = [(path, reason) for _, _, path, kind, reason in items if kind == "bad"]
     jpegs = [k for k, item in enumerate(items) if item[3] == "jpeg"]
@@ -92,8 +92,6 @@ def decode_batch(items: list, device: torch.device) -> tuple[list, list]:
 def stage(images: list[torch.Tensor], aug: IC.DeviceAugment) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Images as the input cache stores them, as one padded batch: short side `aug.side` (never enlarged, long side
     at most 2x), portraits with their axes swapped, edge-padded; with their extents and transposed flags."""
-    from torchvision.transforms.v2 import functional as TF
-
     resized, extents, turned = [], [], []
     for img in images:
         h, w = img.shape[-2:]
@@ -116,8 +114,6 @@ def stage(images: list[torch.Tensor], aug: IC.DeviceAugment) -> tuple[torch.Tens
 
 def eval_crops(images: list[torch.Tensor], crop: IC.EvalCrop) -> torch.Tensor:
     """The eval transform's resize and centre crop on the device (training without augmentation)."""
-    from torchvision.transforms.v2 import functional as TF
-
     return torch.stack([TF.center_crop(TF.resize(img, [crop.side], crop.resize.interpolation, antialias=True),
                                        list(crop.size)) for img in images])
 

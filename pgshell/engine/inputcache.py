@@ -35,6 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.ops import roi_align
+from torchvision.transforms import functional as TF
 
 from . import data as D
 from .checkpoint import atomic_write_bytes
@@ -170,8 +172,6 @@ def augment_batch(x: torch.Tensor, extents, transposed, seeds: list[int], aug: D
 
     x: (B, 3, H, W), uint8 or float in [0, 1]; image b fills [:h_b, :w_b] (extents[b] = (h_b, w_b)), edge-padded
     beyond; transposed[b]: a portrait stored with its axes swapped (its box is drawn in its own orientation)."""
-    from torchvision.ops import roi_align
-
     if x.dtype == torch.uint8:
         x = x.float().div_(255)
     b = x.shape[0]
@@ -268,8 +268,6 @@ class _Decode(torch.utils.data.Dataset):
         if lay.kind == "crop":
             img = lay.steps.crop(lay.steps.resize(img))
         else:
-            from torchvision.transforms import functional as TF
-
             w, h = self.sizes[i]  # the header's size (before draft decoding): what the array was planned for
             short, long = stored_size(w, h, lay.side, lay.cap)
             size = (short, long) if h <= w else (long, short)  # (h, w)
