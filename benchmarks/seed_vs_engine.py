@@ -206,7 +206,8 @@ def frozen_processes(args) -> None:
     passed += ["--weights", str(Path(args.weights).resolve())] if args.weights else []
     a_sec, a_out = timed([sys.executable, str(Path(__file__).resolve()), "--side", "seed", *passed], tmp)
     a_acc = float(re.search(r"val accuracy ([0-9.]+)", a_out).group(1))
-    print(f"seed-style script:  {args.epochs} epochs, whole process {a_sec:7.1f} s, val accuracy {a_acc:.4f}", flush=True)
+    print(f"seed-style script:  {args.epochs} epochs, whole process {a_sec:7.1f} s, val accuracy {a_acc:.4f}",
+          flush=True)
     b_sec, b_out = timed([sys.executable, "-m", "pgshell", str(frozen_plan(args, tmp))], tmp)
     b_acc = float(re.findall(r"epoch \d+ done:.*val loss [0-9.]+ acc ([0-9.]+)", b_out)[-1])
     print(f"pgshell PLAN:       {args.epochs} epochs, whole process {b_sec:7.1f} s, val accuracy {b_acc:.4f}")

@@ -50,7 +50,8 @@ def _ks(a, b) -> float:
     """The two-sample Kolmogorov-Smirnov statistic."""
     a, b = np.sort(a), np.sort(b)
     grid = np.concatenate([a, b])
-    return float(np.max(np.abs(np.searchsorted(a, grid, "right") / len(a) - np.searchsorted(b, grid, "right") / len(b))))
+    cdf_a, cdf_b = np.searchsorted(a, grid, "right") / len(a), np.searchsorted(b, grid, "right") / len(b)
+    return float(np.max(np.abs(cdf_a - cdf_b)))
 
 
 def _features(boxes, width, height):

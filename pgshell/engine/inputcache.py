@@ -384,7 +384,8 @@ def _write(plan: _Plan, workers: int, report: Report) -> Stored:
     del arr
     os.replace(tmp, data_path)
     buf = io.BytesIO()
-    np.savez(buf, shape=np.array(plan.shape), extents=extents, transposed=transposed, ok=ok, bad=np.array(json.dumps(bad)))
+    np.savez(buf, shape=np.array(plan.shape), extents=extents, transposed=transposed, ok=ok,
+             bad=np.array(json.dumps(bad)))
     atomic_write_bytes(meta_path, buf.getvalue())
     return _load(plan)
 

@@ -105,7 +105,8 @@ class BatchSource:
 def data_key(spec: DataSpec) -> tuple:
     """What images a split's samples turn into: the scan (by identity: a new `data` is a new scan), the image size,
     augmentation and the model's data config."""
-    return (id(spec.splits), spec.size, spec.cfg.augment, tuple(sorted((k, str(v)) for k, v in spec.data_config.items())))
+    config = tuple(sorted((k, str(v)) for k, v in spec.data_config.items()))
+    return id(spec.splits), spec.size, spec.cfg.augment, config
 
 
 def train_sampler(spec: DataSpec, epoch: int, start: int, rank: int, world: int) -> D.EpochSampler:
