@@ -94,7 +94,7 @@ def test_the_crop_test_tells_a_centre_square_apart():
 
 def _augment(arr, extent, turned, width, height, n, size=16):
     """n crops of one stored image, and the boxes drawn for them (x1, y1, x2, y2 in the image's own orientation)."""
-    aug = IC.DeviceAugment((size, size), SCALE, RATIO, None, 0.5, (None, None, None), (0.0,) * 3, (1.0,) * 3, 32)
+    aug = IC.DeviceAugment((size, size), SCALE, RATIO, None, (0.5, 0.0), (None, None, None), (0.0,) * 3, (1.0,) * 3, 32)
     seeds = [D.sample_seed(0, 0, i) for i in range(n)]
     u8 = torch.from_numpy(np.ascontiguousarray(arr)).expand(n, -1, -1, -1)
     x = IC.augment_batch(u8, np.array([extent] * n), np.array([turned] * n), seeds, aug)
@@ -279,6 +279,23 @@ def test_unsupported_augmentation_falls_back_to_the_loader(photo_folder, monkeyp
     notes = []
     tr._prepare_batches(notes.append)
     assert tr.source is tr.loader and any("RandomErasing" in m for m in notes)
+
+
+def test_flips_are_read_from_the_transform_and_applied(photo_folder, monkeypatch):
+    """timm's RandomVerticalFlip (a recipe setting) is honoured; a whole-image crop flipped with probability 1 is the
+    mirrored image, pixel for pixel."""
+    from torchvision import transforms as T
+
+    tr = _trainer(photo_folder, input_cache="on")
+    real = SRC.DataSpec.transform
+    monkeypatch.setattr(SRC.DataSpec, "transform", lambda self, train: T.Compose(
+        [*real(self, train).transforms, T.RandomVerticalFlip(0.25)]) if train else real(self, train))
+    assert IC.DeviceAugment.for_spec(tr.data_spec()).flip == (0.5, 0.25)
+    img = torch.arange(3 * 8 * 8, dtype=torch.uint8).view(1, 3, 8, 8)
+    for flip, dims in (((1.0, 0.0), [-1]), ((0.0, 1.0), [-2]), ((1.0, 1.0), [-2, -1])):
+        aug = IC.DeviceAugment((8, 8), (1.0, 1.0), (1.0, 1.0), None, flip, (None, None, None), (0.0,) * 3, (1.0,) * 3, 8)
+        out = IC.augment_batch(img, np.array([[8, 8]]), np.array([False]), [7], aug)
+        assert torch.allclose(out, img.float().div(255).flip(dims), atol=1e-6)
 
 
 def test_progress_of_long_builds(photo_folder):

@@ -94,13 +94,13 @@ class EvalCrop:
 
 @dataclass(frozen=True)
 class DeviceAugment:
-    """timm's training transform (RandomResizedCrop, flip, colour jitter, normalise), read from the transform."""
+    """timm's training transform (RandomResizedCrop, flips, colour jitter, normalise), read from the transform."""
 
     size: tuple[int, int]  # output (h, w)
     scale: tuple[float, float]
     ratio: tuple[float, float]
     interpolation: object  # torchvision InterpolationMode: the resize of each image to the stored side
-    flip: float  # probability
+    flip: tuple[float, float]  # probabilities of the horizontal and the vertical flip
     jitter: tuple  # (brightness, contrast, saturation): each a (low, high) factor range or None
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -112,15 +112,13 @@ class DeviceAugment:
         side = EvalCrop.for_spec(spec).side  # raises Unsupported for an eval transform we cannot store
         if not spec.cfg.augment:
             return None
-        crop, flip, jitter, norm = None, 0.0, (None, None, None), None
+        crop, flip, jitter, norm = None, [0.0, 0.0], (None, None, None), None
         for t in spec.transform(train=True).transforms:
             name = type(t).__name__
             if name in ("RandomResizedCropAndInterpolation", "RandomResizedCrop"):
-                if isinstance(t.interpolation, (tuple, list)):
-                    raise Unsupported("the training transform draws its interpolation at random")
                 crop = t
-            elif name == "RandomHorizontalFlip":
-                flip = float(t.p)
+            elif name in ("RandomHorizontalFlip", "RandomVerticalFlip"):
+                flip[name == "RandomVerticalFlip"] = float(t.p)
             elif name == "ColorJitter":
                 if t.hue not in (None, (0, 0), (0.0, 0.0)):
                     raise Unsupported("the training transform jitters hue")
@@ -132,18 +130,22 @@ class DeviceAugment:
         if crop is None or norm is None:
             raise Unsupported("the training transform has no RandomResizedCrop")
         size = tuple(crop.size) if isinstance(crop.size, (tuple, list)) else (crop.size, crop.size)
-        return DeviceAugment(size, tuple(crop.scale), tuple(crop.ratio), crop.interpolation, flip,
+        # timm's "random" interpolation picks bilinear or bicubic per crop; the device crops with roi_align either way,
+        # and the one resize to the stored side is bicubic
+        interp = TF.InterpolationMode.BICUBIC if isinstance(crop.interpolation, (tuple, list)) else crop.interpolation
+        return DeviceAugment(size, tuple(crop.scale), tuple(crop.ratio), interp, tuple(flip),
                              tuple(tuple(map(float, j)) if j is not None else None for j in jitter),
                              tuple(map(float, norm.mean)), tuple(map(float, norm.std)), side)
 
     def draw(self, seed: int, width: int, height: int):
-        """One image's augmentation from its sample seed: crop box (x1, y1, x2, y2), flip, jitter order, factors."""
+        """One image's augmentation from its sample seed: crop box (x1, y1, x2, y2), flips (horizontal, vertical),
+        jitter order, factors."""
         rng = random.Random(seed)
         i, j, h, w = crop_box(rng, width, height, self.scale, self.ratio)
-        flip = rng.random() < self.flip
+        flips = tuple(rng.random() < p for p in self.flip)
         order = rng.sample(range(3), 3)
         factors = [rng.uniform(*r) if r is not None else 1.0 for r in self.jitter]
-        return (j, i, j + w, i + h), flip, order, factors
+        return (j, i, j + w, i + h), flips, order, factors
 
 
 def crop_box(rng: random.Random, width: int, height: int, scale, ratio) -> tuple[int, int, int, int]:
@@ -191,7 +193,9 @@ def augment_batch(x: torch.Tensor, extents, transposed, seeds: list[int], aug: D
             size = aug.size[::-1] if flag else aug.size
             r = roi_align(x, boxes[sel], output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
             out[sel] = r.transpose(-1, -2) if flag else r
-    out = torch.where(torch.tensor(flips, device=x.device)[:, None, None, None], out.flip(-1), out)
+    flips = torch.tensor(flips, device=x.device)[:, :, None, None, None]
+    out = torch.where(flips[:, 0], out.flip(-1), out)
+    out = torch.where(flips[:, 1], out.flip(-2), out)
     out = jitter(out, torch.tensor(orders, device=x.device), torch.tensor(factors, dtype=x.dtype, device=x.device))
     return normalise(out, aug.mean, aug.std)
 
