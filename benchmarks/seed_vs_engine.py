@@ -1,4 +1,4 @@
-"""The seed-style loop against pgshell's engine, in one process, on the same model, data folder and device.
+"""The seed-style loop against pgshell's engine, on the same model, data folder and device.
 
 (a) the seed-style loop: the PyTorch transfer-learning tutorial as users write it — torchvision ImageFolder,
     RandomResizedCrop + flip + ToTensor + Normalize, batch 4 (or --seed-batch), 4 workers, fp32, SGD lr 0.001
@@ -8,8 +8,10 @@
 
 Modes:
   --mode full     full fine-tuning: training img/s of each over --steps batches (after warm-up), the ratio, peak memory
-  --mode frozen   the seed's fixed feature extractor, end to end: --epochs epochs of each (the seed loop recomputes the
-                  frozen backbone every step; the engine caches its features), wall time, final val accuracy, ratio
+  --mode frozen   the seed's fixed feature extractor, end to end as whole processes (imports, data, model, --epochs
+                  epochs, the final validation): the seed loop as a Python script, pgshell as `pgshell PLAN` (the seed
+                  loop recomputes the frozen backbone every step; pgshell caches its features). Wall time of each,
+                  final val accuracy, ratio; --breakdown adds where pgshell's seconds go (one more, in-process run).
   --synthetic     (with full) random tensors already on the device: the compute bound, no input pipeline
 
     python benchmarks/seed_vs_engine.py --data ../shared/datasets/sign-language-digits --size 64 --mode frozen
@@ -19,7 +21,10 @@ Modes:
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -155,6 +160,106 @@ def synthetic(args, device):
     print(f"ratio: {b / a:.2f}x")
 
 
+# ---------------------------------------------------------------- frozen mode: whole processes
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def seed_process(args) -> None:
+    """The seed's script, as one process: its imports, data, model, epochs and final validation."""
+    import timm
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe = timm.create_model(args.model, num_classes=2)
+    cfg = timm.data.resolve_model_data_config(probe)
+    loader, val_loader, classes = seed_loaders(args.data, args.size, args.seed_batch, args.workers, cfg["mean"],
+                                               cfg["std"], 0.2, 0)
+    torch.manual_seed(0)
+    model = seed_model(args.model, classes, True, args.weights, device)
+    _, sec, acc = seed_train(model, loader, val_loader, args.epochs, None, device)
+    print(f"val accuracy {acc:.4f} (training {sec:.1f} s)")
+
+
+def frozen_plan(args, folder: Path) -> Path:
+    lines = [f"data {Path(args.data).resolve()} --size {args.size}",
+             f"load {args.model}" + (f" --weights {Path(args.weights).resolve()}" if args.weights else ""),
+             "freeze backbone", f"set batch_size {args.seed_batch}", f"set workers {args.workers}", "set seed 0",
+             f"set epochs {args.epochs}", f"train {args.epochs}"]
+    plan = folder / "frozen.plan"
+    plan.write_text("\n".join(lines) + "\n")
+    return plan
+
+
+def timed(cmd: list[str], cwd: Path) -> tuple[float, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if out.returncode:
+        sys.exit(f"{' '.join(cmd)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return seconds, out.stdout
+
+
+def frozen_processes(args) -> None:
+    tmp = Path(tempfile.mkdtemp())
+    passed = ["--data", str(Path(args.data).resolve()), "--model", args.model, "--size", str(args.size),
+              "--seed-batch", str(args.seed_batch), "--workers", str(args.workers), "--epochs", str(args.epochs)]
+    passed += ["--weights", str(Path(args.weights).resolve())] if args.weights else []
+    a_sec, a_out = timed([sys.executable, str(Path(__file__).resolve()), "--side", "seed", *passed], tmp)
+    a_acc = float(re.search(r"val accuracy ([0-9.]+)", a_out).group(1))
+    print(f"seed-style script:  {args.epochs} epochs, whole process {a_sec:7.1f} s, val accuracy {a_acc:.4f}",
+          flush=True)
+    b_sec, b_out = timed([sys.executable, "-m", "pgshell", str(frozen_plan(args, tmp))], tmp)
+    b_acc = float(re.findall(r"epoch \d+ done:.*val loss [0-9.]+ acc ([0-9.]+)", b_out)[-1])
+    print(f"pgshell PLAN:       {args.epochs} epochs, whole process {b_sec:7.1f} s, val accuracy {b_acc:.4f}")
+    print(f"speed-up end to end: {a_sec / b_sec:.1f}x; accuracy difference {100 * (b_acc - a_acc):+.1f} points")
+    if args.breakdown:
+        print(timed([sys.executable, str(Path(__file__).resolve()), "--side", "breakdown", *passed], tmp)[1], end="")
+
+
+def breakdown(args) -> None:
+    """Where pgshell's seconds go, in the phases of the plan (one in-process run through the Session API)."""
+    from pgshell.engine import checkpoint as C
+
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import pgshell.shell, pgshell.session, torch, timm"], check=True)
+    imports = time.perf_counter() - t0
+    writes = [0.0, 0]
+    save = C.save_checkpoint
+
+    def timed_save(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return save(*a, **kw)
+        finally:
+            writes[0] += time.perf_counter() - t
+            writes[1] += 1
+
+    C.save_checkpoint = timed_save
+    notes, phases = [], {}
+    t = time.perf_counter()
+    s = Session(root=Path(tempfile.mkdtemp()) / "sessions")
+    s.notify = notes.append
+    for k, v in (("batch_size", args.seed_batch), ("workers", args.workers), ("seed", 0), ("epochs", args.epochs)):
+        s.set(k, v)
+    s.attach_data(args.data, split=0.2, size=args.size)
+    phases["scan"] = time.perf_counter() - t
+    t = time.perf_counter()
+    s.load_model(args.model, weights=args.weights or "")
+    s.freeze(["backbone"])
+    phases["model"] = time.perf_counter() - t
+    t = time.perf_counter()
+    s.train(epochs=args.epochs)
+    s.wait()
+    train = time.perf_counter() - t
+    feature = float(next((re.search(r"built in ([0-9.]+) s", m).group(1) for m in notes if "feature cache" in m), 0))
+    t = time.perf_counter()
+    s.close(save=True)
+    print(f"breakdown: imports {imports:.2f} s (a separate process: pgshell.shell, pgshell.session, torch, timm) | "
+          f"scan {phases['scan']:.2f} s | model {phases['model']:.2f} s | feature pass {feature:.2f} s | "
+          f"{args.epochs} head epochs {train - feature - writes[0]:.2f} s ({s.trainer.pos.step} steps) | "
+          f"{writes[1]} checkpoint writes {writes[0]:.2f} s | session close {time.perf_counter() - t:.2f} s")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", help="an image folder of class folders (required unless --synthetic)")
@@ -168,7 +273,11 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--mode", choices=("full", "frozen"), default="full")
     ap.add_argument("--synthetic", action="store_true")
+    ap.add_argument("--breakdown", action="store_true", help="frozen: also where pgshell's seconds go")
+    ap.add_argument("--side", choices=("seed", "breakdown"), help=argparse.SUPPRESS)  # one side, as its own process
     args = ap.parse_args()
+    if args.side:
+        return seed_process(args) if args.side == "seed" else breakdown(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
           f"model {args.model}, {args.size} px, mode {args.mode}{' synthetic' if args.synthetic else ''}")
@@ -176,29 +285,21 @@ def main() -> None:
         return synthetic(args, device)
     if not args.data:
         ap.error("--data is required (or --synthetic)")
-    tmp = Path(tempfile.mkdtemp())
-    frozen = args.mode == "frozen"
-    s = engine_session(args, frozen, tmp)
+    if args.mode == "frozen":
+        return frozen_processes(args)
+    s = engine_session(args, False, Path(tempfile.mkdtemp()))
     cfg = s.built.data_config
     loader, val_loader, classes = seed_loaders(args.data, args.size, args.seed_batch, args.workers, cfg["mean"],
                                                cfg["std"], 0.2, 0)
     torch.manual_seed(0)
-    model = seed_model(args.model, classes, frozen, args.weights, device)
-    if frozen:
-        a_rate, a_sec, a_acc = seed_train(model, loader, val_loader, args.epochs, None, device)
-        print(f"seed-style loop: {args.epochs} epochs in {a_sec:8.1f} s ({a_rate:7.1f} img/s), val accuracy {a_acc:.4f}",
-              flush=True)
-        b_rate, b_sec, b_acc = engine_train(s, args.epochs, None, device)
-        print(f"pgshell engine:  {args.epochs} epochs in {b_sec:8.1f} s ({b_rate:7.1f} img/s), val accuracy {b_acc:.4f}"
-              f"  [{s.trainer.runtime.describe()}, feature cache {'on' if s.trainer._use_cache else 'off'}]")
-        print(f"speed-up end to end: {a_sec / b_sec:.1f}x; accuracy difference {100 * (b_acc - a_acc):+.1f} points")
-    else:
-        seed_train(model, loader, val_loader, None, 3, device)  # warm-up
-        a_rate, a_sec, _ = seed_train(model, loader, val_loader, None, args.steps, device)
-        b_rate, b_sec, _ = engine_train(s, None, args.steps, device)
-        print(f"seed-style loop (batch {args.seed_batch}, {args.workers} workers, fp32): {a_rate:9.1f} img/s")
-        print(f"pgshell engine (batch {args.batch}, {s.trainer.runtime.describe()}): {b_rate:9.1f} img/s")
-        print(f"ratio: {b_rate / a_rate:.2f}x   peak memory {peak_memory(device)}")
+    model = seed_model(args.model, classes, False, args.weights, device)
+    seed_train(model, loader, val_loader, None, 3, device)  # warm-up
+    a_rate, a_sec, _ = seed_train(model, loader, val_loader, None, args.steps, device)
+    b_rate, b_sec, _ = engine_train(s, None, args.steps, device)
+    print(f"seed-style loop (batch {args.seed_batch}, {args.workers} workers, fp32): {a_rate:9.1f} img/s")
+    print(f"pgshell engine (batch {args.batch}, {s.trainer.runtime.describe()}, {s.trainer.source.kind}): "
+          f"{b_rate:9.1f} img/s")
+    print(f"ratio: {b_rate / a_rate:.2f}x   peak memory {peak_memory(device)}")
     s.close(save=False)
 
 

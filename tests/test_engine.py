@@ -301,17 +301,17 @@ def test_feature_cache_reused_and_invalidated(tmp_path, split_folder):
     assert builds() == 1
     _train(s, epochs=1)  # the same frozen backbone: reused
     assert builds() == 1
-    key = s.trainer._fcache["key"]
+    key = s.trainer.source.key
     s.freeze(["all"], unfreeze=True)  # unfreeze: the cache no longer applies
-    assert not s.trainer._cache_valid()
+    assert not s.trainer.source.valid_for(s.trainer.data_spec())
     _train(s, epochs=1)  # the whole model trains (and the backbone's weights change)
     assert builds() == 1
     s.freeze(["backbone"])
     _train(s, epochs=1)  # frozen again, but on other weights: rebuilt
-    assert builds() == 2 and s.trainer._fcache["key"] != key
+    assert builds() == 2 and s.trainer.source.key != key
     s.set("feature_views", 2)
     _train(s, epochs=1)  # another transform setting: rebuilt
-    assert builds() == 3 and len(s.trainer._fcache["train"].views) == 2
+    assert builds() == 3 and len(s.trainer.source.train.views) == 2
     s.close(save=False)
 
 

@@ -98,8 +98,9 @@ class TrainConfig:
     channels_last: str = _setting("auto", "auto (convnets on a GPU) | on | off", choices=("auto", "on", "off"))
     compile: bool = _setting(False, "torch.compile the model (GPU; slow first batches)")
     devices: str = _setting("all", "GPUs for DataParallel: all | 0,1,...")
-    input_cache: str = _setting("auto", "decode images once into a uint8 cache, augment on the device: auto (on a GPU) "
-                                        "| on | off", choices=("auto", "on", "off"))
+    input_cache: str = _setting("auto", "decode images once into a uint8 cache, augment on the device: auto (a GPU: the "
+                                        "cache if it fits, else decode on the GPU) | on (CPU too) | decode (decode on "
+                                        "the device every epoch) | off", choices=("auto", "on", "decode", "off"))
     feature_cache: bool = _setting(True, "frozen backbone: compute its features once and train the head on them")
     feature_views: int = _setting(1, "feature cache: 1 = one unaugmented view; K > 1 = K augmented views (epoch e uses "
                                      "view e mod K)", minimum=1, maximum=64)

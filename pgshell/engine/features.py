@@ -12,16 +12,23 @@ The features are what the head receives: a forward pre-hook on the head module c
 any architecture whose head is the last module applied (timm, torchvision, most custom models). The backbone runs in
 eval mode: for a frozen backbone that is what "fixed feature extractor" means (BatchNorm statistics frozen — as the
 uncached loop keeps them — and no dropout).
+
+All views and splits go through the backbone in one DataLoader pass (one start of its workers). The cache stays
+valid while its key holds: the frozen tensors unchanged (their identity and autograd version counters, which every
+in-place write — an optimizer step, load_state_dict — advances), the same transform, data, device and precision.
 """
 
 from __future__ import annotations
 
-import hashlib
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from . import data as D
+from . import evaluate as E
+from .sources import BatchSource, DataSpec, LoaderSource, Report, eval_keys, train_sampler
 
 
 def head_module_name(head: list[str]) -> str:
@@ -39,18 +46,11 @@ def head_module_name(head: list[str]) -> str:
     return prefixes.pop()
 
 
-def fingerprint(module: torch.nn.Module, names: list[str]) -> str:
-    """A cheap fingerprint of the named tensors (sums, not bytes): detects weights that changed since caching."""
-    h = hashlib.sha256()
-    state = module.state_dict()
-    with torch.no_grad():
-        for n in names:
-            t = state[n].detach()
-            if t.is_floating_point():
-                h.update(f"{n}:{t.double().sum().item():.12e}:{t.double().abs().sum().item():.12e}".encode())
-            else:
-                h.update(f"{n}:{t.sum().item()}".encode())
-    return h.hexdigest()
+def frozen_state(module: torch.nn.Module) -> tuple:
+    """What the frozen part's values depend on, without reading them: each frozen parameter's and buffer's name,
+    storage and version counter. Cheap enough to check at every evaluation."""
+    tensors = [(n, p) for n, p in module.named_parameters() if not p.requires_grad] + list(module.named_buffers())
+    return tuple((n, t.data_ptr(), t._version) for n, t in tensors)
 
 
 @dataclass
@@ -58,64 +58,196 @@ class CachedSplit:
     views: list[torch.Tensor]  # each (N, D) on the training device
     labels: torch.Tensor  # (N,)
     ok: torch.Tensor  # (N,) bool: False where the image was bad
-    bad: dict[int, tuple[str, str]]  # index -> (path, reason)
+    bad: list[tuple[str, str]]  # (path, reason)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return idx if self.all_ok else idx[self.ok[idx]]
+
+    @property
+    def all_ok(self) -> bool:
+        return not self.bad
+
+
+class FeatureSource(BatchSource):
+    """Batches of stored features (train: the epoch's view) for the head; images come from `images`."""
+
+    kind = "feature cache"
+
+    def __init__(self, spec: DataSpec, head: torch.nn.Module, splits: dict[str, CachedSplit], images: LoaderSource):
+        self.spec, self.head, self.splits, self._images = spec, head, splits, images
+        self.key = FeatureSource.key_of(spec)
+
+    @property
+    def images(self) -> BatchSource:
+        return self._images
+
+    def module(self, net):
+        return self.head
+
+    @property
+    def train(self) -> CachedSplit:
+        return self.splits["train"]
+
+    @staticmethod
+    def applies(spec: DataSpec) -> bool:
+        """Only the head trains (and the model is not wrapped for several devices)."""
+        trainable = {n for n, p in spec.module.named_parameters() if p.requires_grad}
+        return bool(spec.cfg.feature_cache and trainable and trainable <= set(spec.head) and not spec.wrapped
+                    and not spec.distributed)
+
+    @staticmethod
+    def views(spec: DataSpec) -> int:
+        return spec.cfg.feature_views if spec.cfg.augment else 1
+
+    @staticmethod
+    def key_of(spec: DataSpec) -> tuple:
+        """Everything the cached features depend on: the frozen set and its weights, the transform (size, augment,
+        views), the data, the device and precision, the batching of the backbone pass."""
+        return (frozen_state(spec.module), spec.size, spec.cfg.augment, FeatureSource.views(spec), spec.cfg.seed,
+                id(spec.splits), str(spec.runtime.device), str(spec.runtime.amp_dtype),
+                E.eval_batch_size(spec.cfg.batch_size))
+
+    def valid_for(self, spec: DataSpec) -> bool:
+        return FeatureSource.applies(spec) and FeatureSource.key_of(spec) == self.key
+
+    @staticmethod
+    def build(spec: DataSpec, images: LoaderSource, report: Report) -> "FeatureSource":
+        t0 = time.perf_counter()
+        views, seed = FeatureSource.views(spec), spec.cfg.seed
+        n = len(spec.splits.train)
+        jobs = []  # (split, view, dataset, keys)
+        for v in range(views):
+            if views == 1:  # one unaugmented view
+                jobs.append(("train", v, images.eval_set("train"), [(i, D.sample_seed(seed, 0, i)) for i in range(n)]))
+            else:  # view v seeded as the uncached loop seeds epoch v
+                jobs.append(("train", v, images.train_set, [(i, D.sample_seed(seed, v, i)) for i in range(n)]))
+        for split in ("val", "test"):
+            if spec.samples(split):
+                jobs.append((split, 0, images.eval_set(split), eval_keys(len(spec.samples(split)), seed)))
+        name = head_module_name(spec.head)
+        head = spec.module.get_submodule(name) if name else spec.module
+        outs = compute_features(spec.module, head, [(ds, keys) for _, _, ds, keys in jobs], spec.runtime,
+                                E.eval_batch_size(spec.cfg.batch_size), spec.cfg.workers, report)
+        splits: dict[str, CachedSplit] = {}
+        for (split, _, ds, _), (feats, ok, bad) in zip(jobs, outs):
+            if split not in splits:
+                labels = torch.tensor([lab for _, lab in ds.samples], device=feats.device)
+                splits[split] = CachedSplit([], labels, ok, bad)
+            splits[split].views.append(feats)
+        if splits["train"].bad:
+            report.bad(splits["train"].bad)
+        report.notify(f"feature cache: {n} training images x {views} view(s), {splits['train'].views[0].shape[1]} "
+                      f"features each, built in {time.perf_counter() - t0:.1f} s (the frozen backbone runs once, not "
+                      "every epoch)")
+        return FeatureSource(spec, head, splits, images)
+
+    def train_batches(self, epoch, start, rank, world, batch_size):
+        """The same order and position as the images would have, features instead of images."""
+        cached = self.train
+        view = cached.views[epoch % len(cached.views)]
+        order = torch.tensor([i for i, _ in train_sampler(self.spec, epoch, start, rank, world)], device=view.device)
+        share = batch_size // world
+        with one_thread(view.device):
+            for b in range(0, len(order), share):
+                chunk = order[b: b + share]
+                idx = cached.rows(chunk)
+                if len(idx):
+                    yield view.index_select(0, idx), cached.labels.index_select(0, idx), len(chunk) * world, []
+                else:
+                    yield None, None, len(chunk) * world, []
+
+    def eval_batches(self, split, batch_size):
+        cached = self.splits[split]
+        feats = cached.views[0]
+        for b in range(0, len(cached.labels), batch_size):
+            idx = cached.rows(torch.arange(b, min(b + batch_size, len(cached.labels)), device=feats.device))
+            if len(idx):
+                yield feats.index_select(0, idx), cached.labels.index_select(0, idx), []
+
+
+@contextmanager
+def one_thread(device: torch.device):
+    """On a CPU, the head's steps run on one thread: each op is microseconds of work (a 4 x 1280 batch through one
+    Linear), and splitting it across threads costs more in fork/join than it saves — on this project's 2-core box a
+    step took 0.36 ms on one thread against 4-12 ms on two while other processes ran. Restored when the epoch's
+    batches end (or the loop leaves them: closing the generator runs the `finally`)."""
+    if device.type != "cpu":
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Jobs(torch.utils.data.Dataset):
+    """Several (dataset, keys) lists as one dataset, so one DataLoader (one start of its workers) runs them all."""
+
+    def __init__(self, jobs):
+        self.items = [(j, key) for j, (_, keys) in enumerate(jobs) for key in keys]
+        self.datasets = [ds for ds, _ in jobs]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        j, key = self.items[k]
+        return k, self.datasets[j][key]
+
+
+def _collate(batch):
+    """(images of the good samples, their positions, [(position, (path, reason))] of the bad ones)."""
+    good = [(k, t) for k, (t, _, problem) in batch if problem is None]
+    bad = [(k, problem) for k, (_, _, problem) in batch if problem is not None]
+    x = torch.stack([t for _, t in good]) if good else None
+    return x, [k for k, _ in good], bad
 
 
 @torch.no_grad()
-def compute_features(module: torch.nn.Module, head_name: str, dataset: D.ImageDataset, keys: list[tuple[int, int]],
-                     runtime, batch_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Run the backbone over `dataset` at the given (index, sample_seed) keys; returns (features, ok, bad)."""
-    head = module.get_submodule(head_name) if head_name else module
+def compute_features(module: torch.nn.Module, head: torch.nn.Module, jobs: list[tuple], runtime, batch_size: int,
+                     workers: int, report: Report | None = None) -> list[tuple[torch.Tensor, torch.Tensor, list]]:
+    """Run the backbone over each job's (dataset, [(index, sample_seed)]) in one pass; the input of `head` is the
+    feature. Returns per job (features (N, D), ok (N,), bad [(path, reason)])."""
+    report = report or Report()
     captured: list[torch.Tensor] = []
-
-    def grab(_mod, args):
-        captured.append(args[0].detach().float())
-
-    handle = head.register_forward_pre_hook(grab)
+    handle = head.register_forward_pre_hook(lambda _mod, args: captured.append(args[0].detach().float()))
     was_training = module.training
     module.eval()
-    feats: list[torch.Tensor | None] = [None] * len(keys)
-    ok = torch.zeros(len(keys), dtype=torch.bool)
+    dataset = _Jobs(jobs)
+    total = len(dataset)
+    feats: list[torch.Tensor | None] = [None] * total
     bad: dict[int, tuple[str, str]] = {}
     try:
-        loader = D.make_loader(dataset, _KeyList(keys), batch_size, workers,
-                               pin_memory=runtime.device.type == "cuda")
-        pos = 0
-        for x, y, batch_bad in loader:
-            n_keys = (0 if y is None else len(y)) + len(batch_bad)
-            chunk = keys[pos: pos + n_keys]
-            bad_paths = {p for p, _ in batch_bad}
-            good_rows = [i for i, (idx, _) in enumerate(chunk) if dataset.samples[idx][0] not in bad_paths]
-            for p, reason in batch_bad:
-                for i, (idx, _) in enumerate(chunk):
-                    if dataset.samples[idx][0] == p:
-                        bad[pos + i] = (p, reason)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                             pin_memory=runtime.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+        done = 0
+        for x, positions, batch_bad in loader:
+            bad.update(batch_bad)
             if x is not None:
                 captured.clear()
                 with runtime.autocast():
                     module(runtime.to_input(x))
-                f = captured[-1].flatten(1)
-                for j, i in enumerate(good_rows):
-                    feats[pos + i] = f[j]
-                    ok[pos + i] = True
-            pos += n_keys
+                for k, f in zip(positions, captured[-1].flatten(1)):
+                    feats[k] = f
+            done += len(positions) + len(batch_bad)
+            report.phase("caching features", done, total)
     finally:
         handle.remove()
         module.train(was_training)
+    return _split_jobs(jobs, feats, bad, runtime.device)
+
+
+def _split_jobs(jobs, feats, bad, device):
     dim = next((f.shape[0] for f in feats if f is not None), 0)
-    out = torch.stack([f if f is not None else torch.zeros(dim, device=runtime.device) for f in feats]) \
-        if feats else torch.empty(0, dim)
-    return out, ok.to(out.device), bad
-
-
-class _KeyList(torch.utils.data.Sampler):
-    """A fixed list of (index, sample_seed) keys, in order."""
-
-    def __init__(self, keys):
-        self.keys = keys
-
-    def __iter__(self):
-        return iter(self.keys)
-
-    def __len__(self):
-        return len(self.keys)
+    out, start = [], 0
+    for _, keys in jobs:
+        part = feats[start: start + len(keys)]
+        ok = torch.tensor([f is not None for f in part], dtype=torch.bool, device=device)
+        stacked = torch.stack([f if f is not None else torch.zeros(dim, device=device) for f in part]) if part \
+            else torch.empty(0, dim, device=device)
+        out.append((stacked, ok, [bad[k] for k in range(start, start + len(keys)) if k in bad]))
+        start += len(keys)
+    return out

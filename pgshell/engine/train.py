@@ -27,10 +27,9 @@ import torch.nn.functional as F
 from . import data as D
 from . import distributed as DIST
 from . import evaluate as E
-from . import features as FC
-from . import inputcache as IC
 from . import models as M
 from . import recipes as R
+from . import sources as SRC
 from .config import TrainConfig
 from .device import Runtime, resolve_runtime
 from .errors import PgError
@@ -141,6 +140,10 @@ def make_loss(cfg: TrainConfig, num_classes: int) -> Callable[[torch.Tensor, tor
 
 
 # ---------------------------------------------------------------- the trainer
+def _ignore(*_args) -> None:
+    return None
+
+
 class Trainer:
     """Holds the model, optimizer, schedule and position of one training run, and runs its loop."""
 
@@ -165,10 +168,11 @@ class Trainer:
         self._recipe_handlers: list[Handler] = []
         self.last: dict[str, Any] = {}  # last train/val metrics, for `show`
         self._opt_state: dict | None = None  # optimizer state by parameter name, kept across rebuilds
-        self._fcache: dict | None = None  # the frozen-backbone feature cache (engine/features.py), when built
-        self._use_cache = False
-        self._icache: dict | None = None  # the decoded-image cache (engine/inputcache.py), when in use
+        self.source: SRC.BatchSource | None = None  # where the run's batches come from (engine/sources.py::choose)
         self.scaler_state: dict | None = None
+        for name, default in (("notify", _ignore), ("on_bad", _ignore), ("on_phase", _ignore)):
+            if not hasattr(self, name):  # set by whoever runs the trainer: notes, bad files, progress of cache builds
+                setattr(self, name, default)
         self.setup()
 
     # ---------------- (re)building from the config: called at the start of each run and after changes
@@ -193,12 +197,7 @@ class Trainer:
             self.net = DistributedDataParallel(self.built.module, device_ids=[self.runtime.device.index] if cuda else None)
         if cfg.compile:  # compiled lazily at the first batch; checkpoints keep using the plain module
             self.net = torch.compile(self.net)
-        self.train_set = D.ImageDataset(self.splits.train, D.build_transform(
-            self.built.data_config, train=True, size=self.size, augment=cfg.augment, policy=cfg))
-        eval_tf = D.build_transform(self.built.data_config, train=False, size=self.size, policy=cfg)
-        self.eval_sets = {"val": D.ImageDataset(self.splits.val, eval_tf), "train": D.ImageDataset(self.splits.train, eval_tf)}
-        if self.splits.test:
-            self.eval_sets["test"] = D.ImageDataset(self.splits.test, eval_tf)
+        self.loader = SRC.LoaderSource(self.data_spec())  # the reference path; `source` when no cache is chosen
         self.loss_fn = make_loss(cfg, len(self.splits.classes))
         self._rebuild_optimizer()
         self.scaler = torch.amp.GradScaler(self.runtime.device.type) if self.runtime.fp16 else None
@@ -393,28 +392,10 @@ class Trainer:
         return self.pos.batch + max(0, math.ceil(left / self.cfg.batch_size))
 
     def _batches(self):
-        """(images, labels, samples consumed, bad files) from the current position to the end of the epoch."""
+        """(x, y, samples consumed, bad files) from the current position to the end of the epoch, read straight
+        through the run's source (images, decoded images or stored features: the same order and position)."""
         w = self.world
-        sampler = D.EpochSampler(len(self.splits.train), self.cfg.seed, self.pos.epoch, start=self.pos.sample,
-                                 rank=w.rank, world=w.size, weights=R.sample_weights(self.cfg, self.splits))
-        if self._use_cache:  # the same order and position, features instead of images
-            cached: FC.CachedSplit = self._fcache["train"]
-            view = cached.views[self.pos.epoch % len(cached.views)]
-            keys = [i for i, _ in sampler]
-            for b in range(0, len(keys), self.cfg.batch_size):
-                idx = torch.tensor(keys[b: b + self.cfg.batch_size], device=view.device)
-                good = idx[cached.ok[idx]]
-                x = view[good] if len(good) else None
-                yield x, (cached.labels[good] if len(good) else None), len(idx), []
-            return
-        if self._icache_on():
-            yield from self._icache_batches("train", list(sampler), self.cfg.batch_size, w.size)
-            return
-        loader = D.make_loader(self.train_set, sampler, self.cfg.batch_size // w.size, self.cfg.workers,
-                               pin_memory=self.runtime.device.type == "cuda")
-        for x, y, bad in loader:
-            # every process yields equal shares (the sampler pads by wrapping): the global count is share x world
-            yield x, y, ((0 if y is None else len(y)) + len(bad)) * w.size, bad
+        yield from self.source.train_batches(self.pos.epoch, self.pos.sample, w.rank, w.size, self.cfg.batch_size)
 
     def _train_mode(self) -> None:
         self.net.train()
@@ -493,34 +474,51 @@ class Trainer:
                     "train_accuracy": self.last.get("train_accuracy")}
         self.events.fire("after_epoch", self, ctx)
 
+    # ---------------- batch sources (engine/sources.py)
+    def data_spec(self) -> SRC.DataSpec:
+        """What the batch sources depend on, as of now."""
+        return SRC.DataSpec(self.splits, self.built.data_config, self.size, self.cfg, self.runtime, self.built.module,
+                            list(self.built.head), self.world.active, isinstance(self.net, torch.nn.DataParallel))
+
+    def _prepare_batches(self, note: Callable[[str], None] | None = None) -> None:
+        """Choose this run's batch source (once, at the start of a run): reused while valid, else built — a feature
+        pass or a decode can take a while, reported through on_phase."""
+        report = SRC.Report(notify=note or self.notify, bad=self.on_bad, phase=self.on_phase)
+        self.source = SRC.choose(self.data_spec(), self.source, self.loader, report)
+
+    def _train_module(self) -> torch.nn.Module:
+        """What training batches go through: the model, or only its head when the batches are stored features."""
+        return self.source.module(self.net)
+
+    def _eval_source(self, module: torch.nn.Module | None) -> SRC.BatchSource:
+        """The run's source while it still matches the model and settings (else the DataLoader); images for a
+        module given from outside (a feature cache holds the features of the trainer's own backbone only)."""
+        spec = self.data_spec()
+        src = (self.source if self.source is not None and self.source.valid_for(spec) else self.loader).bind(spec)
+        return src if module is None else src.images
+
     # ---------------- evaluation
     def evaluate(self, split: str = "val", collect: bool = False, module: torch.nn.Module | None = None) -> dict:
         """Loss and accuracy over a split with the eval transform; `collect` also returns logits and labels.
 
-        With the feature cache or the decoded-image cache active, the split's stored features or images go through
-        the model in the batches the plain pass would use, and every path sums through engine.evaluate.accumulate,
-        so the figures agree. The plain pass is engine.evaluate.evaluate_dataset, shared with the evaluation of saved
-        checkpoints; it restores every submodule's train/eval mode afterwards (`module`, when given, is evaluated
-        instead of the trainer's own model and is left as it was)."""
-        ds = self.eval_sets.get(split)
-        if ds is None or len(ds) == 0:
+        The batches come from the run's source (the feature cache: stored features through the head; the input
+        cache: stored eval crops through the model; otherwise the DataLoader) in the batches the plain pass would
+        use, and every path sums through engine.evaluate.accumulate, so the figures agree. Every submodule's
+        train/eval mode is restored afterwards (`module`, when given, is evaluated instead of the trainer's own model
+        and is left as it was)."""
+        if split not in ("train", "val", "test") or not getattr(self.splits, split):
             raise PgError(f"there is no {split} split in this dataset")
+        src = self._eval_source(module)
         # under DDP every process evaluates the whole split on its unwrapped model: no collectives, same figures
-        net = module if module is not None else (self.built.module if self.world.active else self.net)
-        classes = len(self.splits.classes)
-        cached = self._fcache.get(split) if (module is None and self._cache_valid()) else None
-        if cached is not None:
-            with E._EvalMode(net):
-                res = E.accumulate(self._cached_eval_batches(cached), self.loss_fn, collect, classes)
-        elif self._icache_on() and split in self._icache:
-            keys = list(D.EpochSampler(len(ds), self.cfg.seed, 0, shuffle=False))
-            with E._EvalMode(net):
-                res = E.accumulate(((None, None, bad) if x is None else (self._forward_eval(net, x), y.to(x.device), bad)
-                                    for x, y, _, bad in self._icache_batches(split, keys, self.eval_batch_size, 1)),
-                                   self.loss_fn, collect, classes)
-        else:
-            res = E.evaluate_dataset(net, ds, self.loss_fn, self.runtime, self.cfg.batch_size, self.cfg.workers,
-                                     self.cfg.seed, collect=collect, num_classes=classes, tta=self.cfg.tta)
+        net = module if module is not None else src.module(self.built.module if self.world.active else self.net)
+        dev = self.runtime.device
+
+        def outputs():
+            for x, y, bad in src.eval_batches(split, self.eval_batch_size):
+                yield (None, None, bad) if x is None else (self._forward_eval(net, x), y.to(dev), bad)
+
+        with torch.no_grad(), E._EvalMode(net):
+            res = E.accumulate(outputs(), self.loss_fn, collect, len(self.splits.classes))
         return {"split": split, **res}
 
     @property
@@ -528,165 +526,8 @@ class Trainer:
         return E.eval_batch_size(self.cfg.batch_size)
 
     def _forward_eval(self, net, x):
-        return E.forward_tta(net, self.runtime.to_input(x), self.runtime, self.cfg.tta)
-
-    # ---------------- the decoded-image cache
-    def _icache_on(self) -> bool:
-        return self._icache is not None and self._icache["key"] == self._icache_key()
-
-    def _icache_key(self) -> tuple:
-        return (self.size, self.cfg.augment, len(self.splits.train), tuple(self.splits.train[:1]),
-                len(self.splits.val), str(self.runtime.device), repr(self.eval_sets["val"].transform))
-
-    def _prepare_batches(self, note=None) -> None:
-        """Choose the run's data path: the frozen-feature cache, the decoded-input cache, or the image loader."""
-        self._use_cache = self._prepare_feature_cache()
-        self._prepare_input_cache()
-
-    def _train_module(self):
-        """What a training batch goes through: the head alone on cached features, else the whole network."""
-        return self._fcache["head"] if self._use_cache else self.net
-
-    def _prepare_input_cache(self) -> None:
-        mode = self.cfg.input_cache
-        wanted = (mode == "on" or (mode == "auto" and self.runtime.device.type == "cuda")) and not self._use_cache \
-            and not self.world.active
-        unsupported = D.input_cache_unsupported(self.cfg) if wanted and self.cfg.augment else []
-        if unsupported:
-            self.notify(f"input cache off: its device augmentation cannot do {', '.join(unsupported)}; "
-                        "the DataLoader applies the policy")
-        if not wanted or unsupported:
-            self._icache = None
-            return
-        if self._icache_on():
-            return
-        from torchvision.transforms import CenterCrop
-
-        note = self.notify
-        resize, crop, side, mean, std = IC.eval_steps(D.policy_data_config(self.built.data_config, self.cfg), self.size)
-        size = crop.size[0] if isinstance(crop.size, (tuple, list)) else int(crop.size)
-        desc = f"{resize!r}|{crop!r}"
-        cache = {"key": self._icache_key(), "size": size, "mean": mean.to(self.runtime.device),
-                 "std": std.to(self.runtime.device)}
-        if self.cfg.augment:
-            stored = IC.build(self.splits.train, side, resize, CenterCrop(side), desc, self.cfg.workers, note)
-        else:
-            stored = IC.build(self.splits.train, size, resize, crop, desc, self.cfg.workers, note)
-        if stored is None:
-            self._icache = None
-            return
-        cache["train"] = stored
-        for split in ("val", "test"):
-            samples = getattr(self.splits, split)
-            if samples:
-                st = IC.build(samples, size, resize, crop, desc, self.cfg.workers, note)
-                if st is None:
-                    self._icache = None
-                    return
-                cache[split] = st
-        if stored.bad:
-            self.on_bad(stored.bad)
-        self._icache = cache
-
-    def _icache_batches(self, split: str, keys: list, batch_size: int, world: int):
-        """Batches from the decoded cache: (images on the device, labels, samples consumed, bad)."""
-        c, stored = self._icache, self._icache[split]
-        samples = getattr(self.splits, split)
-        augment = split == "train" and self.cfg.augment
-        dev = self.runtime.device
-        for b in range(0, len(keys), batch_size):
-            chunk = keys[b: b + batch_size]
-            idx = [i for i, _ in chunk if stored.ok[i]]
-            if not idx:
-                yield None, None, len(chunk) * world, []
-                continue
-            u8 = torch.from_numpy(stored.array[idx])
-            if dev.type == "cuda":
-                u8 = u8.pin_memory()
-            u8 = u8.to(dev, non_blocking=True)
-            if augment:
-                seeds = [s for i, s in chunk if stored.ok[i]]
-                x = IC.augment_batch(u8, seeds, c["size"], c["mean"], c["std"])
-            else:
-                x = IC.plain_batch(u8, c["mean"], c["std"])
-            y = torch.tensor([samples[i][1] for i in idx])
-            yield x, y, len(chunk) * world, []
-
-    def _cached_eval_batches(self, cached: FC.CachedSplit):
-        head, feats = self._fcache["head"], cached.views[0]
-        for b in range(0, len(cached.labels), self.eval_batch_size):
-            idx = torch.arange(b, min(b + self.eval_batch_size, len(cached.labels)), device=feats.device)
-            good = idx[cached.ok[idx]]
-            if not len(good):
-                continue
-            with self.runtime.autocast():
-                out = head(feats[good])
-            yield out.float(), cached.labels[good], []
-
-    # ---------------- the frozen-backbone feature cache
-    def _cache_applicable(self) -> bool:
-        trainable = {n for n, p in self.built.module.named_parameters() if p.requires_grad}
-        return bool(self.cfg.feature_cache and trainable and trainable <= set(self.built.head)
-                    and not isinstance(self.net, torch.nn.DataParallel) and not self.world.active
-                    and not R.needs_images(self.cfg))
-
-    def _cache_key(self) -> tuple:
-        """Everything the cached features depend on: the frozen set and its weights, the transform (size, augment,
-        views), the data, the device and precision, the batching of the backbone pass."""
-        module = self.built.module
-        frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
-        buffers = [n for n, _ in module.named_buffers()]
-        return (FC.fingerprint(module, frozen + buffers), tuple(frozen), self.size, self.cfg.augment, self._views,
-                self.cfg.seed, tuple(self.splits.train[:1] + self.splits.train[-1:]), len(self.splits.train),
-                len(self.splits.val), str(self.runtime.device), str(self.runtime.amp_dtype), self.eval_batch_size,
-                repr(self.train_set.transform), repr(self.eval_sets["val"].transform))
-
-    @property
-    def _views(self) -> int:
-        return self.cfg.feature_views if self.cfg.augment else 1
-
-    def _cache_valid(self) -> bool:
-        return self._fcache is not None and self._cache_applicable() and self._fcache["key"] == self._cache_key()
-
-    def _prepare_feature_cache(self) -> bool:
-        """Build (or reuse) the cache when only the head trains; rebuilt whenever its key changes (unfreeze, new
-        weights, another size or augmentation, other data)."""
-        if not self._cache_applicable():
-            return False
-        module = self.built.module
-        head_name = FC.head_module_name(self.built.head)
-        views = self._views
-        key = self._cache_key()
-        if self._fcache is not None and self._fcache["key"] == key:
-            return True
-        t0 = time.perf_counter()
-        n = len(self.splits.train)
-        train_views, ok, bad = [], None, {}
-        for v in range(views):
-            if views == 1:  # one unaugmented view
-                ds, keys = self.eval_sets["train"], [(i, D.sample_seed(self.cfg.seed, 0, i)) for i in range(n)]
-            else:  # view v seeded as the uncached loop seeds epoch v
-                ds, keys = self.train_set, [(i, D.sample_seed(self.cfg.seed, v, i)) for i in range(n)]
-            f, ok, bad = FC.compute_features(module, head_name, ds, keys, self.runtime, self.eval_batch_size,
-                                             self.cfg.workers)
-            train_views.append(f)
-        dev = train_views[0].device
-        labels = torch.tensor([lab for _, lab in self.splits.train], device=dev)
-        cache = {"key": key, "head": module.get_submodule(head_name) if head_name else module,
-                 "train": FC.CachedSplit(train_views, labels, ok, bad)}
-        for split in ("val", "test"):
-            ds = self.eval_sets.get(split)
-            if ds is not None and len(ds):
-                keys = [(i, D.sample_seed(self.cfg.seed, 0, i)) for i in range(len(ds))]
-                f, vok, vbad = FC.compute_features(module, head_name, ds, keys, self.runtime, self.eval_batch_size,
-                                                   self.cfg.workers)
-                cache[split] = FC.CachedSplit([f], torch.tensor([lab for _, lab in ds.samples], device=dev), vok, vbad)
-        self._fcache = cache
-        if bad:
-            self.on_bad(list(bad.values()))
-        self.notify(f"feature cache: {n} training images x {views} view(s), {train_views[0].shape[1]} features each, "
-                    f"built in {time.perf_counter() - t0:.1f} s (the frozen backbone runs once, not every epoch)")
-        return True
+        tta = self.cfg.tta if x.dim() == 4 else "none"  # cached features are not images: nothing to mirror
+        return E.forward_tta(net, self.runtime.to_input(x), self.runtime, tta)
 
     # ---------------- checkpoint state
     def state_dict(self) -> dict:
