@@ -19,7 +19,7 @@ from pgshell.engine import models as M
 from pgshell.engine import sources as SRC
 from pgshell.engine.config import TrainConfig
 from pgshell.engine.device import Runtime
-from pgshell.engine.train import Callbacks, Trainer
+from pgshell.engine.train import Trainer
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
@@ -41,7 +41,8 @@ def _trainer(folder, size=32, **settings) -> Trainer:
 
 def _run(tr: Trainer, **kw):
     notes, bad = [], []
-    res = tr.run(callbacks=Callbacks(on_note=notes.append, on_bad=bad.extend), **kw)
+    tr.notify, tr.on_bad = notes.append, bad.extend
+    res = tr.run(**kw)
     return res, notes, bad
 
 

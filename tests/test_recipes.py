@@ -673,10 +673,11 @@ def test_the_trainer_uses_the_policy_tta_and_keeps_layer_scales_live(tmp_path, s
                   layer_decay=0.5, batch_size=8)
     s, tr = _trainer(tmp_path, split_folder, **policy)
     cfg = s.config
-    assert repr(tr.train_set.transform) == repr(D.build_transform(s.built.data_config, True, 32, policy=cfg))
-    assert repr(tr.eval_sets["val"].transform) == repr(D.build_transform(s.built.data_config, False, 32, policy=cfg))
+    spec = tr.data_spec()
+    assert repr(spec.transform(True)) == repr(D.build_transform(s.built.data_config, True, 32, policy=cfg))
+    assert repr(spec.transform(False)) == repr(D.build_transform(s.built.data_config, False, 32, policy=cfg))
     res = tr.evaluate("val", collect=True)
-    ref = E.evaluate_dataset(tr.net, tr.eval_sets["val"], tr.loss_fn, tr.runtime, 8, collect=True, tta="flip")
+    ref = E.evaluate_dataset(tr.net, spec.dataset("val"), tr.loss_fn, tr.runtime, 8, collect=True, tta="flip")
     assert torch.equal(res["logits"], ref["logits"])
     scales = [g["lr"] / 0.001 for g in tr.optimizer.param_groups]
     tr.apply_live("lr", 0.01)
@@ -685,6 +686,8 @@ def test_the_trainer_uses_the_policy_tta_and_keeps_layer_scales_live(tmp_path, s
 
 
 def test_the_balanced_sampler_reaches_the_loop_and_images_are_kept_for_mixup_and_tta(tmp_path):
+    from pgshell.engine.features import FeatureSource
+
     root = make_images(tmp_path / "imb", classes=("big",), per_class=20)
     make_images(root, classes=("small",), per_class=4, seed=3)
     s, tr = _trainer(tmp_path, root, sampler="balanced", batch_size=8, lr=0.0)
@@ -704,9 +707,9 @@ def test_the_balanced_sampler_reaches_the_loop_and_images_are_kept_for_mixup_and
     s.freeze(["backbone"])
     for name, value in (("mixup", 0.8), ("tta", "flip")):
         s.set(name, value)
-        assert not s.ensure_trainer()._cache_applicable()  # the feature cache would hand the loop features
+        assert not FeatureSource.applies(s.ensure_trainer().data_spec())  # it would hand the loop features
         s.set(name, {"mixup": 0.0, "tta": "none"}[name])
-    assert s.ensure_trainer()._cache_applicable()
+    assert FeatureSource.applies(s.ensure_trainer().data_spec())
     s.close(save=False)
 
 

@@ -90,10 +90,13 @@ class FeatureSource(BatchSource):
 
     @staticmethod
     def applies(spec: DataSpec) -> bool:
-        """Only the head trains (and the model is not wrapped for several devices)."""
+        """Only the head trains (and the model is not wrapped for several devices), and no recipe needs the images
+        themselves (mixup mixes pixels, TTA mirrors them)."""
+        from .recipes import needs_images
+
         trainable = {n for n, p in spec.module.named_parameters() if p.requires_grad}
         return bool(spec.cfg.feature_cache and trainable and trainable <= set(spec.head) and not spec.wrapped
-                    and not spec.distributed)
+                    and not spec.distributed and not needs_images(spec.cfg))
 
     @staticmethod
     def views(spec: DataSpec) -> int:

@@ -162,7 +162,7 @@ def choose(spec: DataSpec, current: BatchSource | None, loader: LoaderSource, re
         return loader
     from . import features as FC  # imported when needed: a run on the DataLoader never loads the cache modules
 
-    if FC.FeatureSource.applies(spec) and not R.needs_images(spec.cfg):  # mixup, TTA: images, not features
+    if FC.FeatureSource.applies(spec):
         if isinstance(current, FC.FeatureSource) and current.valid_for(spec):
             return current.bind(spec)
         return FC.FeatureSource.build(spec, loader, report)
