@@ -112,9 +112,9 @@ def test_probe_is_recorded_and_shown_by_show_and_compare(trained):
     from pgshell.engine.features import compute_features, head_module_name
 
     tf = D.build_transform(s.built.data_config, train=False, size=32)
-    feats = [compute_features(s.built.module, head_module_name(s.built.head), D.ImageDataset(split, tf),
-                              [(i, 0) for i in range(len(split))], s.trainer.runtime, 64, 0)[0]
-             for split in (s.splits.train, s.splits.val)]
+    head = s.built.module.get_submodule(head_module_name(s.built.head))
+    jobs = [(D.ImageDataset(split, tf), [(i, 0) for i in range(len(split))]) for split in (s.splits.train, s.splits.val)]
+    feats = [f for f, _ok, _bad in compute_features(s.built.module, head, jobs, s.trainer.runtime, 64, 0)]
     labels = [torch.tensor([c for _, c in split]) for split in (s.splits.train, s.splits.val)]
     assert PR.accuracy(PR.knn_scores(feats[0], labels[0], feats[1], 3, k=5), labels[1]) == knn["accuracy"]
     recorded = json.loads((s.folder / "probe.json").read_text())

@@ -81,14 +81,21 @@ def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list,
     out.append(" " * pad + " └" + "".join(axis))
     left, right = _fmt(x0), _fmt(x1)
     out.append(" " * (pad + 2) + left + " " * max(1, width - len(left) - len(right)) + right + "  " + xlabel)
+    out += [" " * (pad + 2) + line for line in _footer(lines, points, changes)]
+    return "\n".join(out)
+
+
+def _footer(lines: list, points: list, changes: list) -> list[str]:
+    """The legend of an overlay, and the changes marked on the axis."""
+    out = []
     if len(lines) > 1:
         legend = [f"⣿ {lines[0][0]}"] + [f"{_LINE_MARKS[(k - 1) % len(_LINE_MARKS)]} {name}"
                                           for k, (name, _, _) in enumerate(lines) if k]
-        out.append(" " * (pad + 2) + "   ".join(legend) + "   (val: " +
+        out.append("   ".join(legend) + "   (val: " +
                    ", ".join(f"{_POINT_MARKS[k % len(_POINT_MARKS)]} {n}" for k, (n, _, _) in enumerate(points)) + ")")
     if changes:
-        out.append(" " * (pad + 2) + f"{_CHANGE} " + " · ".join(f"{x - 0.5:g} {text}" for x, text in changes))
-    return "\n".join(out)
+        out.append(f"{_CHANGE} " + " · ".join(f"{x - 0.5:g} {text}" for x, text in changes))
+    return out
 
 
 def _segment(a: tuple[int, int], b: tuple[int, int]):

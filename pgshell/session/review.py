@@ -343,14 +343,7 @@ def _rows_of(source: str, skipped: dict | None = None) -> tuple[str, list[dict],
 
     p = Path(source).expanduser()
     if p.suffix == ".session":
-        try:
-            doc = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise PgError(f"no session file {p}") from None
-        except (OSError, ValueError):
-            raise PgError(f"{p} is not a readable session file") from None
-        folder = p.parent / str(doc.get("folder") or p.stem)
-        name, csv_path = p.stem, folder / "metrics.csv"
+        name, csv_path = p.stem, _session_folder(p, _session_doc(p)) / "metrics.csv"
     elif p.is_dir():
         name, csv_path = p.name, p / "metrics.csv"
     else:
@@ -548,7 +541,8 @@ def explain(s: "Session", image: str, cls: str | None = None, out: str | None = 
 
     from ..engine import data as D
     from ..engine import explain as X
-    from ..engine.inputcache import eval_steps
+    from ..engine.inputcache import EvalCrop
+    from ..engine.sources import DataSpec
 
     module, classes, size, data_config, source = _model_for_use(s, checkpoint)
     index = _class_index(classes, cls) if cls is not None else None
@@ -558,8 +552,8 @@ def explain(s: "Session", image: str, cls: str | None = None, out: str | None = 
         raise PgError(f"cannot read {image}: {e}") from None
     x = D.build_transform(data_config, train=False, size=size)(picture)[None]
     res = X.activation_map(module, x.to(next(module.parameters()).device), index, method)
-    resize, crop, *_ = eval_steps(data_config, size)
-    full = X.to_image_frame(res["map"], picture.size, resize.size, crop.size)
+    steps = EvalCrop.for_spec(DataSpec(s.splits, data_config, size, s.config, None, module))
+    full = X.to_image_frame(res["map"], picture.size, steps.resize.size, steps.crop.size)
     probs = res["probabilities"]
     result = {"image": str(image), "class": classes[res["class"]], "probability": probs[res["class"]].item(),
               "predicted": classes[int(probs.argmax())], "map": full, "input_map": res["map"], "layer": res["layer"],
@@ -594,7 +588,7 @@ def _probe_key(s: "Session") -> tuple:
 
 def _probe_features(s: "Session", tr) -> dict:
     """{"train"|"val": (features, labels)} of the usable images: the head's input, the backbone in eval mode, with
-    the eval transform. Runs through Session._apply (the data path seeds the process-wide generators)."""
+    the eval transform. Runs through Session.apply (the data path seeds the process-wide generators)."""
     import torch
 
     from ..engine import data as D
@@ -604,14 +598,15 @@ def _probe_features(s: "Session", tr) -> dict:
     key = _probe_key(s)
     if key in _probe_features_cache:
         return _probe_features_cache[key]
-    head = head_module_name(s.built.head)
+    name = head_module_name(s.built.head)
+    head = s.built.module.get_submodule(name) if name else s.built.module
     transform = D.build_transform(s.built.data_config, train=False, size=_size_of(s))
+    splits = {split: getattr(s.splits, split) for split in ("train", "val")}
+    jobs = [(D.ImageDataset(samples, transform), [(i, 0) for i in range(len(samples))]) for samples in splits.values()]
+    found = compute_features(s.built.module, head, jobs, tr.runtime, eval_batch_size(tr.cfg.batch_size),
+                             tr.cfg.workers)
     out = {}
-    for split in ("train", "val"):
-        samples = getattr(s.splits, split)
-        x, ok, _bad = compute_features(s.built.module, head, D.ImageDataset(samples, transform),
-                                       [(i, 0) for i in range(len(samples))], tr.runtime,
-                                       eval_batch_size(tr.cfg.batch_size), tr.cfg.workers)
+    for (split, samples), (x, ok, _bad) in zip(splits.items(), found):
         y = torch.tensor([label for _, label in samples], device=x.device)
         out[split] = (x[ok], y[ok])
     _probe_features_cache.clear()
