@@ -251,3 +251,12 @@ def test_eval_omits_top5_when_there_are_5_classes_or_fewer(app, split_folder):
     ok, out, _ = run(app, "eval")
     assert ok and app.last_result["val"]["top5"] is None
     assert out.splitlines()[1].split() == ["split", "loss", "accuracy", "images"]
+
+
+# ====================================================================== item 12: offline, weights are "not cached"
+def test_models_says_not_cached_offline_and_how_to_fill_the_cache(app, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    ok, out, _ = run(app, "models resnet18.a1")
+    rows = app.last_result
+    assert ok and rows and all(r["weights"] == "not cached" for r in rows if r["source"] == "timm")
+    assert "download" not in out and "--weights FILE" in out and "$HF_HOME/hub" in out

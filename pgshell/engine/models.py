@@ -242,7 +242,7 @@ def list_models(pattern: str = "", limit: int = 50) -> list[dict[str, Any]]:
     An empty pattern lists the seed families only. A pattern with * ? [ is an fnmatch pattern, anything else a
     substring; "tv:PATTERN" / "timm:PATTERN" search one source only ("tv:" alone: all of torchvision). Each row:
     name, source, family, params (counted on the meta device, None when that fails), input_size, weights
-    ("cached" | "download" | "-"), full_name.
+    ("cached" | "download" | "not cached" when their host cannot be reached | "-"), full_name.
     """
     pattern = pattern.strip().lower()
     only = ""
@@ -271,6 +271,19 @@ def list_models(pattern: str = "", limit: int = 50) -> list[dict[str, Any]]:
             rows.append(_catalogue_row(name, "timm", name))
         else:
             rows.append(_catalogue_row("tv:" + name, "torchvision", "torchvision:" + name))
+    return _offline_marks(rows)
+
+
+def _offline_marks(rows: list[dict]) -> list[dict]:
+    """'download' only where the weights' host can be reached: offline they are 'not cached' (one check a source)."""
+    reachable: dict[str, bool] = {}
+    for r in rows:
+        if r.get("weights") == "download":
+            source = "timm" if r.get("source") in ("timm", "seed") else "torchvision"
+            if source not in reachable:
+                reachable[source] = _online(source)
+            if not reachable[source]:
+                r["weights"] = "not cached"
     return rows
 
 

@@ -37,6 +37,15 @@ def add_wide(p: Cmd2ArgumentParser) -> None:
                    help="every column, however wide (by default tables fit the terminal)")
 
 
+def add_sessions(p: Cmd2ArgumentParser, default: str, out: str) -> None:
+    """SESSION ... (several sessions side by side) and --out FILE of a command that reads other sessions."""
+    from cmd2 import Cmd
+
+    p.add_argument("sessions", nargs="*", metavar="SESSION", completer=Cmd.path_complete,
+                   help=f"NAME, NAME.session or a session folder (default: {default})")
+    p.add_argument("--out", metavar=f"FILE.{out.lower()}", completer=Cmd.path_complete, help=f"write a {out}")
+
+
 class Commands(CommandSet):
     """A command category. It is given the session it works on (cmd2's commandset_custominit pattern); printing,
     results and waiting go through the app, `self._cmd`."""

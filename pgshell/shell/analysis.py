@@ -10,7 +10,7 @@ from cmd2 import with_argparser
 
 from ..session import review as A
 from ..session.describe import evaluated_line
-from ._common import Commands, parser
+from ._common import Commands, add_sessions, parser
 from ._table import fit_table
 
 _CHECKPOINT_HELP = "EPOCH (a number), best, last, or a checkpoint file (`checkpoints` lists them)"
@@ -69,9 +69,7 @@ class AnalysisCommands(Commands):
                          "`train` after a finished run). In the terminal, or a PNG with --out. Name session files to "
                          "overlay several runs; --x epoch or time compares runs whose batch sizes differ.",
                          "plot --out runs.png sessions/a.session sessions/b.session")
-    plot_parser.add_argument("sessions", nargs="*", metavar="SESSION", completer=cmd2.Cmd.path_complete,
-                             help=".session files (default: this session)")
-    plot_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete, help="write a PNG")
+    add_sessions(plot_parser, "this session", "PNG")
     plot_parser.add_argument("--smooth", type=int, default=10, metavar="N", help="moving mean over N batches (1: off)")
     plot_parser.add_argument("--metric", choices=("loss", "accuracy", "lr", "all"), default="all")
     plot_parser.add_argument("--trial", default="", metavar="N", help="a tuning trial's rows (default: training)")

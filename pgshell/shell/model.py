@@ -37,6 +37,10 @@ class ModelCommands(Commands):
                  for r in rows]
         self._cmd.ptable(table, ["model", "family", "source", "params", "input", "weights"], wide=args.wide,
                          drop=["family", "source", "input"], wrap=["model"])
+        if any(r.get("weights") == "not cached" for r in rows):
+            self._cmd.poutput("not cached: no network here, so --pretrained finds them only in the local cache — copy "
+                              "them into $HF_HOME/hub (timm) or $TORCH_HOME/hub/checkpoints (torchvision) from a "
+                              "machine that has them, or load a file with --weights FILE")
         self._cmd.last_result = rows
 
     def complete_model(self, text: str, line: str, begidx: int, endidx: int) -> Completions:

@@ -13,7 +13,7 @@ from cmd2 import with_argparser
 
 from ..session import review as A
 from ..engine.errors import PgError
-from ._common import Commands, _fmt_secs, parser
+from ._common import Commands, _fmt_secs, add_sessions, parser
 from ._table import fit_table
 from .analysis import _CHECKPOINT_HELP, _f
 
@@ -135,9 +135,7 @@ class ReviewCommands(Commands):
                             "accuracy and loss (@ their epoch), the probes, training time (batches only) and disk. "
                             "Default: every session under the sessions folder.",
                             "compare sessions/a.session sessions/b.session --out runs.csv")
-    compare_parser.add_argument("sessions", nargs="*", metavar="SESSION", completer=cmd2.Cmd.path_complete,
-                                help="NAME or NAME.session (default: all)")
-    compare_parser.add_argument("--out", metavar="FILE.csv", completer=cmd2.Cmd.path_complete, help="write a CSV")
+    add_sessions(compare_parser, "every session", "CSV")
 
     @with_argparser(compare_parser)
     def do_compare(self, args):
