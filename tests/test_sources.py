@@ -160,11 +160,16 @@ def test_a_dataset_from_the_local_cache_by_name(tmp_path, split_folder, monkeypa
 def test_the_input_cache_key_follows_the_table_file(tmp_path, split_folder):
     folder = _hf_from_folders(split_folder, tmp_path / "hf")
     samples = D.resolve_data(str(folder)).train
-    key = IC._key(samples, 32, "r")
-    assert key == IC._key(samples, 32, "r") and key != IC._key(samples[1:], 32, "r")
+
+    class Layout:  # what the key reads of the stored layout
+        def desc(self):
+            return "32|r"
+
+    key = IC._key(samples, Layout())
+    assert key == IC._key(samples, Layout()) and key != IC._key(samples[1:], Layout())
     table = Path(_arrow.parse(samples[0][0])[0])
     table.write_bytes(table.read_bytes() + b"\0")  # the table changed: the decoded images may have too
-    assert IC._key(samples, 32, "r") != key
+    assert IC._key(samples, Layout()) != key
 
 
 # ------------------------------------------------------------------------------------------- training and resume

@@ -186,10 +186,24 @@ def move_folder(s, name: str, root: Path, replace: bool = False) -> None:
     (one folder, not two copies); a named one's is copied, leaving the old session as it was saved. `replace`
     removes another session already there — whole, and only once its lock is ours."""
     old_folder, old_file = s.folder, s.file
+    if not s._writes:  # DDP: rank 0 alone moves files; the others follow the name
+        s.use_name(name, root)
+        old_folder = None
+    else:
+        _move_files(s, name, root, replace, old_folder, old_file)
+    s.auto_named = False
+    saver = s.saver
+    if saver.latest is not None:
+        saver.latest = s.folder / "checkpoints" / saver.latest.name
+    if saver.best and old_folder is not None:
+        saver.best["path"] = str(Path(name) / Path(saver.best["path"]).relative_to(old_folder.name))
+
+
+def _move_files(s, name: str, root: Path, replace: bool, old_folder: Path | None, old_file: Path | None) -> None:
     root.mkdir(parents=True, exist_ok=True)  # fails (unwritable place) before anything changed
     if replace:
         _remove_session(root, name)
-    elif s._writes and other_session(s, name, root):
+    elif other_session(s, name, root):
         raise SessionExists(f"{root / name}.session exists: `save {root / name}.session --force` replaces it")
     target = root / name
     if old_folder is None or not old_folder.exists():
@@ -203,12 +217,6 @@ def move_folder(s, name: str, root: Path, replace: bool = False) -> None:
     else:
         shutil.copytree(old_folder, target, ignore=shutil.ignore_patterns(LOCK_NAME))
         s.use_name(name, root)  # takes the new folder's lock, then lets the old one go
-    s.auto_named = False
-    saver = s.saver
-    if saver.latest is not None:
-        saver.latest = s.folder / "checkpoints" / saver.latest.name
-    if saver.best and old_folder is not None:
-        saver.best["path"] = str(Path(name) / Path(saver.best["path"]).relative_to(old_folder.name))
 
 
 def _rename(src: Path, dst: Path) -> None:
