@@ -103,11 +103,12 @@ def test_interactive_train_pause_continue_ctrl_c_quit(tmp_path, split_folder):
 
 def test_interactive_pause_quit_reopen_continue_is_exact(tmp_path, split_folder):
     """Pause anywhere, quit, `pgshell -s`, `continue`: the same weights as one uninterrupted run."""
-    setup = [f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"]
+    # batch_size 2: 15 batches an epoch, so the run is still going when `pause` arrives (with 4 it could end first)
+    setup = [f"data {split_folder} --size 32", "load test_resnet", "set batch_size 2"]
     sh = spawn(tmp_path)
     for line in setup:
         sh.cmd(line)
-    sh.cmd("train 3", expect=r"epoch \d+ +batch \d+/4")
+    sh.cmd("train 3", expect=r"epoch \d+ +batch \d+/15")
     sh.cmd("pause", expect="paused at epoch")
     sh.cmd("save cut.session", expect="saved")
     sh.child.sendline("quit")
