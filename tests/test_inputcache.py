@@ -6,6 +6,7 @@ and keep exact resume; `input_cache` picks cache / device decode / DataLoader by
 """
 
 import math
+import os
 import random
 
 import numpy as np
@@ -358,3 +359,27 @@ def test_big_jpegs_decode_at_reduced_scale_the_same_on_every_path(tmp_path):
     cached = [x for x, _, _ in tr.source.eval_batches("val", 64)]
     plain = [tr.runtime.to_input(x) for x, _, _ in tr.loader.eval_batches("val", 64)]
     assert len(cached) == len(plain) == 1 and torch.equal(cached[0], plain[0])
+
+
+def test_head_steps_on_one_thread_and_the_feature_pass_beside_the_workers(photo_folder):
+    """While the feature cache's batches are consumed the CPU runs one intra-op thread (restored when the loop leaves
+    them); the feature pass leaves the loader's workers their cores."""
+    from pgshell.engine import features as FC
+
+    cores = len(os.sched_getaffinity(0))
+    assert FC.cores_beside(0) == cores and FC.cores_beside(cores + 3) == 1
+    tr = _trainer(photo_folder)
+    M.freeze(tr.built, ["backbone"])
+    tr.params_changed()
+    tr._prepare_batches()
+    threads, seen = torch.get_num_threads(), []
+    torch.set_num_threads(2)
+    try:
+        for _ in tr._batches():
+            seen.append(torch.get_num_threads())
+            break
+        assert seen == [1] and torch.get_num_threads() == 2
+        with FC.cpu_threads(torch.device("cuda"), 1):  # only a CPU's threads are touched
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

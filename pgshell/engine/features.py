@@ -20,6 +20,7 @@ in-place write — an optimizer step, load_state_dict — advances), the same tr
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ class FeatureSource(BatchSource):
         view = cached.views[epoch % len(cached.views)]
         order = torch.tensor([i for i, _ in train_sampler(self.spec, epoch, start, rank, world)], device=view.device)
         share = batch_size // world
-        with one_thread(view.device):
+        with cpu_threads(view.device, 1):  # microseconds of work per op: threads would only wait for each other
             for b in range(0, len(order), share):
                 chunk = order[b: b + share]
                 idx = cached.rows(chunk)
@@ -169,20 +170,27 @@ class FeatureSource(BatchSource):
 
 
 @contextmanager
-def one_thread(device: torch.device):
-    """On a CPU, the head's steps run on one thread: each op is microseconds of work (a 4 x 1280 batch through one
-    Linear), and splitting it across threads costs more in fork/join than it saves — on this project's 2-core box a
-    step took 0.36 ms on one thread against 4-12 ms on two while other processes ran. Restored when the epoch's
-    batches end (or the loop leaves them: closing the generator runs the `finally`)."""
-    if device.type != "cpu":
+def cpu_threads(device: torch.device, n: int):
+    """At most `n` intra-op threads on a CPU while the block runs (restored after; a generator's `finally` runs when
+    the loop leaves it). OpenMP threads wait for each other at every op: when the cores are busy with something else
+    each op can wait a whole scheduler slice. Measured on this project's shared 2-core box: a 4-image head step took
+    0.36 ms on one thread against 4-12 ms on two; the feature pass with 4 loader workers 5.6-7.1 s on one thread
+    against 21-37 s on two. The forward's results did not change with the thread count (checked bit for bit)."""
+    if device.type != "cpu" or n >= torch.get_num_threads():
         yield
         return
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(max(1, n))
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def cores_beside(workers: int) -> int:
+    """The cores left to the main process while `workers` loader processes decode (all of them without workers)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if workers == 0 else max(1, cores - workers)
 
 
 class _Jobs(torch.utils.data.Dataset):
@@ -219,24 +227,24 @@ def compute_features(module: torch.nn.Module, head: torch.nn.Module, jobs: list[
     was_training = module.training
     module.eval()
     dataset = _Jobs(jobs)
-    total = len(dataset)
-    feats: list[torch.Tensor | None] = [None] * total
+    feats: list[torch.Tensor | None] = [None] * len(dataset)
     bad: dict[int, tuple[str, str]] = {}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+                                         pin_memory=runtime.device.type == "cuda",
+                                         generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+    done = 0
     try:
-        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                                             pin_memory=runtime.device.type == "cuda",
-                                             generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-        done = 0
-        for x, positions, batch_bad in loader:
-            bad.update(batch_bad)
-            if x is not None:
-                captured.clear()
-                with runtime.autocast():
-                    module(runtime.to_input(x))
-                for k, f in zip(positions, captured[-1].flatten(1)):
-                    feats[k] = f
-            done += len(positions) + len(batch_bad)
-            report.phase("caching features", done, total)
+        with cpu_threads(runtime.device, cores_beside(workers)):  # the workers decode on the other cores
+            for x, positions, batch_bad in loader:
+                bad.update(batch_bad)
+                done += len(positions) + len(batch_bad)
+                if x is not None:
+                    captured.clear()
+                    with runtime.autocast():
+                        module(runtime.to_input(x))
+                    for k, f in zip(positions, captured[-1].flatten(1)):
+                        feats[k] = f
+                report.phase("caching features", done, len(dataset))
     finally:
         handle.remove()
         module.train(was_training)
