@@ -367,3 +367,16 @@ def test_review_errors_are_one_clear_line(trained, capsys, line, message):
     good, _ = run(app, line.format(img=tmp / "tv" / "val" / "cat" / "cat_000.png"))
     err = capsys.readouterr().err
     assert not good and message in err and "Traceback" not in err, err
+
+
+def test_activation_map_goes_back_through_resize_and_centre_crop():
+    from pgshell.engine.explain import to_image_frame
+
+    ones = np.ones((32, 32), np.float32)
+    # 40 wide, 48 high; shorter side to 33 -> 33 x 39, centre crop 32: columns 0-38, rows 5-43 of the original
+    tall = to_image_frame(ones, (40, 48), 33, (32, 32))
+    assert tall.shape == (48, 40)
+    assert np.array_equal(np.argwhere(tall.any(1)).ravel(), np.arange(5, 44))
+    assert np.array_equal(np.argwhere(tall.any(0)).ravel(), np.arange(0, 39))
+    # squashed to the crop's size (timm's crop_mode "squash"): the whole image
+    assert to_image_frame(ones, (40, 48), (32, 32), (32, 32)).min() == pytest.approx(1.0)

@@ -557,7 +557,7 @@ def explain(s: "Session", image: str, cls: str | None = None, out: str | None = 
     probs = res["probabilities"]
     result = {"image": str(image), "class": classes[res["class"]], "probability": probs[res["class"]].item(),
               "predicted": classes[int(probs.argmax())], "map": full, "input_map": res["map"], "layer": res["layer"],
-              "method": method, **source}
+              "method": method, "empty": not full.any(), **source}
     if out:
         from ..engine.plot import activation_png
 

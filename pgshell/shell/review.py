@@ -104,7 +104,7 @@ class ReviewCommands(Commands):
         p = self._cmd.poutput
         p(f"{args.method} for {res['class']} (p {res['probability']:.3f}; predicted {res['predicted']}) at "
           f"{res['layer']}, {res['model']}")
-        if not res["map"].any():
+        if res["empty"]:
             p(f"the map is empty: no part of the image raises the score of {res['class']}")
         p(f"wrote {res['out']}" if args.out else res["text"])
         self._cmd.last_result = res
