@@ -70,6 +70,13 @@ def new_session(root: Path, folder: Path, name: str = "s", **settings):
     return s
 
 
+def train_to_end(s, **kw) -> None:
+    """`s.train(**kw)` and wait for it: the run must end in time and without an error."""
+    s.train(**kw)
+    assert s.wait(WAIT), "training did not finish in time"
+    assert "error" not in s.status, s.status
+
+
 def weights_of(module) -> dict:
     """A copy of the module's weights, to compare with after more training."""
     return {k: v.clone() for k, v in module.state_dict().items()}

@@ -15,13 +15,11 @@ from pgshell.engine.errors import PgError
 from pgshell.engine.metrics import read_rows
 from pgshell.session import Session
 
-from conftest import WAIT, exact_rows, new_session, weights_of
+from conftest import WAIT, exact_rows, new_session, weights_of, train_to_end
 
 
 def _train(s, **kw):
-    s.train(**kw)
-    assert s.wait(WAIT), "training did not finish in time"
-    assert "error" not in s.status, s.status
+    train_to_end(s, **kw)
 
 
 @pytest.fixture

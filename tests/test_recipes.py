@@ -21,7 +21,7 @@ from pgshell.engine.errors import PgError
 from pgshell.engine.events import Ctx, Events
 from pgshell.engine.train import build_optimizer
 
-from conftest import make_images
+from conftest import make_images, train_to_end
 
 
 def _net(classes=3, seed=0) -> torch.nn.Module:
@@ -561,9 +561,7 @@ def _session(tmp_path, folder, name, **settings):
 
 
 def _train(s, **kw):
-    s.train(**kw)
-    assert s.wait(WAIT), "training did not finish in time"
-    assert "error" not in s.status, s.status
+    train_to_end(s, **kw)
 
 
 class _PauseAt:

@@ -16,6 +16,7 @@ from pgshell.engine import inputcache as IC
 from pgshell.engine.errors import PgError
 from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
+from conftest import train_to_end
 
 datasets = pytest.importorskip("datasets")
 
@@ -183,9 +184,7 @@ def _session(tmp_path, name, path, root=None):
 
 
 def _train(s, **kw):
-    s.train(**kw)
-    assert s.wait(WAIT), "training did not finish in time"
-    assert "error" not in s.status, s.status
+    train_to_end(s, **kw)
 
 
 def _rows(s):

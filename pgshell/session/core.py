@@ -6,6 +6,7 @@ in the worker (session/jobs.py); `session/review.py` and `session/study.py` use 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -491,9 +492,9 @@ class Session:
         from ..engine.progress import phase_status
 
         if done == 0:
-            self._phase_started = __import__("time").perf_counter()
+            self._phase_started = time.perf_counter()  # a phase reports 0 first: its ETA counts from here
         self.worker.status = phase_status(getattr(self.worker.job, "label", "train"), name, done, total,
-                                          getattr(self, "_phase_started", 0.0))
+                                          getattr(self, "_phase_started", time.perf_counter()))
 
     def evaluate(self, split: str = "val") -> dict:
         # while training, the running trainer as it is: ensure_trainer would apply pending settings (reconfigure:
