@@ -785,3 +785,27 @@ def test_export_describes_the_evaluation_policy_of_the_live_model_and_of_a_check
         assert (pre["crop_pct"], pre["mean"], pre["std"], pre["interpolation"]) == (1.0, [0.5] * 3, [0.25] * 3,
                                                                                       "nearest")
     s.close(save=False)
+
+
+def test_eval_tta_flip_is_the_flip_mean_also_where_the_run_trains_on_stored_features(app, split_folder):
+    from pgshell.engine import evaluate as E
+
+    from conftest import run
+
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8", "set augment off",
+                 "freeze backbone", "train 1"):
+        assert run(app, line)[0], line
+    app.session.wait()
+    tr = app.session.trainer
+    assert tr.source.kind == "feature cache"  # the head trains on stored features: they cannot be mirrored
+    ds = tr.data_spec().dataset("val")
+    ref = {t: E.evaluate_dataset(tr.built.module, ds, tr.loss_fn, tr.runtime, 8, collect=True, tta=t)
+           for t in ("none", "flip")}
+    ok, plain = run(app, "eval")
+    ok2, flip = run(app, "eval --tta flip")
+    assert ok and ok2
+    assert plain["val"]["loss"] == pytest.approx(ref["none"]["loss"], rel=1e-5)
+    assert flip["val"]["loss"] == pytest.approx(ref["flip"]["loss"], rel=1e-5)
+    assert flip["val"]["loss"] != pytest.approx(plain["val"]["loss"], rel=1e-5)
+    assert flip["val"]["tta"] == "flip" and plain["val"]["tta"] == "none"
+    assert app.session.config.tta == "none"  # the option is for this evaluation only

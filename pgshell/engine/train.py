@@ -498,24 +498,29 @@ class Trainer:
         return src if module is None else src.images
 
     # ---------------- evaluation
-    def evaluate(self, split: str = "val", collect: bool = False, module: torch.nn.Module | None = None) -> dict:
+    def evaluate(self, split: str = "val", collect: bool = False, module: torch.nn.Module | None = None,
+                 tta: str | None = None) -> dict:
         """Loss and accuracy over a split with the eval transform; `collect` also returns logits and labels.
 
         The batches come from the run's source (the feature cache: stored features through the head; the input
         cache: stored eval crops through the model; otherwise the DataLoader) in the batches the plain pass would
         use, and every path sums through engine.evaluate.accumulate, so the figures agree. Every submodule's
         train/eval mode is restored afterwards (`module`, when given, is evaluated instead of the trainer's own model
-        and is left as it was)."""
+        and is left as it was). `tta` overrides the `tta` setting for this pass; asking for flips where the run's
+        batches are stored features evaluates on the images instead (a feature cannot be mirrored)."""
+        tta = self.cfg.tta if tta is None else tta
         if split not in ("train", "val", "test") or not getattr(self.splits, split):
             raise PgError(f"there is no {split} split in this dataset")
         src = self._eval_source(module)
+        if tta != "none" and src is not src.images:
+            src, module = src.images, module if module is not None else self.built.module
         # under DDP every process evaluates the whole split on its unwrapped model: no collectives, same figures
         net = module if module is not None else src.module(self.built.module if self.world.active else self.net)
         dev = self.runtime.device
 
         def outputs():
             for x, y, bad in src.eval_batches(split, self.eval_batch_size):
-                yield (None, None, bad) if x is None else (self._forward_eval(net, x), y.to(dev), bad)
+                yield (None, None, bad) if x is None else (self._forward_eval(net, x, tta), y.to(dev), bad)
 
         with torch.no_grad(), E._EvalMode(net):
             res = E.accumulate(outputs(), self.loss_fn, collect, len(self.splits.classes))
@@ -525,8 +530,8 @@ class Trainer:
     def eval_batch_size(self) -> int:
         return E.eval_batch_size(self.cfg.batch_size)
 
-    def _forward_eval(self, net, x):
-        tta = self.cfg.tta if x.dim() == 4 else "none"  # cached features are not images: nothing to mirror
+    def _forward_eval(self, net, x, tta: str | None = None):
+        tta = (self.cfg.tta if tta is None else tta) if x.dim() == 4 else "none"  # features: nothing to mirror
         return E.forward_tta(net, self.runtime.to_input(x), self.runtime, tta)
 
     # ---------------- checkpoint state

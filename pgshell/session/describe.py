@@ -46,6 +46,7 @@ def evaluated_line(s, report: dict) -> str:
     best_path = (s.root / best["path"]).resolve() if best else None
     at = f"epoch {report['epoch']}" + (f" + {report['batch']} batches" if report.get("batch") else "")
     at += f", step {report['step']}" if report.get("step") is not None else ""
+    at += f"; test-time augmentation: {report['tta']}" if report.get("tta", "none") != "none" else ""
     if report["checkpoint"] is not None:
         line = f"evaluated: checkpoint {report['checkpoint']} ({at})"
         if best_path is not None and Path(report["checkpoint"]).resolve() == best_path:

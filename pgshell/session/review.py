@@ -148,13 +148,15 @@ def _checkpoint_copy(s: "Session", path: Path):
 
 # ====================================================================== evaluation
 def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | None = None,
-             weights: str = "live") -> list[dict]:
+             weights: str = "live", tta: str | None = None) -> list[dict]:
     """Full reports (loss, accuracy, top-5, per-class P/R/F1, confusion, confused pairs) per split, of the live model
     or of a saved checkpoint (evaluated on its own copy, with the settings and image size it was trained with, so
     `--checkpoint N` reproduces the validation row logged at epoch N to the bit). weights "ema": the averaged weights
-    (`set ema`) instead of the trained ones."""
+    (`set ema`) instead of the trained ones. tta "flip" | "none": test-time augmentation for this evaluation (default:
+    the `tta` setting of the model evaluated)."""
     from ..engine import recipes as R
 
+    from ..engine.config import TrainConfig
     from ..engine.evaluate import classification_report
 
     if s.splits is None:
@@ -168,26 +170,27 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
         # while a run goes on its trainer is the one to use; ensure_trainer could reconfigure it under the worker
         tr = s.trainer if s.running else s.ensure_trainer()
         module = R.live_ema_module(tr) if weights == "ema" else None
-        results = s.apply(lambda: [tr.evaluate(split, collect=True, module=module) for split in splits])
+        results = s.apply(lambda: [tr.evaluate(split, collect=True, module=module, tta=tta) for split in splits])
         source = {"checkpoint": None, "model": "current weights",
                   "epoch": tr.pos.epoch, "step": tr.pos.step, "batch": tr.pos.batch}
     else:
         path = resolve_checkpoint(s, checkpoint)
-        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, splits, weights))
+        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, splits, weights, tta))
         pos = state["position"]
         source = {"checkpoint": str(path), "model": path.name, "epoch": pos["epoch"], "step": pos["step"],
                   "batch": pos["batch"]}
     classes = list(s.splits.classes)
+    used = tta or (s.config.tta if checkpoint is None else TrainConfig.from_dict(state["config"]).tta)
     reports = []
     for r in results:
         report = classification_report(r.pop("logits"), r.pop("labels"), classes)
-        report.update(split=r["split"], loss=r["loss"], accuracy=r["accuracy"], n=r["n"], classes=classes,
+        report.update(split=r["split"], loss=r["loss"], accuracy=r["accuracy"], n=r["n"], classes=classes, tta=used,
                       bad=len(r["bad"]), **source)
         reports.append(report)
     return reports
 
 
-def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str], weights: str = "live"):
+def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str], weights: str = "live", tta: str | None = None):
     from ..engine import recipes as R
     from ..engine.config import TrainConfig
     from ..engine.train import Trainer
@@ -204,7 +207,7 @@ def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str], weights: s
     cfg = TrainConfig.from_dict({**state["config"], **here})
     tr = Trainer(built, spec, s.splits, cfg, log=None, size=int(state.get("size") or 0))
     module = R.ema_module(built.module, state) if weights == "ema" else None
-    return [tr.evaluate(split, collect=True, module=module) for split in splits], state
+    return [tr.evaluate(split, collect=True, module=module, tta=tta) for split in splits], state
 
 
 def confusion_png(report: dict, out: str) -> Path:

@@ -33,13 +33,17 @@ class AnalysisCommands(Commands):
     eval_parser.add_argument("--split", choices=("val", "test", "train"), help="the split to evaluate")
     eval_parser.add_argument("--weights", choices=("live", "ema"), default="live",
                              help="the trained weights (live) or their moving average (ema, with `set ema`)")
+    eval_parser.add_argument("--tta", choices=("none", "flip"),
+                             help="test-time augmentation: flip = the mean of the logits of each image and its mirror "
+                                  "image (default: the `tta` setting)")
     eval_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
                              help="write the confusion matrix of the (first) split as a heat map")
 
     @with_argparser(eval_parser)
     def do_eval(self, args):
         """Evaluate the model or a checkpoint."""
-        reports = A.evaluate(self.session, [args.split] if args.split else None, args.checkpoint, args.weights)
+        reports = A.evaluate(self.session, [args.split] if args.split else None, args.checkpoint, args.weights,
+                             args.tta)
         app, p = self._cmd, self._cmd.poutput
         r0 = reports[0]
         p(evaluated_line(self.session, r0))
