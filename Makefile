@@ -15,7 +15,14 @@ demo: $(VENV)/.installed
 	$(PY) examples/make_digits.py data/digits
 	$(VENV)/bin/pgshell examples/quickstart.plan
 
+# tests/test_tune_shared.py starts a PostgreSQL server of its own. Best effort, as root where apt-get exists: install
+# Debian's server when none is found; should that fail, the test skips and says what to install.
+PG_INITDB := $(firstword $(wildcard /usr/lib/postgresql/*/bin/initdb) $(shell command -v initdb 2>/dev/null))
+
 test: $(VENV)/.installed
+	@[ -n "$(PG_INITDB)" ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || { \
+	  echo "installing PostgreSQL for the shared-study test (apt-get, best effort)"; \
+	  (apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y postgresql) >/dev/null 2>&1 || true; }
 	$(PY) -m pytest -q -p no:cacheprovider
 
 test-slow: $(VENV)/.installed

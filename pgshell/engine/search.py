@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,13 +188,22 @@ def suggest(trial, space: dict[str, Dim]) -> dict[str, Any]:
     return out
 
 
-def make_sampler(seed: int, n_existing: int):
+def make_sampler(seed: int, n_existing: int, worker: str | None = None):
     """TPE seeded from the session's seed and the study's size: a study resumed in a new process does not replay
     the random start-up draws of its first run. TPE models the results after 5 trials (Optuna's default is 10;
-    searches here are tens of trials, not hundreds)."""
+    searches here are tens of trials, not hundreds).
+
+    `worker` names one of several machines sharing a study (a shared --storage): its hash joins the seed, else
+    machines started with the same seed on the same study would draw the same parameters; and TPE's constant liar
+    (Optuna's advice for parallel workers, its default only from Optuna 5) counts the trials other machines are
+    running as poor results, so a machine does not sample right next to them."""
     import optuna
 
-    return optuna.samplers.TPESampler(seed=(seed * 100_003 + n_existing) % 2**32, n_startup_trials=5)
+    mixed = seed * 100_003 + n_existing
+    if worker is None:
+        return optuna.samplers.TPESampler(seed=mixed % 2**32, n_startup_trials=5)
+    return optuna.samplers.TPESampler(seed=(mixed + zlib.crc32(worker.encode())) % 2**32, n_startup_trials=5,
+                                      constant_liar=True)
 
 
 def make_pruner(name: str):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -227,10 +228,25 @@ def _open_study(url: str, name: str, metric: str | None):
     from ..engine.search import METRICS
 
     try:
-        return optuna_module().create_study(storage=url, study_name=name, load_if_exists=True,
-                                            direction=METRICS[metric or "val_accuracy"][1])
+        return _create_study(url, name, METRICS[metric or "val_accuracy"][1])
     except Exception as e:
         raise PgError(f"cannot open the study storage {_shown(url)}: {str(e).splitlines()[0][:160]}") from None
+
+
+def _create_study(url: str, name: str, direction: str):
+    """The study, created or loaded. Optuna creates its tables on a database's first use, and machines starting
+    together on an empty shared database race to create them (optuna#1092: "already exists", a duplicate key): the
+    losers find them made when they try again."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError  # Optuna's RDB storage is built on SQLAlchemy
+
+    create = functools.partial(optuna_module().create_study, storage=url, study_name=name, load_if_exists=True,
+                               direction=direction)
+    for _ in range(2):
+        try:
+            return create()
+        except (IntegrityError, ProgrammingError):
+            continue
+    return create()
 
 
 def _study_terms(st, name: str, metric, epochs, steps, space, parsed, n_train: int):
@@ -294,8 +310,10 @@ def start_tune(session, trials: int | None = None, epochs: int | None = None, st
     check_compatible(parsed, existing)
     init = _initial_weights(session, name, bool(existing))
     st.set_user_attr(STUDY_ATTR, {"metric": metric, "epochs": epochs, "steps": steps, "space": format_space(parsed)})
-    requeued = _requeue_interrupted(st, session_key(session))
-    st.sampler = make_sampler(session.config.seed, len(existing))
+    key = session_key(session)
+    requeued = _requeue_interrupted(st, key)
+    # machines sharing a storage draw apart (their session keys join the seed); the local study samples as it always has
+    st.sampler = make_sampler(session.config.seed, len(existing), None if local else key)
     st.pruner = pruner_obj
     _write_json(session.folder / "tune.json", {"storage": None if local else url, "study": name})
     prefix = "" if name == session.name else f"{name}#"
