@@ -25,7 +25,7 @@ class World:
 
     @property
     def main(self) -> bool:
-        return self.rank == 0
+        return self.rank == 0  # the global rank: on several nodes every node has a LOCAL_RANK 0
 
     @property
     def active(self) -> bool:

@@ -687,7 +687,7 @@ class Session:
         started removes the session it auto-named (a folder with a checkpoint, a trace or metrics stays)."""
         folder, file = self.folder, self.file
         self.close(save=False)
-        if folder is None or not self.auto_named or not folder.is_dir():
+        if folder is None or not self.auto_named or not folder.is_dir() or not self._writes:  # DDP: rank 0's folder
             return
         if {p.name for p in folder.iterdir()} <= {".lock", "quarantine.txt", "data-files.json"}:
             import shutil

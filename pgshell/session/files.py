@@ -255,11 +255,12 @@ def reopen(s, file: Path, doc: dict) -> None:
     if lineage is not None and not isinstance(lineage, str):
         raise TypeError(f"'lineage' should be text, not {lineage!r}"[:200])
     s.auto_named = doc.get("auto_named") is True
-    # a kill can interrupt any atomic write: a checkpoint, metrics.csv's truncation, the session file itself
-    removed = (C.clean_partial_writes(s.folder / "checkpoints") + C.clean_partial_writes(s.folder)
-               + C.clean_partial_writes(file.parent, file.name))
-    if removed:
-        s.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
+    if s._writes:  # DDP: rank 0 alone touches the folder (another node's cleaning could remove its temp files)
+        # a kill can interrupt any atomic write: a checkpoint, metrics.csv's truncation, the session file itself
+        removed = (C.clean_partial_writes(s.folder / "checkpoints") + C.clean_partial_writes(s.folder)
+                   + C.clean_partial_writes(file.parent, file.name))
+        if removed:
+            s.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
     found = _find_checkpoint(s, file, doc, lineage)
     s.lineage = lineage  # None: a session file from before lineages stays without one until a new run
     s.saver.lineage = lineage or ""
@@ -335,12 +336,13 @@ def _restore_checkpoint(s, path: Path, state: dict, keep_settings: bool) -> None
     config = TrainConfig.from_dict(state["config"])  # checked either way: a hand edit is an error
     if not keep_settings:
         s.config = config
-    s._log = MetricsLog(s.folder / "metrics.csv")
-    dropped = s._log.truncate_after(int(state["position"]["step"]))
-    if dropped:
-        s.notify(f"dropped {dropped} metrics rows written after the checkpoint")
-    if s._log.skipped:
-        s.notify(f"metrics.csv: {s._log.skipped} unreadable row(s) skipped and removed")
+    if s._writes:  # DDP: rank 0 alone keeps the log; every other rank appending too would double each row
+        s._log = s.saver.log = MetricsLog(s.folder / "metrics.csv")  # the saver syncs it before each checkpoint
+        dropped = s._log.truncate_after(int(state["position"]["step"]))
+        if dropped:
+            s.notify(f"dropped {dropped} metrics rows written after the checkpoint")
+        if s._log.skipped:
+            s.notify(f"metrics.csv: {s._log.skipped} unreadable row(s) skipped and removed")
     s.pending_state = state
     if state.get("optimizer") is None and state["position"]["step"]:
         s.notify(f"{path.name} keeps the weights only (a newer checkpoint held the optimizer state): training "
