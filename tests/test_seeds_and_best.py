@@ -107,6 +107,12 @@ def test_the_end_of_a_run_names_the_best_epoch_and_eval_says_which_weights(tmp_p
     assert lines[-1].startswith("best epoch 2 by val_accuracy: 0.8000")  # a script's final lines name it
     assert not app.failed.is_set() and "Traceback" not in capsys.readouterr().err
 
+    out = io.StringIO()  # mid-epoch, eval names the position in the words of `pause` and `show`
+    app = PgShell(session=Session.open(file), interactive=False, stdout=out)
+    assert run_plan(app, ["train --steps 2", "eval --tta flip"]) == 0
+    assert ("evaluated: the current weights (epoch 4, batch 2/4 (step 14); test-time augmentation: flip); the best "
+            "is epoch 2 (val_accuracy 0.8000): `eval --checkpoint best`") in out.getvalue().splitlines()
+
 
 def test_tune_trials_keep_their_initial_weights_when_the_seed_reinitialises_the_model(tmp_path, split_folder):
     """`tune`'s rule: every trial of a study starts from the weights the model had when the study began — a later

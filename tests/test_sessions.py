@@ -223,6 +223,11 @@ def test_save_name_renames_an_auto_named_session_and_copies_a_named_one(app, cap
     assert _steps(sessions / "good") == [1]
     assert run(app, capsys, f"save {sessions}/copy.session")[0]  # a named session: save-as keeps the old one
     assert sorted(p.name for p in sessions.iterdir()) == ["copy", "copy.session", "good", "good.session"]
+    ok, out, _ = run(app, capsys, "save named")  # a bare name: sessions/NAME.session, as `fork NAME`
+    assert ok and out.strip().endswith(f"saved {sessions / 'named.session'}")
+    assert sorted(p.name for p in sessions.iterdir()) == ["copy", "copy.session", "good", "good.session", "named",
+                                                          "named.session"]
+    assert _steps(sessions / "named") == [1]
 
 
 def test_a_plan_that_fails_before_training_leaves_no_session_behind(tmp_path, split_folder, monkeypatch):
@@ -458,3 +463,15 @@ def test_sighup_while_training_from_the_interactive_prompt_saves_the_run(tmp_pat
     doc = json.loads((tmp_path / "i.session").read_text())
     step = C.load_checkpoint(tmp_path / doc["checkpoint"])["position"]["step"]
     assert step > 2 * BATCHES and _steps(tmp_path / "i") == list(range(1, step + 1))
+
+
+def test_a_closed_session_refuses_to_train_instead_of_waiting_forever(tmp_path, split_folder):
+    from pgshell.session import Session
+
+    s = Session(root=tmp_path / "sessions")
+    s.attach_data(str(split_folder), size=32)
+    s.load_model("test_resnet")
+    s.close(save=False)
+    with pytest.raises(PgError, match="this session is closed"):
+        s.train(1)
+    assert s.wait(timeout=5) and not s.running

@@ -594,10 +594,13 @@ class Session:
         return state
 
     def save(self, path: str | None = None, force: bool = False) -> Path:
-        """Write the session file and a checkpoint of exactly now; mid-run it pauses, saves and resumes. Onto
+        """Write the session file and a checkpoint of exactly now; mid-run it pauses, saves and resumes. `path`: a
+        bare NAME (the root's NAME.session) or a PATH.session (from the working directory). Onto
         another session's name only with `force`, which replaces that session whole (F.SessionExists otherwise)."""
         if self.built is None:
             raise PgError("nothing to save yet: `load MODEL` first")
+        if path and Path(path).name == path and not Path(path).suffix:  # a bare NAME: sessions/NAME.session, as fork
+            path = str(self.root / f"{path}.session")
         if path and Path(path).suffix != ".session":
             raise PgError(f"session files end in .session: `save {Path(path).with_suffix('.session')}`")
         if path and not force and self._writes:  # DDP: rank 0 alone writes, and checks

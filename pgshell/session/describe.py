@@ -44,8 +44,14 @@ def evaluated_line(s, report: dict) -> str:
 
     best = s.best
     best_path = (s.root / best["path"]).resolve() if best else None
-    at = f"epoch {report['epoch']}" + (f" + {report['batch']} batches" if report.get("batch") else "")
-    at += f", step {report['step']}" if report.get("step") is not None else ""
+    if report.get("batch") and report.get("step") is not None and s.trainer is not None:  # mid-epoch: `where`'s words
+        from types import SimpleNamespace
+
+        pos = SimpleNamespace(epoch=report["epoch"], batch=report["batch"], step=report["step"])
+        at = where(pos, s.trainer.steps_per_epoch_now)
+    else:
+        at = f"epoch {report['epoch']}" + (f" + {report['batch']} batches" if report.get("batch") else "")
+        at += f", step {report['step']}" if report.get("step") is not None else ""
     at += f"; test-time augmentation: {report['tta']}" if report.get("tta", "none") != "none" else ""
     if report["checkpoint"] is not None:
         line = f"evaluated: checkpoint {report['checkpoint']} ({at})"

@@ -83,6 +83,8 @@ class Worker:
     def start(self, job) -> None:
         if self.running:
             raise PgError("something is already running: `pause`, `stop` or `wait` first")
+        if not self.thread.is_alive():  # closed: a job queued now would never run, and `wait` would never return
+            raise PgError("this session is closed: reopen it (`pgshell -s sessions/NAME.session`) to train it")
         with self._lock:
             self.pause_event.clear()
             self.stop_event.clear()

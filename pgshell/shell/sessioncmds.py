@@ -35,7 +35,8 @@ class SessionCommands(Commands):
                          "folder, and copies a named one's (the old one stays as it was saved). Onto another "
                          "session's name it asks first (a plan stops), unless --force: that session is replaced "
                          "whole.", "save sessions/cats.session")
-    save_parser.add_argument("path", nargs="?", completer=cmd2.Cmd.path_complete, help="NAME.session (default: current)")
+    save_parser.add_argument("path", nargs="?", completer=cmd2.Cmd.path_complete,
+                             help="NAME (sessions/NAME.session) or PATH.session (default: the current file)")
     save_parser.add_argument("--force", action="store_true", help="replace another session of that name")
 
     @with_argparser(save_parser)
