@@ -9,6 +9,7 @@ the shared-study test is skipped and says which."""
 import contextlib
 import glob
 import io
+import json
 import os
 import shutil
 import socket
@@ -239,7 +240,8 @@ def test_two_machines_share_one_postgres_study_without_repeating_a_trial(tmp_pat
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     assert sorted(t.number for t in trials) == list(range(2 * TRIALS))  # each number once, nothing else left
     assert all(t.state in finished for t in trials), [t.state for t in trials]
-    keys = [T.session_key(SimpleNamespace(folder=_session_folder(r))) for r in roots]
+    keys = [T.session_key(SimpleNamespace(uid=json.loads(_session_folder(r).with_suffix(".session").read_text())["id"]))
+            for r in roots]
     assert keys[0] != keys[1]
     assert sorted(t.user_attrs["session"] for t in trials) == sorted(keys * TRIALS)  # N trials from each machine
     lrs = [t.params["lr"] for t in trials]

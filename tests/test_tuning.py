@@ -269,6 +269,33 @@ def test_a_trial_interrupted_by_quit_runs_again_first(tmp_path, split_folder):
     r.close(save=False)
 
 
+def test_a_session_keeps_its_trial_key_when_renamed_or_reopened_and_a_copy_gets_its_own(tmp_path, split_folder):
+    import json
+    import socket
+
+    root = tmp_path / "sessions"
+    s = Session(root=root)
+    s.attach_data(str(split_folder), size=32)
+    s.load_model("test_resnet")
+    s.save()  # auto-named
+    key = T.session_key(s)
+    s.save(str(root / "renamed.session"))  # renames the auto-named folder: the same session
+    assert T.session_key(s) == key
+    s.close(save=True)
+    file = root / "renamed.session"
+    r = Session.open(file)
+    assert T.session_key(r) == key
+    r.save(str(root / "copy.session"))  # save-as of a named session: another session from here on
+    assert T.session_key(r) not in (key, "") and json.loads(file.read_text())["id"] == key.split(":", 1)[1]
+    r.close(save=True)
+    doc = json.loads(file.read_text())
+    del doc["id"]  # a file from before session ids: identified by its folder, as then
+    file.write_text(json.dumps(doc))
+    old = Session.open(file)
+    assert T.session_key(old) == f"{socket.gethostname()}:{(root / 'renamed').resolve()}"
+    old.close(save=False)
+
+
 def test_save_during_a_search_keeps_the_session_and_the_search(tmp_path, split_folder):
     s = new_session(tmp_path / "sessions", split_folder)
     weights = weights_of(s.built.module)

@@ -37,6 +37,7 @@ class Session:
         self.splits = None  # engine.data.Splits
         self.trainer = None  # engine.train.Trainer
         self.name: str | None = None
+        self.uid = F.new_uid()  # who this session is, whatever its name or folder: kept by a rename, new for a copy
         self.file: Path | None = None
         self.target: dict | None = None  # what the paused/active training run is training towards
         self.pending_state: dict | None = None  # a checkpoint loaded before data was attached

@@ -131,6 +131,12 @@ def folder_name(doc: dict, file: Path) -> str:
 
 
 # ---------------------------------------------------------------- the session file
+def new_uid() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
+
 def session_doc(s) -> dict:
     data = None
     if s.data:  # the data's classes and fingerprint beside its path: reopen compares them with the folder
@@ -140,7 +146,7 @@ def session_doc(s) -> dict:
         "model": s.spec.to_dict() if s.spec else None,
         "data": data, "config": s.config.to_dict(),
         "checkpoint": str(s.latest_checkpoint.relative_to(s.root)) if s.latest_checkpoint else None,
-        "lineage": s.lineage, "auto_named": s.auto_named,
+        "id": s.uid, "lineage": s.lineage, "auto_named": s.auto_named,
         "best": s.best, "target": s.target, "saved": datetime.now().isoformat(timespec="seconds"),
     }
 
@@ -217,6 +223,7 @@ def _move_files(s, name: str, root: Path, replace: bool, old_folder: Path | None
     else:
         shutil.copytree(old_folder, target, ignore=shutil.ignore_patterns(LOCK_NAME))
         s.use_name(name, root)  # takes the new folder's lock, then lets the old one go
+        s.uid = new_uid()  # save-as: another session from here on (the old one keeps its id)
 
 
 def _rename(src: Path, dst: Path) -> None:
@@ -255,6 +262,8 @@ def reopen(s, file: Path, doc: dict) -> None:
     if lineage is not None and not isinstance(lineage, str):
         raise TypeError(f"'lineage' should be text, not {lineage!r}"[:200])
     s.auto_named = doc.get("auto_named") is True
+    # a file from before session ids: its folder's path, which is what identified it then (session/study.py)
+    s.uid = str(doc.get("id") or s.folder.resolve())
     if s._writes:  # DDP: rank 0 alone touches the folder (another node's cleaning could remove its temp files)
         # a kill can interrupt any atomic write: a checkpoint, metrics.csv's truncation, the session file itself
         removed = (C.clean_partial_writes(s.folder / "checkpoints") + C.clean_partial_writes(s.folder)

@@ -375,11 +375,11 @@ def _copy_log(s, folder: Path, state: dict, name: str, src: Path) -> list[dict]:
 def _write_session_file(s, name: str, latest: Path, cfg: TrainConfig, data: dict | None) -> None:
     from ..engine.checkpoint import atomic_write_bytes
     from ..engine.saver import CheckpointSaver
-    from .files import session_doc
+    from .files import new_uid, session_doc
 
     saver = CheckpointSaver()
     saver.root = s.root
     saver.rejudge(latest.parent, cfg.best_metric)  # the best of the epochs up to the fork
-    doc = {**session_doc(s), "name": name, "folder": name, "config": cfg.to_dict(), "data": data,
+    doc = {**session_doc(s), "id": new_uid(), "name": name, "folder": name, "config": cfg.to_dict(), "data": data,
            "checkpoint": str(latest.relative_to(s.root)), "best": saver.best, "target": None}
     atomic_write_bytes(s.root / f"{name}.session", (json.dumps(doc, indent=2) + "\n").encode())

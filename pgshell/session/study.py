@@ -147,8 +147,9 @@ def optuna_module():
 
 def session_key(session) -> str:
     """Marks the trials this session runs, so a later `tune` of the same session can find its interrupted ones
-    without touching trials that other machines are running on a shared storage."""
-    return f"{socket.gethostname()}:{session.folder.resolve()}"
+    without touching trials that other machines are running on a shared storage. The session's id, not its folder:
+    `save NAME` may move the folder, and the trials it ran stay its own."""
+    return f"{socket.gethostname()}:{session.uid}"
 
 
 def _where(session, storage: str | None, study: str | None) -> tuple[str, str, bool]:
