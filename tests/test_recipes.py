@@ -809,3 +809,22 @@ def test_eval_tta_flip_is_the_flip_mean_also_where_the_run_trains_on_stored_feat
     assert flip["val"]["loss"] != pytest.approx(plain["val"]["loss"], rel=1e-5)
     assert flip["val"]["tta"] == "flip" and plain["val"]["tta"] == "none"
     assert app.session.config.tta == "none"  # the option is for this evaluation only
+
+
+def test_the_parity_benchmark_runs_both_loops_alike(split_folder):
+    """benchmarks/parity.py on a model without BatchNorm at lr 0: no step changes anything, so the plain loop and
+    pgshell evaluate the same initial weights with the same evaluation transform, to the same accuracy."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import ROOT, pgshell_env
+
+    cmd = [sys.executable, str(Path(ROOT) / "benchmarks" / "parity.py"), "--data", str(split_folder), "--model",
+           "test_vit", "--size", "32", "--epochs", "1", "--seeds", "0", "--set", "lr=0", "--set", "batch_size=8"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=pgshell_env(OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "warning" not in r.stdout, r.stdout
+    plain, ours = re.search(r"seed 0: plain\s+([\d.]+)%.*pgshell\s+([\d.]+)%", r.stdout).groups()
+    assert plain == ours and "difference of the means: +0.0 points" in r.stdout
