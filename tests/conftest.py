@@ -55,13 +55,14 @@ def split_folder(tmp_path) -> Path:
 
 
 # ---------------------------------------------------------------- sessions
-def new_session(root: Path, folder: Path, name: str = "s", **settings):
-    """A session in `root` on `folder` at 32 px with test_resnet: batch size 8, then `settings` in the order given
-    (before the data and model, as a plan would set them), named `name`."""
+def new_session(root: Path, folder: Path, name: str = "s", batch_size: int | None = 8, **settings):
+    """A session in `root` on `folder` at 32 px with test_resnet: `batch_size` (None: the default), then `settings`
+    in the order given (before the data and model, as a plan would set them), named `name`."""
     from pgshell.session import Session  # imported on use: conftest stays cheap to load for every test file
 
     s = Session(root=root)
-    s.set("batch_size", 8)
+    if batch_size is not None:
+        s.set("batch_size", batch_size)
     for k, v in settings.items():
         s.set(k, v)
     s.attach_data(str(folder), size=32)
@@ -104,6 +105,18 @@ def app(tmp_path, monkeypatch):
     a = new_app(tmp_path / "sessions")
     yield a
     a.session.close(save=False)
+
+
+def run_out(app, capsys, line):
+    """One command in-process on an app writing to a StringIO: (ok, stdout, stderr); stderr never holds a
+    traceback."""
+    app.failed.clear()
+    app.stdout.seek(0)
+    app.stdout.truncate()
+    app.onecmd_plus_hooks(line)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err
+    return not app.failed.is_set(), app.stdout.getvalue(), err
 
 
 def run(app, line):

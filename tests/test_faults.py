@@ -24,7 +24,7 @@ from pgshell.engine import checkpoint as C
 from pgshell.engine.metrics import read_rows
 from pgshell.session import Session
 
-from conftest import WAIT, exact_rows, make_split, new_session, pgshell, pgshell_env, weights_of
+from conftest import WAIT, exact_rows, make_split, new_session, pgshell, pgshell_env, run_out, weights_of
 
 BATCHES = 4  # per epoch: split_folder's 30 training images at batch_size 8
 
@@ -153,14 +153,7 @@ def test_kill_9_twenty_times_at_random_moments_then_resume_is_exact(tmp_path, ki
 
 # ------------------------------------------------------------------ the shell in-process, for the faults below
 def run(app, capsys, line):
-    """One command in-process: (ok, stdout, stderr) — stderr must never hold a traceback."""
-    app.failed.clear()
-    app.stdout.seek(0)
-    app.stdout.truncate()
-    app.onecmd_plus_hooks(line)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "internal error" not in err, err
-    return not app.failed.is_set(), app.stdout.getvalue(), err
+    return run_out(app, capsys, line)
 
 
 def _error_line(err: str) -> str:

@@ -21,7 +21,7 @@ from pgshell.engine.errors import PgError
 from pgshell.engine.events import Ctx, Events
 from pgshell.engine.train import build_optimizer
 
-from conftest import make_images, train_to_end
+from conftest import make_images, new_session, train_to_end
 
 
 def _net(classes=3, seed=0) -> torch.nn.Module:
@@ -549,15 +549,8 @@ ALL = dict(batch_size=8, lr=0.05, mixup=0.8, cutmix=1.0, mix_prob=0.8, label_smo
 
 
 def _session(tmp_path, folder, name, **settings):
-    from pgshell.session import Session
-
-    s = Session(root=tmp_path / "sessions")
-    for k, v in settings.items():
-        s.set(k, v)
-    s.attach_data(str(folder), size=32)
-    s.load_model("test_resnet")
-    s.use_name(name)
-    return s
+    settings.setdefault("batch_size", None)  # the default batch size unless the test sets one
+    return new_session(tmp_path / "sessions", folder, name, **settings)
 
 
 def _train(s, **kw):

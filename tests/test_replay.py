@@ -18,6 +18,7 @@ from pgshell.session import Session
 from pgshell.session.replay import history
 from pgshell.shell import PgShell
 
+from conftest import run as run_line
 from test_interactive import spawn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,11 +35,9 @@ def app(tmp_path):
 
 def run(app, line):
     """One command in-process; returns last_result, and fails the test if the command failed."""
-    app.failed.clear()
-    app.last_result = None
-    app.onecmd_plus_hooks(line)
-    assert not app.failed.is_set(), f"`{line}` failed: {app.stdout.getvalue()[-600:]}"
-    return app.last_result
+    ok, result = run_line(app, line)
+    assert ok, f"`{line}` failed: {app.stdout.getvalue()[-600:]}"
+    return result
 
 
 def rows_of(folder: Path) -> list[tuple]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images
+from conftest import make_images, run_out
 
 from pgshell.engine import checkpoint as C
 from pgshell.engine.errors import PgError
@@ -102,14 +102,7 @@ def app(tmp_path, monkeypatch):
 
 
 def run(app, capsys, line):
-    """One command in-process: (ok, stdout, stderr); stderr never holds a traceback."""
-    app.failed.clear()
-    app.stdout.seek(0)
-    app.stdout.truncate()
-    app.onecmd_plus_hooks(line)
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "internal error" not in err, err
-    return not app.failed.is_set(), app.stdout.getvalue(), err
+    return run_out(app, capsys, line)
 
 
 def _one_error(err: str) -> str:
