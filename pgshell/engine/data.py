@@ -549,6 +549,14 @@ def build_transform(data_config: dict, train: bool, size: int = 0, augment: bool
                       f"{exc or type(exc).__name__}): try rand-m9-mstd0.5, original or augmix-m5-w4-d2") from None
 
 
+def eval_transform(data_config: dict, size: int = 0, policy=None) -> Callable[[Image.Image], torch.Tensor]:
+    """The evaluation transform: resize and centre crop by the data config with the settings' evaluation policy
+    (`crop_pct`, `interpolation`, `normalize`; `policy`: a TrainConfig, None for a config that already has it in
+    force). The one place it is built: the epoch-end validation (sources.DataSpec), `eval`, `errors`, `probe`,
+    `predict` and `explain` all get it here, so they agree."""
+    return build_transform(data_config, train=False, size=size, policy=policy)
+
+
 def describe_policy(data_config: dict, policy, size: int = 0) -> dict[str, str]:
     """The augmentation in force, in words, for `show`."""
     config = policy_data_config(data_config, policy)

@@ -70,7 +70,9 @@ class DataSpec:
         return self.size if self.size > 0 else int(self.data_config["input_size"][-1])
 
     def transform(self, train: bool):
-        return D.build_transform(self.data_config, train=train, size=self.size, augment=self.cfg.augment,
+        if not train:
+            return D.eval_transform(self.data_config, self.size, self.cfg)
+        return D.build_transform(self.data_config, train=True, size=self.size, augment=self.cfg.augment,
                                  policy=self.cfg)
 
     def dataset(self, split: str, train: bool = False) -> D.ImageDataset:

@@ -530,6 +530,11 @@ class Trainer:
             res = E.accumulate(outputs(), self.loss_fn, collect, len(self.splits.classes))
         return {"split": split, **res}
 
+    def eval_dataset(self, split: str) -> D.ImageDataset:
+        """A split's images through the evaluation transform (the settings' evaluation policy in force), as the
+        epoch-end validation reads them: for passes outside the loop (`errors`, `probe`)."""
+        return self.data_spec().dataset(split, train=False)
+
     @property
     def eval_batch_size(self) -> int:
         return E.eval_batch_size(self.cfg.batch_size)

@@ -24,7 +24,7 @@ import shlex
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..engine.config import TrainConfig
 from ..engine.events import Handler
@@ -78,8 +78,12 @@ class ChangeCounter(Handler):
 
 
 class ChangeLog:
-    def __init__(self, session):
-        self.session = session
+    """`position`: the session's (step, completed epochs, batches into the next) now — the session alone answers it;
+    `writes`: whether this process writes files (DDP: rank 0 alone); `notify`: one line for the user."""
+
+    def __init__(self, position: Callable[[], tuple[int, int, int]], writes: Callable[[], bool] = lambda: True,
+                 notify: Callable[[str], None] = lambda msg: None):
+        self._position, self._writes, self._notify = position, writes, notify
         self.header: dict = {"kind": "start", "version": VERSION, "complete": True,
                              "defaults": TrainConfig().to_dict(), "time": _now()}
         self.entries: list[dict] = []
@@ -124,21 +128,15 @@ class ChangeLog:
     def _write_manifest(self, fingerprint: str, rows: list, title: str) -> None:
         from ..engine.fingerprint import write_manifest
 
-        if self.session._writes:
+        if self._writes():
             write_manifest(self.manifest_path(fingerprint), rows, title)
         self._manifests.pop(fingerprint, None)
 
     # ---------------- recording
     def position(self) -> tuple[int, int, int]:
-        """(step, completed epochs, batches into the next) of the session's weights now."""
-        s = self.session
-        if s.trainer is not None:
-            p = s.trainer.pos
-            return p.step, p.epoch, p.batch
-        if s.pending_state is not None:
-            p = s.pending_state["position"]
-            return int(p["step"]), int(p["epoch"]), int(p["batch"])
-        return 0, 0, 0
+        """(step, completed epochs, batches into the next) of the session's weights now (a new run's carried start
+        included: the session answers it)."""
+        return self._position()
 
     def record(self, kind: str, cmd: str, at: tuple[int, int, int] | None = None, **detail) -> dict:
         """Log a change that has just been applied; `at` is the position it applied at (default: now)."""
@@ -153,16 +151,15 @@ class ChangeLog:
             self._append(entry)
         return entry
 
-    def record_load(self, at, name: str, pretrained: bool, weights: str, classes: int | None) -> dict:
-        """`load` has built `session.built`: the command as a replay types it (absolute paths), the weights file's
-        and the model file's checksums, and a digest of the weights it produced."""
+    def record_load(self, at, name: str, pretrained: bool, weights: str, classes: int | None, built, spec,
+                    seed: int) -> dict:
+        """`load` has built `built` from `spec`, initialised with `seed`: the command as a replay types it (absolute
+        paths), the weights file's and the model file's checksums, and a digest of the weights it produced."""
         from ..engine.fingerprint import file_sha256, weights_digest
 
-        s = self.session
-        detail: dict[str, Any] = {"model": s.spec.to_dict(), "digest": weights_digest(s.built.module),
-                                  "init_seed": s.config.seed}
-        if ".py" in name and ":" in s.built.full_name:  # the user's own file.py:factory
-            name = s.built.full_name
+        detail: dict[str, Any] = {"model": spec.to_dict(), "digest": weights_digest(built.module), "init_seed": seed}
+        if ".py" in name and ":" in built.full_name:  # the user's own file.py:factory
+            name = built.full_name
             code = name.rpartition(":")[0]
             detail.update(code=code, code_sha256=file_sha256(code))
         cmd = f"load {shlex.quote(name)}" + (" --pretrained" if pretrained else "")
@@ -174,14 +171,13 @@ class ChangeLog:
             cmd += f" --classes {classes}"
         return self.record("load", cmd, at=at, **detail)
 
-    def record_data(self, at, splits, split: float, size: int, check: bool, kept_position: bool,
-                    rebuilt: bool) -> dict:
-        """`data` has attached `splits`: the command, and the fingerprint of every file it found (the per-file
-        manifest goes to manifests/, so a replay can name the file that changed)."""
+    def record_data(self, at, splits, root: str, split: float, size: int, check: bool, kept_position: bool,
+                    rebuilt=None, seed: int = 0) -> dict:
+        """`data` has attached `splits` from `root`: the command, and the fingerprint of every file it found (the
+        per-file manifest goes to manifests/, so a replay can name the file that changed). `rebuilt`: the model whose
+        head was re-initialised (with `seed`) for the data's classes, if it was."""
         from ..engine.fingerprint import data_manifest, manifest_digest, weights_digest
 
-        s = self.session
-        root = s.data["path"]
         rows = data_manifest(root, data_files(splits))
         fingerprint = manifest_digest(rows)
         cmd = f"data {shlex.quote(root)} --split {split!r} --size {size}" + (" --check" if check else "")
@@ -190,8 +186,8 @@ class ChangeLog:
                                   "files": len(rows)}
         if kept_position:  # a reopened session whose data was missing: its weights and position carry on
             detail["kept_position"] = True
-        if rebuilt:  # a new head for another number of classes, initialised from the seed in force
-            detail.update(init_seed=s.config.seed, digest=weights_digest(s.built.module))
+        if rebuilt is not None:  # a new head for another number of classes, initialised from the seed in force
+            detail.update(init_seed=seed, digest=weights_digest(rebuilt.module))
         return self.record("data", cmd, at=at, **detail)
 
     def hold(self, kind: str, cmd: str, **detail) -> None:
@@ -231,8 +227,16 @@ class ChangeLog:
                 e["n"] = i
             self.on_disk -= dropped
             self._rewrite()
-        self.session.notify(f"dropped {dropped} change-log entr{'y' if dropped == 1 else 'ies'} written after the "
+        self._notify(f"dropped {dropped} change-log entr{'y' if dropped == 1 else 'ies'} written after the "
                             "checkpoint")
+
+    def init_step(self) -> int:
+        """The step at which the weights now in the model were initialised (`load`, a new head, `set seed` before
+        training), 0 if the log did not see it."""
+        for e in reversed(self.entries):
+            if "init_seed" in e:
+                return int(e["step"])
+        return 0
 
     def init_seed(self) -> int | None:
         """The seed that initialised the weights now in the model, if the log saw it."""
@@ -243,7 +247,7 @@ class ChangeLog:
 
     # ---------------- the file
     def _append(self, entry: dict) -> None:
-        if self.folder is None or not self.session._writes:
+        if self.folder is None or not self._writes():
             return
         file = self.folder / LOG
         if not file.exists():
@@ -257,7 +261,7 @@ class ChangeLog:
     def _rewrite(self) -> None:
         from ..engine.checkpoint import atomic_write_bytes
 
-        if self.folder is None or not self.session._writes:
+        if self.folder is None or not self._writes():
             return
         lines = [json.dumps(self.header)] + [json.dumps(e) for e in self.entries]
         atomic_write_bytes(self.folder / LOG, ("\n".join(lines) + "\n").encode())

@@ -48,7 +48,7 @@ class Session:
         self.saver.writes = self._quarantine.writes = self._writes
         self._log = None  # engine.metrics.MetricsLog of this session's folder
         self._init_files()
-        self.changes = ChangeLog(self)  # changes.jsonl: what changed training, and at which step
+        self.changes = ChangeLog(self._step_epoch_batch, lambda: self._writes, lambda msg: self.notify(msg))
         self.worker = Worker(lambda msg: self.notify(msg), self._triage)
 
     # ================================================================ state
@@ -125,7 +125,7 @@ class Session:
         self.spec, self.built = spec, built
         self.settle()
         self.dirty = True
-        self.changes.record_load(at, name, pretrained, weights, classes)
+        self.changes.record_load(at, name, pretrained, weights, classes, self.built, spec, self.config.seed)
         trainable, total = M.count_params(self.built.module)
         notes = "".join(f"\n{note}" for note in self.built.notes)
         return f"{self.built.full_name}: {total:,} parameters ({trainable:,} trainable), head -> {n} classes{notes}"
@@ -184,7 +184,8 @@ class Session:
             self.spec = M.ModelSpec(**{**self.spec.to_dict(), "num_classes": len(splits.classes)})
             self.built = self._build(self.spec)
             self.notify(f"model rebuilt with a {len(splits.classes)}-class head for this data")
-        self.changes.record_data(at, splits, split, size, check, kept, rebuilt)
+        self.changes.record_data(at, splits, location, split, size, check, kept, self.built if rebuilt else None,
+                                 self.config.seed)
         return splits
 
     def _data_location(self, path: str | None, root: str | None) -> tuple[str, str | None]:
@@ -212,25 +213,34 @@ class Session:
         overwrite its checkpoints and metrics, but begin a new run of the session. The position carries on (steps
         and epochs count on, so files and rows never collide; the schedule goes on from there), with a fresh
         optimizer, a new lineage (reopening never mixes the two runs' checkpoints) and a new `best`."""
-        pos = self._position()
+        pos = self.position()
         self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
         if pos is None or pos["step"] == 0:
             return
-        self._carry = pos
+        self._carry = {"epoch": pos["epoch"], "step": pos["step"], "run": pos["run"]}
         self.lineage = self.saver.lineage = F.new_lineage()
         self.saver.best = None
         self.notify(f"{why}: a new run of this session from step {pos['step']} (after epoch {pos['epoch']}); its "
                     "checkpoints so far stay as they are (`checkpoints` lists them)")
 
-    def _position(self) -> dict | None:
-        """{epoch, step, run} of the session's run: trainer, reopened checkpoint, or a new run's carried start."""
+    def position(self) -> dict | None:
+        """{epoch, step, batch, run} of the session's run — the trainer's, a reopened checkpoint's, or a new run's
+        carried start (it begins at batch 0) — or None before any. The one answer: the change log, replay,
+        `history` and a new run all read it here."""
         if self.trainer is not None:
             p = self.trainer.pos
-            return {"epoch": p.epoch, "step": p.step, "run": self.trainer.run_id}
+            return {"epoch": p.epoch, "step": p.step, "batch": p.batch, "run": self.trainer.run_id}
         if self.pending_state is not None:
             p = self.pending_state["position"]
-            return {"epoch": int(p["epoch"]), "step": int(p["step"]), "run": int(self.pending_state.get("run", 0))}
-        return self._carry
+            return {"epoch": int(p["epoch"]), "step": int(p["step"]), "batch": int(p["batch"]),
+                    "run": int(self.pending_state.get("run", 0))}
+        if self._carry is not None:
+            return {**self._carry, "batch": 0}
+        return None
+
+    def _step_epoch_batch(self) -> tuple[int, int, int]:
+        pos = self.position() or {"step": 0, "epoch": 0, "batch": 0}
+        return pos["step"], pos["epoch"], pos["batch"]
 
     def freeze(self, what: list[str], unfreeze: bool = False) -> tuple[int, int]:
         from ..engine import models as M
@@ -306,12 +316,15 @@ class Session:
         from ..engine.fingerprint import weights_digest
 
         detail = {"name": "seed", "value": value, "old": old}
-        if self.changes.position()[0] == 0 and not self.running:
+        if not self._trained_since_init() and not self.running:
             frozen = {n for n, p in self.built.module.named_parameters() if not p.requires_grad}
             built = self._build(self.spec, seed=value)  # first: if it fails, nothing has changed
             for n, p in built.module.named_parameters():
                 p.requires_grad_(n not in frozen)
             self.config, self.built, self.dirty = self.config.replace(seed=value), built, True
+            pos = self.position()
+            if pos is not None and pos["step"]:  # a new run not trained yet: it still starts where it was carried to
+                self._carry = {"epoch": pos["epoch"], "step": pos["step"], "run": pos["run"]}
             self.trainer, self.target, self.worker.job, self.pending_state = None, None, None, None
             self.changes.record("set", f"set seed {value}", init_seed=value, digest=weights_digest(built.module),
                                 **detail)
@@ -323,10 +336,14 @@ class Session:
             self.changes.record("set", f"set seed {value}", **detail)
         init = self.changes.init_seed()
         was = f"seed {init}" if init is not None else "the seed in force at `load`"
-        why = "training has started" if self.changes.position()[0] else f"{self.worker.job.label} is running"
+        why = "training has started" if self._trained_since_init() else f"{self.worker.job.label} is running"
         return (f"{why}: the weights keep their initialisation from {was}; seed {value} sets the data order and "
                 f"augmentation from {'the next start' if self.running else 'here'} — `load {self.spec.name}` again "
                 "to re-initialise the weights with it")
+
+    def _trained_since_init(self) -> bool:
+        """Whether the weights have trained since `load` initialised them (a new run starts at a carried step)."""
+        return self._step_epoch_batch()[0] > self.changes.init_step()
 
     # ================================================================ training and jobs
     def train(self, epochs: int | None = None, steps: int | None = None) -> str:
@@ -682,7 +699,7 @@ class Session:
 
     def has_work(self) -> bool:
         """Anything closing should save: a name the user chose, a position, a checkpoint, a paused job."""
-        pos = self._position()
+        pos = self.position()
         return ((self.name is not None and not self.auto_named) or bool(pos and pos["step"])
                 or self.latest_checkpoint is not None or self.worker.job is not None)
 

@@ -146,8 +146,8 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
             _expect_data(s, plan, e, path.with_name(f"{path.name}.data-{data_n}.tsv"))
         if e.get("digest"):
             plan.add(f"expect weights {e['digest']}")
-        if e["kind"] in ("load", "data") or e.get("init_seed") is not None:
-            at = 0  # a new model or new data: the run starts again from step 0
+        # a new model or other data begins a new run of the session at the position reached (Session._new_run):
+        # the step counts on, so `at` does too
     if devices:
         plan.warnings.append(f"the session trained on {', '.join(sorted(devices))}: a replay on CPU agrees to float "
                              "rounding, not bit for bit")

@@ -263,7 +263,7 @@ def predict(s: "Session", path: str, top: int = 5, checkpoint: str | None = None
         raise PgError(f"no image at {path}: give an image file or a folder of images "
                       f"({', '.join(D.IMG_EXTENSIONS[:4])}, ...)")
     module, classes, size, data_config, source = _model_for_use(s, checkpoint)
-    transform = D.build_transform(data_config, train=False, size=size)  # the model's own eval preprocessing
+    transform = D.eval_transform(data_config, size)  # the evaluation policy is in data_config already
     raw = predict_files(module, files, transform, min(top, len(classes)))
     base = Path(path).expanduser().resolve()
     rows = []
@@ -443,7 +443,6 @@ def _class_index(classes: list[str], name: str) -> int:
 def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     """(eval result with logits and labels, the samples they belong to, source) of one split, in the split's order:
     the plain evaluation pass (the feature and image caches' batches do not say which image they left out)."""
-    from ..engine import data as D
     from ..engine.evaluate import evaluate_dataset
 
     if s.splits is None:
@@ -455,7 +454,7 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
         tr = s.trainer if s.running else s.ensure_trainer()
 
         def run():
-            ds = D.ImageDataset(samples, D.build_transform(s.built.data_config, train=False, size=_size_of(s)))
+            ds = tr.eval_dataset(split)  # the evaluation policy in force, as `eval` reads the split
             return evaluate_dataset(s.built.module, ds, tr.loss_fn, tr.runtime, tr.cfg.batch_size, tr.cfg.workers,
                                     tr.cfg.seed, collect=True, num_classes=len(s.splits.classes))
 
@@ -553,7 +552,7 @@ def explain(s: "Session", image: str, cls: str | None = None, out: str | None = 
         picture = D.load_image(str(Path(image).expanduser()))
     except D.BadImage as e:
         raise PgError(f"cannot read {image}: {e}") from None
-    x = D.build_transform(data_config, train=False, size=size)(picture)[None]
+    x = D.eval_transform(data_config, size)(picture)[None]
     res = X.activation_map(module, x.to(next(module.parameters()).device), index, method)
     steps = EvalCrop.for_spec(DataSpec(s.splits, data_config, size, s.config, None, module))
     full = X.to_image_frame(res["map"], picture.size, steps.resize.size, steps.crop.size)
@@ -579,14 +578,16 @@ PROBE_FILE = "probe.json"
 _probe_features_cache: dict = {}  # one entry: the last features extracted (`probe knn` then `probe linear` reuse it)
 
 
-def _probe_key(s: "Session") -> tuple:
-    """What the features depend on: the model object and its weights (a cheap sum), the data, the image size."""
+def _probe_key(s: "Session", tr) -> tuple:
+    """What the features depend on: the model object and its weights (a cheap sum), the data, the image size and
+    the evaluation policy."""
     import torch
 
     with torch.no_grad():
         weights = sum(float(t.double().abs().sum()) for t in s.built.module.state_dict().values()
                       if t.is_floating_point())
-    return (id(s.built.module), weights, s.data["path"], len(s.splits.train), len(s.splits.val), _size_of(s))
+    policy = (tr.cfg.crop_pct, tr.cfg.interpolation, tr.cfg.normalize)
+    return (id(s.built.module), weights, s.data["path"], len(s.splits.train), len(s.splits.val), _size_of(s), policy)
 
 
 def _probe_features(s: "Session", tr) -> dict:
@@ -594,18 +595,16 @@ def _probe_features(s: "Session", tr) -> dict:
     the eval transform. Runs through Session.apply (the data path seeds the process-wide generators)."""
     import torch
 
-    from ..engine import data as D
     from ..engine.evaluate import eval_batch_size
     from ..engine.features import compute_features, head_module_name
 
-    key = _probe_key(s)
+    key = _probe_key(s, tr)
     if key in _probe_features_cache:
         return _probe_features_cache[key]
     name = head_module_name(s.built.head)
     head = s.built.module.get_submodule(name) if name else s.built.module
-    transform = D.build_transform(s.built.data_config, train=False, size=_size_of(s))
     splits = {split: getattr(s.splits, split) for split in ("train", "val")}
-    jobs = [(D.ImageDataset(samples, transform), [(i, 0) for i in range(len(samples))]) for samples in splits.values()]
+    jobs = [(tr.eval_dataset(split), [(i, 0) for i in range(len(samples))]) for split, samples in splits.items()]
     found = compute_features(s.built.module, head, jobs, tr.runtime, eval_batch_size(tr.cfg.batch_size),
                              tr.cfg.workers)
     out = {}
