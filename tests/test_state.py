@@ -90,3 +90,92 @@ def test_errors_and_probe_see_the_evaluation_policy_that_eval_uses(app, split_fo
     hook.remove()
     assert torch.allclose(features, captured[0].flatten(1), atol=1e-5)
     assert not torch.allclose(features, default_val, atol=1e-3)
+
+
+# ---------------------------------------------------------------- 3. a step is an optimizer step, for every reader
+def test_under_accumulate_2_a_step_is_an_optimizer_step_for_train_help_notice_and_trials(tmp_path, split_folder, app):
+    """30 images in batches of 8 with `accumulate 2`: 4 batches and 2 optimizer steps an epoch. `train --steps 2`
+    trains 4 batches, as its help says; the cosine notice of `train 2` names the lr the run ends with; a trial of 3
+    steps spans 2 epochs."""
+    from pgshell.engine.metrics import read_rows
+    from pgshell.engine.search import trial_trainer
+
+    s = new_session(tmp_path / "sessions", split_folder, accumulate=2, scheduler="cosine", epochs=3)
+    said = s.train(steps=2)
+    assert s.wait(WAIT) and "error" not in s.status
+    assert said.startswith("training 2 steps") and (s.trainer.pos.step, s.trainer.pos.epoch) == (2, 1)
+    rows = [r for r in read_rows(s.folder / "metrics.csv") if r["split"] == "train"]
+    assert len(rows) == 4  # 2 optimizer steps of 2 batches each
+
+    said = s.train(epochs=1)  # to the end of epoch 2 of 3: 4 optimizer steps of 6, the cosine half-way down
+    assert s.wait(WAIT) and "error" not in s.status
+    last = [r for r in read_rows(s.folder / "metrics.csv") if r["split"] == "train"][-1]
+    assert float(last["lr"]) == pytest.approx(0.0005)
+    assert f"with lr {float(last['lr']):.2g}" in said, said
+
+    ok(app, "help train")
+    assert "optimizer step" in app.stdout.getvalue()
+
+    tr = trial_trainer(s.built, s.spec, s.splits, s.config, {}, 32, None, "t", epochs=None, steps=3)
+    assert tr.cfg.epochs == 2  # cosine spans the trial: 3 optimizer steps need 2 epochs of 2
+    s.close(save=False)
+
+
+# ---------------------------------------------------------------- 4. handler state in checkpoints
+def test_a_keyed_handler_of_one_run_has_its_state_in_the_checkpoint_written_after_the_run(tmp_path, split_folder):
+    from pgshell.engine.events import Handler
+
+    class Counter(Handler):
+        key = "counter"
+
+        def __init__(self):
+            self.n = 0
+
+        def after_batch(self, tr, ctx):
+            self.n += 1
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    s = new_session(tmp_path / "sessions", split_folder)
+    tr = s.ensure_trainer()
+    counter = Counter()
+    assert tr.run(steps=3, handlers=[counter]).outcome == "done"
+    s.write_checkpoint("pause")  # as TrainJob does once the run has returned paused
+    assert latest_state(s.folder)["handlers"]["counter"] == {"n": 3}
+    tr.run(steps=2, handlers=[counter])  # attached again, it goes on from its own count
+    assert counter.n == 5 and tr.state_dict()["handlers"]["counter"] == {"n": 5}
+    s.close(save=False)
+
+
+def test_an_ema_that_fails_once_keeps_its_averaged_weights_in_later_checkpoints(tmp_path, split_folder, monkeypatch):
+    from timm.utils import ModelEmaV3
+
+    from pgshell.engine.recipes import WeightEma
+
+    calls, real = [], ModelEmaV3.update
+
+    def update(self, model, step=None):
+        calls.append(step)
+        if len(calls) == 3:
+            raise RuntimeError("injected")
+        return real(self, model, step=step)
+
+    monkeypatch.setattr(ModelEmaV3, "update", update)
+    s = new_session(tmp_path / "sessions", split_folder, ema=0.9)
+    warnings = []
+    s.notify = warnings.append
+    tr = s.ensure_trainer()
+    ema = tr.events.find(WeightEma)
+    tr.run(steps=2)
+    good = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    tr.run(steps=3)  # the 3rd update raises: the EMA is dropped for the run, training goes on
+    assert tr.pos.step == 5 and calls == [1, 2, 3] and any("WeightEma" in w for w in warnings)
+    s.write_checkpoint("pause")
+    state = latest_state(s.folder)["handlers"]["ema"]
+    assert state["updates"] == 2
+    assert all(torch.equal(state["weights"][k], good[k]) for k in good)
+    s.close(save=False)

@@ -23,7 +23,9 @@ batch boundary (under DDP, agreed by every process). A handler with memory (an E
 exactly.
 
 A handler that raises is reported once (through `Events.on_error`) and dropped for the rest of the run; training goes
-on — unless the handler is `essential`, in which case the error ends the run like any other.
+on — unless the handler is `essential`, in which case the error ends the run like any other. A dropped handler's
+state as it was when it failed stays in every later checkpoint (a failing EMA keeps its averaged weights), and so
+does the state of a handler attached for one run after that run returns (the pause checkpoint is written then).
 """
 
 from __future__ import annotations
@@ -89,11 +91,15 @@ class Events:
         return handler
 
     def remove(self, handler: Handler, keep_state: bool = False) -> None:
-        """Detach a handler; with `keep_state` its state stays in the checkpoint until a handler of its key returns."""
+        """Detach a handler; with `keep_state` its state stays in the checkpoint until a handler of its key returns
+        (a state_dict that raises leaves the state kept before, if any)."""
         if handler in self.handlers:
             self.handlers.remove(handler)
             if keep_state and handler.key is not None:
-                self._pending[handler.key] = handler.state_dict()
+                try:
+                    self._pending[handler.key] = handler.state_dict()
+                except Exception:
+                    pass
 
     def find(self, kind: type) -> Handler | None:
         return next((h for h in self.handlers if isinstance(h, kind)), None)
@@ -108,7 +114,7 @@ class Events:
             except Exception as e:
                 if h.essential or event == "on_exception":
                     raise
-                self.remove(h)
+                self.remove(h, keep_state=True)
                 if self.on_error is not None:
                     self.on_error(h, event, e)
 

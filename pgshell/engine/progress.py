@@ -11,8 +11,8 @@ from .events import Handler
 
 
 class Progress(Handler):
-    """`report(status)` gets a fresh status dict after each batch; `remaining(tr)` says how many batches the job
-    has left (for the ETA); `tags()` adds the job's own keys (a trial number, ...)."""
+    """`report(status)` gets a fresh status dict after each batch; `remaining(tr)` says how many optimizer steps
+    the job has left (for the ETA: the position counts steps); `tags()` adds the job's own keys (a trial number, ...)."""
 
     order = 20
 

@@ -256,8 +256,8 @@ class WeightEma(Handler):
         if ctx.skip_step:
             return
         ema = self._ensure(tr.built.module)
-        self.updates += 1
-        ema.update(tr.built.module, step=self.updates)
+        ema.update(tr.built.module, step=self.updates + 1)
+        self.updates += 1  # after the update: one that raises leaves the count of the weights kept
 
     def before_validate(self, tr, ctx) -> None:
         if self.updates:

@@ -226,11 +226,13 @@ def trial_trainer(init, spec, splits, cfg, params: dict[str, Any], size: int, lo
     """A Trainer for one trial: a deep copy of the initial model, the session's settings with the trial's
     parameters, a fresh optimizer, position 0 (so every trial sees the same data in the same order)."""
     from . import models as M
+    from .recipes import optimizer_steps_per_epoch
     from .train import Trainer
 
     settings = {k: v for k, v in params.items() if k != "freeze"}
     cfg = cfg.replace(**settings, log_every=0)
-    span = epochs or max(1, math.ceil((steps or 1) * cfg.batch_size / max(1, len(splits.train))))
+    batches = max(1, math.ceil(len(splits.train) / cfg.batch_size))
+    span = epochs or max(1, math.ceil((steps or 1) / optimizer_steps_per_epoch(batches, cfg.accumulate)))
     cfg = cfg.replace(epochs=span)  # cosine/onecycle schedules span the trial
     built = dataclasses.replace(init, module=copy.deepcopy(init.module))
     if "freeze" in params:
@@ -242,7 +244,7 @@ def trial_trainer(init, spec, splits, cfg, params: dict[str, Any], size: int, lo
 
 class TrialRun:
     """One trial's training: `epochs` epochs (the validation metric is reported to the pruner after each; a pruned
-    trial stops at once) or `steps` batches (one validation at the end). A run can pause and be resumed by calling
+    trial stops at once) or `steps` optimizer steps (batches unless `accumulate` > 1; one validation at the end). A run can pause and be resumed by calling
     `run` again. A non-finite training loss or metric stops the trial as pruned ("diverged")."""
 
     def __init__(self, trial, trainer, metric: str, epochs: int | None = None, steps: int | None = None):

@@ -227,7 +227,23 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
+        """Batches in an epoch at today's batch size (optimizer steps too, unless `accumulate` > 1)."""
         return max(1, math.ceil(len(self.splits.train) / self.cfg.batch_size))
+
+    # A step is an optimizer step everywhere: the position's `step`, `train --steps K`, checkpoints' step-N names,
+    # metrics rows, the per-step schedule and seeds, `tune --steps`. Under `accumulate K` one step is K batches.
+    @property
+    def optimizer_steps_per_epoch(self) -> int:
+        return R.optimizer_steps_per_epoch(self.steps_per_epoch, self.cfg.accumulate)
+
+    def steps_to_epoch(self, epoch: int) -> int:
+        """Optimizer steps from the position to the end of epoch `epoch` (completed epochs, as `pos.epoch` counts
+        them), at today's batch size: what a `train N` run trains, what its ETA and the schedule notice count."""
+        if self.pos.epoch >= epoch:
+            return 0
+        k = max(1, self.cfg.accumulate)
+        this = R.optimizer_steps_per_epoch(self.steps_per_epoch_now, k) - self.pos.batch // k
+        return this + (epoch - self.pos.epoch - 1) * self.optimizer_steps_per_epoch
 
     def _rebuild_optimizer(self) -> None:
         """New optimizer for the currently trainable parameters; state carried over by parameter name."""
@@ -242,7 +258,7 @@ class Trainer:
             index = {n: i for g in sd["param_groups"] for i, n in zip(g["params"], g["names"])}
             sd["state"] = {index[n]: s for n, s in self._opt_state["state"].items() if n in index}
             self.optimizer.load_state_dict(sd)
-        fn, self._sched_unit = lr_factor(self.cfg, R.optimizer_steps_per_epoch(self.steps_per_epoch, self.cfg.accumulate))
+        fn, self._sched_unit = lr_factor(self.cfg, self.optimizer_steps_per_epoch)
         count = self.pos.epoch if self._sched_unit == "epoch" else self.pos.step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn, last_epoch=count - 1)
 
@@ -312,12 +328,12 @@ class Trainer:
     def add_handler(self, handler: Handler) -> Handler:
         return self.events.add(handler)
 
-    def remove_handler(self, handler: Handler) -> None:
-        self.events.remove(handler)
+    def remove_handler(self, handler: Handler, keep_state: bool = False) -> None:
+        self.events.remove(handler, keep_state)
 
     def run(self, epochs: int | None = None, steps: int | None = None, handlers: list | tuple = ()) -> RunResult:
-        """Train `epochs` more epochs or `steps` more batches from the current position; `handlers` attach for this
-        run only. Returns with outcome "done", "paused" or "stopped" (a request), or raises (on_exception first)."""
+        """Train `epochs` more epochs or `steps` more optimizer steps (batches, unless `accumulate` > 1) from the
+        current position; `handlers` attach for this run only. Returns with outcome "done", "paused" or "stopped" (a request), or raises (on_exception first)."""
         if self.optimizer is None:
             raise PgError("nothing to train: every parameter is frozen — `unfreeze all` or `freeze backbone`")
         if not self.splits.train:
@@ -341,16 +357,16 @@ class Trainer:
             raise
         finally:
             for h in handlers:
-                self.remove_handler(h)
+                self.remove_handler(h, keep_state=True)
         tally.position, tally.seconds = Position(**asdict(self.pos)), time.perf_counter() - t0
         ctx.outcome = tally.outcome
         for h in handlers:  # their after_fit still sees the run's end
             self.add_handler(h)
         try:
             self.events.fire("after_fit", self, ctx)
-        finally:
+        finally:  # a keyed one's state stays for the checkpoint the caller writes next (a pause), and its next run
             for h in handlers:
-                self.remove_handler(h)
+                self.remove_handler(h, keep_state=True)
         return tally
 
     def _fit(self, target: tuple, tally: RunResult, t0: float) -> str:

@@ -455,9 +455,8 @@ class Session:
         from ..engine.schedule import schedule_notice
 
         tr, t = self.trainer, self.target
-        spe = tr.steps_per_epoch
-        end = t["step"] if "step" in t else tr.pos.step + (t["epoch"] - tr.pos.epoch) * spe - tr.pos.batch
-        note = schedule_notice(self.config, spe, tr.pos.step, end)
+        end = t["step"] if "step" in t else tr.pos.step + tr.steps_to_epoch(t["epoch"])  # optimizer steps
+        note = schedule_notice(self.config, tr.optimizer_steps_per_epoch, tr.pos.step, end)
         return f"\nnote: {note}" if note else ""
 
     def ensure_trainer(self):

@@ -72,10 +72,11 @@ class TrainJob:
         self.batches, self.images, self.seconds = 0, 0, 0.0  # the whole `train` command, across pauses and saves
 
     def remaining(self, tr) -> int:
+        """Optimizer steps left to the target (Progress's ETA counts in steps)."""
         t = self.session.target
         if "step" in t:
             return t["step"] - tr.pos.step
-        return (t["epoch"] - tr.pos.epoch - 1) * tr.steps_per_epoch + (tr.steps_per_epoch_now - tr.pos.batch)
+        return tr.steps_to_epoch(t["epoch"])
 
     def run(self, worker) -> str:
         s = self.session
@@ -247,7 +248,7 @@ class TuneJob:
 
     def _handlers(self, worker, trial, run) -> list:
         tr = run.trainer
-        total = self.epochs * tr.steps_per_epoch if self.epochs else self.steps
+        total = self.epochs * tr.optimizer_steps_per_epoch if self.epochs else self.steps  # optimizer steps
 
         def remaining(tr) -> int:
             return max(0, total - tr.pos.step) + (self.trials - self.finished - 1) * total

@@ -8,7 +8,7 @@ from ..engine.errors import PgError
 from ._common import Commands, parser
 
 # In a script `train` blocks until its run ends, so a `pause` or `stop` on the next line finds nothing to act on.
-_SCRIPT_HINT = (": in a script `train` waits until its run ends; `train --steps K` trains K batches and stops there "
+_SCRIPT_HINT = (": in a script `train` waits until its run ends; `train --steps K` trains K steps and stops there "
                 "(`save` keeps the run resumable)")
 
 
@@ -16,11 +16,14 @@ _SCRIPT_HINT = (": in a script `train` waits until its run ends; `train --steps 
 class TrainingCommands(Commands):
     DEFAULT_CATEGORY = "Training"
 
-    train_parser = parser("Train N more epochs (or K more batches with --steps) from where the model is. Returns to "
+    train_parser = parser("Train N more epochs (or K more steps with --steps) from where the model is. Returns to "
                           "the prompt at once; progress shows in the toolbar. In a script it waits until done, so "
-                          "`--steps K` is how a script stops part-way.", "train 5")
+                          "`--steps K` is how a script stops part-way. A step is an optimizer step: one batch, or "
+                          "K batches under `set accumulate K` (the step the position, checkpoints and metrics count)."
+                          , "train 5")
     train_parser.add_argument("epochs", nargs="?", type=int, help="more epochs (default: up to the `epochs` setting)")
-    train_parser.add_argument("--steps", type=int, help="more batches instead of epochs")
+    train_parser.add_argument("--steps", type=int, help="more optimizer steps instead of epochs (batches, unless "
+                                                         "`accumulate` > 1)")
 
     @with_argparser(train_parser)
     def do_train(self, args):

@@ -115,7 +115,8 @@ class TuningCommands(Commands):
         "tune --trials 20 --epochs 3 --space lr=1e-4:1e-1:log optimizer=sgd,adamw")
     tune_parser.add_argument("--trials", type=int, help="how many more trials to finish (default 10)")
     tune_parser.add_argument("--epochs", type=int, help="epochs per trial (default 3, or the study's)")
-    tune_parser.add_argument("--steps", type=int, help="batches per trial instead of epochs (one validation at the end)")
+    tune_parser.add_argument("--steps", type=int, help="optimizer steps per trial instead of epochs (batches unless "
+                                                        "`accumulate` > 1; one validation at the end)")
     tune_parser.add_argument("--metric", choices=("val_accuracy", "val_loss"), help="what to optimise (default "
                                                                                       "val_accuracy)")
     tune_parser.add_argument("--space", nargs="+", metavar="SPEC", help="NAME=LOW:HIGH[:log] | NAME=A,B | NAME=V | NAME=-")
