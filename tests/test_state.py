@@ -179,3 +179,72 @@ def test_an_ema_that_fails_once_keeps_its_averaged_weights_in_later_checkpoints(
     assert state["updates"] == 2
     assert all(torch.equal(state["weights"][k], good[k]) for k in good)
     s.close(save=False)
+
+
+# ---------------------------------------------------------------- 5. the lock ends with its process
+_HOLDER = """
+import multiprocessing as mp, signal, sys
+from pathlib import Path
+from pgshell.session.lock import SessionLock
+
+def child():  # a DataLoader worker: forked while the lock is held, outliving a kill -9 of its parent for a while
+    signal.pause()
+
+if __name__ == "__main__":
+    lock = SessionLock()
+    lock.acquire(Path(sys.argv[1]), "k.session")
+    p = mp.get_context("fork").Process(target=child, daemon=True)
+    p.start()
+    print(p.pid, flush=True)
+    signal.pause()
+"""
+
+
+def test_kill_9_with_forked_workers_then_reopen_at_once(tmp_path):
+    from conftest import pgshell_env
+    from pgshell.session.lock import SessionLock
+
+    folder = tmp_path / "k"
+    script = tmp_path / "holder.py"
+    script.write_text(_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=pgshell_env())
+    child = None
+    try:
+        child = int(proc.stdout.readline())
+        proc.kill()
+        assert proc.wait(WAIT) == -9
+        os.kill(child, 0)  # the forked worker still runs
+        lock = SessionLock()
+        lock.acquire(folder, "k.session")  # at once: the dead process's lock is gone with it
+        assert lock.holds(folder)
+        lock.release()
+    finally:
+        proc.kill()
+        if child is not None:
+            try:
+                os.kill(child, 9)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------- 6. reads write nothing; the engine's names exist
+def test_eval_errors_and_probe_leave_no_session_folder_and_training_after_them_logs(app, split_folder, tmp_path):
+    from pgshell.engine.metrics import read_rows
+
+    for line in ["set batch_size 8", f"data {split_folder} --size 32", "load test_resnet", "eval", "errors",
+                 "probe knn"]:
+        ok(app, line)
+    sessions = tmp_path / "sessions"
+    assert not sessions.exists() or list(sessions.iterdir()) == []
+    assert app.session.name is None
+    ok(app, "train --steps 2")
+    rows = read_rows(app.session.folder / "metrics.csv")
+    assert [(r["split"], int(r["step"])) for r in rows] == [("train", 1), ("train", 2)]
+
+
+def test_every_public_engine_name_exists():
+    import pgshell.engine as engine
+
+    missing = [name for name in engine.__all__ if not hasattr(engine, name)]
+    assert missing == []

@@ -1,8 +1,10 @@
-"""Evaluation: one pass over a dataset (the pass Trainer.evaluate makes at every epoch end), the classification report
-computed from its logits and labels, and top-K predictions for loose image files.
+"""Evaluation: the one sum over a pass's outputs (`accumulate`), the plain pass over a dataset (`evaluate_dataset`), the
+classification report computed from the logits and labels, and top-K predictions for loose image files.
 
-`evaluate_dataset` is the only evaluation loop: the validation row written at an epoch end and `eval --checkpoint N`
-later both come from it, with the same transform, batch composition and loss reduction, so they agree to the bit.
+`Trainer.evaluate` (epoch ends, `eval`, `eval --checkpoint N` on a Trainer of the checkpoint's own) feeds the batches
+of the run's source through `accumulate`, with the evaluation transform of engine.data.eval_transform, the same
+batch composition and loss reduction, so the validation row written at an epoch end and a later `eval` agree to the
+bit; `errors` and `probe` read the split through the same transform (`Trainer.eval_dataset`).
 """
 
 from __future__ import annotations

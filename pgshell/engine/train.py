@@ -1,15 +1,18 @@
-"""The training loop: the only one in pgshell. Training, pause/resume, tuning trials and cached-feature training all
-run through `Trainer.run`.
+"""The training loop: the only one in pgshell. Training, pause/resume, lrfind, tuning trials and cached-feature
+training all run through `Trainer.run`, which fires the events of engine/events.py; every feature (the metrics log,
+progress, checkpoints, EMA, mixup, accumulation, early stopping, the session's control) is a handler attached to them.
 
-Data flow of one step: EpochSampler yields (index, sample_seed) from the current position -> ImageDataset decodes and
-augments with randomness seeded by sample_seed -> collate (skipping bad images) -> Runtime moves the batch to the
-device/layout -> forward under autocast -> loss -> backward (GradScaler for fp16) -> optimizer step -> per-step
-scheduler step -> position advances -> a metrics row -> on_batch callback. At the last batch of an epoch: validation,
-a val row, per-epoch scheduler step, on_epoch (the session writes the checkpoint there).
+Data flow of one batch: the run's batch source (engine/sources.py: the DataLoader, the decoded-input cache or stored
+features) yields batches from the current position -> `before_batch` (the session's Control applies queued changes
+and turns a pause or stop into a request, honoured here) -> Runtime moves the batch to the device/layout -> forward
+under autocast -> loss (`after_loss`) -> backward (GradScaler for fp16) -> `before_step` -> optimizer step
+(`after_step`) -> per-step schedule -> the position advances -> `after_batch` (the metrics row). At an epoch's last
+batch: `before_validate`, the evaluation pass, `after_validate`, the per-epoch schedule, `after_epoch` (the
+CheckpointSaver writes the epoch checkpoint there).
 
-Between batches the loop calls `control()`: it applies queued changes (a new lr) and says whether to pause or stop,
-so a pause takes effect within one batch. Position is counted in samples of the epoch's permutation, so a run
-paused anywhere and resumed in a new process continues with exactly the batches it would have seen.
+The position counts samples of the epoch's permutation and optimizer steps (`step`: under `accumulate K` one step is
+K batches), so a run paused anywhere and resumed in a new process continues with exactly the batches it would have
+seen; handlers' state is in the checkpoint by key.
 """
 
 from __future__ import annotations

@@ -1,12 +1,17 @@
 """One session: model, data, settings, trainer, the one worker thread, the session file (no cmd2 here).
 
-- core.py     the Session facade: what the shell calls
-- worker.py   the worker thread, its change queue, pause/stop, the status the toolbar reads
-- jobs.py     the background jobs (train, lrfind, tune): one shape, the same loop handlers
-- files.py    the session file and folder: naming, writing, validating, moving, reopening, quarantine, errors.log
-- describe.py the summary line and `show`'s tables
-- review.py   checkpoints, evaluation of a checkpoint, predict, export, plot
-- study.py    lrfind and tune: the study's storage, initial weights, trials, apply
+- core.py        the Session facade: what the shell calls; the one owner of the session's state (its position,
+                 the trainer a read uses)
+- worker.py      the worker thread, its change queue, pause/stop, the status the toolbar reads
+- jobs.py        the background jobs (train, lrfind, tune): one shape, the same loop handlers
+- files.py       the session file and folder: naming, writing, validating, moving, reopening, quarantine, errors.log
+- lock.py        one writer per session (flock), ending with the process that took it
+- fingerprint.py the data's classes and file lists; what changed; `data --keep`
+- changelog.py   changes.jsonl: every change at the position the session gives it
+- replay.py      history, export plan, `expect`, fork
+- describe.py    the summary line and `show`'s tables
+- review.py      checkpoints, evaluation of a checkpoint, predict, errors, explain, probe, export, plot, compare
+- study.py       lrfind and tune: the study's storage, initial weights, trials, apply
 """
 
 from .core import Session

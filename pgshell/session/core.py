@@ -459,10 +459,10 @@ class Session:
         note = schedule_notice(self.config, tr.optimizer_steps_per_epoch, tr.pos.step, end)
         return f"\nnote: {note}" if note else ""
 
-    def ensure_trainer(self):
-        """The session's trainer, built on first use (model and data checked, the session named, a reopened
-        checkpoint loaded), with the session's settings in force."""
-        from ..engine.metrics import MetricsLog
+    def ensure_trainer(self, named: bool = True):
+        """The session's trainer, built on first use (model and data checked, a reopened checkpoint loaded), with
+        the session's settings in force; `named`: the session named (auto-named if need be) and its metrics log open,
+        as training needs — a read (`eval`, `errors`, `probe`) leaves an unnamed session without a folder."""
 
         if self.built is None:
             raise PgError("no model yet: `load MODEL` first (e.g. `load resnet18 --pretrained`)")
@@ -475,11 +475,8 @@ class Session:
             from ..engine.models import check_input_size
 
             check_input_size(self.built, self.data.get("size", 0))
-        if self.name is None:
-            self._auto_name()
-        if self._log is None and self._writes:
-            self._log = MetricsLog(self.folder / "metrics.csv")
-            self.saver.log = self._log
+        if named:
+            self._open_log()
         if self.trainer is None:
             self.trainer = self._new_trainer()
         elif self.trainer.cfg != self.config:
@@ -489,6 +486,23 @@ class Session:
         if not self.running:
             self.changes.flush_pending()  # settings set mid-run apply from here
         return self.trainer
+
+    def reading_trainer(self):
+        """The trainer a read-only command reads from: while a run goes on the running one as it is (ensure_trainer
+        would apply pending settings — a new optimizer — under the worker's feet), else the session's, built
+        without naming the session."""
+        return self.trainer if self.running else self.ensure_trainer(named=False)
+
+    def _open_log(self) -> None:
+        """Name the session (auto-named if need be) and open its metrics log, for the trainer too."""
+        from ..engine.metrics import MetricsLog
+
+        if self.name is None:
+            self._auto_name()
+        if self._log is None and self._writes:
+            self._log = self.saver.log = MetricsLog(self.folder / "metrics.csv")
+            if self.trainer is not None:
+                self.trainer.log = self._log
 
     def _new_trainer(self):
         from ..engine.train import Trainer
@@ -514,9 +528,7 @@ class Session:
                                           getattr(self, "_phase_started", time.perf_counter()))
 
     def evaluate(self, split: str = "val") -> dict:
-        # while training, the running trainer as it is: ensure_trainer would apply pending settings (reconfigure:
-        # a new optimizer) from this thread, under the worker's feet
-        tr = self.trainer if self.running else self.ensure_trainer()
+        tr = self.reading_trainer()
         return self.apply(lambda: tr.evaluate(split))
 
     def _triage(self, e: BaseException) -> tuple[str, str | None]:

@@ -6,13 +6,16 @@ in the folder is touched, and a second opener gets one line naming the holder. T
 process ends, however it ends (`kill -9` included): there is no stale lock to clean up.
 
 flock locks belong to an open file description: a second Session of the same process on the same folder is refused
-too, as a second process would be.
+too, as a second process would be. A forked child (a DataLoader worker with `workers` > 0) would share that
+description and keep the lock after a `kill -9` of pgshell until it notices its parent is gone (seconds): so each
+child closes its copies as it starts (`os.register_at_fork`), and the lock ends with the process that took it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import weakref
 from pathlib import Path
 
 from ..engine.errors import PgError
@@ -27,6 +30,26 @@ except ImportError:  # not POSIX: no lock (pgshell's sessions are documented for
 
 class SessionBusy(PgError):
     """The session is open in another pgshell."""
+
+
+_HELD: "weakref.WeakSet[SessionLock]" = weakref.WeakSet()  # this process's held locks, for a forked child to drop
+
+
+def _drop_in_child() -> None:
+    """In a freshly forked child: close the inherited lock files (the parent keeps its lock; the child never had
+    one of its own)."""
+    for lock in list(_HELD):
+        if lock._file is not None:
+            try:
+                lock._file.close()
+            except OSError:
+                pass
+        lock._file, lock.folder = None, None
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_in_child)
 
 
 class SessionLock:
@@ -44,6 +67,7 @@ class SessionLock:
         f = take(folder, what)
         self.release()
         self._file, self.folder = f, Path(folder)
+        _HELD.add(self)
 
     def moved(self, folder: Path) -> None:
         """The held folder was renamed: the lock file moved with it and stays held."""
@@ -53,6 +77,7 @@ class SessionLock:
         if self._file is not None:
             self._file.close()  # closing the descriptor releases the flock
         self._file, self.folder = None, None
+        _HELD.discard(self)
 
 
 def take(folder: Path, what: str):
@@ -69,6 +94,9 @@ def take(folder: Path, what: str):
     except OSError:
         f.close()
         holder = _holder(folder / LOCK_NAME)
+        if _ended(holder):  # pid N on this machine has ended: what holds the lock is something it left running
+            raise SessionBusy(f"{what} is still locked by processes left by a pgshell that has ended{holder}: "
+                              "they end within seconds — try again (or end them)") from None
         raise SessionBusy(f"{what} is open in another pgshell{holder}: one process writes a session at a time — "
                           "quit it there first (`plot FILE` reads its curves without opening it)") from None
     os.ftruncate(f.fileno(), 0)
@@ -83,6 +111,20 @@ def _holder(path: Path) -> str:
     except OSError:
         return ""
     return f" ({text[:80]})" if text else ""
+
+
+def _ended(holder: str) -> bool:
+    """Whether the holder line names a process of this machine that no longer exists (the pid is not trusted)."""
+    words = holder.strip(" ()").split()
+    if len(words) < 4 or words[0] != "pid" or not words[1].isdigit() or words[3] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(words[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (another user's): not ended
+        return False
+    return False
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -167,8 +167,7 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
             raise PgError(f"there is no {split} split in this dataset"
                           + (" (a test/ folder next to train/ and val/ makes one)" if split == "test" else ""))
     if checkpoint is None:
-        # while a run goes on its trainer is the one to use; ensure_trainer could reconfigure it under the worker
-        tr = s.trainer if s.running else s.ensure_trainer()
+        tr = s.reading_trainer()
         module = R.live_ema_module(tr) if weights == "ema" else None
         results = s.apply(lambda: [tr.evaluate(split, collect=True, module=module, tta=tta) for split in splits])
         source = {"checkpoint": None, "model": "current weights",
@@ -451,7 +450,7 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     if not samples:
         raise PgError(f"there is no {split} split in this dataset")
     if checkpoint is None:
-        tr = s.trainer if s.running else s.ensure_trainer()
+        tr = s.reading_trainer()
 
         def run():
             ds = tr.eval_dataset(split)  # the evaluation policy in force, as `eval` reads the split
@@ -632,7 +631,7 @@ def probe(s: "Session", kind: str, k: int = 20) -> dict:
         raise PgError("probe needs a model and data: `load MODEL` and `data PATH` first")
     if not s.splits.val:
         raise PgError("there is no val split to measure the probe on")
-    tr = s.trainer if s.running else s.ensure_trainer()
+    tr = s.reading_trainer()
     t0 = time.perf_counter()
     feats = s.apply(lambda: _probe_features(s, tr))
     t1 = time.perf_counter()
