@@ -4,7 +4,8 @@
                  the trainer a read uses)
 - worker.py      the worker thread, its change queue, pause/stop, the status the toolbar reads
 - jobs.py        the background jobs (train, lrfind, tune): one shape, the same loop handlers
-- files.py       the session file and folder: naming, writing, validating, moving, reopening, quarantine, errors.log
+- document.py    the session file: SessionDoc and DataBinding (typed, versioned), read and written by pure functions
+- files.py       the session folder: naming, moving, what a reopen reads (checkpoint, model, data), quarantine, errors.log
 - lock.py        one writer per session (flock), ending with the process that took it
 - fingerprint.py the data's classes and file lists; what changed; `data --keep`
 - changelog.py   changes.jsonl: every change at the position the session gives it
@@ -15,6 +16,6 @@
 """
 
 from .core import Session
-from .files import SESSION_FORMAT, SESSION_VERSION
+from .document import SESSION_FORMAT, SESSION_VERSION, DataBinding, SessionDoc
 
-__all__ = ["Session", "SESSION_FORMAT", "SESSION_VERSION"]
+__all__ = ["Session", "SessionDoc", "DataBinding", "SESSION_FORMAT", "SESSION_VERSION"]

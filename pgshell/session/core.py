@@ -16,6 +16,7 @@ from ..engine.saver import CheckpointSaver
 from . import files as F
 from . import fingerprint as FP
 from .changelog import ChangeLog, value_text
+from .document import DataBinding, SessionDoc, read_document, write_document
 from .jobs import RESTART, TrainJob
 from .lock import SessionLock
 from .worker import Worker
@@ -26,6 +27,15 @@ from .worker import Worker
 _OUT_OF_MEMORY = ("out of memory", "not enough memory", "can't allocate memory", "cannot allocate memory")
 
 
+# What a hand-edited or damaged session file or checkpoint raises on reading (RuntimeError: torch's)
+_DAMAGE = (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError)
+
+
+def _damaged(file: Path, e: BaseException) -> PgError:
+    detail = " ".join(str(e).split())[:300]  # one line, whatever the exception held
+    return PgError(f"{file} is damaged or was edited by hand ({type(e).__name__}: {detail})")
+
+
 class Session:
     def __init__(self, root: str | os.PathLike = "sessions", notify: Callable[[str], None] | None = None):
         self.root = Path(root)
@@ -33,7 +43,7 @@ class Session:
         self.notify = notify or (lambda msg: None)
         self.spec = None  # engine.models.ModelSpec
         self.built = None  # engine.models.BuiltModel
-        self.data: dict | None = None  # {"path", "split", "size"}
+        self.binding: DataBinding | None = None  # the data the session is bound to (session/document.py)
         self.splits = None  # engine.data.Splits
         self.trainer = None  # engine.train.Trainer
         self.name: str | None = None
@@ -77,6 +87,11 @@ class Session:
     @property
     def folder(self) -> Path | None:
         return self.root / self.name if self.name else None
+
+    @property
+    def data(self) -> dict | None:
+        """The data binding as readers use it: {"path", "split", "size"[, "seed", "root", "keep"]}, or None."""
+        return self.binding.where() if self.binding is not None else None
 
     @property
     def latest_checkpoint(self) -> Path | None:
@@ -161,8 +176,9 @@ class Session:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
         lists = FP.file_lists(splits, location)
         ident = FP.identity(lists)
-        same = self.data_id is not None and self.data_id.get("fingerprint") == ident["fingerprint"] \
-            and (self.data or {}).get("size", 0) == size
+        bound = self.binding
+        same = bound is not None and bound.identity is not None \
+            and bound.identity.get("fingerprint") == ident["fingerprint"] and bound.size == size
         if keep or same:  # the run goes on, exactly, over the files as they are now (an edited image is read again)
             if self.trainer is not None:
                 self.pending_state, self.trainer = self.trainer.state_dict(), None
@@ -170,12 +186,9 @@ class Session:
             self._new_run("other data")
         kept = self.pending_state is not None
         self.splits = splits
-        self.data = {"path": location, "split": split, "size": size, "seed": self.config.seed}  # seed: the split's
-        if root is not None:
-            self.data["root"] = root
-        if keep:
-            self.data["keep"] = True  # reopen takes the recorded lists again, without asking
-        self.data_id, self.data_lists, self.data_change = ident, lists, None
+        # seed: the split's; keep: reopen takes the recorded lists again, without asking
+        self.binding = DataBinding(location, split, size, self.config.seed, root, keep, ident, lists)
+        self.data_change = None
         self.settle()
         self.dirty = True
         self.quarantine(splits.rejected)
@@ -199,7 +212,7 @@ class Session:
         return D.data_location(path), None if root is None else str(Path(root).expanduser().resolve())
 
     def _kept_splits(self, root: str):
-        lists = self.data_lists or FP.read_lists(self.folder)
+        lists = (self.binding.lists if self.binding else None) or FP.read_lists(self.folder)
         if lists is None:
             raise PgError("--keep needs the file lists this session recorded, and it has none: `data PATH` attaches "
                           "the folder as it is now")
@@ -409,6 +422,27 @@ class Session:
         self._start_training(job if isinstance(job, TrainJob) else None)
         return self._describe_target() + self._schedule_notice()
 
+    def finetune_second_phase(self) -> None:
+        """`finetune`'s second phase begins as `unfreeze all`, `set backbone_lr_scale S` and a new `train` would
+        (called by its TrainJob in the worker, at the end of the first phase)."""
+        scale = self.target.pop("backbone_lr_scale")
+        del self.target["unfreeze_at"]
+        self.freeze(["all"], unfreeze=True)
+        self.set("backbone_lr_scale", scale)
+        self.ensure_trainer().run_id += 1  # a run of its own in metrics.csv, as a typed `train` is
+        self.write_session_file()
+        self.notify(f"finetune: the backbone unfrozen (backbone lr x {scale:g}), epoch {self.trainer.pos.epoch + 1} "
+                    f"to {self.target['epoch']}")
+
+    def run_ended(self) -> None:
+        """The run reached its target or was stopped: nothing is left to `continue`."""
+        self.target = None
+
+    def job_failed(self, message: str) -> None:
+        """A job ended with an error it reports itself (not an exception): the status shows it, one line says it."""
+        self.worker.status = {"state": "idle", "error": message}
+        self.notify(f"error: {message}")
+
     def _start_training(self, job: TrainJob | None = None) -> None:
         self.trainer.run_id = max(self.trainer.run_id, 0) + 1
         self.start_job(job or TrainJob(self))
@@ -560,8 +594,6 @@ class Session:
         self.lock = SessionLock()  # one writer per session (session/lock.py)
         self.lineage = self.saver.lineage = F.new_lineage()
         self.auto_named = False  # named by auto_name: `save NAME` renames its folder instead of copying it
-        self.data_id: dict | None = None  # {"classes", "fingerprint", "counts"} of the data the run trains on
-        self.data_lists: dict | None = None  # the file lists behind it (sessions/NAME/data-files.json)
         self.lists_written: str | None = None  # the fingerprint of the lists on disk
         self.data_change: str | None = None  # what changed since the session was saved (data left detached)
         self.device_fallback = False  # a reopened session runs on the devices that exist (engine/device.py)
@@ -584,9 +616,25 @@ class Session:
         self.changes.use(self.folder)
         self.quarantine([])  # what `data` found before there was a folder
 
+    def document(self) -> SessionDoc:
+        """The session as its file holds it (session/document.py)."""
+        return SessionDoc(name=self.name, folder=self.name, model=self.spec.to_dict() if self.spec else None,
+                          data=self.binding, config=self.config,
+                          checkpoint=str(self.latest_checkpoint.relative_to(self.root)) if self.latest_checkpoint
+                          else None, id=self.uid, lineage=self.lineage, auto_named=self.auto_named, best=self.best,
+                          target=self.target)
+
     def write_session_file(self) -> None:
-        if self._writes:
-            F.write_session_file(self)
+        """The session file, and once per change of data the file lists behind its fingerprint (data-files.json)."""
+        if not self._writes:
+            return
+        b = self.binding
+        fingerprint = (b.identity or {}).get("fingerprint") if b is not None else None
+        if b is not None and b.lists is not None and self.folder is not None and fingerprint \
+                and self.lists_written != fingerprint:
+            FP.write_lists(self.folder, b.lists)
+            self.lists_written = fingerprint
+        write_document(self.file, self.document())
 
     def _auto_name(self) -> None:
         self.use_name(F.auto_name(self.root, self.spec.name if self.spec else None))
@@ -678,18 +726,59 @@ class Session:
     def open(cls, file: str | os.PathLike, notify: Callable[[str], None] | None = None) -> "Session":
         """Reopen a session exactly where it stopped: model, optimizer, schedule, position."""
         file = Path(file)
-        doc = F.read_session_file(file)
+        try:
+            doc = read_document(file)
+        except _DAMAGE as e:
+            raise _damaged(file, e) from None
         s = cls(root=file.parent, notify=notify)
         try:
-            F.reopen(s, file, doc)
-        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:  # RuntimeError: torch
+            s._reopen(file, doc)
+        except _DAMAGE as e:
             s.close(save=False)
-            detail = " ".join(str(e).split())[:300]  # one line, whatever the exception held
-            raise PgError(f"{file} is damaged or was edited by hand ({type(e).__name__}: {detail})") from None
+            raise _damaged(file, e) from None
         except BaseException:
             s.close(save=False)
             raise
         return s
+
+    def _reopen(self, file: Path, doc: SessionDoc) -> None:
+        """Fill this fresh session from its document and its checkpoint (read by session/files.py): model,
+        optimizer, schedule, position, data. The one place a reopen assigns the session's state."""
+        self.use_name(F.folder_name(doc, file), file.parent)  # the lock first: nothing below touches a session in use
+        self.file, self.config, self.saver.best, self.auto_named = file, doc.config, doc.best, doc.auto_named
+        self.uid = doc.id or str(self.folder.resolve())  # a file from before ids: its folder's path identified it
+        if self._writes:  # DDP: rank 0 alone touches the folder
+            removed = F.clean_partial_writes(self.folder, file)
+            if removed:
+                self.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
+        found = F.find_checkpoint(self.folder, self.root, file, doc, self.notify)
+        self.lineage = doc.lineage  # None: a file from before lineages stays without one until a new run
+        self.saver.lineage = doc.lineage or ""
+        if doc.model:
+            self.spec, self.built = F.rebuild_model(file, doc.model, found)
+        if found:
+            path, state = found
+            self.saver.latest = path
+            config = TrainConfig.from_dict(state["config"])  # checked either way: a hand edit is an error
+            if not (doc.checkpoint and (self.root / doc.checkpoint).resolve() == path.resolve()):
+                self.config = config  # the file lags behind the checkpoint: its settings are the newer
+            if self._writes:  # DDP: rank 0 alone keeps the log; every other rank appending would double each row
+                self._log = self.saver.log = F.reopen_metrics(self.folder, state, self.notify)
+            self.pending_state = state
+            F.restore_checkpoint(self.built.module, path, state, self.notify)
+        if doc.data is not None:
+            self.binding, self.splits, self.data_change, self.lists_written = F.rebind_data(
+                doc.data, self.folder, found[1] if found else None, self.config.seed, self.notify)
+            if self.splits is not None:
+                self.quarantine(self.splits.rejected)  # files gone bad since
+        if self.splits is not None and self.built is not None and found:
+            self.device_fallback = True  # the device is a preference: reopen on what exists, with a note
+            tr = self.ensure_trainer()
+            if tr.runtime.note:
+                self.notify(tr.runtime.note)
+        self.target = doc.target if found else None
+        self.settle()
+        self.dirty = False
 
     def close(self, save: bool = True) -> Path | None:
         """Pause and save if anything is unsaved (a named session is always brought up to date), then end the

@@ -1,5 +1,6 @@
-"""The session on disk: `sessions/NAME.session` (JSON, versioned) and its folder `sessions/NAME/` (checkpoints/,
-metrics.csv, quarantine.txt, errors.log). Naming, writing, reading and validating, moving, and reopening.
+"""The session on disk: `sessions/NAME.session` (its document: session/document.py) and its folder `sessions/NAME/`
+(checkpoints/, metrics.csv, quarantine.txt, errors.log). Naming, moving, and what a reopen reads (Session._reopen
+assigns it).
 
 The session file is rewritten at every checkpoint, so the pair always agrees. On reopen the checkpoint it names is
 loaded — or a newer one of the same run (a kill between a checkpoint and the session file leaves the file one behind),
@@ -11,8 +12,8 @@ worker trains except through the worker itself.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
-import json
 import os
 import re
 import secrets
@@ -20,16 +21,12 @@ import shutil
 import traceback
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
-from ..engine.config import TrainConfig
 from ..engine.errors import PgError
 from ..engine.names import escape, unescape
 from . import fingerprint as FP
+from .document import DataBinding, SessionDoc, folder_of
 from .lock import LOCK_NAME, take
-
-SESSION_FORMAT = "pgshell-session"
-SESSION_VERSION = 1
 
 
 from ..engine.saver import C  # engine.checkpoint, imported at first use (it imports torch)
@@ -77,19 +74,6 @@ def new_lineage() -> str:
 
 
 # ---------------------------------------------------------------- validation of hand-editable content
-def checked(value: Any, what: str, fields: dict[str, type | tuple], required: bool = True) -> dict | None:
-    """A dict from a session file with only `fields`, each of its type (all of them if `required`, else at least
-    one); anything else is a hand edit, reported as a TypeError naming it."""
-    if value is None:
-        return None
-    present = value.keys() & fields.keys() if isinstance(value, dict) else set()
-    if (not present or set(value) - present
-            or not all(isinstance(value.get(k), fields[k]) and not isinstance(value.get(k), bool)
-                       for k in (fields if required else present))):
-        raise TypeError(f"'{what}' should be {{{', '.join(fields)}}}, not {value!r}"[:200])
-    return value
-
-
 def check_optimizer_state(state: dict, module) -> None:
     """The optimizer state's tensors have their parameters' shapes: a hand-edited one would only fail at the next
     training step, far from its cause."""
@@ -123,11 +107,8 @@ def auto_name(root: Path, model_name: str | None) -> str:
     return name
 
 
-def folder_name(doc: dict, file: Path) -> str:
-    name = str(doc.get("folder") or file.stem)
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise PgError(f"{file}: bad folder name {name!r}")
-    return name
+def folder_name(doc: SessionDoc | dict, file: Path) -> str:
+    return folder_of(file, doc).name
 
 
 # ---------------------------------------------------------------- the session file
@@ -137,40 +118,7 @@ def new_uid() -> str:
     return uuid.uuid4().hex
 
 
-def session_doc(s) -> dict:
-    data = None
-    if s.data:  # the data's classes and fingerprint beside its path: reopen compares them with the folder
-        data = dict(s.data, **{k: v for k, v in (s.data_id or {}).items() if k in ("classes", "fingerprint", "counts")})
-    return {
-        "format": SESSION_FORMAT, "version": SESSION_VERSION, "name": s.name, "folder": s.name,
-        "model": s.spec.to_dict() if s.spec else None,
-        "data": data, "config": s.config.to_dict(),
-        "checkpoint": str(s.latest_checkpoint.relative_to(s.root)) if s.latest_checkpoint else None,
-        "id": s.uid, "lineage": s.lineage, "auto_named": s.auto_named,
-        "best": s.best, "target": s.target, "saved": datetime.now().isoformat(timespec="seconds"),
-    }
-
-
-def write_session_file(s) -> None:
-    fingerprint = (s.data_id or {}).get("fingerprint")
-    if s.data_lists is not None and s.folder is not None and fingerprint and s.lists_written != fingerprint:
-        FP.write_lists(s.folder, s.data_lists)  # the lists behind the fingerprint, once per change
-        s.lists_written = fingerprint
-    C.atomic_write_bytes(s.file, (json.dumps(session_doc(s), indent=2) + "\n").encode())
-
-
-def read_session_file(file: Path) -> dict:
-    try:
-        doc = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise PgError(f"no session file {file}: check the path (sessions live in sessions/NAME.session)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise PgError(f"{file} is not a readable session file ({type(e).__name__})") from None
-    if not isinstance(doc, dict) or doc.get("format") != SESSION_FORMAT:
-        raise PgError(f"{file} is not a pgshell session file")
-    if doc.get("version") != SESSION_VERSION:
-        raise PgError(f"{file} has session version {doc.get('version')!r}; this pgshell reads {SESSION_VERSION}")
-    return doc
+# the session file itself (SessionDoc, read_document, write_document): session/document.py
 
 
 class SessionExists(PgError):
@@ -252,73 +200,42 @@ def _remove_session(root: Path, name: str) -> None:
 
 
 # ---------------------------------------------------------------- reopening
-def reopen(s, file: Path, doc: dict) -> None:
-    """Fill a fresh Session `s` from its file and its checkpoint: model, optimizer, schedule, position, data."""
-    s.use_name(folder_name(doc, file), file.parent)  # the lock first: nothing below touches a session in use
-    s.file = file
-    s.config = TrainConfig.from_dict(doc.get("config") or {})
-    s.saver.best = checked(doc.get("best"), "best", {"path": str, "value": (int, float), "epoch": int, "metric": str})
-    lineage = doc.get("lineage")
-    if lineage is not None and not isinstance(lineage, str):
-        raise TypeError(f"'lineage' should be text, not {lineage!r}"[:200])
-    s.auto_named = doc.get("auto_named") is True
-    # a file from before session ids: its folder's path, which is what identified it then (session/study.py)
-    s.uid = str(doc.get("id") or s.folder.resolve())
-    if s._writes:  # DDP: rank 0 alone touches the folder (another node's cleaning could remove its temp files)
-        # a kill can interrupt any atomic write: a checkpoint, metrics.csv's truncation, the session file itself
-        removed = (C.clean_partial_writes(s.folder / "checkpoints") + C.clean_partial_writes(s.folder)
-                   + C.clean_partial_writes(file.parent, file.name))
-        if removed:
-            s.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
-    found = _find_checkpoint(s, file, doc, lineage)
-    s.lineage = lineage  # None: a session file from before lineages stays without one until a new run
-    s.saver.lineage = lineage or ""
-    if doc.get("model"):
-        _rebuild_model(s, file, doc["model"], found)
-    if found:
-        named = doc.get("checkpoint") and (s.root / str(doc["checkpoint"])).resolve() == found[0].resolve()
-        _restore_checkpoint(s, *found, keep_settings=bool(named))
-    if doc.get("data"):
-        _reattach_data(s, doc["data"], found[1] if found else None)
-    if s.splits is not None and s.built is not None and found:
-        s.device_fallback = True  # the device is a preference: reopen on what exists, with a note
-        tr = s.ensure_trainer()
-        if tr.runtime.note:
-            s.notify(tr.runtime.note)
-    target = checked(doc.get("target"), "target", {"epoch": int, "step": int, "unfreeze_at": int,
-                                                   "backbone_lr_scale": (int, float)}, required=False)
-    s.target = target if found else None
-    s.settle()
-    s.dirty = False
+# What Session._reopen (session/core.py) reads, each a function returning what it found: the session assigns it.
+def clean_partial_writes(folder: Path, file: Path) -> list:
+    """Remove what a kill left of an atomic write (a checkpoint, metrics.csv's truncation, the session file)."""
+    return (C.clean_partial_writes(folder / "checkpoints") + C.clean_partial_writes(folder)
+            + C.clean_partial_writes(file.parent, file.name))
 
 
-def _find_checkpoint(s, file: Path, doc: dict, lineage: str | None):
-    """The checkpoint to continue from: the newest that verifies among the session's run's (see the module's doc);
-    never one of another run, and never none when the file names one (no silent start from fresh weights)."""
+def find_checkpoint(folder: Path, root: Path, file: Path, doc: SessionDoc, notify):
+    """(path, state) of the checkpoint to continue from: the newest that verifies among the session's run's (see
+    the module's doc); never one of another run, and never none when the file names one (no silent start from
+    fresh weights)."""
     skipped: list[str] = []
     others: list[str] = []
-    named = (s.root / str(doc["checkpoint"])).resolve() if doc.get("checkpoint") else None
+    named = (root / doc.checkpoint).resolve() if doc.checkpoint else None
 
     def ours(path: Path, meta) -> bool:
-        if lineage is None or meta is None or meta.get("lineage") == lineage or path.resolve() == named:
+        if doc.lineage is None or meta is None or meta.get("lineage") == doc.lineage or path.resolve() == named:
             return True
         others.append(meta.get("step", "?"))
         return False
 
-    found = C.load_latest(s.folder / "checkpoints", warn=lambda m: (skipped.append(m), s.notify(m)), accept=ours)
-    if found is None and doc.get("checkpoint"):
-        raise PgError(f"{file}: no usable checkpoint in {s.folder / 'checkpoints'}"
+    found = C.load_latest(folder / "checkpoints", warn=lambda m: (skipped.append(m), notify(m)), accept=ours)
+    if found is None and doc.checkpoint:
+        raise PgError(f"{file}: no usable checkpoint in {folder / 'checkpoints'}"
                       + (f" ({skipped[-1]})" if skipped else " (the folder has none of this session's run)"))
     newer = [st for st in others if found is None or int(st or -1) > found[1]["position"]["step"]]
     if newer:
-        s.notify(f"{len(newer)} newer checkpoint(s) in {s.folder / 'checkpoints'} belong to another run and are left "
-                 "aside: the session continues from the checkpoint its file names")
+        notify(f"{len(newer)} newer checkpoint(s) in {folder / 'checkpoints'} belong to another run and are left "
+               "aside: the session continues from the checkpoint its file names")
     return found
 
 
-def _rebuild_model(s, file: Path, model: dict, found) -> None:
-    """The model the session file names; a checkpoint only brings weights, and one made by another model is an
-    error: a checkpoint never chooses the code that is imported (a `file.py:factory` name in it is inert)."""
+def rebuild_model(file: Path, model: dict, found):
+    """(spec, built) of the model the session file names; a checkpoint only brings weights, and one made by another
+    model is an error: a checkpoint never chooses the code that is imported (a `file.py:factory` name in it is
+    inert)."""
     from ..engine import models as M
 
     spec = M.ModelSpec.from_dict(model)
@@ -331,76 +248,68 @@ def _rebuild_model(s, file: Path, model: dict, found) -> None:
                           f"({spec.name}): a checkpoint never chooses the model — edit neither; reopen the session "
                           "that made it")
     # weights come from the checkpoint: never touch the network or the original weights file again
-    s.built = M.build_model(M.ModelSpec(spec.name, spec.num_classes) if found else spec)
-    s.spec = spec
+    return spec, M.build_model(M.ModelSpec(spec.name, spec.num_classes) if found else spec)
 
 
-def _restore_checkpoint(s, path: Path, state: dict, keep_settings: bool) -> None:
-    """`keep_settings`: the session file names this checkpoint, so its settings (changed since, not trained yet:
-    they apply when training next starts) win over the checkpoint's; otherwise the file lags and the checkpoint's
-    settings are the newer."""
+def reopen_metrics(folder: Path, state: dict, notify):
+    """The folder's metrics log, cut back to the checkpoint's step (rows a killed process wrote after it)."""
     from ..engine.metrics import MetricsLog
 
-    s.saver.latest = path
-    config = TrainConfig.from_dict(state["config"])  # checked either way: a hand edit is an error
-    if not keep_settings:
-        s.config = config
-    if s._writes:  # DDP: rank 0 alone keeps the log; every other rank appending too would double each row
-        s._log = s.saver.log = MetricsLog(s.folder / "metrics.csv")  # the saver syncs it before each checkpoint
-        dropped = s._log.truncate_after(int(state["position"]["step"]))
-        if dropped:
-            s.notify(f"dropped {dropped} metrics rows written after the checkpoint")
-        if s._log.skipped:
-            s.notify(f"metrics.csv: {s._log.skipped} unreadable row(s) skipped and removed")
-    s.pending_state = state
+    log = MetricsLog(folder / "metrics.csv")  # the saver syncs it before each checkpoint
+    dropped = log.truncate_after(int(state["position"]["step"]))
+    if dropped:
+        notify(f"dropped {dropped} metrics rows written after the checkpoint")
+    if log.skipped:
+        notify(f"metrics.csv: {log.skipped} unreadable row(s) skipped and removed")
+    return log
+
+
+def restore_checkpoint(module, path: Path, state: dict, notify) -> None:
+    """The checkpoint's weights into `module` now (so `eval`/`predict` work before data is attached), its
+    optimizer state checked against the parameters."""
     if state.get("optimizer") is None and state["position"]["step"]:
-        s.notify(f"{path.name} keeps the weights only (a newer checkpoint held the optimizer state): training "
-                 "goes on from them with the optimizer's momentum restarted")
-    load_weights(s.built.module, state)  # now, so `eval`/`predict` work before data is attached
-    check_optimizer_state(state, s.built.module)
+        notify(f"{path.name} keeps the weights only (a newer checkpoint held the optimizer state): training goes on "
+               "from them with the optimizer's momentum restarted")
+    load_weights(module, state)
+    check_optimizer_state(state, module)
 
 
-def _reattach_data(s, data: dict, state: dict | None) -> None:
-    """Scan the data folder again and compare it with what the session recorded: the same data attaches silently;
-    changed data is described and left detached until the user chooses (see session/fingerprint.py)."""
-    s.data = {k: data[k] for k in ("path", "split", "size", "seed", "keep", "root") if k in data}
-    if not isinstance(data["path"], str) or not isinstance(data["split"], (int, float)):
-        raise TypeError(f"'data' should hold a path and a split, not {data!r}"[:200])
-    recorded = {k: data[k] for k in ("classes", "fingerprint", "counts") if k in data} or None
+def rebind_data(data: DataBinding, folder: Path, state: dict | None, seed: int, notify):
+    """(binding, splits, what changed, fingerprint of the lists on disk): the data folder scanned again and
+    compared with what the session recorded. The same data attaches silently; changed data is described and left
+    detached (splits None) until the user chooses (see session/fingerprint.py)."""
+    recorded = data.identity
     if recorded is None and state and state.get("classes"):  # a file from before fingerprints: the classes at least
         recorded = {"classes": list(state["classes"])}
-    s.data_id, s.data_lists = recorded, FP.read_lists(s.folder)
-    if s.data_lists and recorded and FP.fingerprint(s.data_lists) != recorded.get("fingerprint"):
-        s.data_lists = None  # not the lists behind the file's fingerprint (a kill between the two writes)
-    s.lists_written = recorded.get("fingerprint") if recorded and s.data_lists else None
+    lists = FP.read_lists(folder)
+    if lists and recorded and FP.fingerprint(lists) != recorded.get("fingerprint"):
+        lists = None  # not the lists behind the file's fingerprint (a kill between the two writes)
+    written = recorded.get("fingerprint") if recorded and lists else None
+    bound = dataclasses.replace(data, identity=recorded, lists=lists)
     try:
-        if data.get("keep") and s.data_lists:
-            splits, gone = FP.kept_splits(s.data_lists, data["path"])
+        if data.keep and lists:
+            splits, gone = FP.kept_splits(lists, data.path)
             if gone:
-                s.notify(f"{gone} of the kept images are gone from {escape(data['path'])}: training goes on without "
-                         "them")
+                notify(f"{gone} of the kept images are gone from {escape(data.path)}: training goes on without them")
         else:
             from ..engine import data as D
 
-            splits = D.resolve_data(data["path"], split=data["split"], seed=data.get("seed", s.config.seed),
-                                    root=data.get("root"))
+            splits = D.resolve_data(data.path, split=data.split, seed=seed if data.seed is None else data.seed,
+                                    root=data.root)
     except PgError as e:
-        s.notify(f"data not attached: {e} — `data PATH` to attach it again")
-        s.splits = None
-        return
-    lists = FP.file_lists(splits, data["path"])
-    now = FP.identity(lists)
-    kept = bool(data.get("keep") and s.data_lists)  # the user pinned the recorded lists: what is gone was said above
+        notify(f"data not attached: {e} — `data PATH` to attach it again")
+        return bound, None, None, written
+    now_lists = FP.file_lists(splits, data.path)
+    now = FP.identity(now_lists)
+    kept = bool(data.keep and lists)  # the user pinned the recorded lists: what is gone was said above
     if recorded and not kept and (now["classes"] != recorded["classes"]
-                     or recorded.get("fingerprint", now["fingerprint"]) != now["fingerprint"]):
-        s.data_change = FP.changes(dict(recorded, **(s.data_lists or {})), dict(now, **lists))
-        s.notify(f"the data changed since this session was saved: {s.data_change} — the data is not attached. "
-                 "`data --keep` trains on with the recorded images that still exist; `data PATH` re-splits the "
-                 "folder as a new run (the checkpoints so far stay); or quit: the session stays as it was")
-        s.splits = None
-        return
-    s.splits, s.data_id, s.data_lists = splits, now, lists
-    s.quarantine(splits.rejected)  # files gone bad since
+                                  or recorded.get("fingerprint", now["fingerprint"]) != now["fingerprint"]):
+        change = FP.changes(dict(recorded, **(lists or {})), dict(now, **now_lists))
+        notify(f"the data changed since this session was saved: {change} — the data is not attached. "
+               "`data --keep` trains on with the recorded images that still exist; `data PATH` re-splits the "
+               "folder as a new run (the checkpoints so far stay); or quit: the session stays as it was")
+        return bound, None, change, written
+    return dataclasses.replace(data, identity=now, lists=now_lists), splits, None, written
 
 
 # ---------------------------------------------------------------- quarantine.txt

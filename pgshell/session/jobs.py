@@ -84,7 +84,7 @@ class TrainJob:
             outcome = self._run(worker, {"epoch": s.target["unfreeze_at"]})
             if outcome != "done":
                 return outcome
-            finetune_unfreeze(s)
+            s.finetune_second_phase()
         return self._run(worker, s.target)
 
     def _run(self, worker, t: dict) -> str:
@@ -116,7 +116,7 @@ class TrainJob:
                                                    self.seconds + res.seconds)
         at = where(tr.pos, tr.steps_per_epoch_now)
         if res.outcome == "done":
-            s.target = None
+            s.run_ended()
             if tr.pos.batch:  # stopped mid-epoch by a step count: a checkpoint of exactly here
                 s.write_checkpoint("step")
             else:
@@ -129,7 +129,7 @@ class TrainJob:
             if not s.saving:
                 s.notify(f"paused at {at}; checkpoint {path.name} — `continue` resumes")
         else:
-            s.target = None
+            s.run_ended()
             path = s.write_checkpoint("pause")
             s.notify(f"stopped at {at}; checkpoint {path.name}")
             self._best(s)
@@ -141,18 +141,6 @@ class TrainJob:
         line = best_line(s)
         if line:
             s.notify(line)
-
-
-def finetune_unfreeze(s) -> None:
-    """`finetune`'s second phase begins as `unfreeze all`, `set backbone_lr_scale S` and a new `train` would."""
-    scale = s.target.pop("backbone_lr_scale")
-    del s.target["unfreeze_at"]
-    s.freeze(["all"], unfreeze=True)
-    s.set("backbone_lr_scale", scale)
-    s.ensure_trainer().run_id += 1  # a run of its own in metrics.csv, as a typed `train` is
-    s.write_session_file()
-    s.notify(f"finetune: the backbone unfrozen (backbone lr x {scale:g}), epoch {s.trainer.pos.epoch + 1} to "
-             f"{s.target['epoch']}")
 
 
 # ====================================================================== LR range test

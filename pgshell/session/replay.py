@@ -373,13 +373,14 @@ def _copy_log(s, folder: Path, state: dict, name: str, src: Path) -> list[dict]:
 
 
 def _write_session_file(s, name: str, latest: Path, cfg: TrainConfig, data: dict | None) -> None:
-    from ..engine.checkpoint import atomic_write_bytes
     from ..engine.saver import CheckpointSaver
-    from .files import new_uid, session_doc
+    from .document import DataBinding, write_document
+    from .files import new_uid
 
     saver = CheckpointSaver()
     saver.root = s.root
     saver.rejudge(latest.parent, cfg.best_metric)  # the best of the epochs up to the fork
-    doc = {**session_doc(s), "id": new_uid(), "name": name, "folder": name, "config": cfg.to_dict(), "data": data,
-           "checkpoint": str(latest.relative_to(s.root)), "best": saver.best, "target": None}
-    atomic_write_bytes(s.root / f"{name}.session", (json.dumps(doc, indent=2) + "\n").encode())
+    doc = s.document().replace(id=new_uid(), name=name, folder=name, config=cfg,
+                               data=DataBinding.from_dict(data) if data else None,
+                               checkpoint=str(latest.relative_to(s.root)), best=saver.best, target=None)
+    write_document(s.root / f"{name}.session", doc)

@@ -687,22 +687,16 @@ def folder_bytes(folder: Path) -> int:
 
 
 def _session_doc(file: Path) -> dict:
-    try:
-        doc = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise PgError(f"no session file {file}") from None
-    except (OSError, ValueError):
-        raise PgError(f"{file} is not a readable session file") from None
-    if not isinstance(doc, dict) or doc.get("format") != "pgshell-session":
-        raise PgError(f"{file} is not a pgshell session file")
-    return doc
+    """Another session's file as JSON, any version (the one reader: session/document.py)."""
+    from .document import read_raw
+
+    return read_raw(file)
 
 
 def _session_folder(file: Path, doc: dict) -> Path:
-    name = str(doc.get("folder") or file.stem)
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise PgError(f"{file}: bad folder name {name!r}")
-    return file.parent / name
+    from .document import folder_of
+
+    return folder_of(file, doc)
 
 
 def _session_file(s: "Session", source: str) -> Path:

@@ -49,8 +49,7 @@ def finish_lrfind(session, test, out: str | None) -> None:
     try:
         result = test.result()
     except PgError as e:
-        session.worker.status = {"state": "idle", "error": str(e)}
-        session.notify(f"error: {e}")
+        session.job_failed(str(e))
         return
     result["time"] = datetime.now().isoformat(timespec="seconds")
     _write_json(session.folder / "lrfind.json", result)
