@@ -248,3 +248,52 @@ def test_every_public_engine_name_exists():
 
     missing = [name for name in engine.__all__ if not hasattr(engine, name)]
     assert missing == []
+
+
+# ---------------------------------------------------------------- the session document
+def test_the_session_file_is_a_session_doc_that_reopens_to_the_same_document(tmp_path, split_folder):
+    """What `save` writes reads back as a SessionDoc equal to the session's own (to_dict/from_dict round trip),
+    and the reopened session describes itself with the same document."""
+    import json
+
+    from pgshell.session import DataBinding, Session, SessionDoc
+    from pgshell.session.document import read_document
+
+    s = new_session(tmp_path / "sessions", split_folder, name="doc")
+    train_to_end(s, steps=2)
+    file = s.save()
+    mine, pos = s.document(), s.position()
+    s.close(save=False)
+    assert (pos["step"], pos["batch"]) == (2, 2)
+    raw = json.loads(file.read_text())
+    doc = read_document(file)
+    assert isinstance(doc.data, DataBinding) and doc.data.path == str(split_folder) and doc.data.size == 32
+    assert doc.data.identity["fingerprint"] == mine.data.identity["fingerprint"] and doc.data.lists is None
+    assert {k: v for k, v in doc.to_dict().items() if k != "saved"} == {k: v for k, v in raw.items() if k != "saved"}
+    assert SessionDoc.from_dict(doc.to_dict()) == doc
+    assert doc.replace(saved="") == mine.replace(data=doc.data, saved="")
+
+    again = Session.open(file)
+    try:
+        assert again.document().replace(saved="") == doc.replace(saved="")
+        assert again.data == {"path": str(split_folder), "split": 0.2, "size": 32, "seed": 0}
+        assert again.binding.lists is not None  # the lists behind the fingerprint, read from data-files.json
+        assert again.position() == pos
+    finally:
+        again.close(save=False)
+
+
+def test_a_hand_edited_data_binding_is_named_when_the_session_opens(tmp_path, split_folder):
+    import json
+
+    from pgshell.engine.errors import PgError
+    from pgshell.session import Session
+
+    s = new_session(tmp_path / "sessions", split_folder, name="edited")
+    file = s.save()
+    s.close(save=False)
+    raw = json.loads(file.read_text())
+    raw["data"]["size"] = "large"
+    file.write_text(json.dumps(raw))
+    with pytest.raises(PgError, match=r"damaged or was edited by hand .*'data' size should be int"):
+        Session.open(file)

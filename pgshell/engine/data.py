@@ -259,13 +259,13 @@ def _class_files(folder: str, rejected: list[tuple[str, str]]) -> dict[str, list
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            classes[entry.name] = _image_files(entry.path)
+            classes[entry.name] = images_under(entry.path)
         elif _is_image_name(entry.name):
             rejected.append((entry.path, "not in a class folder"))
     return classes
 
 
-def _image_files(folder: str) -> list[str]:
+def images_under(folder: str) -> list[str]:
     """Every image file under `folder`, recursively, sorted; hidden files and folders skipped, symlink loops cut."""
     found, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):

@@ -23,7 +23,7 @@ def eval_batch_size(batch_size: int) -> int:
     return max(batch_size, 64)
 
 
-class _EvalMode:
+class EvalMode:
     """Put a module in eval mode and afterwards restore every submodule's own mode (frozen BatchNorm layers of a
     training model stay in eval mode; a module given by a caller gets back exactly what it had)."""
 
@@ -70,7 +70,7 @@ def evaluate_dataset(net: torch.nn.Module, dataset: D.ImageDataset, loss_fn: Cal
             x, y = runtime.to_input(x), y.to(runtime.device)
             yield forward_tta(net, x, runtime, tta), y, bad
 
-    with _EvalMode(net):
+    with EvalMode(net):
         return accumulate(outputs(), loss_fn, collect, num_classes)
 
 
@@ -139,7 +139,7 @@ def image_files(path: str | os.PathLike) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
-        return D._image_files(path)
+        return D.images_under(path)
     return []
 
 
@@ -154,7 +154,7 @@ def predict_files(net: torch.nn.Module, files: list[str], transform: Callable, t
     device = next(net.parameters()).device
     results: list[dict] = []
     top = max(1, top)
-    with _EvalMode(net):
+    with EvalMode(net):
         for start in range(0, len(files), batch_size):
             chunk, tensors = [], []
             for f in files[start:start + batch_size]:

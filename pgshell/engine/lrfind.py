@@ -129,8 +129,7 @@ def range_test_trainer(built, spec, splits, cfg, size: int = 0, optimizer_state:
     tr = Trainer(twin, spec, data, cfg.replace(scheduler="none", log_every=0, accumulate=1, ema=0.0, patience=0),
                  log=None, size=size)
     if optimizer_state and optimizer_state.get("type") == cfg.optimizer:
-        tr._opt_state = copy.deepcopy(optimizer_state)
-        tr.params_changed()  # rebuild the optimizer carrying the copied state over by parameter name
+        tr.load_optimizer_state(copy.deepcopy(optimizer_state))  # carried over by parameter name
     return tr
 
 

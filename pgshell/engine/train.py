@@ -265,6 +265,16 @@ class Trainer:
         count = self.pos.epoch if self._sched_unit == "epoch" else self.pos.step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn, last_epoch=count - 1)
 
+    def optimizer_state(self) -> dict:
+        """The optimizer's state by parameter name (what checkpoints hold), also of parameters frozen now."""
+        return self._optimizer_state_by_name()
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Take an optimizer state by parameter name (a copy's own: lrfind's twin of the session's trainer); it
+        applies if it was made by the optimizer in force."""
+        self._opt_state = state
+        self._rebuild_optimizer()
+
     def _optimizer_state_by_name(self) -> dict:
         if self.optimizer is None:
             return self._opt_state or {}
@@ -545,7 +555,7 @@ class Trainer:
             for x, y, bad in src.eval_batches(split, self.eval_batch_size):
                 yield (None, None, bad) if x is None else (self._forward_eval(net, x, tta), y.to(dev), bad)
 
-        with torch.no_grad(), E._EvalMode(net):
+        with torch.no_grad(), E.EvalMode(net):
             res = E.accumulate(outputs(), self.loss_fn, collect, len(self.splits.classes))
         return {"split": split, **res}
 

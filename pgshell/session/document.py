@@ -48,7 +48,7 @@ class DataBinding:
     root: str | None = None  # where a label file's relative paths start
     keep: bool = False  # `data --keep`: train on the recorded file lists (less the files gone), reopen included
     identity: dict | None = None  # {"classes", "fingerprint", "counts"} of the files when bound (session/fingerprint.py)
-    lists: dict | None = field(default=None, repr=False)  # the file lists behind `identity`: data-files.json, not here
+    lists: dict | None = field(default=None, repr=False, compare=False)  # the lists behind `identity`: data-files.json
 
     def where(self) -> dict:
         """The binding as the rest of the session reads it (`Session.data`): path, split, size, seed, root, keep."""

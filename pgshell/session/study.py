@@ -72,7 +72,7 @@ def start_lrfind(session, start: float = 1e-7, end: float = 10.0, steps: int = 1
     live = session.ensure_trainer()
     trainer = range_test_trainer(session.built, session.spec, session.splits, session.config,
                                  size=(session.data or {}).get("size", 0),
-                                 optimizer_state=live.state_dict()["optimizer"])
+                                 optimizer_state=live.optimizer_state())
     trainer.apply_live("lr", test.lr(0))
     session.start_job(LRFindJob(session, test, trainer, out))
     return (f"lrfind: {steps} batches, lr {start:.0e} to {end:.0e}, on a copy of the model "
