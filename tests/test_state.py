@@ -297,3 +297,28 @@ def test_a_hand_edited_data_binding_is_named_when_the_session_opens(tmp_path, sp
     file.write_text(json.dumps(raw))
     with pytest.raises(PgError, match=r"damaged or was edited by hand .*'data' size should be int"):
         Session.open(file)
+
+
+@pytest.mark.slow
+def test_kill_9_of_pgshell_training_with_workers_then_pgshell_s_at_once(tmp_path, split_folder):
+    """The real thing: `pgshell` trains with `workers 2` (loader processes forked), is killed with SIGKILL mid-epoch,
+    and the session opens at once in a new Session."""
+    from conftest import pgshell_env
+    from pgshell.session import Session
+
+    plan = (f"set batch_size 2\nset workers 2\nset log_every 1\ndata {split_folder} --size 32\nload test_resnet\n"
+            "save k\ntrain 50\n")
+    proc = subprocess.Popen([sys.executable, "-m", "pgshell"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path, env=pgshell_env())
+    try:
+        proc.stdin.write(plan)
+        proc.stdin.close()
+        for line in proc.stdout:  # per-batch lines once the loader's workers deliver batches
+            if line.startswith("epoch 1 batch 3/"):
+                break
+        proc.kill()
+        assert proc.wait(WAIT) == -9
+    finally:
+        proc.kill()
+    s = Session.open(tmp_path / "sessions" / "k.session")
+    s.close(save=False)
