@@ -602,6 +602,8 @@ class Session:
             raise PgError("nothing to save yet: `load MODEL` first")
         if path and Path(path).name == path and not Path(path).suffix:  # a bare NAME: sessions/NAME.session, as fork
             path = str(self.root / f"{path}.session")
+        if path:
+            F.check_name(Path(path).stem)  # `save ..`, `save ...session`, `save .`: never a name that is a path
         if path and Path(path).suffix != ".session":
             raise PgError(f"session files end in .session: `save {Path(path).with_suffix('.session')}`")
         if path and not force and self._writes:  # DDP: rank 0 alone writes, and checks

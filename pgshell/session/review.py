@@ -809,31 +809,52 @@ def list_sessions(s: "Session") -> dict:
     for r in rows:
         r["open"] = s.name == r["session"] and s.root.resolve() == Path(r["file"]).parent.resolve()
     rows.sort(key=lambda r: r["last_used"], reverse=True)
-    return {"rows": rows, "skipped": skipped, "bytes": sum(r["bytes"] for r in rows)}
+    from .files import orphan_folders
+
+    orphans = [{"folder": str(p), "name": p.name, "bytes": folder_bytes(p)} for p in orphan_folders(s.root)]
+    return {"rows": rows, "skipped": skipped, "bytes": sum(r["bytes"] for r in rows), "orphans": orphans}
 
 
 # ====================================================================== freeing space
 def session_removal(s: "Session", name: str) -> dict:
-    """What `sessions rm NAME` deletes: {"session", "paths": [file, folder], "bytes"}; refuses the open session."""
+    """What `sessions rm NAME` deletes: {"session", "paths", "bytes", "note"}. Only pgshell's own session folders go
+    (session/files.py): a copied file names another session's folder, so only the file goes; a folder holding other
+    files, or a link, is refused; an orphan folder (no file names it: a kill during `fork`) goes by its name. The
+    open session is refused here, one open in another pgshell when its lock is taken (`remove_session`)."""
+    from . import files as F
+
+    orphan = s.root / name
+    if (Path(name).name == name and not (s.root / f"{name}.session").exists()
+            and orphan in F.orphan_folders(s.root)):
+        return {"session": name, "paths": [str(orphan)], "bytes": folder_bytes(orphan),
+                "note": "a folder no session file names"}
     file = _session_file(s, name)
-    try:
-        folder = _session_folder(file, _session_doc(file))
-    except PgError:
-        folder = file.with_suffix("")  # a damaged file: its folder by the usual name
+    folder = file.with_suffix("")
+    problem = F.session_file_problem(file)
     if s.folder is not None and folder.resolve() == s.folder.resolve():
         raise PgError(f"{file.stem} is the open session: quit and reopen another, or remove it from another shell")
-    paths = [file] + ([folder] if folder.is_dir() else [])
+    if problem and folder.is_symlink():
+        raise PgError(f"cannot remove {file.stem}: {problem}")
+    if problem and folder.is_dir() and not F.sharing_folder(file) and F.folder_problem(folder):
+        raise PgError(f"cannot remove {file.stem}: {F.folder_problem(folder)}")
+    keep_folder = problem is not None or not folder.is_dir()
+    paths = [file] + ([] if keep_folder else [folder])
     return {"session": file.stem, "paths": [str(p) for p in paths],
-            "bytes": file.stat().st_size + (folder_bytes(folder) if folder.is_dir() else 0)}
+            "bytes": file.stat().st_size + (0 if keep_folder else folder_bytes(folder)),
+            "note": f"the file only: {problem}" if problem else ""}
 
 
 def remove_session(s: "Session", name: str) -> dict:
-    import shutil
+    from . import files as F
 
     plan = session_removal(s, name)
-    for p in reversed(plan["paths"]):  # the folder first: a file left alone still names what to clean up
-        path = Path(p)
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    paths = [Path(p) for p in plan["paths"]]
+    folder = next((p for p in paths if p.suffix != ".session"), None)
+    file = next((p for p in paths if p.suffix == ".session"), None)
+    if folder is not None:  # the folder first, under its lock: a file left alone still names what to clean up
+        F.delete_session(folder, file)
+    elif file is not None:
+        file.unlink()
     return plan
 
 

@@ -1,0 +1,230 @@
+"""Issue 27: nothing outside a session is ever deleted or written. `save --force`, `sessions rm`, `fork` and the
+change log touch pgshell's own session folders only, and never one another process holds; plans stop on a signal;
+hostile label files, storages, weights archives and model folders are refused in one line.
+
+Every deletion case checks that a file outside the session folder still exists with its bytes."""
+
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import make_split, new_app, run_out
+
+from pgshell.session import Session
+
+OUTSIDE = b"precious bytes, not pgshell's\n"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory) -> Path:
+    """One trained, saved session `s` (2 steps) beside its data, made once and copied by each test."""
+    base = tmp_path_factory.mktemp("made")
+    make_split(base / "tv")
+    from conftest import new_session, train_to_end
+
+    s = new_session(base / "sessions", base / "tv", "s")
+    train_to_end(s, steps=2)
+    s.save()
+    s.close(save=False)
+    return base
+
+
+@pytest.fixture
+def work(made, tmp_path, monkeypatch) -> Path:
+    w = tmp_path / "w"
+    shutil.copytree(made, w)
+    monkeypatch.chdir(w)
+    (w / "keep.txt").write_bytes(OUTSIDE)
+    return w
+
+
+def _app(work: Path):
+    return new_app(work / "sessions")
+
+
+def _one_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _tree(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------ 1. save --force replaces only a real session
+def test_save_force_replaces_only_a_real_session_never_a_data_folder_a_parent_or_a_foreign_file(work, capsys,
+                                                                                               monkeypatch):
+    from conftest import make_images
+
+    make_images(work / "cats", classes=("a", "b"), per_class=3)
+    victim = work / "victim" / "work"
+    victim.mkdir(parents=True)
+    (victim / "mine.txt").write_bytes(OUTSIDE)
+    (work / "sessions" / "s" / "notes.txt").write_bytes(OUTSIDE)  # a file the user put in a session's folder
+    cats, everything = _tree(work / "cats"), _tree(work)
+    app = _app(work)
+    try:
+        for line in (f"data {work / 'tv'} --size 32", "load test_resnet"):
+            assert run_out(app, capsys, line)[0], line
+        monkeypatch.chdir(victim)
+        for line in ("save .. --force", "save ...session --force", "save ./..session --force", "save . --force"):
+            ok, _, err = run_out(app, capsys, line)
+            assert not ok and "session name" in _one_error(err), (line, err)
+        monkeypatch.chdir(work)
+        ok, _, err = run_out(app, capsys, "save cats.session --force")  # a data folder of that name, no session
+        assert not ok and "not a pgshell session" in _one_error(err)
+        ok, _, err = run_out(app, capsys, f"save {work / 'sessions' / 's.session'} --force")
+        assert not ok and "notes.txt" in _one_error(err)
+        app.interactive = True  # at a terminal `save ..` asks; "y" must not delete either
+        monkeypatch.setattr(app, "read_input", lambda prompt, **kw: "y")
+        monkeypatch.chdir(victim)
+        ok, _, err = run_out(app, capsys, "save ..")
+        assert not ok and "session name" in _one_error(err)
+        monkeypatch.chdir(work)
+    finally:
+        app.interactive = False
+        app.session.close(save=False)
+    assert (victim / "mine.txt").read_bytes() == OUTSIDE and (work / "keep.txt").read_bytes() == OUTSIDE
+    assert _tree(work / "cats") == cats
+    assert all(_tree(work).get(k) == v for k, v in everything.items())  # not one byte gone anywhere
+
+
+def test_save_force_still_replaces_a_real_session_whole(work, capsys):
+    app = _app(work)
+    try:
+        for line in (f"data {work / 'tv'} --size 32", "load test_resnet"):
+            assert run_out(app, capsys, line)[0], line
+        ok, out, _ = run_out(app, capsys, "save s --force")
+        assert ok and out.strip().endswith(f"saved {work / 'sessions' / 's.session'}")
+    finally:
+        app.session.close(save=False)
+    assert (work / "keep.txt").read_bytes() == OUTSIDE
+    assert not (work / "sessions" / "s" / "metrics.csv").exists()  # the old run's rows went with it: replaced whole
+
+
+# ------------------------------------------------------------------ 2. sessions rm of a session open elsewhere
+def test_sessions_rm_refuses_a_session_another_pgshell_has_open(work, capsys):
+    folder = work / "sessions" / "s"
+    holder = Session.open(work / "sessions" / "s.session")  # its own lock file description: as another process
+    before = _tree(folder)
+    app = _app(work)
+    try:
+        ok, _, err = run_out(app, capsys, "sessions rm s --yes")
+        assert not ok and "open in another pgshell" in _one_error(err)
+    finally:
+        app.session.close(save=False)
+        holder.close(save=False)
+    after = _tree(folder)
+    assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}
+    assert (work / "sessions" / "s.session").is_file() and (work / "keep.txt").read_bytes() == OUTSIDE
+
+
+# ------------------------------------------------------------------ 3. sessions rm of a copied file
+def test_sessions_rm_of_a_copied_session_file_never_deletes_the_originals_folder(work, capsys):
+    root = work / "sessions"
+    shutil.copyfile(root / "s.session", root / "copy.session")  # names the folder s/
+    before = _tree(root / "s")
+    app = _app(work)
+    try:
+        ok, out, err = run_out(app, capsys, "sessions rm copy --yes")
+        assert ok and "the file only" in out, (out, err)
+    finally:
+        app.session.close(save=False)
+    assert not (root / "copy.session").exists()
+    assert _tree(root / "s") == before and (work / "keep.txt").read_bytes() == OUTSIDE
+    Session.open(root / "s.session").close(save=False)  # the original still opens
+
+
+# ------------------------------------------------------------------ 8. a fork killed part-way; orphan folders
+def test_a_fork_killed_part_way_blocks_no_name_and_sessions_lists_and_removes_the_orphan(work, capsys,
+                                                                                     monkeypatch):
+    from pgshell.session import replay as R
+    from pgshell.shell import PgShell
+
+    root = work / "sessions"
+    app = PgShell(interactive=False, sessions_dir=str(root), stdout=io.StringIO(),
+                  session=Session.open(root / "s.session"))
+    try:
+        def killed(*a, **kw):  # what `kill -9` leaves: the copy stops here and no clean-up runs
+            raise SystemExit("killed")
+
+        with monkeypatch.context() as m:
+            m.setattr(R, "_copy_log", killed)
+            m.setattr(R.shutil, "rmtree", lambda *a, **kw: None)
+            run_out(app, capsys, "fork f")
+        assert not (root / "f").exists() and not (root / "f.session").exists()  # the name is free
+        ok, out, err = run_out(app, capsys, "fork f")
+        assert ok and (root / "f.session").is_file(), err
+        shutil.copytree(root / "s", root / "lost", ignore=shutil.ignore_patterns(".lock"))  # a file deleted by hand
+        ok, out, _ = run_out(app, capsys, "sessions")
+        orphans = app.last_result["orphans"]
+        names = sorted(o["name"] for o in orphans)
+        assert len(names) == 2 and names[0].startswith(".f.fork-") and names[1] == "lost", names
+        assert all(f"orphan folder {o['folder']}" in out for o in orphans)
+        for name in names:
+            ok, out, err = run_out(app, capsys, f"sessions rm {name} --yes")
+            assert ok and f"removed {name}" in out, err
+        assert sorted(p.name for p in root.iterdir()) == ["f", "f.session", "s", "s.session"]
+    finally:
+        app.session.close(save=False)
+    assert (work / "keep.txt").read_bytes() == OUTSIDE
+
+
+def test_a_folder_holding_other_files_is_no_orphan_and_sessions_rm_of_it_is_refused(work, capsys):
+    from conftest import make_images
+
+    root = work / "sessions"
+    make_images(root / "pics", classes=("a",), per_class=2)  # the user's folder beside the sessions
+    before = _tree(root / "pics")
+    app = _app(work)
+    try:
+        run_out(app, capsys, "sessions")
+        assert app.last_result["orphans"] == []
+        ok, _, err = run_out(app, capsys, "sessions rm pics --yes")
+        assert not ok and "no session pics" in _one_error(err)
+    finally:
+        app.session.close(save=False)
+    assert _tree(root / "pics") == before
+
+
+# ------------------------------------------------------------------ 9. a session folder that is a link
+def test_sessions_rm_of_a_session_whose_folder_is_a_link_is_one_line_and_deletes_nothing(work, capsys):
+    root = work / "sessions"
+    elsewhere = work / "elsewhere"
+    shutil.copytree(root / "s", elsewhere, ignore=shutil.ignore_patterns(".lock"))
+    (elsewhere / "keep.txt").write_bytes(OUTSIDE)
+    doc = json.loads((root / "s.session").read_text())
+    (root / "l.session").write_text(json.dumps({**doc, "name": "l", "folder": "l"}))
+    (root / "l").symlink_to(elsewhere)
+    before = _tree(elsewhere)
+    app = _app(work)
+    try:
+        ok, _, err = run_out(app, capsys, "sessions rm l --yes")
+        assert not ok and "symbolic link" in _one_error(err)
+    finally:
+        app.session.close(save=False)
+    assert (root / "l").is_symlink() and (root / "l.session").is_file() and _tree(elsewhere) == before
+
+
+# ------------------------------------------------------------------ 4. changes.jsonl through a link
+def test_the_change_log_is_never_appended_through_a_symbolic_link(work, capsys):
+    log = work / "sessions" / "s" / "changes.jsonl"
+    target = work / "outside.jsonl"
+    target.write_bytes(log.read_bytes() + OUTSIDE)
+    log.unlink()
+    log.symlink_to(target)
+    before = target.read_bytes()
+    from pgshell.shell import PgShell
+
+    app = PgShell(interactive=False, sessions_dir=str(work / "sessions"), stdout=io.StringIO(),
+                  session=Session.open(work / "sessions" / "s.session"))
+    try:
+        ok, _, err = run_out(app, capsys, "freeze backbone")
+        assert not ok and "symbolic link" in _one_error(err)
+    finally:
+        app.session.close(save=False)
+    assert target.read_bytes() == before
