@@ -228,3 +228,86 @@ def test_the_change_log_is_never_appended_through_a_symbolic_link(work, capsys):
     finally:
         app.session.close(save=False)
     assert target.read_bytes() == before
+
+
+# ------------------------------------------------------------------ 5. SIGINT in a plan stops it, saved
+def test_sigint_during_train_in_a_plan_stops_the_plan_saved_with_a_non_zero_exit(work, capsys):
+    import signal
+
+    from pgshell.shell import run_plan
+
+    app = _app(work)
+    sent = []
+
+    def ctrl_c(_row):  # the worker thread; Python runs the handler in the main thread, waiting on the run
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    app.session.batch_listeners.append(ctrl_c)
+    plan = [f"data {work / 'tv'} --size 32\n", "load test_resnet\n", "set batch_size 8\n", "train 50\n",
+            "export torchscript model.pt\n"]
+    try:
+        code = run_plan(app, plan, "p.plan")
+    finally:
+        app.session.close(save=False)
+    err = capsys.readouterr().err
+    assert code == 130 and "p.plan:4: interrupted (SIGINT)" in err, (code, err)
+    assert not (work / "model.pt").exists()  # the line after it never ran
+    saved = json.loads(Path(app.session.file).read_text())
+    r = Session.open(app.session.file)
+    try:
+        assert 1 <= r.trainer.pos.step < 200 and saved["checkpoint"]  # paused part-way, and saved there
+    finally:
+        r.close(save=False)
+
+
+# ------------------------------------------------------------------ 13. SIGTERM while reopening; a second SIGTERM
+_AS_PROGRAM = """
+import os, runpy, signal, sys
+{patch}
+sys.argv = ["pgshell", *{args!r}]
+try:
+    runpy.run_module("pgshell", run_name="__main__")  # `python -m pgshell ARGS`
+except SystemExit as e:
+    code = e.code
+os.kill(os.getpid(), signal.SIGTERM)  # a second signal after all was said and saved: no silent death
+sys.exit(code)
+"""
+
+_TERM_WHILE_REOPENING = """
+from pgshell.session import files as F
+found = F._find_checkpoint
+def term_then_find(*a, **kw):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return found(*a, **kw)
+F._find_checkpoint = term_then_find
+"""
+
+_TERM_IN_SHOW = """
+from pgshell.session import describe as D
+D.describe = lambda *a, **kw: os.kill(os.getpid(), signal.SIGTERM)
+"""
+
+
+def test_sigterm_while_reopening_and_a_second_sigterm_after_the_save_each_end_with_one_line(work):
+    import subprocess
+    import sys
+
+    from conftest import pgshell_env
+
+    (work / "p.plan").write_text("show\n")
+    file, metrics = work / "sessions" / "s.session", work / "sessions" / "s" / "metrics.csv"
+    before = file.read_bytes(), metrics.read_bytes()
+    script = _AS_PROGRAM.format(patch=_TERM_WHILE_REOPENING, args=["-s", "sessions/s.session", "p.plan"])
+    r = subprocess.run([sys.executable, "-c", script], cwd=work, env=pgshell_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 143 and "SIGTERM while reopening" in _one_error(r.stderr), (r.returncode, r.stderr)
+    assert (file.read_bytes(), metrics.read_bytes()) == before
+    (work / "p.plan").write_text(f"data {work / 'tv'} --size 32\nload test_resnet\nset batch_size 8\n"
+                                 "train --steps 1\nshow\n")
+    script = _AS_PROGRAM.format(patch=_TERM_IN_SHOW, args=["p.plan"])
+    r = subprocess.run([sys.executable, "-c", script], cwd=work, env=pgshell_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 143 and _one_error(r.stderr).startswith("SIGTERM: paused and saved"), (r.returncode,
+                                                                                                 r.stderr)
