@@ -311,3 +311,78 @@ def test_sigterm_while_reopening_and_a_second_sigterm_after_the_save_each_end_wi
                        text=True, timeout=300)
     assert r.returncode == 143 and _one_error(r.stderr).startswith("SIGTERM: paused and saved"), (r.returncode,
                                                                                                  r.stderr)
+
+
+# ------------------------------------------------------------------ 10. an in-memory study storage
+@pytest.mark.parametrize("url", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+def test_tune_with_an_in_memory_sqlite_storage_is_refused_up_front(tmp_path, capsys, split_folder, monkeypatch, url):
+    monkeypatch.chdir(tmp_path)
+    app = new_app(tmp_path / "sessions")
+    try:
+        for line in (f"data {split_folder} --size 32", "load test_resnet"):
+            assert run_out(app, capsys, line)[0], line
+        ok, _, err = run_out(app, capsys, f"tune --trials 1 --steps 1 --storage {url}")
+        assert not ok and "in-memory SQLite" in _one_error(err)
+    finally:
+        app.session.close(save=False)
+    assert not (tmp_path / "sessions").exists()  # refused before the session was even named
+
+
+# ------------------------------------------------------------------ 11. label files
+def _labels(folder: Path, rows) -> Path:
+    import csv
+
+    file = folder / "labels.csv"
+    with open(file, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label"])
+        w.writerows(rows)
+    return file
+
+
+def test_label_files_keep_to_their_root_and_to_printable_labels(tmp_path):
+    from conftest import make_images
+
+    from pgshell.engine import data as D
+    from pgshell.engine.errors import PgError
+
+    lists = tmp_path / "lists"
+    make_images(lists / "imgs", classes=("cat", "dog"), per_class=4)
+    (tmp_path / "secret.png").write_bytes(OUTSIDE)
+    (lists / "imgs" / "link.png").symlink_to(tmp_path / "secret.png")
+    good = [(f"imgs/{c}/{c}_{i:03d}.png", c) for c in ("cat", "dog") for i in range(4)]
+    for bad in ("../secret.png", str(tmp_path / "secret.png"), "imgs/link.png", "/etc/passwd"):
+        with pytest.raises(PgError, match="is outside") as e:
+            D.resolve_data(str(_labels(lists, good + [(bad, "cat")])), check=False)
+        assert "\n" not in str(e.value) and "--allow-outside" in str(e.value)
+    got = D.resolve_data(str(_labels(lists, good + [("../secret.png", "cat")])), check=False, allow_outside=True)
+    assert len(got.train) + len(got.val) == 9  # asked for: taken
+    for label in ("cat\x00", "do\ng", "c\u202eat"):
+        with pytest.raises(PgError, match="control character"):
+            D.resolve_data(str(_labels(lists, good + [("imgs/cat/cat_000.png", label)])), check=False)
+
+
+def test_a_huge_label_folds_in_the_class_table_and_formula_labels_are_text_in_csv_outputs(tmp_path, capsys,
+                                                                                          monkeypatch):
+    import csv
+
+    from conftest import make_images
+
+    monkeypatch.chdir(tmp_path)
+    make_images(tmp_path / "imgs", classes=("cat", "dog"), per_class=6)
+    huge, formula = "x" * 5000, "=cmd|' /C calc'!A0"
+    file = _labels(tmp_path / "imgs", [(f"{c}/{c}_{i:03d}.png", {"cat": huge, "dog": formula}[c])
+                                       for c in ("cat", "dog") for i in range(6)])
+    app = new_app(tmp_path / "sessions")
+    try:
+        ok, out, err = run_out(app, capsys, f"data {file} --size 32")
+        assert ok, err
+        assert "x" * 100 not in out and "(5,000 chars)" in out  # the class table folds it
+        for line in ("load test_resnet", "set batch_size 4", "train --steps 1", f"predict {tmp_path / 'imgs' / 'dog'} "
+                     f"--out {tmp_path / 'p.csv'}"):
+            ok, _, err = run_out(app, capsys, line)
+            assert ok, (line, err)
+    finally:
+        app.session.close(save=False)
+    cells = [c for row in csv.reader(open(tmp_path / "p.csv", encoding="utf-8")) for c in row]
+    assert f"'{formula}" in cells and formula not in cells

@@ -139,7 +139,7 @@ class Session:
         return M.build_model(spec)
 
     def attach_data(self, path: str | None = None, split: float = 0.2, size: int = 0, check: bool = False,
-                    keep: bool = False, root: str | None = None) -> Any:
+                    keep: bool = False, root: str | None = None, allow_outside: bool = False) -> Any:
         """Attach a dataset: an image folder, a label file (paths from `root`) or a Hugging Face dataset (PATH: the
         session's data when None). `check` also decodes every image, adding those that fail to `splits.rejected`
         (they stay in their split, skipped when loaded, so the split is the same either way). The same data as the
@@ -155,8 +155,10 @@ class Session:
             raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
         at = self.changes.position()
         location, root = self._data_location(path, root)
+        allow_outside = allow_outside or (path is None and bool((self.data or {}).get("allow_outside")))
         splits = self._kept_splits(location) if keep else D.resolve_data(location, split=split,
-                                                                           seed=self.config.seed, root=root)
+                                                                           seed=self.config.seed, root=root,
+                                                                           allow_outside=allow_outside)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
         lists = FP.file_lists(splits, location)
@@ -173,6 +175,8 @@ class Session:
         self.data = {"path": location, "split": split, "size": size, "seed": self.config.seed}  # seed: the split's
         if root is not None:
             self.data["root"] = root
+        if allow_outside:
+            self.data["allow_outside"] = True  # a label file's images outside its root: asked for, kept on reopen
         if keep:
             self.data["keep"] = True  # reopen takes the recorded lists again, without asking
         self.data_id, self.data_lists, self.data_change = ident, lists, None

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine.errors import PgError
-from ..engine.names import escape
+from ..engine.names import cell, escape
 
 if TYPE_CHECKING:
     from .core import Session
@@ -307,8 +307,8 @@ def write_predictions_csv(result: dict, out: str, top: int) -> Path:
     for r in result["rows"]:
         cells = [x for c, p in r["top"] for x in (c, repr(float(p)))]
         known = [r["true"], int(r["correct"])] if truth and r["true"] else [""] * len(truth)
-        w.writerow([r["path"]] + cells + [""] * (2 * k - len(cells)) + [escape(r["error"]) if r["error"] else ""]
-                   + known)
+        w.writerow([cell(x) for x in [r["path"]] + cells + [""] * (2 * k - len(cells))
+                    + [escape(r["error"]) if r["error"] else ""] + known])  # a label `=cmd|...`: text, not a formula
     _written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
     return out_path
 
@@ -531,7 +531,8 @@ def write_errors(result: dict, out: str) -> dict:
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=ERRORS_COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows({**r, **{k: repr(r[k]) for k in ("probability", "p_true", "loss")}} for r in result["rows"])
+        w.writerows({k: cell(v) for k, v in {**r, **{k: repr(r[k]) for k in ("probability", "p_true", "loss")}}.items()}
+                    for r in result["rows"])
     return {"out": str(png), "csv": str(csv_path), "tiles": boxes, "labels": labels}
 
 
@@ -902,4 +903,4 @@ def write_compare_csv(result: dict, out: str) -> Path:
 
 
 def _cell(v) -> str:
-    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
+    return "" if v is None else repr(v) if isinstance(v, float) else cell(v) if isinstance(v, str) else str(v)
