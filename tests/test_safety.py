@@ -386,3 +386,54 @@ def test_a_huge_label_folds_in_the_class_table_and_formula_labels_are_text_in_cs
         app.session.close(save=False)
     cells = [c for row in csv.reader(open(tmp_path / "p.csv", encoding="utf-8")) for c in row]
     assert f"'{formula}" in cells and formula not in cells
+
+
+# ------------------------------------------------------------------ 7. weights declaring far more than the model
+def test_weights_declaring_far_more_than_the_model_are_refused_before_anything_is_inflated(tmp_path):
+    import zipfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from pgshell.engine import models as M
+    from pgshell.engine.errors import PgError
+
+    built = M.build_model(M.ModelSpec("test_resnet", 3))
+    big = {**built.module.state_dict(), "extra": torch.zeros(12_000_000)}  # 48 MB the model has no room for
+    plain = tmp_path / "plain.pt"
+    torch.save(big, plain)
+    bomb = tmp_path / "bomb.pth"  # the same archive, deflated: 48 MB of zeros in a file of a few hundred KB
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert bomb.stat().st_size < 2_000_000
+    save_file({k: v.contiguous() for k, v in big.items()}, str(tmp_path / "big.safetensors"))
+    before = {k: v.clone() for k, v in built.module.state_dict().items()}
+    for file in (bomb, tmp_path / "big.safetensors"):
+        with pytest.raises(PgError, match="declares 4[0-9.]+ MB of tensors, and the model holds") as e:
+            M.load_weights_file(built, file)
+        assert "\n" not in str(e.value) and "nothing was read" in str(e.value)
+    assert all(torch.equal(v, before[k]) for k, v in built.module.state_dict().items())
+    save_file(dict(before), str(tmp_path / "own.safetensors"))  # the model's own weights still load
+    assert M.load_weights_file(built, tmp_path / "own.safetensors").startswith(f"loaded {len(before)} tensors")
+
+
+# ------------------------------------------------------------------ 12. a model folder sized beyond the machine
+def test_a_model_folder_beyond_the_machines_memory_is_refused_on_the_meta_device(tmp_path, monkeypatch):
+    from pgshell.engine import _weightguard as G
+    from pgshell.engine import models as M
+    from pgshell.engine.errors import PgError
+
+    folder = tmp_path / "huge"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"architecture": "test_vit", "num_classes": 3,
+                                                    "pretrained_cfg": {"input_size": [3, 32, 32]},
+                                                    "model_args": {"embed_dim": 256, "depth": 4}}))
+    monkeypatch.setattr(G, "machine_memory", lambda: 8 * 2**20)  # an 8 MB machine: the 13 MB model cannot fit
+    with pytest.raises(PgError, match=r"config.json asks for a model of 1[0-9.]+ MB of weights \(model_args "
+                                      r"\{\"embed_dim\": 256, \"depth\": 4\}\), beyond this machine's 8.0 MB") as e:
+        M.build_model(M.ModelSpec(str(folder), 3))
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(G, "machine_memory", lambda: 2**40)
+    built = M.build_model(M.ModelSpec(str(folder), 3, pretrained=False))  # where it fits, it builds
+    assert 10 * 2**20 < G.model_bytes(built.module) < 16 * 2**20
