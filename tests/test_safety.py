@@ -437,3 +437,25 @@ def test_a_model_folder_beyond_the_machines_memory_is_refused_on_the_meta_device
     monkeypatch.setattr(G, "machine_memory", lambda: 2**40)
     built = M.build_model(M.ModelSpec(str(folder), 3, pretrained=False))  # where it fits, it builds
     assert 10 * 2**20 < G.model_bytes(built.module) < 16 * 2**20
+
+
+# ------------------------------------------------------------------ 6. what a fork from an older checkpoint keeps
+def test_a_fork_from_an_older_epoch_says_its_momentum_restarts_and_the_help_promises_no_more(work, capsys):
+    from pgshell.shell import PgShell
+
+    root = work / "sessions"
+    app = PgShell(interactive=False, sessions_dir=str(root), stdout=io.StringIO(),
+                  session=Session.open(root / "s.session"))
+    try:
+        assert run_out(app, capsys, "train 2")[0]  # epochs 1 and 2: epoch 1's checkpoint is slim now
+        ok, out, err = run_out(app, capsys, "fork f --checkpoint 1")
+        assert ok and "momentum restarted" in out, (out, err)
+        ok, out, _ = run_out(app, capsys, "help fork")
+        text = " ".join(out.split())
+        assert "newest checkpoint, continuing with the same settings is the parent bit for bit" in text
+        assert "not the optimizer state" in text
+    finally:
+        app.session.close(save=False)
+    readme = " ".join((Path(__file__).resolve().parent.parent / "README.md").read_text().split())
+    assert "a fork continued with the parent's settings is the parent, bit for bit" not in readme
+    assert "fork from now (or the newest checkpoint) continued with the parent's settings is the parent" in readme
