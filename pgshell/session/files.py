@@ -238,7 +238,7 @@ def _rename(src: Path, dst: Path) -> None:
 
 
 def _remove_session(root: Path, name: str) -> None:
-    """`save NAME --force`: delete the session root/NAME — only a real one (see `deletion_problem`), holding its
+    """`save NAME --force`: delete the session root/NAME — only a real one (`session_file_problem`), holding its
     lock so no other process is using it."""
     check_name(name)
     file = root / f"{name}.session"
@@ -337,7 +337,8 @@ def orphan_folders(root: Path) -> list[Path]:
         except PgError:
             named.add(file.stem)  # a damaged file still claims its folder by the usual name
     return sorted(p for p in root.iterdir()
-                  if p.name not in named and (SESSION_NAME.match(p.name) or FORK_TEMP in p.name)
+                  if p.name not in named and not p.name.endswith(".session")
+                  and (SESSION_NAME.match(p.name) or FORK_TEMP in p.name)
                   and folder_problem(p) is None)
 
 

@@ -828,7 +828,7 @@ def session_removal(s: "Session", name: str) -> dict:
     if (Path(name).name == name and not (s.root / f"{name}.session").exists()
             and orphan in F.orphan_folders(s.root)):
         return {"session": name, "paths": [str(orphan)], "bytes": folder_bytes(orphan),
-                "note": "a folder no session file names"}
+                "note": "a folder no session file names", "folder": str(orphan), "file": None}
     file = _session_file(s, name)
     folder = file.with_suffix("")
     problem = F.session_file_problem(file)
@@ -842,18 +842,17 @@ def session_removal(s: "Session", name: str) -> dict:
     paths = [file] + ([] if keep_folder else [folder])
     return {"session": file.stem, "paths": [str(p) for p in paths],
             "bytes": file.stat().st_size + (0 if keep_folder else folder_bytes(folder)),
-            "note": f"the file only: {problem}" if problem else ""}
+            "note": f"the file only: {problem}" if problem else "",
+            "folder": None if keep_folder else str(folder), "file": str(file)}
 
 
 def remove_session(s: "Session", name: str) -> dict:
     from . import files as F
 
     plan = session_removal(s, name)
-    paths = [Path(p) for p in plan["paths"]]
-    folder = next((p for p in paths if p.suffix != ".session"), None)
-    file = next((p for p in paths if p.suffix == ".session"), None)
-    if folder is not None:  # the folder first, under its lock: a file left alone still names what to clean up
-        F.delete_session(folder, file)
+    file = Path(plan["file"]) if plan["file"] else None
+    if plan["folder"]:  # the folder first, under its lock: a file left alone still names what to clean up
+        F.delete_session(Path(plan["folder"]), file)
     elif file is not None:
         file.unlink()
     return plan
