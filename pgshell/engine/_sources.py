@@ -15,13 +15,16 @@ splits, batches and metrics as the folder.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import unicodedata
 from pathlib import Path
 
 from . import _arrow
 from . import data as D
 from .errors import PgError
+from .names import escape
 
 LABEL_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 # split names as datasets and label files spell them -> pgshell's
@@ -45,8 +48,11 @@ def kind_of(path: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- label files
-def scan_label_file(path: str, root: str | None, split: float, seed: int, check: bool) -> D.Splits:
-    """A CSV (with a header) or JSON-lines file of `path`, `label` and optionally `split` (train, val, test)."""
+def scan_label_file(path: str, root: str | None, split: float, seed: int, check: bool,
+                    allow_outside: bool = False) -> D.Splits:
+    """A CSV (with a header) or JSON-lines file of `path`, `label` and optionally `split` (train, val, test). Paths
+    stay inside the root (`../x.png`, absolute paths and links out are refused unless `allow_outside`: a label file
+    from elsewhere must not make pgshell open, hash and record /etc/passwd), and labels are printable text."""
     file = Path(path).expanduser().resolve()
     base = Path(root).expanduser().resolve() if root is not None else file.parent
     if not base.is_dir():
@@ -59,6 +65,10 @@ def scan_label_file(path: str, root: str | None, split: float, seed: int, check:
         if not image:
             raise PgError(f"{file} line {line} has no path: every row names an image (and its label)")
         full = os.path.normpath(base / os.path.expanduser(image))
+        if not allow_outside and not _inside(full, base):
+            raise PgError(f"{file} line {line}: {escape(image)[:120]} is outside {base}: a label file's images stay "
+                          "under --root (the file's folder by default); `data FILE --allow-outside` if you mean it")
+        _check_label(label, file, line)
         if not label:
             rejected.append((full, f"no label ({file.name} line {line})"))
         elif full in first_line:
@@ -72,6 +82,23 @@ def scan_label_file(path: str, root: str | None, split: float, seed: int, check:
     return _finish(per_split, str(file), file.name, split, seed, check, rejected)
 
 
+def _inside(path: str, base: Path) -> bool:
+    """`path` (normalised), with every link followed, is `base` or under it."""
+    real, top = os.path.realpath(path), os.path.realpath(base)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+# control characters make look-alike classes ("cat" and "cat\0") and break lines; bidi controls reorder the text shown
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _check_label(label: str, file: Path, line: int) -> None:
+    bad = next((ch for ch in label if unicodedata.category(ch) == "Cc" or ch in _BIDI), None)
+    if bad is not None:
+        raise PgError(f"{file} line {line}: the label {escape(label)[:60]!r} holds the control character "
+                      f"U+{ord(bad):04X}: labels are printable text — fix the file")
+
+
 def _label_rows(file: Path):
     """(line number, {column: value}) of a label file, column names in lower case."""
     if not file.is_file():
@@ -81,13 +108,13 @@ def _label_rows(file: Path):
     except (OSError, UnicodeDecodeError) as exc:
         raise PgError(f"cannot read {file} ({exc}): save it as UTF-8 text") from None
     if file.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # a quoted newline stays in its cell: refused below
         columns = [str(c).strip().lower() for c in reader.fieldnames or []]
         if "path" not in columns or "label" not in columns:
             raise PgError(f"{file} needs a header with the columns path and label (and optionally split); it has "
                           f"{', '.join(columns) or 'no header'}")
-        for number, row in enumerate(reader, start=2):
-            yield number, {str(k).strip().lower(): v for k, v in row.items() if k is not None}
+        for row in reader:
+            yield reader.line_num, {str(k).strip().lower(): v for k, v in row.items() if k is not None}
         return
     for number, text_line in enumerate(text.splitlines(), start=1):
         if not text_line.strip():

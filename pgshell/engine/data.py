@@ -85,7 +85,8 @@ class Splits:
         return rows
 
 
-def resolve_data(path: str, split: float = 0.2, seed: int = 0, root: str | None = None, check: bool = True) -> Splits:
+def resolve_data(path: str, split: float = 0.2, seed: int = 0, root: str | None = None, check: bool = True,
+                 allow_outside: bool = False) -> Splits:
     """Any data source pgshell reads -> Splits, each sample (path or Arrow row, class index):
 
     - a folder of class folders, or of train/ val/ [test/] class folders: `scan_folder`
@@ -101,7 +102,7 @@ def resolve_data(path: str, split: float = 0.2, seed: int = 0, root: str | None 
         raise PgError(f"--root is for label files (.csv, .jsonl): it says where their relative paths start; "
                       f"{path} is not one")
     if kind == "labels":
-        return _sources.scan_label_file(path, root, split, seed, check)
+        return _sources.scan_label_file(path, root, split, seed, check, allow_outside)
     if kind == "hf":
         return _sources.scan_hf(path, split, seed, check)
     return scan_folder(path, split, seed, check)

@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import _weightguard
 from .errors import PgError
 
 __all__ = [
@@ -451,6 +452,8 @@ def build_model(spec: ModelSpec) -> BuiltModel:
     if pretrained and weights_status(full_name, source) == "download" and not _online(source):
         # fail at once instead of after the hub's minute of retries (and their log lines over the prompt)
         raise _pretrained_error(source, full_name, OSError("no network"))
+    if full_name.startswith(_LOCAL_DIR):  # its config.json sizes the model: checked on the meta device first
+        _weightguard.check_model_folder(full_name[len(_LOCAL_DIR):], spec.num_classes)
     if source == "timm":
         built = _build_timm(full_name, spec.num_classes, pretrained)
     elif source == "torchvision":
@@ -694,6 +697,7 @@ def load_weights_file(built: BuiltModel, path: str | os.PathLike) -> str:
     tensor that does not fit means the file belongs to another model: PgError, nothing loaded.
     """
     file = Path(path).expanduser()
+    _weightguard.check_weights_file(file, built.module)  # sizes declared far beyond the model: refused unread
     state, where = read_weights(file)
     own = built.module.state_dict()
     prefix = _best_prefix(list(state), own)

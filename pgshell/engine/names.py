@@ -47,3 +47,23 @@ def unescape(text: str) -> str:
 def printable(text: str) -> str:
     """A message that may hold such names, safe to print (not reversible: for messages, not for files)."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def folded(text: str, limit: int = 60) -> str:
+    """A long name (a label file's 5,000-character class) shortened for a table cell, its length said: the table
+    stays readable; files keep the full name."""
+    if len(text) <= limit:
+        return text
+    head = limit - 20
+    return f"{text[:head]}…{text[-8:]} ({len(text):,} chars)"
+
+
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet takes for a formula at the start of a cell
+
+
+def cell(value):
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula (`=cmd|...`, a label from a file
+    someone else wrote) gets a leading apostrophe (OWASP's CSV injection advice); numbers are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value

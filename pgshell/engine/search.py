@@ -188,6 +188,22 @@ def suggest(trial, space: dict[str, Dim]) -> dict[str, Any]:
     return out
 
 
+def check_storage(url: str | None) -> None:
+    """A study's storage must outlive the process and be shared by every trial's connection: SQLite in memory
+    (`sqlite://`, `sqlite:///`, `sqlite:///:memory:`) is neither, and would fail inside Optuna far from the cause."""
+    if not url:
+        return
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        raise PgError(f"--storage {url[:80]!r} is not a storage URL: e.g. sqlite:///study.db or "
+                      "postgresql://user@host/db (or leave --storage out for sessions/NAME/tune.db)")
+    if scheme.split("+")[0].lower() == "sqlite":
+        database = (rest[1:] if rest.startswith("/") else rest).split("?")[0]
+        if database in ("", ":memory:") or database.startswith("file::memory:") or "mode=memory" in rest:
+            raise PgError(f"--storage {url[:80]} is an in-memory SQLite database, gone when the process ends: name "
+                          "a file (sqlite:///study.db) or leave --storage out for sessions/NAME/tune.db")
+
+
 def make_sampler(seed: int, n_existing: int, worker: str | None = None):
     """TPE seeded from the session's seed and the study's size: a study resumed in a new process does not replay
     the random start-up draws of its first run. TPE models the results after 5 trials (Optuna's default is 10;

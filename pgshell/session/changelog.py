@@ -253,7 +253,9 @@ class ChangeLog:
         if not file.exists():
             self._rewrite()
             return
-        with open(file, "a") as f:
+        from ..engine.checkpoint import open_append
+
+        with open_append(file) as f:  # a regular file only: a link planted as changes.jsonl is refused
             f.write(json.dumps(entry) + "\n")
             f.flush()
             os.fsync(f.fileno())

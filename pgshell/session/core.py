@@ -154,7 +154,7 @@ class Session:
         return M.build_model(spec)
 
     def attach_data(self, path: str | None = None, split: float = 0.2, size: int = 0, check: bool = False,
-                    keep: bool = False, root: str | None = None) -> Any:
+                    keep: bool = False, root: str | None = None, allow_outside: bool = False) -> Any:
         """Attach a dataset: an image folder, a label file (paths from `root`) or a Hugging Face dataset (PATH: the
         session's data when None). `check` also decodes every image, adding those that fail to `splits.rejected`
         (they stay in their split, skipped when loaded, so the split is the same either way). The same data as the
@@ -170,8 +170,10 @@ class Session:
             raise PgError(f"--size must be between 1 and 4096 pixels (0: the model's own), not {size}")
         at = self.changes.position()
         location, root = self._data_location(path, root)
+        allow_outside = allow_outside or (path is None and bool((self.data or {}).get("allow_outside")))
         splits = self._kept_splits(location) if keep else D.resolve_data(location, split=split,
-                                                                           seed=self.config.seed, root=root)
+                                                                           seed=self.config.seed, root=root,
+                                                                           allow_outside=allow_outside)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
         lists = FP.file_lists(splits, location)
@@ -187,7 +189,7 @@ class Session:
         kept = self.pending_state is not None
         self.splits = splits
         # seed: the split's; keep: reopen takes the recorded lists again, without asking
-        self.binding = DataBinding(location, split, size, self.config.seed, root, keep, ident, lists)
+        self.binding = DataBinding(location, split, size, self.config.seed, root, keep, allow_outside, ident, lists)
         self.data_change = None
         self.settle()
         self.dirty = True
@@ -678,6 +680,8 @@ class Session:
             raise PgError("nothing to save yet: `load MODEL` first")
         if path and Path(path).name == path and not Path(path).suffix:  # a bare NAME: sessions/NAME.session, as fork
             path = str(self.root / f"{path}.session")
+        if path:
+            F.check_name(Path(path).stem)  # `save ..`, `save ...session`, `save .`: never a name that is a path
         if path and Path(path).suffix != ".session":
             raise PgError(f"session files end in .session: `save {Path(path).with_suffix('.session')}`")
         if path and not force and self._writes:  # DDP: rank 0 alone writes, and checks

@@ -47,6 +47,7 @@ class DataBinding:
     seed: int | None = None  # the seed the split was drawn with (None: the session's)
     root: str | None = None  # where a label file's relative paths start
     keep: bool = False  # `data --keep`: train on the recorded file lists (less the files gone), reopen included
+    allow_outside: bool = False  # `data --allow-outside`: a label file's images outside its root, asked for
     identity: dict | None = None  # {"classes", "fingerprint", "counts"} of the files when bound (session/fingerprint.py)
     lists: dict | None = field(default=None, repr=False, compare=False)  # the lists behind `identity`: data-files.json
 
@@ -59,6 +60,8 @@ class DataBinding:
             out["root"] = self.root
         if self.keep:
             out["keep"] = True
+        if self.allow_outside:
+            out["allow_outside"] = True
         return out
 
     def to_dict(self) -> dict:
@@ -74,7 +77,8 @@ class DataBinding:
                 raise TypeError(f"'data' {key} should be {kind.__name__}, not {d[key]!r}"[:200])
         identity = {k: d[k] for k in _IDENTITY if k in d} or None
         return cls(path=d["path"], split=float(d["split"]), size=int(d.get("size") or 0), seed=d.get("seed"),
-                   root=d.get("root"), keep=d.get("keep") is True, identity=identity)
+                   root=d.get("root"), keep=d.get("keep") is True, allow_outside=d.get("allow_outside") is True,
+                   identity=identity)
 
 
 @dataclass

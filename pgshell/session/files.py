@@ -154,6 +154,7 @@ def move_folder(s, name: str, root: Path, replace: bool = False) -> None:
 
 
 def _move_files(s, name: str, root: Path, replace: bool, old_folder: Path | None, old_file: Path | None) -> None:
+    check_name(name)
     root.mkdir(parents=True, exist_ok=True)  # fails (unwritable place) before anything changed
     if replace:
         _remove_session(root, name)
@@ -185,17 +186,123 @@ def _rename(src: Path, dst: Path) -> None:
 
 
 def _remove_session(root: Path, name: str) -> None:
-    """Delete the session root/name (its file and folder), holding its lock so no other process is using it."""
-    folder, file = root / name, root / f"{name}.session"
-    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
-        folder.unlink()
-    elif folder.exists():
-        lock = take(folder, f"{file}")
+    """`save NAME --force`: delete the session root/NAME — only a real one (`session_file_problem`), holding its
+    lock so no other process is using it."""
+    check_name(name)
+    file = root / f"{name}.session"
+    if not (file.is_file() and not file.is_symlink()):
+        if (root / name).exists() or (root / name).is_symlink():  # a data folder `cats/` beside `cats.session`...
+            raise PgError(f"{root / name} is not a pgshell session (there is no {file.name}): --force replaces "
+                          "sessions only — choose another name")
+        return
+    problem = session_file_problem(file)
+    if problem:
+        raise PgError(f"{problem}: --force replaces a session only whole — choose another name")
+    delete_session(root / name, file)
+
+
+# ---------------------------------------------------------------- deleting: pgshell's own session folders only
+SESSION_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")  # as `fork` takes it: no '.', '..', separators
+# what pgshell writes in a session folder; a folder holding anything else is not deleted by pgshell
+OWN_FILES = frozenset({LOCK_NAME, "checkpoints", "metrics.csv", "changes.jsonl", "manifests", "quarantine.txt",
+                       "errors.log", "data-files.json", "tensorboard", "probe.json", "lrfind.json", "tune.db",
+                       "tune.db-journal", "tune.db-wal", "tune.db-shm", "tune.json", "trials"})
+_MARKERS = frozenset({LOCK_NAME, "checkpoints", "metrics.csv", "changes.jsonl"})  # at least one of these
+FORK_TEMP = ".fork-"  # a fork is built as `.NAME.fork-XXXX` and renamed to NAME when whole (session/replay.py)
+
+
+def check_name(name: str) -> None:
+    if not SESSION_NAME.match(name or "") or name.endswith(".session"):
+        raise PgError(f"a session name is letters, digits, '_', '-' and '.' (not first; no separators), not "
+                      f"{name!r}"[:200])
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why `folder` is not a session folder pgshell made (None when it is): a real folder, not a link, holding
+    pgshell's files and nothing else. Nothing is deleted without this check."""
+    if folder.is_symlink():
+        return f"{folder} is a symbolic link, not a session folder: pgshell leaves it (and what it points at) alone"
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:
+        names = {p.name for p in folder.iterdir()}
+    except OSError as e:
+        return f"{folder} cannot be listed ({e.strerror or e})"
+    foreign = sorted(n for n in names if n not in OWN_FILES and not (n.startswith(".") and n.endswith(".tmp")))
+    if foreign:
+        return (f"{folder} holds files pgshell did not write ({', '.join(foreign[:3])}"
+                f"{', ...' if len(foreign) > 3 else ''}): move them out first if it is to go")
+    if not names & _MARKERS:
+        return f"{folder} holds none of a session's files"
+    return None
+
+
+def session_file_problem(file: Path) -> str | None:
+    """Why the session `file` may not take its folder with it (None when it may): its folder is NAME beside it, a
+    folder pgshell made, and no other session file names it (a copied file still names the original's folder)."""
+    try:
+        name = folder_name(read_session_file(file), file)
+    except PgError:
+        name = file.stem  # a damaged file: its folder by the usual name, if that folder is pgshell's
+    if name != file.stem:
+        return f"{file} names the folder {name}/ of another session (a copy of its file?)"
+    folder = file.parent / name
+    if not folder.exists() and not folder.is_symlink():
+        return None
+    problem = folder_problem(folder)
+    if problem:
+        return problem
+    others = [o.name for o in sharing_folder(file)]
+    if others:
+        return f"{folder} is also named by {', '.join(others[:2])}"
+    return None
+
+
+def sharing_folder(file: Path) -> list[Path]:
+    """The other session files beside `file` that name its folder."""
+    out = []
+    for other in sorted(file.parent.glob("*.session")):
+        if other.name == file.name:
+            continue
+        try:
+            name = folder_name(read_session_file(other), other)
+        except PgError:
+            continue
+        if name == file.stem:
+            out.append(other)
+    return out
+
+
+def orphan_folders(root: Path) -> list[Path]:
+    """Session folders under `root` that no session file names: left by a kill during `fork` (its temporary
+    `.NAME.fork-XXXX`, or NAME before its file was written) or by a session file deleted by hand."""
+    if not root.is_dir():
+        return []
+    named = set()
+    for file in root.glob("*.session"):
+        try:
+            named.add(folder_name(read_session_file(file), file))
+        except PgError:
+            named.add(file.stem)  # a damaged file still claims its folder by the usual name
+    return sorted(p for p in root.iterdir()
+                  if p.name not in named and not p.name.endswith(".session")
+                  and (SESSION_NAME.match(p.name) or FORK_TEMP in p.name)
+                  and folder_problem(p) is None)
+
+
+def delete_session(folder: Path, file: Path | None = None) -> None:
+    """Delete a session folder pgshell made (checked again here) and then its file, holding the folder's lock: a
+    session another pgshell has open is refused (SessionBusy), never deleted under it."""
+    if folder.exists() or folder.is_symlink():
+        problem = folder_problem(folder)
+        if problem:
+            raise PgError(problem)
+        lock = take(folder, str(file or folder))
         try:
             shutil.rmtree(folder)
         finally:
             lock.close()
-    if file.exists() or file.is_symlink():
+    if file is not None and (file.exists() or file.is_symlink()):
         file.unlink()
 
 
@@ -295,7 +402,7 @@ def rebind_data(data: DataBinding, folder: Path, state: dict | None, seed: int, 
             from ..engine import data as D
 
             splits = D.resolve_data(data.path, split=data.split, seed=seed if data.seed is None else data.seed,
-                                    root=data.root)
+                                    root=data.root, allow_outside=data.allow_outside)
     except PgError as e:
         notify(f"data not attached: {e} — `data PATH` to attach it again")
         return bound, None, None, written

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 from ..engine.config import TrainConfig, setting_names
 from ..engine.errors import PgError
 from .changelog import LOG, REPLAYED, read_log, value_text, where
+from .files import FORK_TEMP
 
 
 # ====================================================================== history
@@ -275,7 +277,11 @@ def fork(s, name: str, which: str | None = None) -> Path:
     meta = C.read_metadata(src)
     state = json.loads(meta["state"])
     pos = state["position"]
-    folder = s.root / name
+    final = s.root / name
+    # built under a temporary name and renamed in whole: a kill part-way leaves `.NAME.fork-XXXX`, which neither
+    # blocks the name nor passes for a session (`sessions` lists it as an orphan; `sessions rm` removes it)
+    folder = s.root / f".{name}{FORK_TEMP}{secrets.token_hex(3)}"
+    renamed = False
     try:
         _copy_checkpoints(s, src, pos["step"], folder / "checkpoints")
         _copy_metrics(s, folder, pos["step"])
@@ -287,10 +293,15 @@ def fork(s, name: str, which: str | None = None) -> Path:
                 shutil.copytree(s.folder / extra, folder / extra)
         data = next(({k: e[k] for k in ("path", "split", "size")} for e in reversed(kept) if e["kind"] == "data"),
                     s.data)  # the data the checkpoint was trained on, though other data is attached now
-        _write_session_file(s, name, folder / "checkpoints" / src.name, TrainConfig.from_dict(state["config"]), data)
+        if final.exists() or final.is_symlink():  # taken meanwhile: never renamed over
+            raise PgError(f"{final} appeared while forking: choose another name")
+        os.rename(folder, final)
+        renamed = True
+        _write_session_file(s, name, final / "checkpoints" / src.name, TrainConfig.from_dict(state["config"]), data)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
-        (s.root / f"{name}.session").unlink(missing_ok=True)
+        shutil.rmtree(final if renamed else folder, ignore_errors=True)  # only what this fork made
+        if renamed:
+            (s.root / f"{name}.session").unlink(missing_ok=True)
         raise
     return s.root / f"{name}.session"
 

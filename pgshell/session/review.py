@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..engine.errors import PgError
-from ..engine.names import escape
+from ..engine.names import cell, escape
 
 if TYPE_CHECKING:
     from .core import Session
@@ -306,8 +306,8 @@ def write_predictions_csv(result: dict, out: str, top: int) -> Path:
     for r in result["rows"]:
         cells = [x for c, p in r["top"] for x in (c, repr(float(p)))]
         known = [r["true"], int(r["correct"])] if truth and r["true"] else [""] * len(truth)
-        w.writerow([r["path"]] + cells + [""] * (2 * k - len(cells)) + [escape(r["error"]) if r["error"] else ""]
-                   + known)
+        w.writerow([cell(x) for x in [r["path"]] + cells + [""] * (2 * k - len(cells))
+                    + [escape(r["error"]) if r["error"] else ""] + known])  # a label `=cmd|...`: text, not a formula
     _written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
     return out_path
 
@@ -529,7 +529,8 @@ def write_errors(result: dict, out: str) -> dict:
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=ERRORS_COLUMNS, extrasaction="ignore")
         w.writeheader()
-        w.writerows({**r, **{k: repr(r[k]) for k in ("probability", "p_true", "loss")}} for r in result["rows"])
+        w.writerows({k: cell(v) for k, v in {**r, **{k: repr(r[k]) for k in ("probability", "p_true", "loss")}}.items()}
+                    for r in result["rows"])
     return {"out": str(png), "csv": str(csv_path), "tiles": boxes, "labels": labels}
 
 
@@ -801,31 +802,51 @@ def list_sessions(s: "Session") -> dict:
     for r in rows:
         r["open"] = s.name == r["session"] and s.root.resolve() == Path(r["file"]).parent.resolve()
     rows.sort(key=lambda r: r["last_used"], reverse=True)
-    return {"rows": rows, "skipped": skipped, "bytes": sum(r["bytes"] for r in rows)}
+    from .files import orphan_folders
+
+    orphans = [{"folder": str(p), "name": p.name, "bytes": folder_bytes(p)} for p in orphan_folders(s.root)]
+    return {"rows": rows, "skipped": skipped, "bytes": sum(r["bytes"] for r in rows), "orphans": orphans}
 
 
 # ====================================================================== freeing space
 def session_removal(s: "Session", name: str) -> dict:
-    """What `sessions rm NAME` deletes: {"session", "paths": [file, folder], "bytes"}; refuses the open session."""
+    """What `sessions rm NAME` deletes: {"session", "paths", "bytes", "note"}. Only pgshell's own session folders go
+    (session/files.py): a copied file names another session's folder, so only the file goes; a folder holding other
+    files, or a link, is refused; an orphan folder (no file names it: a kill during `fork`) goes by its name. The
+    open session is refused here, one open in another pgshell when its lock is taken (`remove_session`)."""
+    from . import files as F
+
+    orphan = s.root / name
+    if (Path(name).name == name and not (s.root / f"{name}.session").exists()
+            and orphan in F.orphan_folders(s.root)):
+        return {"session": name, "paths": [str(orphan)], "bytes": folder_bytes(orphan),
+                "note": "a folder no session file names", "folder": str(orphan), "file": None}
     file = _session_file(s, name)
-    try:
-        folder = _session_folder(file, _session_doc(file))
-    except PgError:
-        folder = file.with_suffix("")  # a damaged file: its folder by the usual name
+    folder = file.with_suffix("")
+    problem = F.session_file_problem(file)
     if s.folder is not None and folder.resolve() == s.folder.resolve():
         raise PgError(f"{file.stem} is the open session: quit and reopen another, or remove it from another shell")
-    paths = [file] + ([folder] if folder.is_dir() else [])
+    if problem and folder.is_symlink():
+        raise PgError(f"cannot remove {file.stem}: {problem}")
+    if problem and folder.is_dir() and not F.sharing_folder(file) and F.folder_problem(folder):
+        raise PgError(f"cannot remove {file.stem}: {F.folder_problem(folder)}")
+    keep_folder = problem is not None or not folder.is_dir()
+    paths = [file] + ([] if keep_folder else [folder])
     return {"session": file.stem, "paths": [str(p) for p in paths],
-            "bytes": file.stat().st_size + (folder_bytes(folder) if folder.is_dir() else 0)}
+            "bytes": file.stat().st_size + (0 if keep_folder else folder_bytes(folder)),
+            "note": f"the file only: {problem}" if problem else "",
+            "folder": None if keep_folder else str(folder), "file": str(file)}
 
 
 def remove_session(s: "Session", name: str) -> dict:
-    import shutil
+    from . import files as F
 
     plan = session_removal(s, name)
-    for p in reversed(plan["paths"]):  # the folder first: a file left alone still names what to clean up
-        path = Path(p)
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    file = Path(plan["file"]) if plan["file"] else None
+    if plan["folder"]:  # the folder first, under its lock: a file left alone still names what to clean up
+        F.delete_session(Path(plan["folder"]), file)
+    elif file is not None:
+        file.unlink()
     return plan
 
 
@@ -873,4 +894,4 @@ def write_compare_csv(result: dict, out: str) -> Path:
 
 
 def _cell(v) -> str:
-    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
+    return "" if v is None else repr(v) if isinstance(v, float) else cell(v) if isinstance(v, str) else str(v)

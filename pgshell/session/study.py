@@ -163,6 +163,9 @@ def _where(session, storage: str | None, study: str | None) -> tuple[str, str, b
             saved = {}
     if storage is None and study is None:
         storage, study = saved.get("storage"), saved.get("study")
+    from ..engine.search import check_storage
+
+    check_storage(storage)
     local = not storage
     url = storage or f"sqlite:///{(session.folder / 'tune.db').resolve()}"
     return url, study or session.name, local
@@ -293,8 +296,10 @@ def start_tune(session, trials: int | None = None, epochs: int | None = None, st
                metric: str | None = None, space: str | None = None, pruner: str = "median",
                storage: str | None = None, study: str | None = None) -> str:
     """Start (or resume) the session's study in the background: `trials` more finished trials."""
-    from ..engine.search import METRICS, check_compatible, format_space, make_pruner, make_sampler, parse_space
+    from ..engine.search import (METRICS, check_compatible, check_storage, format_space, make_pruner, make_sampler,
+                                 parse_space)
 
+    check_storage(storage)  # before anything is named, built or written
     trials = _check_tune_args(session, trials, epochs, steps, metric)
     pruner_obj = make_pruner(pruner)
     session.ensure_trainer()  # model and data present, the session named, a pending checkpoint loaded

@@ -14,13 +14,20 @@ import warnings
 from ..engine.errors import PgError
 from ..session import Session
 from ..session.files import log_warning
-from .app import TERMINATION, Hangup, PgShell
+from .app import TERMINATION, Hangup, PgShell, ignore_termination
 
 
 def run_plan(app: PgShell, lines, name: str = "") -> int:
     """Run a plan line by line. The first failing command ends it with exit code 1; its error names the line
     (`plan.txt:3: set lr fast: ...`, or `line 3: ...` on stdin) and the session is saved as it was before that line
-    (or as the line left it, when it got a run going). `app.echo` prints each command before its output."""
+    (or as the line left it, when it got a run going). `app.echo` prints each command before its output. Ctrl-C
+    (SIGINT) pauses the run, and the plan stops after that line, saved, with exit code 130: the lines after it
+    (an `export`) must not act on a half-trained model."""
+    with _interrupt_stops_plan(app):
+        return _run_lines(app, lines, name)
+
+
+def _run_lines(app: PgShell, lines, name: str) -> int:
     for number, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -35,11 +42,16 @@ def run_plan(app: PgShell, lines, name: str = "") -> int:
             stop = app.onecmd_plus_hooks(line)
         except KeyboardInterrupt:
             app.session.request_pause()
-            app.perror("interrupted: pausing and saving")
+            app.interrupted = signal.SIGINT
             stop = False
         app.plan_line = None
         if app.hangup:  # cmd2 took it for an exit request: `main` pauses and saves
             raise Hangup(app.hangup)
+        if getattr(app, "interrupted", 0):
+            app.close_session(f"the session as line {number} left it")  # pauses at the batch boundary first
+            app.perror(f"{f'{name}:{number}' if name else f'line {number}'}: interrupted (SIGINT): the plan stops "
+                       "here, saved; the lines after it did not run")
+            return 128 + signal.SIGINT
         if app.failed.is_set():
             if not app.session.has_work():  # failed before training started: no auto-named session left behind
                 app.session.discard()
@@ -55,6 +67,26 @@ def run_plan(app: PgShell, lines, name: str = "") -> int:
             return app.exit_code or 0
     app.close_session()
     return 1 if app.failed.is_set() else 0  # the final save failed
+
+
+@contextlib.contextmanager
+def _interrupt_stops_plan(app: PgShell):
+    """In a plan, SIGINT pauses the run at the batch boundary and marks the plan to stop after its line (the
+    default handler would raise inside cmd2, which drops it and goes on to the next line)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupted(signum, _frame):
+        app.interrupted = signum
+        app.session.request_pause()
+
+    app.interrupted = 0
+    old = signal.signal(signal.SIGINT, interrupted)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _progress(session: Session) -> tuple:
@@ -80,13 +112,22 @@ def main(argv: list[str] | None = None) -> int:
     interactive = args.plan is None and sys.stdin.isatty() and sys.stdout.isatty()
     notify_box: list = []
     session = None
-    if args.session:
+    with _terminating_start():  # SIGTERM while reopening: one line, the session left as it was saved
         try:
-            session = Session.open(args.session, notify=lambda m: notify_box.append(m))
-        except PgError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-    app = PgShell(session=session, interactive=interactive, sessions_dir=args.sessions_dir)
+            if args.session:
+                try:
+                    session = Session.open(args.session, notify=lambda m: notify_box.append(m))
+                except PgError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return 1
+            app = PgShell(session=session, interactive=interactive, sessions_dir=args.sessions_dir)
+        except Hangup as e:  # still ignoring further signals here: the line below is printed whatever comes
+            if session is not None:
+                session.close(save=False)
+            what = f"reopening {args.session}" if args.session else "starting"
+            print(f"{signal.Signals(e.signum).name} while {what}: stopped before anything ran; the session is as "
+                  "it was saved", file=sys.stderr)
+            return 128 + e.signum
     app.echo = args.echo
     with _saving_on_termination(app), _warnings_to_log(app):
         try:
@@ -164,6 +205,25 @@ def _saving_on_termination(app: PgShell):
     old = {sig: signal.getsignal(sig) for sig in TERMINATION}
     for sig in TERMINATION:
         signal.signal(sig, app.termination_signal_handler)
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _terminating_start():
+    """SIGTERM/SIGHUP before the shell exists (reopening a session) raise Hangup in the main thread, as later."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def hangup(signum, _frame):
+        ignore_termination()  # one line: a second signal must not cut it short
+        raise Hangup(signum)
+
+    old = {sig: signal.signal(sig, hangup) for sig in TERMINATION}
     try:
         yield
     finally:

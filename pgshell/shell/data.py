@@ -8,7 +8,7 @@ import cmd2
 from cmd2 import with_argparser
 
 from ..engine.errors import PgError
-from ..engine.names import escape
+from ..engine.names import escape, folded
 from ._common import Commands, parser
 
 
@@ -34,6 +34,8 @@ class DataCommands(Commands):
     data_parser.add_argument("--size", type=int, default=0, help="image size in pixels (default: the model's own)")
     data_parser.add_argument("--root", metavar="DIR", completer=cmd2.Cmd.path_complete,
                              help="where a label file's relative paths start (default: the file's folder)")
+    data_parser.add_argument("--allow-outside", action="store_true",
+                             help="a label file may name images outside --root (refused by default)")
     data_parser.add_argument("--check", action="store_true",
                              help="also decode every image (slower) and list every rejected file and why")
     data_parser.add_argument("--keep", action="store_true",
@@ -44,7 +46,7 @@ class DataCommands(Commands):
         """Attach a dataset."""
         try:
             splits = self.session.attach_data(args.path, args.split, args.size, check=args.check,
-                                              root=args.root, keep=args.keep)
+                                              root=args.root, keep=args.keep, allow_outside=args.allow_outside)
         except PgError as e:  # a folder with nothing to train on: --check shows what the scan left out, and why
             if args.check and getattr(e, "rejected", None):
                 self._print_rejected(e.rejected, args.wide)
@@ -53,7 +55,7 @@ class DataCommands(Commands):
         rows = splits.counts()
         has_test = any(r.get("test") for r in rows)
         cols = ["class", "train", "val"] + (["test"] if has_test else [])
-        table = [[r[c] for c in cols] for r in rows]
+        table = [[folded(r[c]) if c == "class" else r[c] for c in cols] for r in rows]  # a 5,000-char label
         table.append(["total"] + [sum(r[c] or 0 for r in rows) for c in cols[1:]])
         self._cmd.poutput(f"{len(splits.classes)} classes ({splits.layout})")
         self._cmd.ptable(table, cols, wide=args.wide, wrap=["class"])

@@ -181,7 +181,7 @@ class ReviewCommands(Commands):
                 self._cmd.last_result = None
                 return
             A.remove_session(s, args.name)
-            p(f"removed {plan['session']}, freed {_size(plan['bytes'])}")
+            p(f"removed {plan['session']}, freed {_size(plan['bytes'])}" + (f" ({plan['note']})" if plan["note"] else ""))
             self._cmd.last_result = plan
             return
         if args.name:
@@ -197,6 +197,9 @@ class ReviewCommands(Commands):
             p(f"no sessions under {s.root}")
         for note in res["skipped"]:
             p(f"skipped: {note}")
+        for o in res["orphans"]:  # a kill during `fork`, a file deleted by hand: they still hold disk and names
+            p(f"orphan folder {o['folder']} ({_size(o['bytes'])}): no session file names it — `sessions rm "
+              f"{o['name']}` removes it")
         self._cmd.last_result = res
 
     # ------------------------------------------------------------------ checkpoints

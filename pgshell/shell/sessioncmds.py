@@ -61,7 +61,10 @@ class SessionCommands(Commands):
 
     fork_parser = parser("A new session NAME from a checkpoint of this one (default: exactly now), with its change "
                          "log, checkpoints and metrics rows up to that point, in its own folder; the shell then works "
-                         "on NAME and this session is saved. `plot A.session B.session` shows where they part.",
+                         "on NAME and this session is saved. `plot A.session B.session` shows where they part. From "
+                         "now or the newest checkpoint, continuing with the same settings is the parent bit for bit; "
+                         "older checkpoints keep the weights, position and schedule but not the optimizer state (to "
+                         "halve the disk), so its momentum restarts there, and the fork says so.",
                          "fork lower-lr --checkpoint 5")
     fork_parser.add_argument("name", help="the new session's name (sessions/NAME.session)")
     fork_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH",
