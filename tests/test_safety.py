@@ -290,19 +290,19 @@ def test_sigterm_while_reopening_is_one_line_and_leaves_the_session_as_saved(wor
     (work / "p.plan").write_text("show\n")
     file, metrics = work / "sessions" / "s.session", work / "sessions" / "s" / "metrics.csv"
     before = file.read_bytes(), metrics.read_bytes()
-    found = F._find_checkpoint
+    found = F.find_checkpoint
 
     def term_then_find(*a, **kw):  # SIGTERM arrives while the session is being reopened
         os.kill(os.getpid(), signal.SIGTERM)
         return found(*a, **kw)
 
-    monkeypatch.setattr(F, "_find_checkpoint", term_then_find)
+    monkeypatch.setattr(F, "find_checkpoint", term_then_find)
     handler = signal.getsignal(signal.SIGTERM)
     assert main(["-s", str(file), str(work / "p.plan")]) == 128 + signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == handler  # given back
     assert "SIGTERM while reopening" in _one_error(capsys.readouterr().err)
     assert (file.read_bytes(), metrics.read_bytes()) == before
-    monkeypatch.setattr(F, "_find_checkpoint", found)
+    monkeypatch.setattr(F, "find_checkpoint", found)
     Session.open(file).close(save=False)  # its lock was let go
 
 

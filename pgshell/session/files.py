@@ -25,7 +25,7 @@ from pathlib import Path
 from ..engine.errors import PgError
 from ..engine.names import escape, unescape
 from . import fingerprint as FP
-from .document import DataBinding, SessionDoc, folder_of
+from .document import DataBinding, SessionDoc, folder_of, read_raw
 from .lock import LOCK_NAME, take
 
 
@@ -241,7 +241,7 @@ def session_file_problem(file: Path) -> str | None:
     """Why the session `file` may not take its folder with it (None when it may): its folder is NAME beside it, a
     folder pgshell made, and no other session file names it (a copied file still names the original's folder)."""
     try:
-        name = folder_name(read_session_file(file), file)
+        name = folder_name(read_raw(file), file)
     except PgError:
         name = file.stem  # a damaged file: its folder by the usual name, if that folder is pgshell's
     if name != file.stem:
@@ -265,7 +265,7 @@ def sharing_folder(file: Path) -> list[Path]:
         if other.name == file.name:
             continue
         try:
-            name = folder_name(read_session_file(other), other)
+            name = folder_name(read_raw(other), other)
         except PgError:
             continue
         if name == file.stem:
@@ -281,7 +281,7 @@ def orphan_folders(root: Path) -> list[Path]:
     named = set()
     for file in root.glob("*.session"):
         try:
-            named.add(folder_name(read_session_file(file), file))
+            named.add(folder_name(read_raw(file), file))
         except PgError:
             named.add(file.stem)  # a damaged file still claims its folder by the usual name
     return sorted(p for p in root.iterdir()
