@@ -404,7 +404,7 @@ class Trainer:
 
     def _train_mode(self) -> None:
         self.net.train()
-        M.frozen_bn_to_eval(self.built.module)
+        M.frozen_bn_to_eval(self.built.module, every=self.cfg.bn_stats == "frozen")
 
     def _train_batch(self, ctx: Ctx, nkeys: int) -> dict:
         lr = self.lr
