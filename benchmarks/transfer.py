@@ -42,7 +42,7 @@ def run(args, pretrained: bool, seed: int, root: Path) -> dict:
     if args.ft_epochs:
         s.freeze(["all"], unfreeze=True)
         for name, value in {"lr": args.ft_lr, "backbone_lr_scale": 0.1, "epochs": args.head_epochs + args.ft_epochs,
-                            "bn_stats": "frozen" if pretrained else "update"}.items():
+                            "bn_stats": args.bn_stats if pretrained else "update"}.items():
             s.set(name, value)
         t0 = time.perf_counter()
         s.train(args.ft_epochs)
@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--ft-epochs", type=int, default=2)
     ap.add_argument("--ft-lr", type=float, default=0.001)
     ap.add_argument("--hflip", type=float, default=0.5)
+    ap.add_argument("--bn-stats", default="frozen", choices=("frozen", "update"),
+                    help="BatchNorm while fine-tuning the pretrained weights (random ones always update)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--inits", default="pretrained,random")
     args = ap.parse_args()

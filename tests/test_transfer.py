@@ -233,3 +233,19 @@ def test_weight_decay_set_live_gives_norm_and_bias_groups_of_their_own(tmp_path,
     exempt = {n for g in tr.optimizer.param_groups if g["decay"] is False for n in g["names"]}
     assert exempt == {n for n, p in s.built.module.named_parameters() if p.ndim <= 1}
     s.close(save=False)
+
+
+# ------------------------------------------------------------------ BatchNorm statistics while fine-tuning
+@pytest.mark.parametrize("bn_stats", ["update", "frozen"])
+def test_bn_stats_frozen_keeps_every_running_statistic_while_the_whole_model_trains(tmp_path, split_folder, bn_stats):
+    s = new_session(tmp_path / "sessions", split_folder, bn_stats=bn_stats)
+    before = {k: v.clone() for k, v in s.built.module.state_dict().items()}
+    train_to_end(s, steps=2)
+    after = s.built.module.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    weights = [n for n, p in s.built.module.named_parameters() if p.ndim > 1]
+    assert stats and all(p.requires_grad for p in s.built.module.parameters())
+    assert sum(not torch.equal(before[k], after[k]) for k in weights) > len(weights) // 2  # the backbone trained
+    kept = sum(torch.equal(before[k], after[k]) for k in stats)
+    assert kept == (len(stats) if bn_stats == "frozen" else 0)
+    s.close(save=False)
