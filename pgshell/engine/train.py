@@ -404,7 +404,8 @@ class Trainer:
 
     def _train_mode(self) -> None:
         self.net.train()
-        M.frozen_bn_to_eval(self.built.module, every=self.cfg.bn_stats == "frozen")
+        keep = self.cfg.bn_stats == "frozen" or (self.cfg.bn_stats == "auto" and self.built.loaded)
+        M.frozen_bn_to_eval(self.built.module, every=keep)
 
     def _train_batch(self, ctx: Ctx, nkeys: int) -> dict:
         lr = self.lr
