@@ -11,6 +11,13 @@ accuracy of each run is printed, then each side's mean, standard deviation and r
     python benchmarks/parity.py --data ../shared/datasets/sign-language-digits --size 32 --epochs 8 --seeds 0,1,2 \
         --set lr=0.01 --set weight_decay=5e-4 --set scheduler=cosine --set crop_scale=0.5 --set color_jitter=0
 
+With real weights (`--pretrained`: efficientnet_lite0/1/2 from the installed package, loaded by order on the plain
+side too) and the seed's two phases (`--freeze-epochs K --freeze-lr LR`: the head alone on the frozen backbone's
+features first, SGD, then everything for --epochs), e.g. on the transfer demo's digits:
+
+    python benchmarks/parity.py --data data/digits-few --model efficientnet_lite0 --pretrained --size 64 \
+        --freeze-epochs 10 --epochs 6 --seeds 0,1 --cpu --set lr=0.001 --set backbone_lr_scale=0.1 --set scheduler=none
+
 Settings are pgshell's (`--set NAME=VALUE`, as `set NAME VALUE`); `epochs` is set from --epochs so the schedule
 spans the run. The plain loop refuses settings it has no plain counterpart for (patience, input/feature caches).
 """
