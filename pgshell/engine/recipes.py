@@ -378,6 +378,18 @@ def layer_scales(module: torch.nn.Module, head: set[str], decay: float) -> dict[
             for name, p in module.named_parameters() if p.requires_grad}
 
 
+def no_weight_decay(module: torch.nn.Module) -> set[str]:
+    """Trainable parameters that take no weight decay, by timm's own grouping (param_groups_weight_decay, as its
+    optimizer factory calls it): norm weights, biases and other 1-d tensors, and what the model's `no_weight_decay()`
+    names (a ViT's pos_embed, cls_token)."""
+    from timm.optim import param_groups_weight_decay
+
+    listed = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+    groups = param_groups_weight_decay(module, weight_decay=1.0, no_weight_decay_list=listed)
+    exempt = {id(p) for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    return {n for n, p in module.named_parameters() if id(p) in exempt}
+
+
 def describe_groups(optimizer) -> dict[str, str]:
     """The optimizer's parameter groups and their learning rates now, for `show`."""
     if optimizer is None:
@@ -385,6 +397,7 @@ def describe_groups(optimizer) -> dict[str, str]:
     out = {}
     for g in optimizer.param_groups:
         label = g.get("role", "params") + (f" x{g['layer_scale']:.3g}" if g.get("layer_scale", 1.0) != 1.0 else "")
+        label += " (no weight decay)" if g.get("decay") is False else ""
         names = g.get("names") or []
         first = f": {names[0]}" + (" ..." if len(names) > 1 else "") if names else ""
         out[label] = f"lr {g['lr']:.3g} ({len(g['params'])} tensors{first})"

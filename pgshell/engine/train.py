@@ -104,22 +104,25 @@ def build_optimizer(module: torch.nn.Module, head: set[str], cfg: TrainConfig) -
     """Parameter groups by role, head and backbone, so their learning rates can differ (discriminative fine-tuning),
     and with `layer_decay` < 1 by layer too (timm's layer-wise decay grouping, engine.recipes.layer_scales). A group's
     lr is lr x lr_scale, lr_scale = layer_scale x (1 for the head, backbone_lr_scale for the backbone). The head's
-    group comes first: its lr is the one logged."""
+    group comes first: its lr is the one logged. With weight decay, norm and bias parameters get none, as in timm
+    (`param_groups_weight_decay`): each role then has a group with `decay` False beside it."""
     scales = R.layer_scales(module, head, cfg.layer_decay) if cfg.layer_decay < 1 else {}
-    found: dict[tuple[bool, float], dict] = {}
+    exempt = R.no_weight_decay(module) if cfg.weight_decay > 0 else None
+    found: dict[tuple[bool, float, bool | None], dict] = {}
     for n, p in module.named_parameters():
         if p.requires_grad:
-            key = (n not in head, scales.get(n, 1.0))
+            key = (n not in head, scales.get(n, 1.0), None if exempt is None else n not in exempt)
             g = found.setdefault(key, {"params": [], "names": [], "role": "backbone" if key[0] else "head",
-                                       "layer_scale": key[1]})
+                                       "layer_scale": key[1], "decay": key[2]})
             g["params"].append(p)
             g["names"].append(n)
-    groups = [found[k] for k in sorted(found, key=lambda k: (k[0], -k[1]))]
+    groups = [found[k] for k in sorted(found, key=lambda k: (k[0], -k[1], k[2] is False))]
     if not groups:
         return None
     for g in groups:
         scale = g["layer_scale"] * (1.0 if g["role"] == "head" else cfg.backbone_lr_scale)
-        g.update(lr=cfg.lr * scale, initial_lr=cfg.lr * scale, lr_scale=scale)
+        g.update(lr=cfg.lr * scale, initial_lr=cfg.lr * scale, lr_scale=scale,
+                 weight_decay=0.0 if g["decay"] is False else cfg.weight_decay)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
                                weight_decay=cfg.weight_decay)
@@ -301,7 +304,9 @@ class Trainer:
                 else:
                     g["momentum"] = value
             elif name == "weight_decay":
-                g["weight_decay"] = value
+                g["weight_decay"] = 0.0 if g.get("decay") is False else value
+        if name == "weight_decay" and value > 0 and any(g.get("decay") is None for g in self.optimizer.param_groups):
+            self._rebuild_optimizer()  # built without decay: norm and bias parameters need groups of their own now
         if name in ("lr", "backbone_lr_scale") and self.scheduler is not None:
             self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
             f = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
@@ -428,7 +433,8 @@ class Trainer:
 
     def _train_mode(self) -> None:
         self.net.train()
-        M.frozen_bn_to_eval(self.built.module)
+        keep = self.cfg.bn_stats == "frozen" or (self.cfg.bn_stats == "auto" and self.built.loaded)
+        M.frozen_bn_to_eval(self.built.module, every=keep)
 
     def _train_batch(self, ctx: Ctx, nkeys: int) -> dict:
         lr = self.lr
