@@ -277,7 +277,7 @@ def fork(s, name: str, which: str | None = None) -> Path:
     pos = state["position"]
     folder = s.root / name
     try:
-        _copy_checkpoints(s, src, pos["step"], folder / "checkpoints")
+        start = _copy_checkpoints(s, src, pos["step"], folder / "checkpoints")
         _copy_metrics(s, folder, pos["step"])
         kept = _copy_log(s, folder, state, name, src)
         for extra in ("quarantine.txt", "manifests"):
@@ -287,7 +287,7 @@ def fork(s, name: str, which: str | None = None) -> Path:
                 shutil.copytree(s.folder / extra, folder / extra)
         data = next(({k: e[k] for k in ("path", "split", "size")} for e in reversed(kept) if e["kind"] == "data"),
                     s.data)  # the data the checkpoint was trained on, though other data is attached now
-        _write_session_file(s, name, folder / "checkpoints" / src.name, TrainConfig.from_dict(state["config"]), data)
+        _write_session_file(s, name, start, TrainConfig.from_dict(state["config"]), data)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         (s.root / f"{name}.session").unlink(missing_ok=True)
@@ -325,9 +325,9 @@ def resolve(s, which: str | None) -> Path:
     raise PgError(f"no checkpoint at step {step}: `checkpoints` lists them (epoch ends, pauses and saves)")
 
 
-def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> None:
+def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> Path:
     """The checkpoints before the fork point, and the fork point itself (hard links where the disk allows: a
-    checkpoint is never rewritten in place, only replaced)."""
+    checkpoint is never rewritten in place, only replaced); returns the fork point's copy."""
     from ..engine.saver import C
 
     dest.mkdir(parents=True)
@@ -337,11 +337,19 @@ def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> None:
         except C.CheckpointError:
             continue
         if before or p == src:
-            target = dest / p.name
-            try:
-                os.link(p, target)
-            except OSError:
-                shutil.copyfile(p, target)
+            _link(p, dest / p.name)
+    if (dest / src.name).exists():
+        return dest / src.name
+    # a fork point that is not an epoch or step checkpoint (a soup): the new session's checkpoint at that step
+    _link(src, dest / f"step-{step:07d}.safetensors")
+    return dest / f"step-{step:07d}.safetensors"
+
+
+def _link(p: Path, target: Path) -> None:
+    try:
+        os.link(p, target)
+    except OSError:
+        shutil.copyfile(p, target)
 
 
 def _copy_metrics(s, folder: Path, step: int) -> None:
