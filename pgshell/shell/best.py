@@ -46,6 +46,52 @@ class BestCommands(Commands):
         app.last_result = res
 
 
+    report_parser = parser(
+        "One page about this session: the data, the runs and their settings (the change log, checkpoints, probes, "
+        "trials, autofit's choices), the curves, the best model's (the soup's when it is at least as good) "
+        "accuracy, per-class figures and confusion matrix on val (and test), the highest-loss images, and how to "
+        "export it. HTML (one file, images embedded) or Markdown; the images are also written beside it, in "
+        "NAME_files/.", "report --out report.html")
+    report_parser.add_argument("--out", metavar="FILE.html|FILE.md", completer=cmd2.Cmd.path_complete,
+                               help="where to write it (default: the session folder's report.html)")
+
+    @with_argparser(report_parser)
+    def do_report(self, args):
+        """Write a report of the session."""
+        from ..session.report import write_report
+
+        res = write_report(self.session, args.out)
+        self._cmd.poutput(f"wrote {res['out']} ({len(res['sections'])} sections, {len(res['images'])} images; "
+                          f"the model shown: {res['best']['why']})")
+        self._cmd.last_result = res
+
+    autofit_parser = parser(
+        "The best model within a wall-clock budget: a recipe chosen from the data and the model (image size, class "
+        "balance, pretrained or not), then a linear probe baseline, the head alone (pretrained weights), lrfind, a "
+        "short Optuna search over lr, crop scale and label smoothing (study NAME-autofit), the best of them trained "
+        "in the session (logged as ordinary `set`s and `train`), and the greedy soup of that run. Runs in the "
+        "background: pause/continue work; after a quit, `autofit` continues it. Ends inside the budget and says "
+        "what it chose and why.", "autofit --budget 10m")
+    autofit_parser.add_argument("--budget", metavar="TIME", help="10m, 90s, 1h30m or seconds (default 10m)")
+    autofit_parser.add_argument("--metric", choices=("val_accuracy", "val_loss"),
+                                help="what the trials are compared by (default val_accuracy)")
+    autofit_parser.add_argument("--new", action="store_true",
+                                help="start another autofit even if the last one did not finish")
+
+    @with_argparser(autofit_parser)
+    def do_autofit(self, args):
+        """Find the best model within a time budget."""
+        from ..session.autofit import read_state, start_autofit
+
+        app, s = self._cmd, self.session
+        app.poutput(start_autofit(s, args.budget, args.metric, args.new))
+        app.after_start()
+        state = read_state(s)
+        if not app.interactive and state is not None:
+            app.last_result = state
+        return None
+
+
 def _soup_line(res: dict) -> str:
     n, single = len(res["members"]), res["best_single"]
     line = (f"{res['mode']} soup of {n} checkpoint{'s' * (n != 1)}: val accuracy {_pct(res['val']['accuracy'])} "
