@@ -186,6 +186,72 @@ def test_a_greedy_soup_starts_from_the_best_epoch_and_a_soup_of_one_is_that_chec
     assert all(torch.equal(soup[k], epoch2[k]) for k in epoch2)
 
 
+# ====================================================================== the report
+def _html_parts(text: str) -> dict:
+    from html.parser import HTMLParser
+
+    class Parts(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.h2, self.imgs, self.cells, self.code, self._in = [], [], [], [], None
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.imgs.append(dict(attrs))
+            self._in = tag
+
+        def handle_endtag(self, tag):
+            self._in = None
+
+        def handle_data(self, data):
+            if self._in == "h2":
+                self.h2.append(data)
+            elif self._in in ("td", "th"):
+                self.cells.append(data.strip())
+            elif self._in == "code":
+                self.code.append(data)
+
+    p = Parts()
+    p.feed(text)
+    return {"h2": p.h2, "imgs": p.imgs, "cells": p.cells, "code": "".join(p.code)}
+
+
+def test_the_report_holds_the_data_runs_curves_and_the_best_models_figures(trained):
+    import base64
+    import re
+
+    from pgshell.session import best as B
+    from pgshell.session import review as R
+    from pgshell.session.report import write_report
+
+    s, tmp = trained
+    soup = B.soup(s, "greedy")  # the best model the page shows: the soup when it is at least as good as the best epoch
+    res = write_report(s, str(tmp / "out" / "r.html"))
+    text = (tmp / "out" / "r.html").read_text()
+    parts = _html_parts(text)
+    assert parts["h2"] == ["Summary", "Data", "Runs and settings", "Curves", "The best model", "Highest losses (val)",
+                           "How to export it"]
+    assert len(parts["imgs"]) == 3 and [i["data-file"] for i in parts["imgs"]] == ["curves.png", "confusion.png",
+                                                                                  "top-losses.png"]
+    for img in parts["imgs"]:
+        png = base64.b64decode(img["src"].split(",", 1)[1])
+        assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 2000
+        assert (tmp / "out" / "r_files" / img["data-file"]).read_bytes() == png  # written beside it too
+    cells = parts["cells"]
+    i = cells.index("dog")  # the data table: class, train, val, test counts
+    assert cells[i:i + 4] == ["dog", "10", "4", "3"] and "total" in cells
+    assert res["best"]["checkpoint"] == ("soup" if soup["val"]["accuracy"] >= s.best["value"] else "best")
+    val, test = R.evaluate(s, ["val", "test"], res["best"]["checkpoint"])
+    assert f"{100 * val['accuracy']:.1f}%" in cells and f"{100 * test['accuracy']:.1f}%" in cells
+    assert re.search(rf"export timm exports/{s.name} --checkpoint {res['best']['checkpoint']}", parts["code"])
+    top = R.top_losses(s, "val", 12, None, res["best"]["checkpoint"])
+    assert top["rows"][0]["path"] in cells  # the highest-loss image is listed
+    md = write_report(s, str(tmp / "out" / "r.md"))
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", (tmp / "out" / "r.md").read_text())
+    assert links == ["r_files/curves.png", "r_files/confusion.png", "r_files/top-losses.png"]
+    assert all((tmp / "out" / link).stat().st_size > 2000 for link in links) and md["sections"] == res["sections"]
+
+
 def test_the_soup_checkpoint_evaluates_exports_predicts_and_forks_from_the_shell(trained, monkeypatch, capsys):
     import io
 
@@ -215,3 +281,104 @@ def test_the_soup_checkpoint_evaluates_exports_predicts_and_forks_from_the_shell
         assert not ok
     finally:
         app.session.close(save=False)
+
+
+# ====================================================================== autofit
+def _latest_state(folder):
+    from pgshell.engine.checkpoint import load_checkpoint
+
+    doc = json.loads(folder.with_suffix(".session").read_text())
+    return load_checkpoint(folder.parent / doc["checkpoint"])
+
+
+def test_autofit_ends_inside_its_budget_says_why_and_replays_through_export_plan(tmp_path, split_folder, monkeypatch):
+    import time
+
+    from pgshell.session import autofit as AF
+    from pgshell.session import study as T
+    from pgshell.shell.cli import run_plan
+
+    s = new_session(tmp_path / "sessions", split_folder)
+    budget = 8.0
+    t0 = time.monotonic()
+    AF.start_autofit(s, f"{budget:g}s")
+    assert s.wait(120) and "error" not in s.status, s.status
+    wall = time.monotonic() - t0
+    state = AF.read_state(s)
+    assert state["done"] and state["finished"] == list(AF.PHASES)
+    assert state["spent"] <= budget and wall <= budget + 0.5  # the job's clock (from the command), and the test's
+    decisions = " ".join(state["decisions"])
+    assert "32 px images: the mild policy" in decisions and "weights not pretrained" in decisions
+    assert "linear probe baseline" in decisions and ("chose " in decisions or "no time left" in decisions)
+    trials = T.trials_table(s, study=state["study"])["trials"]  # every trial is a trial of the session's tune.db
+    assert len(trials) == len(state["trials"]) and all(t["params"]["label_smoothing"] in (0.0, 0.1) for t in trials)
+    final = state["final"]
+    assert final.get("done") or final.get("skipped")
+    if final.get("done"):
+        via = {e["name"]: e["value"] for e in s.changes.entries if e.get("via") == "autofit" and e["kind"] == "set"}
+        assert via["optimizer"] == "adamw" and via["crop_pct"] == 1.0 and via["epochs"] == final["epochs"]
+        cut = any(d.startswith("the final run was cut by the budget") for d in state["decisions"])
+        assert s.trainer.pos.epoch == final["epochs"] or cut
+        # on a loaded machine the time left may not hold a soup: then autofit says so instead of overrunning
+        if "soup" in state:
+            assert state["soup"]["members"] and (s.folder / "checkpoints" / "soup.safetensors").is_file()
+        else:
+            assert any(d.startswith("no time left for the soup") for d in state["decisions"])
+    else:
+        assert any(d.startswith("no time left for the final run") for d in state["decisions"])
+    # the run autofit made replays from the change log: the same weights, by the ordinary `set`s and `train`
+    out = tmp_path / "af.plan"
+    from pgshell.session.replay import export_plan
+
+    assert export_plan(s, str(out))["warnings"] == []
+    folder = s.folder
+    s.close(save=True)
+    monkeypatch.chdir(tmp_path)
+    again = new_app(tmp_path / "again")
+    assert run_plan(again, out.read_text().splitlines()) == 0
+    (replayed,) = (tmp_path / "again").glob("*.session")
+    a, b = _latest_state(folder), _latest_state(replayed.with_suffix(""))
+    assert a["position"] == b["position"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_autofit_paused_and_quit_resumes_where_it_stopped_within_the_budget(tmp_path, split_folder):
+    import threading
+
+    from pgshell.session import Session
+    from pgshell.session import autofit as AF
+
+    s = new_session(tmp_path / "sessions", split_folder)
+    searched = threading.Event()
+    s.notify = lambda msg: searched.set() if msg.startswith("autofit: search: lr") else None
+    budget = 10.0
+    AF.start_autofit(s, f"{budget:g}s")
+    assert searched.wait(60)  # the search has begun: quit in the middle of it
+    s.close(save=True)
+    before = AF.read_state(s)
+    assert not before["done"] and {"plan", "probe", "lrfind"} <= set(before["finished"])
+    assert "search" not in before["finished"] and before["spent"] < budget
+
+    again = Session.open(s.file)
+    try:
+        msgs = []
+        again.notify = msgs.append
+        assert AF.start_autofit(again).startswith("continuing autofit from its search phase")
+        assert again.wait(120) and "error" not in again.status, again.status
+        after = AF.read_state(again)
+        assert after["done"] and after["finished"] == list(AF.PHASES) and after["spent"] <= budget
+        assert after["decisions"][:len(before["decisions"])] == before["decisions"]  # nothing done twice
+        assert sum(d.startswith("linear probe baseline") for d in after["decisions"]) == 1
+        assert not any(m.startswith("autofit: linear probe") for m in msgs)
+    finally:
+        again.close(save=False)
+
+
+def test_autofit_budgets_and_metrics_are_checked_in_one_line():
+    from pgshell.engine.errors import PgError
+    from pgshell.session.autofit import parse_budget
+
+    assert [parse_budget(t) for t in ("10m", "90s", "1h30m", "45", "1.5m", 7)] == [600, 90, 5400, 45, 90, 7]
+    for bad in ("", "soon", "-5", "0s", "10x"):
+        with pytest.raises(PgError, match="--budget"):
+            parse_budget(bad)

@@ -52,6 +52,7 @@ HEAD_LR = 1e-3  # AdamW on a new head
 FALLBACK_LR = {True: 3e-4, False: 2e-3}  # pretrained or not, when the range test could not run
 SEARCH_TRIALS = 4  # trials the search aims to fit
 MAX_FINAL_FACTOR = 3  # the final run: at most this many times a trial's epochs
+SOUP_TOP = 5  # the soup: of the best few epochs of the final run (each one tasted costs an evaluation)
 
 
 def parse_budget(text: str | float | int) -> float:
@@ -105,6 +106,7 @@ def start_autofit(s: "Session", budget: str | None = None, metric: str | None = 
     if metric is not None and metric not in METRICS:
         raise PgError(f"--metric is one of {', '.join(METRICS)}, not {metric!r}")
     seconds = parse_budget(budget) if budget is not None else None
+    started = time.monotonic()  # the budget counts from the command: building the trainer is part of it
     s.ensure_trainer()  # model and data present, the session named
     if not s.splits.val:
         raise PgError("autofit compares recipes on the validation split, and this data has none: attach data with a "
@@ -118,7 +120,7 @@ def start_autofit(s: "Session", budget: str | None = None, metric: str | None = 
         if seconds is not None and abs(seconds - state["budget"]) > 1e-9:
             s.notify(f"note: continuing the autofit begun with a budget of {state['budget']:.0f} s (`autofit --new "
                      "--budget ...` starts another)")
-        s.start_job(AutofitJob(s, state))
+        s.start_job(AutofitJob(s, state, started))
         return (f"continuing autofit from its {_next_phase(state)} phase: {state['budget'] - state['spent']:.0f} s "
                 "of its budget left")
     attempt = (state or {}).get("attempt", 0) + 1
@@ -128,7 +130,7 @@ def start_autofit(s: "Session", budget: str | None = None, metric: str | None = 
              "spent": 0.0, "finished": [], "decisions": [], "trials": [],
              "started": datetime.now().isoformat(timespec="seconds"), "done": False}
     _write_state(s, state)
-    s.start_job(AutofitJob(s, state))
+    s.start_job(AutofitJob(s, state, started))
     return (f"autofit: {state['budget']:.0f} s, maximising {state['metric']}" if state["metric"] == "val_accuracy"
             else f"autofit: {state['budget']:.0f} s, minimising {state['metric']}") + \
         " — a probe, the frozen head (pretrained weights), lrfind, a short search, the best run and its soup"
@@ -167,7 +169,7 @@ class _NoStudy:
 class AutofitJob:
     label = "autofit"
 
-    def __init__(self, session: "Session", state: dict):
+    def __init__(self, session: "Session", state: dict, started: float | None = None):
         from ..engine.metrics import MetricsLog
 
         self.s, self.state = session, state
@@ -175,8 +177,9 @@ class AutofitJob:
         self.current = None  # (label or optuna trial, TrialRun, budget guard) of a paused phase run
         self.range_test = None  # (RangeTest, trainer) of a paused range test
         self.final_job = None  # the session's TrainJob of the final phase
-        self._t0 = time.monotonic()
+        self._t0 = started if started is not None else time.monotonic()
         self._spent0 = state["spent"]
+        self._started = started  # the first run counts from the command; a `continue` from itself
         self._init = None
 
     # ---------------- time
@@ -198,7 +201,8 @@ class AutofitJob:
     def run(self, worker) -> str:
         from ..engine._rng import preserved_rng
 
-        self._t0, self._spent0 = time.monotonic(), self.state["spent"]
+        self._t0, self._spent0 = self._started or time.monotonic(), self.state["spent"]
+        self._started = None
         worker.status = {"state": "training", "job": self.label}
         try:
             for phase in PHASES:
@@ -215,6 +219,7 @@ class AutofitJob:
                 if outcome in ("paused", "stopped"):
                     return self._interrupted("pause" if outcome == "paused" else "stop")
                 self.state["finished"].append(phase)
+                self.state.setdefault("ended", {})[phase] = round(self.spent(), 2)  # the budget spent by its end
                 self._save()
         finally:
             self.log.sync()
@@ -372,7 +377,8 @@ class AutofitJob:
             init = self._initial()
             twin = dataclasses.replace(init, module=copy.deepcopy(init.module))
             M.freeze(twin, ["none"])  # the search fine-tunes everything
-            steps = max(10, min(100, 3 * math.ceil(len(s.splits.train) / s.config.batch_size)))
+            # fastai's 100 batches, or three epochs of small data (never fewer than 30: a curve needs points)
+            steps = max(30, min(100, 3 * math.ceil(len(s.splits.train) / s.config.batch_size)))
             test = RangeTest(1e-7, 10.0, steps)
             tr = range_test_trainer(twin, s.spec, s.splits, self._base_config(), size=(s.data or {}).get("size", 0))
             tr.apply_live("lr", test.lr(0))
@@ -523,7 +529,9 @@ class AutofitJob:
                 st["final"] = {"skipped": True}
                 self._decide(f"no time left for the final run ({max(0.0, room):.0f} s)")
                 return "done"
-            epochs = max(1, min(int(room / epoch_s), MAX_FINAL_FACTOR * chosen["epochs"]))
+            epochs = max(1, min(MAX_FINAL_FACTOR * chosen["epochs"], *(
+                e for e in range(MAX_FINAL_FACTOR * chosen["epochs"], 0, -1)
+                if e * epoch_s + self._soup_seconds(e) <= self.left()) or (1,)))
             probe = (st.get("probe") or {}).get("accuracy")
             why = f"chose {chosen['from']}" + (f" ({st['metric']} {chosen['value']:.4f})" if chosen["value"]
                                                 is not None else "")
@@ -566,6 +574,16 @@ class AutofitJob:
         st["final"]["val"] = dict(s.trainer.last)
         return "done"
 
+    def _soup_seconds(self, epochs: int) -> float:
+        """About how long the greedy soup of `epochs` checkpoints takes: a validation pass and a BatchNorm pass over
+        BN_IMAGES training images for each soup tasted (a forward pass costs about a third of a training step)."""
+        from .best import BN_IMAGES
+
+        s, epoch_s = self.s, self.state.get("epoch_seconds") or self._estimated_epoch_seconds()
+        n = len(s.splits.train)
+        per_taste = epoch_s * (len(s.splits.val) + min(BN_IMAGES, n)) / (3 * max(1, n))
+        return (min(epochs, SOUP_TOP) + 1) * per_taste
+
     def _apply(self, params: dict, epochs: int) -> None:
         """The chosen recipe onto the session, as `set`s and `freeze`s logged as made by autofit, and its `train`."""
         s = self.s
@@ -592,11 +610,14 @@ class AutofitJob:
         final = st.get("final") or {}
         if not final.get("done"):
             return "done"
-        if self.left() <= 0:
-            self._decide("no time left for the soup")
+        epochs = len([1 for _ in (self.s.folder / "checkpoints").glob("epoch-*.safetensors")])
+        top = min(SOUP_TOP, max(1, epochs))
+        if self.left() < self._soup_seconds(top):
+            self._decide(f"no time left for the soup ({max(0.0, self.left()):.0f} s; it takes about "
+                         f"{self._soup_seconds(top):.0f} s)")
             return "done"
         try:
-            res = make_soup(self.s, "greedy", cmd="soup --greedy")
+            res = make_soup(self.s, "greedy", top, cmd=f"soup --greedy --top {top}")
         except PgError as e:
             self._decide(f"no soup: {e}")
             return "done"
