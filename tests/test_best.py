@@ -2,6 +2,7 @@
 autofit's budget. Tiny models (test_resnet) on 32 px images the tests make."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -218,7 +219,6 @@ def _html_parts(text: str) -> dict:
 
 def test_the_report_holds_the_data_runs_curves_and_the_best_models_figures(trained):
     import base64
-    import re
 
     from pgshell.session import best as B
     from pgshell.session import review as R
@@ -382,3 +382,37 @@ def test_autofit_budgets_and_metrics_are_checked_in_one_line():
     for bad in ("", "soon", "-5", "0s", "10x"):
         with pytest.raises(PgError, match="--budget"):
             parse_budget(bad)
+
+
+@pytest.mark.slow
+def test_the_report_renders_in_headless_chromium_with_every_image_decoded(tmp_path, split_folder):
+    """A real browser opens the page: every image decodes at its PNG's size, and the screenshot is not blank."""
+    import shutil
+    import subprocess
+
+    from PIL import Image
+
+    from pgshell.session.report import write_report
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if browser is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium)")
+    s = new_session(tmp_path / "sessions", split_folder, epochs=2)
+    train_to_end(s)
+    res = write_report(s, str(tmp_path / "r.html"))
+    s.close(save=False)
+    probe = tmp_path / "probe.html"  # the page plus a line of script that writes what the browser decoded
+    probe.write_text((tmp_path / "r.html").read_text().replace(
+        "</body>", "<script>document.body.setAttribute('data-images', Array.from(document.images).map("
+                   "i => i.complete ? i.naturalWidth + 'x' + i.naturalHeight : 'none').join(' '))</script></body>"))
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"]
+    dom = subprocess.run([browser, *flags, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    decoded = re.search(r'data-images="([^"]*)"', dom.stdout).group(1).split()
+    sizes = [f"{w}x{h}" for w, h in (Image.open(p).size for p in res["images"])]
+    assert decoded == sizes and len(sizes) == 3
+    shot = tmp_path / "shot.png"
+    subprocess.run([browser, *flags, f"--screenshot={shot}", "--window-size=1200,2400", (tmp_path / "r.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    grey = Image.open(shot).convert("L")
+    dark = sum(grey.histogram()[:200]) / (grey.width * grey.height)
+    assert grey.size == (1200, 2400) and dark > 0.02  # text, tables and plots, not an empty page

@@ -75,7 +75,8 @@ class GreedyStep:
 
 def greedy_soup(order: Sequence[int], score: Callable[[list[int]], float]) -> tuple[list[int], list[GreedyStep]]:
     """Wortsman et al.'s greedy soup over the ingredients in `order` (best first): `score(indices)` is the held-out
-    accuracy of the uniform soup of those ingredients. Returns (the ingredients kept, in the order tried; every step)."""
+    accuracy of the uniform soup of those ingredients. Returns (the ingredients kept, in the order tried; every
+    step)."""
     if not order:
         raise PgError("a soup needs at least one checkpoint")
     chosen = [order[0]]

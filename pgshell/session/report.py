@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -146,12 +147,13 @@ def _runs(s: "Session") -> Section:
     if entries:
         sec.p("what was done (the change log, `history`):")
         sec.table(["#", "where", "command", "note"], [[e["n"], where(e), e["cmd"], note(e)] for e in entries])
-    rows = [r for r in R.list_checkpoints(s) if r["kind"] != "unreadable"]
+    rows = [r for r in R.list_checkpoints(s) if r["kind"] != "unreadable"] + _soup_row(s)
     if rows:
         sec.p("checkpoints:")
         sec.table(["checkpoint", "kind", "epoch", "step", "val loss", "val accuracy", "note"],
                   [[r["file"], r["kind"], r["epoch"], r["step"], _f(r["val_loss"]), _f(r["val_accuracy"]),
-                    " ".join(w for w, on in (("best", r["best"]), ("resume point", r["resume"])) if on)]
+                    " ".join(w for w, on in (("best", r["best"]), ("resume point", r["resume"])) if on)
+                    or r.get("members", "")]
                    for r in rows])
     probes = R.probe_results(s)
     if probes:
@@ -166,6 +168,25 @@ def _runs(s: "Session") -> Section:
     if summary:
         sec.p("autofit: " + summary)
     return sec
+
+
+def _soup_row(s: "Session") -> list[dict]:
+    """The soup as `checkpoints` would list it (it is not an epoch or step checkpoint), with its members."""
+    from ..engine import checkpoint as C
+    from .best import soup_path
+
+    path = soup_path(s)
+    try:
+        meta = C.read_metadata(path) if path.exists() else None
+    except C.CheckpointError:
+        meta = None
+    if meta is None:
+        return []
+    members = ", ".join(m.removeprefix("epoch-").removesuffix(".safetensors").lstrip("0")
+                        for m in json.loads(meta.get("members", "[]")))
+    return [{"file": path.name, "kind": f"soup ({meta.get('mode', '?')})", "epoch": meta.get("epoch"),
+             "step": meta.get("step"), "val_loss": float(meta["val_loss"]), "val_accuracy": float(meta["val_accuracy"]),
+             "best": False, "resume": False, "members": f"of epochs {members}"}]
 
 
 def _tune_rows(s: "Session") -> list[list]:
@@ -255,7 +276,7 @@ def _export(s: "Session", best: dict) -> Section:
 
 
 def _f(v, digits: int = 4) -> str:
-    return "" if v is None else f"{v:.{digits}f}"
+    return "" if v is None else f"{v + 0.0:.{digits}f}"  # + 0.0: a loss of -0.0 reads 0.0000
 
 
 def _pct(v) -> str:
@@ -282,7 +303,7 @@ def render_html(title: str, sections: list[Section]) -> str:
                 out.append(f"<p>{html.escape(block[1])}</p>")
             elif kind == "table":
                 headers = block[1] if any(block[1]) else ()
-                out.append(tabulate(block[2], headers, tablefmt="html"))
+                out.append(tabulate(block[2], headers, tablefmt="html", disable_numparse=True))
             elif kind == "img":
                 data = base64.b64encode(Path(block[1]).read_bytes()).decode()
                 out.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{html.escape(block[2])}\" "
@@ -307,7 +328,7 @@ def render_md(title: str, sections: list[Section], base: Path) -> str:
                 out.append(block[1] + "\n")
             elif kind == "table":
                 rows = [[str(c).replace("|", "\\|") for c in row] for row in block[2]]
-                out.append(tabulate(rows, block[1], tablefmt="github") + "\n")
+                out.append(tabulate(rows, block[1], tablefmt="github", disable_numparse=True) + "\n")
             elif kind == "img":
                 rel = Path(block[1]).resolve().relative_to(base.resolve())
                 out.append(f"![{block[2]}]({rel.as_posix()})\n")

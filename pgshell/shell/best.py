@@ -6,7 +6,6 @@ from __future__ import annotations
 import cmd2
 from cmd2 import with_argparser
 
-from ..engine.errors import PgError
 from ._common import Commands, parser
 
 
