@@ -59,6 +59,9 @@ def test_greedy_soup_tries_best_first_and_keeps_only_what_does_not_lower_accurac
     assert [(s.index, s.score, s.kept) for s in steps] == [
         (1, 0.90, True), (3, 0.92, True), (4, 0.91, False), (2, 0.92, True), (0, 0.93, True)]
     assert asked == [[1], [1, 3], [1, 3, 4], [1, 3, 2], [1, 3, 2, 0]]
+    asked.clear()  # out of time after two tastes: the greedy soup of what was tried
+    chosen, steps = greedy_soup(order, score, stop=lambda: len(asked) >= 2)
+    assert chosen == [1, 3] and len(steps) == 2
 
 
 def _bn_net(dropout: float = 0.0) -> torch.nn.Sequential:
@@ -306,7 +309,8 @@ def test_autofit_ends_inside_its_budget_says_why_and_replays_through_export_plan
     wall = time.monotonic() - t0
     state = AF.read_state(s)
     assert state["done"] and state["finished"] == list(AF.PHASES)
-    assert state["spent"] <= budget and wall <= budget + 0.5  # the job's clock (from the command), and the test's
+    # the job's clock (from the command), and the test's
+    assert state["spent"] <= budget and wall <= budget + 0.5, (wall, state["ended"], state["decisions"])
     decisions = " ".join(state["decisions"])
     assert "32 px images: the mild policy" in decisions and "weights not pretrained" in decisions
     assert "linear probe baseline" in decisions and ("chose " in decisions or "no time left" in decisions)

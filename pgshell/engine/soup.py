@@ -73,9 +73,11 @@ class GreedyStep:
     kept: bool  # whether it stayed in (the score did not drop)
 
 
-def greedy_soup(order: Sequence[int], score: Callable[[list[int]], float]) -> tuple[list[int], list[GreedyStep]]:
+def greedy_soup(order: Sequence[int], score: Callable[[list[int]], float],
+                stop: Callable[[], bool] = lambda: False) -> tuple[list[int], list[GreedyStep]]:
     """Wortsman et al.'s greedy soup over the ingredients in `order` (best first): `score(indices)` is the held-out
-    accuracy of the uniform soup of those ingredients. Returns (the ingredients kept, in the order tried; every
+    accuracy of the uniform soup of those ingredients. `stop()` true ends the search early (a time budget): the soup
+    is then the greedy soup of the ingredients tried so far. Returns (the ingredients kept, in the order tried; every
     step)."""
     if not order:
         raise PgError("a soup needs at least one checkpoint")
@@ -83,6 +85,8 @@ def greedy_soup(order: Sequence[int], score: Callable[[list[int]], float]) -> tu
     best = score(chosen)
     steps = [GreedyStep(order[0], best, True)]
     for i in order[1:]:
+        if stop():
+            break
         value = score(chosen + [i])
         kept = value >= best
         if kept:

@@ -53,6 +53,7 @@ FALLBACK_LR = {True: 3e-4, False: 2e-3}  # pretrained or not, when the range tes
 SEARCH_TRIALS = 4  # trials the search aims to fit
 MAX_FINAL_FACTOR = 3  # the final run: at most this many times a trial's epochs
 SOUP_TOP = 5  # the soup: of the best few epochs of the final run (each one tasted costs an evaluation)
+SOUP_OVERHEAD = 1.0  # seconds: a soup's model copy, checkpoint reads and file write, whatever its size
 
 
 def parse_budget(text: str | float | int) -> float:
@@ -520,18 +521,20 @@ class AutofitJob:
         if "final" not in st:
             chosen = self._choose()
             epoch_s = st.get("epoch_seconds") or self._estimated_epoch_seconds()
-            room = self.left() - st["budget"] * SOUP_SHARE
             if chosen is None:
                 chosen = {"params": {"lr": st.get("lr") or FALLBACK_LR[st["recipe"]["pretrained"]],
                                      "freeze": "none"}, "value": None, "from": "the recipe alone (no trial "
                                                                                "finished)", "epochs": 1}
-            if not epoch_s or room < epoch_s:
+            room = self.left()
+            # the most epochs (up to a few times a trial's) that fit with the soup after them
+            fits = [e for e in range(1, MAX_FINAL_FACTOR * chosen["epochs"] + 1)
+                    if epoch_s and e * epoch_s + self._soup_seconds(e) <= room]
+            if not fits:
                 st["final"] = {"skipped": True}
-                self._decide(f"no time left for the final run ({max(0.0, room):.0f} s)")
+                self._decide(f"no time left for the final run ({max(0.0, room):.0f} s; an epoch takes about "
+                             f"{epoch_s:.0f} s)" if epoch_s else "no time left for the final run (no epoch timed)")
                 return "done"
-            epochs = max(1, min(MAX_FINAL_FACTOR * chosen["epochs"], *(
-                e for e in range(MAX_FINAL_FACTOR * chosen["epochs"], 0, -1)
-                if e * epoch_s + self._soup_seconds(e) <= self.left()) or (1,)))
+            epochs = max(fits)
             probe = (st.get("probe") or {}).get("accuracy")
             why = f"chose {chosen['from']}" + (f" ({st['metric']} {chosen['value']:.4f})" if chosen["value"]
                                                 is not None else "")
@@ -582,7 +585,7 @@ class AutofitJob:
         s, epoch_s = self.s, self.state.get("epoch_seconds") or self._estimated_epoch_seconds()
         n = len(s.splits.train)
         per_taste = epoch_s * (len(s.splits.val) + min(BN_IMAGES, n)) / (3 * max(1, n))
-        return (min(epochs, SOUP_TOP) + 1) * per_taste
+        return SOUP_OVERHEAD + (min(epochs, SOUP_TOP) + 1) * per_taste
 
     def _apply(self, params: dict, epochs: int) -> None:
         """The chosen recipe onto the session, as `set`s and `freeze`s logged as made by autofit, and its `train`."""
@@ -617,7 +620,9 @@ class AutofitJob:
                          f"{self._soup_seconds(top):.0f} s)")
             return "done"
         try:
-            res = make_soup(self.s, "greedy", top, cmd=f"soup --greedy --top {top}")
+            # greedy stops tasting once the budget (less a final evaluation's time) is spent
+            deadline = time.monotonic() + self.left() - self._soup_seconds(0)
+            res = make_soup(self.s, "greedy", top, cmd=f"soup --greedy --top {top}", deadline=deadline)
         except PgError as e:
             self._decide(f"no soup: {e}")
             return "done"

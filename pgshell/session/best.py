@@ -83,8 +83,9 @@ def soup(s: "Session", mode: str = "greedy", top: int | None = None, checkpoints
 
 
 def make_soup(s: "Session", mode: str = "greedy", top: int | None = None, checkpoints: list[str] | None = None,
-              bn_images: int = BN_IMAGES, cmd: str | None = None) -> dict:
-    """`soup` without the check that nothing runs: autofit makes its soup from the worker thread."""
+              bn_images: int = BN_IMAGES, cmd: str | None = None, deadline: float | None = None) -> dict:
+    """`soup` without the check that nothing runs: autofit makes its soup from the worker thread. `deadline` (a
+    time.monotonic() value): the greedy search tries no more ingredients after it."""
     if mode not in MODES:
         raise PgError(f"a soup is greedy or uniform, not {mode!r}")
     if s.spec is None or s.splits is None:
@@ -93,7 +94,7 @@ def make_soup(s: "Session", mode: str = "greedy", top: int | None = None, checkp
         raise PgError("a soup is judged on the validation split, and this data has none: attach data with a val/ "
                       "folder or a --split")
     rows = soup_candidates(s, checkpoints, top)
-    result = s.apply(lambda: _cook(s, rows, mode, bn_images))
+    result = s.apply(lambda: _cook(s, rows, mode, bn_images, deadline))
     cmd = cmd or ("soup --" + mode + (f" --top {top}" if top else "")
                   + (" --checkpoints " + " ".join(Path(r["path"]).name for r in rows) if checkpoints else ""))
     s.changes.record("soup", cmd, mode=mode, members=result["members"], file=SOUP,
@@ -101,7 +102,9 @@ def make_soup(s: "Session", mode: str = "greedy", top: int | None = None, checkp
     return result
 
 
-def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int) -> dict:
+def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int, deadline: float | None = None) -> dict:
+    import time
+
     import torch
 
     from ..engine import checkpoint as C
@@ -132,9 +135,12 @@ def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int) -> dict:
     tr = Trainer(built, s.spec, s.splits, cfg, log=None, size=size)
     bn_batches = _bn_batches(s, built, cfg, size, bn_images)
     tasted: dict[tuple, dict] = {}
+    cooked: list = [None, None]  # (the ingredients whose soup the model copy holds now, its BatchNorm figures)
 
     def cook(indices: list[int]) -> dict:
         """The soup of those ingredients in the model copy, its BatchNorm statistics recomputed where they differ."""
+        if cooked[0] == indices:
+            return cooked[1]
         chosen = [states[i]["model"] for i in indices]
         M.restore_weights(built.module, SP.average_weights(chosen), [], "the soup")
         layers = SP.differing_batchnorm(built.module, chosen)
@@ -144,7 +150,8 @@ def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int) -> dict:
                 with tr.runtime.autocast():
                     return built.module(tr.runtime.to_input(x))
             images = SP.recompute_batchnorm(built.module, bn_batches(), layers, forward)
-        return {"layers": len(layers), "images": images}
+        cooked[:] = [list(indices), {"layers": len(layers), "images": images}]
+        return cooked[1]
 
     def taste(indices: list[int]) -> float:
         key = tuple(sorted(indices))
@@ -155,7 +162,7 @@ def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int) -> dict:
 
     order = SP.rank([r["val_accuracy"] for r in rows])
     if mode == "greedy":
-        kept, steps = SP.greedy_soup(order, taste)
+        kept, steps = SP.greedy_soup(order, taste, lambda: deadline is not None and time.monotonic() >= deadline)
         tried = [(st.index, st.kept, st.score) for st in steps]
     else:
         kept = order
@@ -169,6 +176,7 @@ def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int) -> dict:
     single_test = None
     if test is not None:
         M.restore_weights(built.module, states[best]["model"], [], names[best])
+        cooked[0] = None
         single_test = tr.evaluate("test", module=built.module)["accuracy"]
         cook(list(key))
     weights = {k: v.detach().cpu().clone() for k, v in built.module.state_dict().items()}
