@@ -420,3 +420,15 @@ def test_the_report_renders_in_headless_chromium_with_every_image_decoded(tmp_pa
     grey = Image.open(shot).convert("L")
     dark = sum(grey.histogram()[:200]) / (grey.width * grey.height)
     assert grey.size == (1200, 2400) and dark > 0.02  # text, tables and plots, not an empty page
+
+
+def test_bad_input_to_soup_report_and_autofit_is_one_line_saying_what_to_do(app, capsys):
+    from conftest import run_out
+
+    for line, words in (("autofit --budget soon", "--budget takes a time such as 10m"),
+                        ("autofit --metric f1", "invalid choice"),
+                        ("report", "nothing to report yet: `load`, `data` and `train` first"),
+                        ("soup --uniform", "a soup needs the session's model and data"),
+                        ("soup --greedy --uniform", "not allowed with argument")):
+        ok, out, err = run_out(app, capsys, line)
+        assert not ok and words in err and len(err.strip().splitlines()) == 1, (line, err)

@@ -30,9 +30,9 @@ MODES = ("greedy", "uniform")
 
 # ====================================================================== soups
 def soup_path(s: "Session") -> Path:
-    from .review import _ckdir
-
-    return _ckdir(s) / SOUP
+    if s.folder is None:
+        raise PgError("this session has no checkpoints yet: a soup is made of its epoch checkpoints")
+    return s.folder / "checkpoints" / SOUP
 
 
 def soup_candidates(s: "Session", checkpoints: list[str] | None = None, top: int | None = None) -> list[dict]:

@@ -56,15 +56,23 @@ def write_report(s: "Session", out: str | None = None) -> dict:
     if path.suffix.lower() not in (".html", ".htm", ".md"):
         raise PgError(f"--out writes .html or .md, not {path.name}")
     assets = path.with_name(path.stem + "_files")
-    assets.mkdir(parents=True, exist_ok=True)
+    try:
+        assets.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PgError(f"cannot write the report's images to {assets}: {e.strerror or e}") from None
     sections, best = build_sections(s, assets)
     title = f"pgshell report — {s.name}"
     text = render_html(title, sections) if path.suffix.lower() in (".html", ".htm") else render_md(title, sections,
                                                                                                      path.parent)
-    from .review import _written
     from ..engine.checkpoint import atomic_write_bytes
+    from .files import disk_full
 
-    _written(str(path), lambda: atomic_write_bytes(path, text.encode()))
+    try:
+        atomic_write_bytes(path, text.encode())
+    except OSError as e:
+        if disk_full(e):
+            raise PgError(f"the disk is full: {path} was not written — free some space and try again") from None
+        raise PgError(f"cannot write {path}: {e.strerror or e}") from None
     images = [b[1] for sec in sections for b in sec.blocks if b[0] == "img"]
     return {"out": str(path), "images": [str(p) for p in images], "sections": [sec.title for sec in sections],
             "best": best}
