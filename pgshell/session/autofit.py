@@ -323,8 +323,11 @@ class AutofitJob:
             self.current = (label, run, _Budget(self, self._phase_end(self._phase_of(label))), time.monotonic())
         _, run, guard, _ = self.current
         total = epochs * run.trainer.steps_per_epoch
-        handlers = [*loop_handlers(s, worker, self.label, lambda tr: max(0, total - tr.pos.step),
-                                   lambda: {"trial": label}), guard]
+        def tags() -> dict:  # what the toolbar's trial line reads (`trial T (D/N done)`)
+            return {"trial": label, "trials_done": len(self.state["trials"]),
+                    "trials": max(SEARCH_TRIALS, len(self.state["trials"]) + 1)}
+
+        handlers = [*loop_handlers(s, worker, self.label, lambda tr: max(0, total - tr.pos.step), tags), guard]
         t0 = time.monotonic()
         outcome = run.run(handlers)
         seconds = time.monotonic() - t0
@@ -386,8 +389,7 @@ class AutofitJob:
             self.range_test = (test, tr, _Budget(self, self._phase_end("lrfind")))
         test, tr, guard = self.range_test
         t0 = time.monotonic()
-        handlers = [*loop_handlers(s, worker, self.label, lambda t: test.steps - len(test.lrs),
-                                   lambda: {"batch": len(test.lrs), "batches": test.steps}), guard]
+        handlers = [*loop_handlers(s, worker, self.label, lambda t: test.steps - len(test.lrs)), guard]
         outcome = run_range_test(tr, test, handlers)
         if outcome == "paused":
             return outcome
