@@ -278,6 +278,8 @@ def test_the_soup_checkpoint_evaluates_exports_predicts_and_forks_from_the_shell
         ok, _ = run(app, "fork from-soup --checkpoint soup")
         assert ok and app.session.name == "from-soup"
         assert app.session.latest_checkpoint.name == f"step-{res['position']['step']:07d}.safetensors"
+        ok, plan = run(app, f"export plan {tmp / 'fork.plan'}")  # a replay cannot remake an average: it says so
+        assert ok and any("forked this session from a soup" in w for w in plan["warnings"])
         ok, ev2 = run(app, "eval --split val")  # the fork's weights are the soup's
         assert ok and ev2["val"]["accuracy"] == res["val"]["accuracy"] and ev2["val"]["loss"] == res["val"]["loss"]
         ok, _ = run(app, "soup --top 0")

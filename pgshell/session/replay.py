@@ -120,6 +120,9 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
     for e in s.changes.entries:
         if e["kind"] == "train" and e.get("device", "cpu") != "cpu":
             devices.add(e["device"])
+        if e["kind"] == "fork" and str(e.get("checkpoint", "")).startswith("soup"):
+            plan.warnings.append(f"change {e['n']} forked this session from a soup (averaged weights): the plan "
+                                 "replays the training before it, not the average")
         if e["kind"] not in REPLAYED:
             continue
         if e["step"] > at:
