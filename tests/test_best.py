@@ -348,6 +348,7 @@ def test_autofit_ends_inside_its_budget_says_why_and_replays_through_export_plan
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+@pytest.mark.slow  # a 10-second budget run twice over (quit and reopen): outside the default suite
 def test_autofit_paused_and_quit_resumes_where_it_stopped_within_the_budget(tmp_path, split_folder):
     import threading
 
