@@ -435,3 +435,18 @@ def test_bad_input_to_soup_report_and_autofit_is_one_line_saying_what_to_do(app,
                         ("soup --greedy --uniform", "not allowed with argument")):
         ok, out, err = run_out(app, capsys, line)
         assert not ok and words in err and len(err.strip().splitlines()) == 1, (line, err)
+
+
+def test_the_soup_report_and_autofit_layers_import_without_cmd2():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
+            "import pgshell.engine.soup, pgshell.session.best, pgshell.session.report, pgshell.session.autofit\n"
+            "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
