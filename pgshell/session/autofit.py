@@ -1,7 +1,7 @@
 """`autofit [--budget 10m] [--metric val_accuracy]`: the best model this session's data and model can give within a
 wall-clock budget, by a recipe chosen from what they say, every step of it an ordinary pgshell step.
 
-The recipe (`_plan`, its reasons kept in autofit.json and printed at the end):
+The recipe (`_plan`; every choice is printed as it is made and kept in autofit.json with its reason):
 - the base is the README's measured best fixed recipe: AdamW, weight decay 0.05, a cosine schedule spanning the run;
 - images of 64 px or less: the mild policy (no colour jitter, no border cut; timm's ImageNet crop scale is searched
   from 0.25 up) — larger images search timm's crop scales from 0.08;
@@ -44,8 +44,9 @@ STATE = "autofit.json"
 VERSION = 1
 PHASES = ("plan", "probe", "head", "lrfind", "search", "final", "soup")
 METRICS = ("val_accuracy", "val_loss")
-# shares of the whole budget each phase may use at most (the rest carries over): the search and the final run get most
-SHARES = {"head": 0.12, "lrfind": 0.06, "search": 0.40}
+# shares of the whole budget promised to the range test and the search: a phase before them stops where they begin
+# (the probe and the frozen head share what is left before that), the final run gets the rest after them
+SHARES = {"lrfind": 0.06, "search": 0.40}
 SOUP_SHARE = 0.06  # kept back for the soup's evaluations
 HEAD_EPOCHS = 3  # the frozen-head phase (features are cached: epochs are cheap)
 HEAD_LR = 1e-3  # AdamW on a new head
