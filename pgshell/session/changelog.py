@@ -217,8 +217,9 @@ class ChangeLog:
         """A checkpoint written after `count` changes was restored: drop the changes logged after it by an older
         process (a kill before the next checkpoint); this process's own are kept."""
         with self._lock:
-            # a fork's own line is written with its folder, after the checkpoint it starts from: it stays
-            later = [e for e in self.entries[count:self.on_disk] if e["kind"] != "fork"]
+            # a fork's own line is written with its folder, after the checkpoint it starts from: it stays; so does
+            # a soup's, whose file is written beside the checkpoints and changes nothing of the run
+            later = [e for e in self.entries[count:self.on_disk] if e["kind"] not in ("fork", "soup")]
             if not later:
                 return
             dropped = len(later)

@@ -122,6 +122,9 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
     for e in s.changes.entries:
         if e["kind"] == "train" and e.get("device", "cpu") != "cpu":
             devices.add(e["device"])
+        if e["kind"] == "fork" and str(e.get("checkpoint", "")).startswith("soup"):
+            plan.warnings.append(f"change {e['n']} forked this session from a soup (averaged weights): the plan "
+                                 "replays the training before it, not the average")
         if e["kind"] not in REPLAYED:
             continue
         if e["step"] > at:
@@ -283,7 +286,7 @@ def fork(s, name: str, which: str | None = None) -> Path:
     folder = s.root / f".{name}{FORK_TEMP}{secrets.token_hex(3)}"
     renamed = False
     try:
-        _copy_checkpoints(s, src, pos["step"], folder / "checkpoints")
+        start = _copy_checkpoints(s, src, pos["step"], folder / "checkpoints")
         _copy_metrics(s, folder, pos["step"])
         kept = _copy_log(s, folder, state, name, src)
         for extra in ("quarantine.txt", "manifests"):
@@ -297,7 +300,7 @@ def fork(s, name: str, which: str | None = None) -> Path:
             raise PgError(f"{final} appeared while forking: choose another name")
         os.rename(folder, final)
         renamed = True
-        _write_session_file(s, name, final / "checkpoints" / src.name, TrainConfig.from_dict(state["config"]), data)
+        _write_session_file(s, name, final / start.relative_to(folder), TrainConfig.from_dict(state["config"]), data)
     except BaseException:
         shutil.rmtree(final if renamed else folder, ignore_errors=True)  # only what this fork made
         if renamed:
@@ -336,9 +339,9 @@ def resolve(s, which: str | None) -> Path:
     raise PgError(f"no checkpoint at step {step}: `checkpoints` lists them (epoch ends, pauses and saves)")
 
 
-def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> None:
+def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> Path:
     """The checkpoints before the fork point, and the fork point itself (hard links where the disk allows: a
-    checkpoint is never rewritten in place, only replaced)."""
+    checkpoint is never rewritten in place, only replaced); returns the fork point's copy."""
     from ..engine.saver import C
 
     dest.mkdir(parents=True)
@@ -348,11 +351,19 @@ def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> None:
         except C.CheckpointError:
             continue
         if before or p == src:
-            target = dest / p.name
-            try:
-                os.link(p, target)
-            except OSError:
-                shutil.copyfile(p, target)
+            _link(p, dest / p.name)
+    if (dest / src.name).exists():
+        return dest / src.name
+    # a fork point that is not an epoch or step checkpoint (a soup): the new session's checkpoint at that step
+    _link(src, dest / f"step-{step:07d}.safetensors")
+    return dest / f"step-{step:07d}.safetensors"
+
+
+def _link(p: Path, target: Path) -> None:
+    try:
+        os.link(p, target)
+    except OSError:
+        shutil.copyfile(p, target)
 
 
 def _copy_metrics(s, folder: Path, step: int) -> None:

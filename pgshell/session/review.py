@@ -90,7 +90,7 @@ def _float(v):
 
 
 def resolve_checkpoint(s: "Session", which: str) -> Path:
-    """EPOCH (a number) | best | last | PATH -> the checkpoint file."""
+    """EPOCH (a number) | best | last | soup | PATH -> the checkpoint file."""
     which = str(which).strip()
     if which == "best":
         if not s.best:
@@ -103,6 +103,10 @@ def resolve_checkpoint(s: "Session", which: str) -> Path:
             files[-1] if files else None)
         if path is None:
             raise PgError("no checkpoint yet: one is written at every epoch end, pause and `save`")
+    elif which == "soup":  # the last `soup` made (session/best.py)
+        path = _ckdir(s) / "soup.safetensors"
+        if not path.exists():
+            raise PgError("no soup yet: `soup` averages the epoch checkpoints into one")
     elif which.isdigit():
         path = _ckdir(s) / f"epoch-{int(which):04d}.safetensors"
         if not path.exists():
