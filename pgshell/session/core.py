@@ -492,10 +492,14 @@ class Session:
     def _on_phase(self, name: str, done: int, total: int) -> None:
         from ..engine.progress import phase_status
 
-        if done == 0:
-            self._phase_started = time.perf_counter()  # a phase reports 0 first: its ETA counts from here
-        self.worker.status = phase_status(getattr(self.worker.job, "label", "train"), name, done, total,
-                                          getattr(self, "_phase_started", time.perf_counter()))
+        job = getattr(self.worker.job, "label", "train")
+        name0, done0, total0, started, done_then = getattr(self, "_phase", (None, 0, 0, 0.0, 0))
+        if done == 0 or name != name0 or done < done0 or total != total0:
+            # a new phase: its ETA counts from its first report (the feature cache's first is its first batch, not
+            # 0; timed from each report itself, its ETA said 0m00s all the way through)
+            started, done_then = time.perf_counter(), done
+        self._phase = (name, done, total, started, done_then)
+        self.worker.status = phase_status(job, name, done, total, started, done_then)
 
     def evaluate(self, split: str = "val") -> dict:
         # while training, the running trainer as it is: ensure_trainer would apply pending settings (reconfigure:

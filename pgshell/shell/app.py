@@ -7,6 +7,7 @@ prompt, `train` blocks, progress is one plain line per epoch, and the first fail
 
 from __future__ import annotations
 
+import math
 import os
 import queue
 import signal
@@ -204,21 +205,10 @@ class PgShell(cmd2.Cmd):
     # ---------------- toolbar
     def get_bottom_toolbar(self):
         st = dict(self.session.status)  # the worker replaces or updates it meanwhile: read one snapshot
-        state = st.get("state", "idle")
-        if state == "training" and "batch" in st:
-            if st.get("job") == "lrfind":
-                return (f" lrfind  batch {st['batch']}/{st['batches']}  lr {st['lr']:.2g}  loss {st['loss']:.4f}  "
-                        f"ETA {_fmt_secs(st['eta'])}")
-            trial = f" trial {st['trial']} ({st['trials_done']}/{st['trials']} done) " if "trial" in st else ""
-            return (f"{trial} epoch {st['epoch']}  batch {st['batch']}/{st['batches']}  loss {st['loss']:.4f}  "
-                    f"acc {st['accuracy']:.3f}  lr {st['lr']:.2g}  {st['rate']:.0f} img/s  ETA {_fmt_secs(st['eta'])}")
-        if state == "training" and st.get("phase"):
-            return _phase_line(st)
-        if state == "training":
-            return " training: starting…"
-        if state == "paused":
-            return " paused — `continue` resumes, `save` keeps it" + (f"  ({st['error']})" if st.get("error") else "")
-        return " idle — `help` lists commands"  # always one line, so the toolbar's row is there before training
+        try:
+            return toolbar_line(st)
+        except Exception:  # noqa: BLE001 — prompt_toolkit would print a traceback under the prompt at every refresh
+            return f" {st.get('state', 'idle')}"
 
     # ---------------- errors: one clear line, never a traceback for user errors
     def perror(self, *objects, **kwargs):
@@ -341,13 +331,58 @@ def _settings_help():
     return Group(intro, table)
 
 
+def toolbar_line(st: dict) -> str:
+    """The bottom toolbar for a status (session/worker.py `Status`) of any job in any phase: each part is shown
+    when its fields are there, so a status that lacks one (a range test has no accuracy, a trial between two runs
+    has no batch yet) shows what it has."""
+    state = st.get("state", "idle")
+    if state == "paused":
+        return " paused — `continue` resumes, `save` keeps it" + (f"  ({st['error']})" if st.get("error") else "")
+    if state != "training":
+        return " idle — `help` lists commands"  # always one line, so the toolbar's row is there before training
+    job = st.get("job", "train")
+    where = []  # which job, trial and epoch
+    if job == "tune" and _has(st, "trials"):
+        done = f"{st['trials_done']}/{st['trials']} done" if _has(st, "trials_done") else f"{st['trials']} trials"
+        where.append(f"trial {st['trial']} ({done})" if _has(st, "trial") else f"tune ({done})")
+    elif job not in ("train", "tune"):
+        where.append(str(job))
+    if _has(st, "epoch") and job != "lrfind":
+        where.append(f"epoch {st['epoch']}")
+    if st.get("phase"):  # validation, a cache build: no batch to show
+        phase = _phase_line(st)
+        return " " + "  ".join([*where, phase.removeprefix(" training: ")]) if where else phase
+    if not _has(st, "loss", float):  # no batch done yet in this run
+        return " " + "  ".join([*where, "starting…"]) if where else " training: starting…"
+    parts = list(where)
+    if _has(st, "batch"):
+        parts.append(f"batch {st['batch']}/{st['batches']}" if _has(st, "batches") else f"batch {st['batch']}")
+    for key, fmt in (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"), ("lr", "lr {:.2g}"),
+                     ("rate", "{:.0f} img/s")):
+        if _has(st, key, float):
+            parts.append(fmt.format(st[key]))
+    if _has(st, "eta", float):
+        parts.append(f"ETA {_fmt_secs(st['eta'])}")
+    return " " + "  ".join(parts)
+
+
+def _has(st: dict, key: str, kind: type = int) -> bool:
+    """Whether the status holds a usable `key`: an int (any finite number for `float`), not None, NaN or inf."""
+    v = st.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or (kind is float and math.isfinite(v))
+
+
 def _phase_line(st: dict) -> str:
-    """The toolbar while a run prepares (feature cache, input decode): the phase, its progress and ETA."""
+    """The toolbar while a run prepares (feature cache, input decode) or validates: the phase, its progress, ETA."""
     done, total = st.get("done"), st.get("total")
     line = f" training: {st['phase']}"
-    if isinstance(done, int) and isinstance(total, int) and total > 0:
+    if _has(st, "done") and _has(st, "total") and total > 0:
         line += f" {done:,}/{total:,} ({100 * done // total}%)"
-    if st.get("eta") is not None:
+        if _has(st, "eta", float) and done > 0:  # at 0 done nothing is timed yet: no ETA rather than 0m00s
+            line += f"  ETA {_fmt_secs(st['eta'])}"
+    elif _has(st, "eta", float):
         line += f"  ETA {_fmt_secs(st['eta'])}"
     return line
 

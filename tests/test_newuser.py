@@ -1,0 +1,96 @@
+"""What a new user hit with real weights (issue 28): the toolbar in every job and phase, bounded contact sheets, the
+end-of-run comparison with a probe, suggestions for typos, schedule restarts across phases, tables that keep what
+differs, `show` that shows what changed, and the small things."""
+
+from __future__ import annotations
+
+import re
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from pgshell.engine.progress import Progress, phase_status
+from pgshell.shell.app import toolbar_line
+
+
+# ====================================================================== 1: the toolbar never raises
+def _statuses(job: str, tags=dict) -> list[dict]:
+    """Every status the worker shows for `job`, in order, made by the code that makes them: the worker's start,
+    Progress's before_fit / after_batch / before_validate, the cache builds' phases, the end of the run."""
+    seen: list[dict] = [{"state": "training", "job": job}]  # Worker.start
+    tr = SimpleNamespace(pos=SimpleNamespace(epoch=1, step=8, batch=0), cfg=SimpleNamespace(log_every=0),
+                         notify=lambda msg: None)
+    progress = Progress(seen.append, lambda tr: 12, job, tags)
+    ten_s_ago = time.perf_counter() - 10
+    for name, total in (("decoding images", 40), ("caching features", 44)):
+        for done in (0, 8, total // 2, total):
+            seen.append(phase_status(job, name, done, total, ten_s_ago))
+    seen.append(phase_status(job, "caching features", 8, 44, time.perf_counter(), 8))  # a first report at 8 done
+    progress.before_fit(tr, None)
+    tr.pos.step = 9
+    progress.after_batch(tr, SimpleNamespace(row={"epoch": 2, "batch": 1, "batches": 4, "step": 9, "loss": 1.25,
+                                                  "accuracy": 0.5, "lr": 0.001, "images": 8}))
+    progress.before_validate(tr, None)
+    seen.append(dict(seen[-1], state="idle"))  # Worker._work's end keeps the last status, its state changed
+    seen.append(dict(seen[-2], state="paused"))
+    seen.append({"state": "paused", "error": "CUDA out of memory"})
+    return seen
+
+
+JOBS = {
+    "train": dict,
+    "lrfind": lambda: {"batch": 3, "batches": 100},  # LRFindJob's tags
+    "tune": lambda: {"trial": 2, "trials_done": 1, "trials": 5},  # TuneJob's tags
+    "eval": dict,  # any other job: its name, then what it has
+}
+
+
+@pytest.mark.parametrize("job", list(JOBS))
+def test_toolbar_shows_every_status_of_every_job_in_one_line(job):
+    statuses = _statuses(job, JOBS[job])
+    if job == "tune":  # TuneJob.run, between trials
+        statuses.insert(1, {"state": "training", "job": "tune", "trials_done": 1, "trials": 5})
+    lines = [toolbar_line(st) for st in statuses]
+    assert all(line.startswith(" ") and "\n" not in line and "None" not in line and "nan" not in line
+               for line in lines), lines
+    assert lines[-1] == " paused — `continue` resumes, `save` keeps it  (CUDA out of memory)"
+    assert lines[-3] == " idle — `help` lists commands"
+
+
+def test_toolbar_lines_for_each_job_and_phase():
+    train = [toolbar_line(st) for st in _statuses("train")]
+    assert train[0] == " training: starting…"
+    assert train[1] == " training: decoding images 0/40 (0%)"
+    assert train[2] == " training: decoding images 8/40 (20%)  ETA 0m40s"  # 8 in 10 s, 32 to go
+    assert train[7] == " training: caching features 22/44 (50%)  ETA 0m10s"
+    assert train[9] == " training: caching features 8/44 (18%)"  # its first report: nothing timed, no ETA
+    assert train[10] == " epoch 2  starting…"
+    assert train[11].startswith(" epoch 2  batch 1/4  loss 1.2500  acc 0.500  lr 0.001  ")
+    assert re.search(r"  lr 0.001  \d+ img/s  ETA \dm\d\ds$", train[11]), train[11]
+    assert train[12] == " epoch 2  validation pass"
+    lrfind = [toolbar_line(st) for st in _statuses("lrfind", JOBS["lrfind"])]
+    assert lrfind[0] == " lrfind  starting…" and lrfind[10] == " lrfind  starting…"  # the crash of issue 28
+    assert lrfind[11].startswith(" lrfind  batch 3/100  loss 1.2500  acc 0.500  lr 0.001  ")
+    assert lrfind[3] == " lrfind  decoding images 20/40 (50%)  ETA 0m10s"
+    tune = [toolbar_line(st) for st in _statuses("tune", JOBS["tune"])]
+    assert tune[10] == " trial 2 (1/5 done)  epoch 2  starting…"
+    assert tune[11].startswith(" trial 2 (1/5 done)  epoch 2  batch 1/4  loss 1.2500")
+    assert tune[12] == " trial 2 (1/5 done)  epoch 2  validation pass"
+    assert toolbar_line({"state": "training", "job": "tune", "trials_done": 0, "trials": 5}) == \
+        " tune (0/5 done)  starting…"
+
+
+@pytest.mark.parametrize("status", [
+    {"state": "training", "job": "lrfind", "batch": 0, "batches": 100, "epoch": 1},  # issue 28's KeyError 'lr'
+    {"state": "training", "batch": 3},
+    {"state": "training", "loss": float("nan"), "eta": float("inf")},
+    {"state": "training", "phase": "caching features", "done": 5, "total": 0, "eta": None},
+    {"state": "training", "job": "tune", "trial": 1},
+    {"state": "training", "job": None, "epoch": "2", "loss": "x"},
+    {},
+])
+def test_toolbar_never_raises_on_a_partial_status(app, status):
+    app.session.status = status
+    line = app.get_bottom_toolbar()
+    assert isinstance(line, str) and line.startswith(" ") and "\n" not in line
