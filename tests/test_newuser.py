@@ -10,8 +10,16 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import new_app, run_out
 from pgshell.engine.progress import Progress, phase_status
 from pgshell.shell.app import toolbar_line
+
+
+def ok(app, capsys, line: str) -> str:
+    """One command in-process that must succeed; its stdout."""
+    good, out, err = run_out(app, capsys, line)
+    assert good, f"`{line}` failed: {err}"
+    return out
 
 
 # ====================================================================== 1: the toolbar never raises
@@ -94,3 +102,72 @@ def test_toolbar_never_raises_on_a_partial_status(app, status):
     app.session.status = status
     line = app.get_bottom_toolbar()
     assert isinstance(line, str) and line.startswith(" ") and "\n" not in line
+
+
+# ====================================================================== 5: StepLR across freeze -> unfreeze
+def _lrs_by_epoch(folder) -> dict[int, set]:
+    from pgshell.engine.metrics import read_rows
+
+    out: dict[int, set] = {}
+    for r in read_rows(folder / "metrics.csv"):
+        if r["split"] == "train":
+            out.setdefault(int(r["epoch"]), set()).add(float(f"{float(r['lr']):.6g}"))  # 1e-05 ± float32
+    return out
+
+
+def test_a_new_phase_on_a_decayed_steplr_says_so_and_train_restart_restarts_it_exactly(app, split_folder, tmp_path,
+                                                                                       capsys):
+    import torch
+
+    from pgshell.shell.cli import run_plan
+
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8", "set step_size 1",
+                 "set gamma 0.1", "freeze", "train 1", "unfreeze all"):
+        ok(app, capsys, line)
+    assert ("note: the StepLR schedule runs on from epoch 1 across `unfreeze all`: this new phase starts at lr "
+            "0.0001, not 0.001 — `train --restart` restarts the schedule at epoch 2") in ok(app, capsys, "train 1")
+    assert "note:" not in ok(app, capsys, "train 1 --restart")  # the schedule starts again: nothing to warn about
+    assert app.session.config.schedule_start == 2
+    history = ok(app, capsys, "history")
+    assert "set schedule_start 2" in history and "train --restart" in history
+    ok(app, capsys, "train --steps 1")  # the restarted schedule decays from epoch 3 on
+    folder = app.session.folder
+    assert _lrs_by_epoch(folder) == {1: {0.001}, 2: {0.0001}, 3: {0.001}, 4: {0.0001}}
+    good, _, err = run_out(app, capsys, "train 1 --restart")
+    assert not good and "this run is at epoch 4, batch 1: `train 1` to end the epoch first" in err
+    # the exported plan replays the restart at its position: the same lrs and weights in a fresh session
+    plan = tmp_path / "rebuild.plan"
+    ok(app, capsys, f"export plan {plan}")
+    other = new_app(tmp_path / "again")
+    assert run_plan(other, plan.read_text().splitlines(), "rebuild.plan") == 0, other.stdout.getvalue()
+    assert _lrs_by_epoch(other.session.folder) == _lrs_by_epoch(folder)
+    mine, theirs = app.session.built.module.state_dict(), other.session.built.module.state_dict()
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_a_restarted_schedule_is_torchs_schedule_started_at_that_epoch():
+    import torch
+
+    from pgshell.engine.config import TrainConfig
+    from pgshell.engine.schedule import lr_factor, phase_notice
+
+    for name, make in (("step", lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5)),
+                       ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 3 * 4))):
+        cfg = TrainConfig(scheduler=name, step_size=2, gamma=0.5, epochs=5, schedule_start=2)
+        f, unit = lr_factor(cfg, 4)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        sched, ref = make(opt), []
+        for _ in range(12 if unit == "step" else 3):
+            ref.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        counts = range(8, 20) if unit == "step" else range(2, 5)  # from epoch 3 (step 8) on: torch's from its start
+        assert [f(c) for c in counts] == pytest.approx(ref, abs=1e-12)
+        assert f(0) == f(8 if unit == "step" else 2) == 1.0  # before the restart (an older checkpoint): its start
+    cosine = TrainConfig(scheduler="cosine", epochs=10, lr=0.01)
+    assert phase_notice(cosine, 4, 6, 24, ["unfreeze all"]) == (
+        "the cosine schedule runs on from epoch 1 across `unfreeze all`: this new phase starts at lr 0.0035, not "
+        "0.01 — `train --restart` restarts the schedule at epoch 7")
+    assert phase_notice(cosine, 4, 4, 16, ["unfreeze all"]) is None  # lr still above half: nothing to say
+    assert phase_notice(cosine, 4, 6, 24, []) is None  # no new phase
+    assert phase_notice(TrainConfig(scheduler="none"), 4, 6, 24, ["freeze"]) is None

@@ -231,7 +231,7 @@ def trial_trainer(init, spec, splits, cfg, params: dict[str, Any], size: int, lo
     settings = {k: v for k, v in params.items() if k != "freeze"}
     cfg = cfg.replace(**settings, log_every=0)
     span = epochs or max(1, math.ceil((steps or 1) * cfg.batch_size / max(1, len(splits.train))))
-    cfg = cfg.replace(epochs=span)  # cosine/onecycle schedules span the trial
+    cfg = cfg.replace(epochs=span, schedule_start=0)  # cosine/onecycle schedules span the trial (from its 0)
     built = dataclasses.replace(init, module=copy.deepcopy(init.module))
     if "freeze" in params:
         M.freeze(built, ["none"])

@@ -329,7 +329,9 @@ class Session:
                 "to re-initialise the weights with it")
 
     # ================================================================ training and jobs
-    def train(self, epochs: int | None = None, steps: int | None = None) -> str:
+    def train(self, epochs: int | None = None, steps: int | None = None, restart: bool = False) -> str:
+        """`restart`: a new phase — the lr schedule counts from here (`set schedule_start`, logged as made by
+        `train --restart`, so a replay restarts it at the same position)."""
         if self.running:
             raise PgError("training is already running: `pause`, `stop` or `wait` first")
         if epochs is not None and epochs < 1 or steps is not None and steps < 1:
@@ -338,6 +340,13 @@ class Session:
             # the trainer says so too, but only once the session is named and the run started
             raise PgError("nothing to train: every parameter is frozen — `unfreeze all` or `freeze backbone`")
         pos = self.ensure_trainer().pos
+        if restart:
+            if pos.batch:
+                raise PgError(f"`train --restart` starts the schedule at an epoch's start; this run is at epoch "
+                              f"{pos.epoch + 1}, batch {pos.batch}: `train 1` to end the epoch first")
+            with self.changes.via("train --restart"):
+                self.set("schedule_start", pos.epoch)
+            pos = self.ensure_trainer().pos  # the schedule rebuilt from the new start
         if epochs is None and steps is None:
             epochs = self.config.epochs - pos.epoch
             if epochs < 1:
@@ -347,7 +356,7 @@ class Session:
         self.changes.record("train", f"train --steps {steps}" if steps is not None else f"train {epochs}",
                             target=dict(self.target), device=str(self.trainer.runtime.device))
         self._start_training()
-        return self._describe_target() + self._schedule_notice()
+        return self._describe_target() + self._schedule_notice(new_run=True)
 
     def finetune(self, epochs: int, head_epochs: int = 1, backbone_lr_scale: float = 0.1) -> str:
         """fastai's fine_tune as ordinary steps: `freeze`, `train HEAD_EPOCHS`, then `unfreeze all`,
@@ -433,15 +442,27 @@ class Session:
         left = t["epoch"] - pos.epoch
         return f"training {left} epoch{'s' * (left != 1)} (epoch {pos.epoch + 1} to {t['epoch']})"
 
-    def _schedule_notice(self) -> str:
-        """A cosine or one-cycle schedule whose span is not where this run ends: say it as the run starts."""
-        from ..engine.schedule import schedule_notice
+    def _schedule_notice(self, new_run: bool = False) -> str:
+        """A cosine or one-cycle schedule whose span is not where this run ends, or (`new_run`) a new phase on a
+        schedule that has already decayed: say it as the run starts."""
+        from ..engine.schedule import phase_notice, schedule_notice
 
         tr, t = self.trainer, self.target
         spe = tr.steps_per_epoch
         end = t["step"] if "step" in t else tr.pos.step + (t["epoch"] - tr.pos.epoch) * spe - tr.pos.batch
-        note = schedule_notice(self.config, spe, tr.pos.step, end)
-        return f"\nnote: {note}" if note else ""
+        notes = [schedule_notice(self.config, spe, tr.pos.step, end),
+                 new_run and phase_notice(self.config, spe, tr.pos.epoch, tr.pos.step, self._phase_changes())]
+        return "".join(f"\nnote: {note}" for note in notes if note)
+
+    def _phase_changes(self) -> list[str]:
+        """The freeze/unfreeze commands since the run before this one: this one begins a new phase."""
+        found = []
+        for entry in reversed(self.changes.entries[:-1]):  # the last is this run's own `train`
+            if entry["kind"] == "train":
+                break
+            if entry["kind"] in ("freeze", "unfreeze"):
+                found.insert(0, entry["cmd"])
+        return found
 
     def ensure_trainer(self):
         """The session's trainer, built on first use (model and data checked, the session named, a reopened

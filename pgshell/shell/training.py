@@ -21,13 +21,16 @@ class TrainingCommands(Commands):
                           "`--steps K` is how a script stops part-way.", "train 5")
     train_parser.add_argument("epochs", nargs="?", type=int, help="more epochs (default: up to the `epochs` setting)")
     train_parser.add_argument("--steps", type=int, help="more batches instead of epochs")
+    train_parser.add_argument("--restart", action="store_true",
+                              help="a new phase (after `unfreeze`, say): the lr schedule starts again at this epoch "
+                                   "(StepLR's decays, cosine's span up to `epochs`); sets `schedule_start`")
 
     @with_argparser(train_parser)
     def do_train(self, args):
         """Train in the background."""
         if args.epochs is not None and args.steps is not None:
             raise PgError("give epochs or --steps, not both")
-        self._cmd.poutput(self.session.train(args.epochs, args.steps))
+        self._cmd.poutput(self.session.train(args.epochs, args.steps, restart=args.restart))
         self._cmd.after_start()
 
     finetune_parser = parser("fastai's fine-tune recipe as one command: train the head alone for --head-epochs with "
