@@ -171,3 +171,24 @@ def test_a_restarted_schedule_is_torchs_schedule_started_at_that_epoch():
     assert phase_notice(cosine, 4, 4, 16, ["unfreeze all"]) is None  # lr still above half: nothing to say
     assert phase_notice(cosine, 4, 6, 24, []) is None  # no new phase
     assert phase_notice(TrainConfig(scheduler="none"), 4, 6, 24, ["freeze"]) is None
+
+
+# ====================================================================== 4: typos suggest the closest command
+@pytest.mark.parametrize("line, said", [
+    ("hist", "hist is not a recognized command — did you mean `history`? (`help` lists the commands)"),
+    ("trian 3", "trian is not a recognized command — did you mean `train`?"),
+    ("help trian", "error: no command trian — did you mean `help train`? (`help` lists the commands)"),
+    ("help hist", "error: no command hist — did you mean `help history`?"),
+    ("h", "h is not a recognized command — did you mean `help` or `history`?"),
+    ("xyzzy", "xyzzy is not a recognized command — `help` lists the commands"),
+])
+def test_a_typo_suggests_the_closest_command_in_one_line(app, capsys, line, said):
+    good, out, err = run_out(app, capsys, line)
+    assert not good and said in err and err.count("\n") == 1 and out == ""
+
+
+def test_help_of_real_commands_and_topics_still_works(app, capsys):
+    assert ok(app, capsys, "help train").startswith("Usage: train [-h]")
+    assert "--restart" in ok(app, capsys, "help train")
+    assert "Training" in ok(app, capsys, "help")
+    assert ok(app, capsys, "help tune show").startswith("Usage: tune show")

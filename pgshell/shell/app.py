@@ -7,6 +7,7 @@ prompt, `train` blocks, progress is one plain line per epoch, and the first fail
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import queue
@@ -18,6 +19,7 @@ from typing import Any
 
 import cmd2
 from cmd2 import Settable, plugin, with_argparser, with_category
+from cmd2.utils import suggest_similar
 
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
@@ -259,6 +261,19 @@ class PgShell(cmd2.Cmd):
                 self.poutput("pausing after this batch (`continue` resumes)")
             raise
 
+    # ---------------- a mistyped command: say which one was meant, on one line
+    def default(self, statement):
+        """A word that is no command (`hist`, `trian 3`): the closest commands, as `help trian` says them too."""
+        self.perror(f"{statement.command} is not a recognized command{_did_you_mean(statement.command, self)}")
+
+    @with_argparser(cmd2.Cmd._build_help_parser)
+    def do_help(self, args):
+        """List available commands or provide detailed help for a specific command."""
+        name = args.command
+        if name and not args.verbose and name not in self.get_all_commands() and name not in self.get_help_topics():
+            raise PgError(f"no command {name}{_did_you_mean(name, self, 'help ')}")
+        cmd2.Cmd.do_help.__wrapped__(self, args)  # cmd2's own, with the arguments already parsed
+
     # ---------------- the session's change log (cmd2's `history` of typed lines is replaced by it)
     @with_argparser(history_parser)
     def do_history(self, args):
@@ -385,6 +400,19 @@ def _phase_line(st: dict) -> str:
     elif _has(st, "eta", float):
         line += f"  ETA {_fmt_secs(st['eta'])}"
     return line
+
+
+def _did_you_mean(word: str, app: cmd2.Cmd, prefix: str = "") -> str:
+    """` — did you mean `history`? (...)` for a mistyped command: cmd2's closest spelling, else the commands the
+    word begins (an abbreviation: `hist`, `sess`), else difflib's near matches; then where the list is."""
+    commands = app.get_visible_commands()
+    word = word.lower()
+    close = [c for c in [suggest_similar(word, commands)] if c] or sorted(c for c in commands if c.startswith(word)) \
+        or difflib.get_close_matches(word, commands, n=3, cutoff=0.6)
+    if not close:
+        return " — `help` lists the commands"
+    said = " or ".join(f"`{prefix}{c}`" for c in close[:3])
+    return f" — did you mean {said}? (`help` lists the commands)"
 
 
 def _terminal_echoes_ctrl_c(stdin) -> bool:
