@@ -192,3 +192,65 @@ def test_help_of_real_commands_and_topics_still_works(app, capsys):
     assert "--restart" in ok(app, capsys, "help train")
     assert "Training" in ok(app, capsys, "help")
     assert ok(app, capsys, "help tune show").startswith("Usage: tune show")
+
+
+# ====================================================================== 2: contact sheets stay bounded
+def _sheet_rows(folder, n: int) -> list[dict]:
+    files = sorted(folder.rglob("*.png"))
+    return [{"rank": i + 1, "path": f.name, "file": str(f), "true": f.parent.name,
+             "predicted": "cat" if i % 3 else f.parent.name, "probability": 0.5, "p_true": 0.25, "loss": 1.0}
+            for i, f in enumerate(files[i % len(files)] for i in range(n))]
+
+
+def test_a_sheet_of_more_than_64_tiles_goes_on_pages_of_scaled_tiles(tmp_path):
+    import csv
+    import os
+
+    import numpy as np
+    from PIL import Image
+
+    from conftest import make_images
+    from pgshell.session.review import SHEET_TILES, write_errors
+
+    folder = make_images(tmp_path / "imgs", per_class=10, px=300)  # larger than a tile: scaled down to 160 px
+    rows = _sheet_rows(folder, 70)
+    res = write_errors({"rows": rows, "split": "val", "model": "m", "class": None}, str(tmp_path / "x.png"))
+    assert SHEET_TILES == 64 and res["pages"] == [str(tmp_path / "x.png"), str(tmp_path / "x-2.png")]
+    assert res["page"] == [0] * 64 + [1] * 6 and len(res["tiles"]) == 70
+    with Image.open(tmp_path / "x.png") as first, Image.open(tmp_path / "x-2.png") as second:
+        assert first.size == (1316, 1628) and second.size == (496, 440)  # 8 x 8 tiles of 1.6", then 3 x 2
+        # each tile shows its row's image (the classes are colours), the second page's too
+        sheets = [first.convert("RGB"), second.convert("RGB")]
+        for box, page, row in zip(res["tiles"], res["page"], rows):
+            left, top, right, bottom = box
+            assert right - left <= 160 and bottom - top <= 160
+            crop = sheets[page].crop(
+                (left + (right - left) // 4, top + (bottom - top) // 4, right - (right - left) // 4,
+                 bottom - (bottom - top) // 4))
+            assert int(np.asarray(crop).reshape(-1, 3).mean(0).argmax()) == ["cat", "dog", "fox"].index(row["true"])
+    assert os.path.getsize(tmp_path / "x.png") < 4 * 2**20
+    with open(tmp_path / "x.csv") as f:
+        assert [r["path"] for r in csv.DictReader(f)] == [r["path"] for r in rows]
+
+
+@pytest.mark.slow
+def test_errors_top_341_writes_pages_of_a_few_mb(app, tmp_path, capsys):
+    """issue 28: `errors --top 341 --out x.png` wrote one 18 MB PNG of 3800 x 4450 px."""
+    import os
+
+    from PIL import Image
+
+    from conftest import make_images
+
+    make_images(tmp_path / "d" / "train", per_class=4, px=200, seed=1)
+    make_images(tmp_path / "d" / "val", per_class=120, px=200, seed=2)
+    for line in (f"data {tmp_path / 'd'}", "load test_resnet"):
+        ok(app, capsys, line)
+    out = ok(app, capsys, f"errors --top 341 --out {tmp_path / 'x.png'}")
+    pages = [tmp_path / "x.png"] + [tmp_path / f"x-{k}.png" for k in range(2, 7)]
+    assert f"wrote {pages[0]} (1–64), {pages[1]} (65–128)" in out and f"{pages[5]} (321–341) and " in out
+    for page in pages:
+        with Image.open(page) as im:
+            assert im.size[0] <= 1316 and im.size[1] <= 1628
+        assert os.path.getsize(page) < 4 * 2**20  # noisy test images: photos make about 2 MB a page
+    assert not (tmp_path / "x-7.png").exists()

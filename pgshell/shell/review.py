@@ -55,7 +55,8 @@ class ReviewCommands(Commands):
     errors_parser = parser("The images with the highest loss (the model's worst mistakes, and its least sure right "
                            "answers): a table of path, true class, predicted class, its probability and the loss; "
                            "with --out a contact sheet PNG, each tile labelled true / predicted / probability (red "
-                           "when wrong), and the same rows in FILE.csv beside it.",
+                           "when wrong; 64 tiles a page: FILE.png, FILE-2.png, ...), and the same rows in FILE.csv "
+                           "beside it.",
                            "errors --top 16 --out mistakes.png")
     errors_parser.add_argument("--split", choices=("val", "test", "train"), default="val")
     errors_parser.add_argument("--top", type=int, default=16, metavar="N", help="how many images (default 16)")
@@ -75,7 +76,11 @@ class ReviewCommands(Commands):
           f"{res['n']} {res['split']} images" + (f" of class {res['class']}" if res["class"] else ""))
         if args.out:
             drawn = A.write_errors(res, args.out)
-            p(f"wrote {drawn['out']} and {drawn['csv']}")
+            pages = drawn["pages"]
+            if len(pages) > 1:  # a sheet of hundreds of tiles is pages of A.SHEET_TILES: say which holds which
+                n, per = len(res["rows"]), A.SHEET_TILES
+                pages = [f"{page} ({k * per + 1}–{min(n, (k + 1) * per)})" for k, page in enumerate(pages)]
+            p(f"wrote {', '.join(pages)} and {drawn['csv']}")
             res.update(drawn)
         else:
             rows = [[r["rank"], r["path"], r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.4f}"]
