@@ -254,3 +254,35 @@ def test_errors_top_341_writes_pages_of_a_few_mb(app, tmp_path, capsys):
             assert im.size[0] <= 1316 and im.size[1] <= 1628
         assert os.path.getsize(page) < 4 * 2**20  # noisy test images: photos make about 2 MB a page
     assert not (tmp_path / "x-7.png").exists()
+
+
+# ====================================================================== 3: the end of a run compares with the probe
+def test_the_end_of_a_run_says_when_a_recorded_probe_beat_the_fine_tune(tmp_path, split_folder):
+    from conftest import new_session, train_to_end
+    from pgshell.session.describe import best_line
+    from pgshell.session.review import _record_probe
+
+    said: list[str] = []
+    s = new_session(tmp_path / "sessions", split_folder, lr=0.0)  # lr 0: the fine-tune learns nothing
+    try:
+        s.notify = said.append
+        train_to_end(s, epochs=1)
+        best = s.best["value"]
+        assert best < 0.6 and "probe" not in best_line(s)  # no probe recorded: nothing to compare with
+        _record_probe(s, {"kind": "linear", "accuracy": best + 0.02, "model": "test_resnet", "val": 12, "step": 0})
+        assert "probe" not in best_line(s)  # 2 points on 12 images: no clear margin
+        _record_probe(s, {"kind": "linear", "accuracy": 1.0, "model": "other_model", "val": 12, "step": 0})
+        _record_probe(s, {"kind": "knn", "accuracy": 1.0, "model": "test_resnet", "val": 30, "step": 0})
+        assert "probe" not in best_line(s)  # another model's, or on other data: not comparable
+        _record_probe(s, {"kind": "knn", "accuracy": 0.75, "model": "test_resnet", "val": 12, "step": 0})
+        assert best_line(s) == best_line(s).split("\n")[0] + "\n" + (
+            f"note: the k-NN probe on this model's frozen features reached val accuracy 0.7500 (step 0), "
+            f"{100 * (0.75 - best):.1f} points above this fine-tune's {best:.4f}: training is undoing what the "
+            "pretrained features already separate — try the head alone first (`freeze`, `train`), a smaller "
+            "backbone lr (`set backbone_lr_scale 0.1`), a lower lr (`lrfind`), or milder augmentation "
+            "(`set crop_scale 0.5`)")
+        said.clear()
+        train_to_end(s, steps=1)  # the end-of-run lines say it
+        assert any(m.startswith("best epoch ") and "\nnote: the k-NN probe" in m for m in said), said
+    finally:
+        s.close(save=False)

@@ -34,8 +34,35 @@ def best_line(s) -> str:
     metric, last = best["metric"], (s.trainer.last if s.trainer is not None else {})
     line = f"best epoch {best['epoch']} by {metric}: {best['value']:.4f} (checkpoint {s.root / best['path']})"
     if last.get("val_epoch") is None or last["val_epoch"] == best["epoch"]:
-        return line + ", also the last epoch validated"
-    return line + f"; last epoch {last['val_epoch']}: {metric} {last[metric]:.4f}"
+        line += ", also the last epoch validated"
+    else:
+        line += f"; last epoch {last['val_epoch']}: {metric} {last[metric]:.4f}"
+    accuracy = best["value"] if metric == "val_accuracy" else last.get("val_accuracy")
+    note = probe_note(s, accuracy) if accuracy is not None else ""
+    return line + (f"\n{note}" if note else "")
+
+
+def probe_note(s, accuracy: float) -> str:
+    """When a recorded probe (`probe knn|linear`) of this model on this data beat the fine-tune's val accuracy by a
+    clear margin (3 points, and 2 images): say so, and what to try. A probe that a fine-tune cannot reach means the
+    training is hurting what the pretrained features already separate (issue 28: a probe at 86%, the fine-tune 74%)."""
+    from .review import probe_results
+
+    val = len(s.splits.val) if s.splits is not None else 0
+    probes = [r for r in probe_results(s).values()
+              if r.get("model") == (s.spec.name if s.spec else None) and r.get("val") == val
+              and isinstance(r.get("accuracy"), (int, float))]
+    if not probes or not val:
+        return ""
+    top = max(probes, key=lambda r: r["accuracy"])
+    if top["accuracy"] - accuracy < max(0.03, 2 / val):
+        return ""
+    name = "k-NN" if top["kind"] == "knn" else "linear"
+    return (f"note: the {name} probe on this model's frozen features reached val accuracy {top['accuracy']:.4f} "
+            f"(step {top.get('step', 0)}), {100 * (top['accuracy'] - accuracy):.1f} points above this fine-tune's "
+            f"{accuracy:.4f}: training is undoing what the pretrained features already separate — try the head "
+            "alone first (`freeze`, `train`), a smaller backbone lr (`set backbone_lr_scale 0.1`), a lower lr "
+            "(`lrfind`), or milder augmentation (`set crop_scale 0.5`)")
 
 
 def evaluated_line(s, report: dict) -> str:
