@@ -286,3 +286,77 @@ def test_the_end_of_a_run_says_when_a_recorded_probe_beat_the_fine_tune(tmp_path
         assert any(m.startswith("best epoch ") and "\nnote: the k-NN probe" in m for m in said), said
     finally:
         s.close(save=False)
+
+
+# ====================================================================== 6: tables keep what differs, --wide
+@pytest.fixture
+def three_sessions(tmp_path, capsys):
+    """a: test_resnet from its seed, lr 0.0016051911333587634; b: the same from a weights file; c: other data."""
+    import torch
+    import timm
+
+    from conftest import make_images, make_split
+
+    split = make_split(tmp_path / "tv")
+    other = make_images(tmp_path / "other", classes=("x", "y"), per_class=6)
+    weights = tmp_path / "w.pth"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), weights)
+    root = tmp_path / "sessions"
+    for name, lines in (("a", [f"data {split} --size 32", "load test_resnet", "set lr 0.0016051911333587634"]),
+                        ("b", [f"data {split} --size 32", f"load test_resnet --weights {weights}",
+                               "set lr 0.0016"]),
+                        ("c", [f"data {other} --size 32", "load test_resnet"])):
+        app = new_app(root)
+        for line in [*lines, f"save {name}"]:
+            ok(app, capsys, line)
+        app.session.close(save=True)
+    return root
+
+
+def test_compare_keeps_the_column_that_differs_ranks_each_dataset_and_prints_floats_compactly(
+        three_sessions, monkeypatch, capsys):
+    from pgshell.shell._table import text_width
+
+    app = new_app(three_sessions)
+    try:
+        monkeypatch.setenv("COLUMNS", "64")
+        out = ok(app, capsys, "compare")
+        tv, other = out.split("data other @32px: ")
+        assert tv.startswith("data tv @32px: 2 sessions, best first\n") and other.startswith("1 session, best first")
+        assert " ".join(out.split()).endswith("(2 datasets: each ranked on its own — accuracies on different data do "
+                                              "not compare)")
+        header = tv.splitlines()[1]
+        assert "pretrained" in header and "data" not in header  # it tells a from b; the data is the same
+        assert " no " in tv and " file " in tv
+        assert "lr=0.0016\n" in tv + "\n" or "lr=0.0016 " in tv  # b's
+        assert "lr=0.00161" in tv and "0.0016051911333587634" not in out
+        assert text_width(out) <= 64
+        wide = ok(app, capsys, "compare --wide")
+        assert "final loss" in wide and "disk" in wide and text_width(wide) > 64
+        sessions = ok(app, capsys, "sessions --wide")
+        assert "last used" in sessions.splitlines()[0] and "model" in sessions.splitlines()[0]
+    finally:
+        app.session.close(save=False)
+
+
+def test_compact_values_keep_different_values_different():
+    from pgshell.shell.review import compact_values
+
+    assert compact_values([0.0016051911333587634, 0.001, 8, "sgd"]) == ["0.00161", "0.001", "8", "sgd"]
+    assert compact_values([0.00161, 0.0016149]) == ["0.00161", "0.001615"]  # 3 digits would read the same
+
+
+def test_history_fits_the_terminal_wrapping_between_words_and_takes_wide(app, split_folder, monkeypatch, capsys):
+    from pgshell.shell._table import text_width
+
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set lr 0.0016051911333587634",
+                 "set auto_augment rand-m9-mstd0.5-inc1", "freeze layer1 layer2 layer3"):
+        ok(app, capsys, line)
+    monkeypatch.setenv("COLUMNS", "60")
+    out = ok(app, capsys, "history")
+    assert text_width(out) <= 60
+    words = set(out.split())
+    for token in ("0.0016051911333587634", "rand-m9-mstd0.5-inc1", "layer1", "layer2", "layer3", "--split"):
+        assert token in words, (token, out)  # whole, never cut at the edge of the terminal
+    wide = ok(app, capsys, "history --wide")
+    assert f"data {split_folder} --split 0.2 --size 32" in wide  # one line, however long

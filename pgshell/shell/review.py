@@ -7,6 +7,7 @@ is printed as one block of `name: value` lines per row — a rule line is never 
 
 from __future__ import annotations
 
+import textwrap
 
 import cmd2
 from cmd2 import with_argparser
@@ -138,26 +139,17 @@ class ReviewCommands(Commands):
     compare_parser = parser("Sessions side by side, best validation accuracy first: model, pretrained or not, "
                             "data, the settings that differ between them, epochs, best and final validation "
                             "accuracy and loss (@ their epoch), the probes, training time (batches only) and disk. "
-                            "Default: every session under the sessions folder.",
-                            "compare sessions/a.session sessions/b.session --out runs.csv")
+                            "Sessions of different data are ranked in tables of their own. Default: every session "
+                            "under the sessions folder.",
+                            "compare sessions/a.session sessions/b.session --out runs.csv", wide=True)
     add_sessions(compare_parser, "every session", "CSV")
 
     @with_argparser(compare_parser)
     def do_compare(self, args):
         """Compare sessions."""
         res = A.compare(self.session, args.sessions)
-        headers = ["session", "model", "pretrained", "data", "settings", "epochs", "best acc", "final acc",
-                   "best loss", "final loss", "knn", "linear", "time", "disk"]
-        rows = [[r["session"], r["model"], r["pretrained"], r["data"],
-                 "\n".join(f"{k}={r['config'].get(k)}" for k in res["differing"]), r["epoch"] or "",
-                 _at(r.get("best_accuracy"), r.get("best_accuracy_epoch")),
-                 _at(r.get("final_accuracy"), r.get("final_epoch")),
-                 _at(r.get("best_loss"), r.get("best_loss_epoch")), _at(r.get("final_loss"), r.get("final_epoch")),
-                 _f(r["probe"].get("knn", {}).get("accuracy")), _f(r["probe"].get("linear", {}).get("accuracy")),
-                 _fmt_secs(r["seconds"]), _size(r["bytes"])] for r in res["rows"]]
         p = self._cmd.poutput
-        p(_fit(self._cmd, headers, rows, ["final loss", "best loss", "pretrained", "data", "time", "disk",
-                                              "final acc", "linear", "knn", "model"]))
+        p(compare_tables(res, None if args.wide else self._cmd.table_width()))
         for note in res["skipped"]:
             p(f"skipped: {note}")
         if args.out:
@@ -167,7 +159,8 @@ class ReviewCommands(Commands):
     # ------------------------------------------------------------------ sessions
     sessions_parser = parser("The saved sessions, last used first: name (* the open one), model, position, best "
                              "validation, size on disk, last used. `sessions rm NAME` deletes a session's file and "
-                             "folder (it asks first; in a plan it needs --yes).", "sessions rm old-run --yes")
+                             "folder (it asks first; in a plan it needs --yes).", "sessions rm old-run --yes",
+                             wide=True)
     sessions_parser.add_argument("action", nargs="?", choices=("rm",), help="rm: delete a session")
     sessions_parser.add_argument("name", nargs="?", help="rm: the session's NAME")
     sessions_parser.add_argument("--yes", action="store_true", help="rm: do not ask")
@@ -195,8 +188,8 @@ class ReviewCommands(Commands):
         rows = [[("* " if r["open"] else "") + r["session"], r["model"], _position(r), _best(r["best"]),
                  _size(r["bytes"]), r["last_used"].replace("T", " ")] for r in res["rows"]]
         if rows:
-            p(_fit(self._cmd, ["session", "model", "position", "best val", "size", "last used"], rows,
-                        ["last used", "model"]))
+            p(fit_table(rows, ["session", "model", "position", "best val", "size", "last used"],
+                        None if args.wide else self._cmd.table_width(), drop=["last used", "model"]))
             p(f"{len(rows)} sessions, {_size(res['bytes'])} in {s.root}")
         else:
             p(f"no sessions under {s.root}")
@@ -244,6 +237,50 @@ class ReviewCommands(Commands):
             p(f"{len(rows)} checkpoints, {_size(sum(r['bytes'] for r in rows))}; the session folder "
               f"{_size(A.folder_bytes(s.folder))}")
         self._cmd.last_result = rows
+
+
+COMPARE_HEADERS = ["session", "model", "pretrained", "data", "settings", "epochs", "best acc", "final acc",
+                   "best loss", "final loss", "knn", "linear", "time", "disk"]
+_DESCRIBING = ["pretrained", "data", "model"]  # left out when narrow only where every session has the same value
+_LOW_VALUE = ["final loss", "best loss", "time", "disk", "final acc", "linear", "knn"]  # left out in this order
+
+
+def compare_tables(res: dict, width: int | None) -> str:
+    """`compare`'s tables: one per dataset (accuracies on different data do not rank), best first. A narrow
+    terminal loses the describing columns whose value is the same in every row first, then the low-value figures;
+    a column that tells the sessions apart (pretrained or not, the model) is never left out."""
+    groups: dict[str, list[dict]] = {}
+    for r in res["rows"]:  # already best first
+        groups.setdefault(r["data"], []).append(r)
+    values = {k: compact_values([r["config"].get(k) for r in res["rows"]]) for k in res["differing"]}
+    index = {id(r): i for i, r in enumerate(res["rows"])}
+    out = []
+    for data, rows in groups.items():
+        table = [[r["session"], r["model"], r["pretrained"], r["data"],
+                  "\n".join(f"{k}={values[k][index[id(r)]]}" for k in res["differing"]), r["epoch"] or "",
+                  _at(r.get("best_accuracy"), r.get("best_accuracy_epoch")),
+                  _at(r.get("final_accuracy"), r.get("final_epoch")),
+                  _at(r.get("best_loss"), r.get("best_loss_epoch")), _at(r.get("final_loss"), r.get("final_epoch")),
+                  _f(r["probe"].get("knn", {}).get("accuracy")), _f(r["probe"].get("linear", {}).get("accuracy")),
+                  _fmt_secs(r["seconds"]), _size(r["bytes"])] for r in rows]
+        same = [h for h in _DESCRIBING if len({row[COMPARE_HEADERS.index(h)] for row in table}) == 1]
+        if len(groups) > 1:
+            out.append(f"data {data or '(none)'}: {len(rows)} session{'s' * (len(rows) != 1)}, best first")
+        out.append(fit_table(table, COMPARE_HEADERS, width, drop=same + _LOW_VALUE))
+    if len(groups) > 1:
+        out.append(f"({len(groups)} datasets: each ranked on its own — accuracies on different data do not compare)")
+    return "\n".join(line for text in out for line in (textwrap.wrap(text, width) if width and "\n" not in text
+                                                       and len(text) > width else [text]))
+
+
+def compact_values(values: list) -> list[str]:
+    """Values as short text: floats with 3 significant digits (lr=0.00161, not 0.0016051911333587634), more only
+    where two different values would otherwise read the same."""
+    floats = sorted({v for v in values if isinstance(v, float)})
+    digits = 3
+    while digits < 17 and len({f"{v:.{digits}g}" for v in floats}) < len(floats):
+        digits += 1
+    return [f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in values]
 
 
 def _position(r: dict) -> str:

@@ -123,19 +123,19 @@ class SessionCommands(Commands):
 
 history_parser = parser("The session's change log: every command that changed what training does (load, data, "
                         "freeze, unfreeze, set — also by `tune apply` and `lrfind apply` — and train targets), with "
-                        "the step at which it took effect. `plot` marks them; `export plan` replays them.", "history")
+                        "the step at which it took effect. `plot` marks them; `export plan` replays them.", "history",
+                        wide=True)
 
 
-def show_history(app, _args) -> None:
+def show_history(app, args) -> None:
     """`history` (cmd2's own, of typed lines, is replaced: PgShell.do_history calls this)."""
-    from tabulate import tabulate
-
     from ..session import replay as R
 
     rows = R.history(app.session)
     if not rows:
         app.poutput("no changes yet: `data PATH` and `load MODEL` start the log")
-    else:
-        app.poutput(tabulate([[e.get("n", ""), "" if e.get("pending") else e["step"], e["where"], e["cmd"],
-                               R.note(e)] for e in rows], headers=["#", "step", "where", "change", "note"]))
+    else:  # fitted to the terminal: long changes and notes wrap between words, not mid-token at the edge
+        app.ptable([[e.get("n", ""), "" if e.get("pending") else e["step"], e["where"], e["cmd"], R.note(e)]
+                    for e in rows], ["#", "step", "where", "change", "note"], wide=args.wide,
+                    wrap=["where", "change", "note"])
     app.last_result = rows
