@@ -360,3 +360,39 @@ def test_history_fits_the_terminal_wrapping_between_words_and_takes_wide(app, sp
         assert token in words, (token, out)  # whole, never cut at the edge of the terminal
     wide = ok(app, capsys, "history --wide")
     assert f"data {split_folder} --split 0.2 --size 32" in wide  # one line, however long
+
+
+# ====================================================================== 7: show what changed, one wording of a position
+def test_show_lists_the_settings_not_at_their_defaults_and_one_wording_of_the_position(app, split_folder, capsys):
+    from pgshell.engine.config import SETTINGS
+
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8", "set lr 0.01"):
+        ok(app, capsys, line)
+    done = ok(app, capsys, "train --steps 5")
+    assert "— at epoch 2, batch 1/4 (step 5)" in done
+    out = ok(app, capsys, "show")
+    info = app.last_result
+    rest = len(SETTINGS) - 2
+    assert info["settings"] == {"lr": 0.01, "batch_size": 8}
+    assert "momentum" not in out and f"\nlr          0.01\nbatch_size  8\n(the other {rest} at their defaults: `show " \
+        "--all` lists them)\n" in out
+    assert info["position"]["at"] == "epoch 2, batch 1/4 (step 5)" and "epoch" not in info["position"]
+    ok(app, capsys, "show --all")
+    assert list(app.last_result["settings"]) == list(SETTINGS) and app.last_result["settings"]["momentum"] == 0.9
+    ok(app, capsys, "save s")
+    listed = ok(app, capsys, "sessions")
+    assert "* s" in listed and "epoch 2, batch 1/4 (step 5)" in listed
+
+
+def test_where_without_the_batches_of_an_epoch():
+    from types import SimpleNamespace
+
+    from pgshell.session.describe import target_words, where
+
+    assert where(SimpleNamespace(epoch=3, batch=0, step=12), 4) == "epoch 3, batch 4/4 (step 12)"
+    assert where(SimpleNamespace(epoch=3, batch=0, step=12), None) == "epoch 3, last batch (step 12)"
+    assert where(SimpleNamespace(epoch=3, batch=2, step=14), None) == "epoch 4, batch 2 (step 14)"
+    assert target_words({"epoch": 6}) == "to the end of epoch 6"
+    assert target_words({"step": 120}) == "to step 120"
+    assert target_words({"epoch": 6, "unfreeze_at": 1, "backbone_lr_scale": 0.1}) == \
+        "to the end of epoch 6 (finetune: the backbone unfrozen after epoch 1, its lr x 0.1)"

@@ -747,7 +747,7 @@ class Session:
 
         return summary_line(self)
 
-    def describe(self) -> dict[str, dict]:
+    def describe(self, every: bool = False) -> dict[str, dict]:
         from .describe import describe
 
-        return describe(self)
+        return describe(self, every)

@@ -793,10 +793,20 @@ def session_summary(file: Path) -> dict:
             "data": (Path(str(data.get("path", ""))).name + (f" @{size}px" if size else "")) if data else "",
             "config": {**config, "frozen": _frozen(header)} if header else config,
             "epoch": _int(header.get("epoch")), "step": _int(header.get("step")), "batch": _int(header.get("batch")),
+            "batches": _batches_per_epoch(data, config),
             "best": doc.get("best"), **_val_summary(read_rows(folder / "metrics.csv")),
             "bytes": file.stat().st_size + (folder_bytes(folder) if folder.is_dir() else 0),
             "last_used": datetime.fromtimestamp(file.stat().st_mtime).isoformat(timespec="seconds"),
             "probe": _read_probe(folder)}
+
+
+def _batches_per_epoch(data, config: dict) -> int | None:
+    """Batches in an epoch of the recorded data at the recorded batch size (for `where`'s `batch 18/26`)."""
+    counts = data.get("counts") if isinstance(data, dict) else None
+    train = counts.get("train") if isinstance(counts, dict) else None
+    if not isinstance(train, int) or train < 1:
+        return None
+    return -(-train // max(1, int(config.get("batch_size") or 1)))
 
 
 def _summaries(files: list[Path]) -> tuple[list[dict], list[str]]:

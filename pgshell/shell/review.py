@@ -284,9 +284,14 @@ def compact_values(values: list) -> list[str]:
 
 
 def _position(r: dict) -> str:
+    """`where`'s words, as `show`, the pause line and the reopen line say it: `epoch 4, batch 18/26 (step 96)`."""
+    from types import SimpleNamespace
+
+    from ..session.describe import where
+
     if r["step"] is None:
         return ""
-    return f"epoch {r['epoch']}" + (f" + {r['batch']} batches" if r["batch"] else "") + f", step {r['step']}"
+    return where(SimpleNamespace(epoch=r["epoch"] or 0, batch=r["batch"] or 0, step=r["step"]), r.get("batches"))
 
 
 def _best(best) -> str:

@@ -13,21 +13,29 @@ from ._common import Commands, parser
 class SessionCommands(Commands):
     DEFAULT_CATEGORY = "Session"
 
-    @with_argparser(parser("Everything about this session as tables: model, data, settings, position, metrics, "
-                           "checkpoint and session file.", "show", wide=True))
+    show_parser = parser("Everything about this session as tables: model, data, the settings not at their defaults "
+                         "(--all: every setting), position, metrics, checkpoint and session file.", "show", wide=True)
+    show_parser.add_argument("--all", action="store_true", help="every setting, those at their defaults too")
+
+    @with_argparser(show_parser)
     def do_show(self, args):
         """Show the session's state."""
         from ..session import review as A
+        from ..session.describe import defaults_note
 
-        info = self.session.describe()
+        info = self.session.describe(every=args.all)
         probes = A.probe_results(self.session)
         if probes:  # `probe knn` / `probe linear`: the baseline a fine-tune must beat
             info["probe"] = {k: f"val accuracy {r['accuracy']:.4f} at step {r['step']} ({r['time']})"
                              for k, r in probes.items()}
         for title, rows in info.items():
-            if rows:
+            note = defaults_note(rows) if title == "settings" and not args.all else ""
+            if rows or note:
                 self._cmd.poutput(f"\n{title}")
+            if rows:
                 self._cmd.ptable(list(rows.items()), None, wide=args.wide, tablefmt="plain", wrap=[1])
+            if note:
+                self._cmd.poutput(note)
         self._cmd.last_result = info
 
     save_parser = parser("Write the session file and a checkpoint of exactly now (mid-epoch too: it pauses, saves and "
