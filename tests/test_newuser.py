@@ -396,3 +396,87 @@ def test_where_without_the_batches_of_an_epoch():
     assert target_words({"step": 120}) == "to step 120"
     assert target_words({"epoch": 6, "unfreeze_at": 1, "backbone_lr_scale": 0.1}) == \
         "to the end of epoch 6 (finetune: the backbone unfrozen after epoch 1, its lr x 0.1)"
+
+
+# ====================================================================== 8: the small ones
+def test_wait_prints_progress_and_each_epoch_and_says_when_nothing_runs(app, split_folder, capsys, monkeypatch):
+    import pgshell.shell.app as shell_app
+
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"):
+        ok(app, capsys, line)
+    assert ok(app, capsys, "wait") == "nothing is running (idle)\n"
+    monkeypatch.setattr(shell_app, "PROGRESS_EVERY", 0.0)  # a progress line at every look
+    app.interactive = True  # `train` returns at once; the toolbar is not drawn while `wait` blocks
+    ok(app, capsys, "train 2")
+    out = ok(app, capsys, "wait")
+    lines = out.splitlines()
+    assert lines[0] == "waiting for the run to finish or pause (Ctrl-C pauses it)"
+    done = [ln for ln in lines if " done: train loss " in ln]
+    assert [ln.split(" done")[0] for ln in done] == ["epoch 1", "epoch 2"]
+    assert any(re.match(r"epoch [12]  (batch \d/4  loss \d|validation pass|starting)", ln) for ln in lines), lines
+    assert lines[-1].startswith("best epoch ")
+    app.interactive = False
+    ok(app, capsys, "train --steps 1")
+    assert ok(app, capsys, "wait") == "nothing is running (idle)\n"
+
+
+def test_quit_during_validation_keeps_the_epoch_line(app, split_folder, capsys):
+    import threading
+
+    from pgshell.engine.events import Handler
+
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"):
+        ok(app, capsys, line)
+    in_validation, go = threading.Event(), threading.Event()
+
+    class HoldValidation(Handler):  # the quit arrives while the epoch's validation pass runs
+        def before_validate(self, tr, ctx):
+            in_validation.set()
+            go.wait(60)
+
+    app.interactive = True
+    ok(app, capsys, "train 2")
+    app.session.trainer.add_handler(HoldValidation())
+    assert in_validation.wait(60)
+    quitting = threading.Thread(target=app.onecmd_plus_hooks, args=("quit",))
+    quitting.start()
+    assert app.session.worker.pause_event.wait(60)  # quit asked the run to pause: now let the validation end
+    go.set()
+    quitting.join(60)
+    out = app.stdout.getvalue()
+    assert "epoch 1 done: train loss " in out and "paused at epoch 1, batch 4/4 (step 4)" in out
+    assert out.index("epoch 1 done") < out.index("saved ")
+
+
+def test_a_phase_eta_counts_from_its_first_report(app, split_folder, capsys, monkeypatch):
+    import pgshell.engine.progress as progress
+    import pgshell.session.core as core
+
+    clock = [100.0]
+    monkeypatch.setattr(core.time, "perf_counter", lambda: clock[0])  # core and progress share the time module
+    assert progress.time is core.time
+    s = app.session
+    s._on_phase("caching features", 64, 640)  # the feature cache's first report is its first batch
+    assert s.status["eta"] is None and toolbar_line(s.status) == " training: caching features 64/640 (10%)"
+    clock[0] = 102.0
+    s._on_phase("caching features", 128, 640)  # 64 in 2 s, 512 to go
+    assert s.status["eta"] == pytest.approx(16.0) and toolbar_line(s.status).endswith("ETA 0m16s")
+    clock[0] = 103.0
+    s._on_phase("decoding images", 0, 100)  # another phase starts its own clock
+    clock[0] = 104.0
+    s._on_phase("decoding images", 50, 100)
+    assert s.status["eta"] == pytest.approx(1.0)
+
+
+def test_an_eval_only_plan_leaves_no_session(tmp_path, split_folder, monkeypatch):
+    from pgshell.shell.cli import run_plan
+
+    monkeypatch.chdir(tmp_path)
+    app = new_app(tmp_path / "sessions")
+    assert run_plan(app, [f"data {split_folder} --size 32", "load test_resnet", "eval"], "eval.plan") == 0
+    assert app.stdout.getvalue().endswith(
+        "nothing trained and no name given: no session kept (`save NAME` in the plan keeps one)\n")
+    assert list((tmp_path / "sessions").iterdir()) == []  # no file, no folder (it held a 14 MB checkpoint)
+    app = new_app(tmp_path / "sessions")
+    assert run_plan(app, [f"data {split_folder} --size 32", "load test_resnet", "save kept"], "kept.plan") == 0
+    assert (tmp_path / "sessions" / "kept.session").is_file()  # a named one is kept

@@ -711,6 +711,15 @@ class Session:
         return ((self.name is not None and not self.auto_named) or bool(pos and pos["step"])
                 or self.latest_checkpoint is not None or self.worker.job is not None)
 
+    _BOOKKEEPING = {".lock", "quarantine.txt", "data-files.json", "changes.jsonl", "manifests"}
+
+    def disposable(self) -> bool:
+        """Nothing here a later session could use: never trained, never named, and its folder holds only what
+        naming it wrote (an eval-only plan left a 14 MB session of the untrained weights)."""
+        folder = self.folder
+        return (not self.has_work() and self.auto_named and folder is not None and folder.is_dir()
+                and {p.name for p in folder.iterdir()} <= self._BOOKKEEPING)
+
     def discard(self) -> None:
         """Close without saving, leaving nothing behind if nothing was made: a plan that fails before training
         started removes the session it auto-named (a folder with a checkpoint, a trace or metrics stays)."""
@@ -718,7 +727,7 @@ class Session:
         self.close(save=False)
         if folder is None or not self.auto_named or not folder.is_dir() or not self._writes:  # DDP: rank 0's folder
             return
-        if {p.name for p in folder.iterdir()} <= {".lock", "quarantine.txt", "data-files.json"}:
+        if {p.name for p in folder.iterdir()} <= self._BOOKKEEPING:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)

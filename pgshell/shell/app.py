@@ -14,6 +14,7 @@ import queue
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from .tuning import TuningCommands
 # fails the command like any other (a plan stops there).
 cmd2.set_default_argument_parser(Parser)
 
+PROGRESS_EVERY = 10.0  # seconds between the progress lines `wait` prints
 MAX_LINE = 64 * 1024  # characters in one command line: cmd2's tokenizer is quadratic, a 5 MB line would hang it
 
 
@@ -100,6 +102,7 @@ class PgShell(cmd2.Cmd):
         self.failed = threading.Event()  # set by any error output; a plan stops at the first. Per app, not global
         self.plan_line: str | None = None  # "plan.txt:3: set lr fast" while a plan runs that line (cli.run_plan)
         self._pause_noted = False  # Ctrl-C while waiting says so once per run, however often it is pressed
+        self._hold_alerts = False  # True while a command blocks: alerts would only show at the next prompt
         session = session or Session(root=sessions_dir, notify=self._notify)
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
                          command_sets=[cls(session) for cls in (ModelCommands, DataCommands, TrainingCommands,
@@ -157,9 +160,9 @@ class PgShell(cmd2.Cmd):
     def _notify(self, msg: str) -> None:
         if msg.startswith("best epoch "):
             self._said_best = msg  # the end of a run said it: quit need not say it again
-        if self.interactive:
+        if self.interactive and not self._hold_alerts:
             self.add_alert(msg=msg)
-        else:
+        else:  # a script, or a command that blocks (`wait`, `quit`): printed by flush_messages as they come
             self._messages.put(msg)
 
     def flush_messages(self, skip: str = "") -> None:
@@ -171,11 +174,20 @@ class PgShell(cmd2.Cmd):
             if msg != skip:
                 self.poutput(msg)
 
-    def wait_for_run(self) -> None:
-        """Block until the run ends or pauses, printing its messages as they come (Ctrl-C pauses)."""
+    def wait_for_run(self, progress: bool = False) -> None:
+        """Block until the run ends or pauses, printing its messages as they come (Ctrl-C pauses); `progress`: the
+        toolbar's line too, every PROGRESS_EVERY seconds when it changed (`wait`: the toolbar is not drawn while a
+        command runs, so the screen stood still for minutes)."""
         s = self.session
+        shown, due = "", time.monotonic() + (PROGRESS_EVERY if progress else float("inf"))
         while not s.wait(timeout=0.2):
             self.flush_messages()
+            if time.monotonic() >= due:
+                line = toolbar_line(dict(s.status)).strip()
+                if line != shown:
+                    self.poutput(line)
+                    shown = line
+                due = time.monotonic() + PROGRESS_EVERY
         err = s.status.get("error")
         self.flush_messages(skip=f"error: {err}" if err else "")  # the error line is printed once: raised below
         if err:
@@ -305,7 +317,14 @@ class PgShell(cmd2.Cmd):
         return True
 
     def close_session(self, what: str = "") -> Path | None:
-        """Pause and save if anything is unsaved, end the worker, and say what was saved (`what`: which state)."""
+        """Pause and save if anything is unsaved, end the worker, and say what was saved (`what`: which state).
+        A plan that trained nothing and named nothing (`eval`, `predict` on a loaded model) leaves nothing."""
+        self._hold_alerts = True  # the lines of a run paused now (its epoch's end) are printed here, not lost
+        if not self.interactive and not what and self.session.disposable():
+            self.session.discard()
+            self.flush_messages()
+            self.poutput("nothing trained and no name given: no session kept (`save NAME` in the plan keeps one)")
+            return None
         try:
             saved = self.session.close(save=True)
         except PgError as e:  # e.g. a full disk: say so in one line, and quit all the same
