@@ -480,3 +480,38 @@ def test_an_eval_only_plan_leaves_no_session(tmp_path, split_folder, monkeypatch
     app = new_app(tmp_path / "sessions")
     assert run_plan(app, [f"data {split_folder} --size 32", "load test_resnet", "save kept"], "kept.plan") == 0
     assert (tmp_path / "sessions" / "kept.session").is_file()  # a named one is kept
+
+
+def test_label_smoothing_is_named_beside_the_losses_it_changes(app, split_folder, capsys):
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8", "set label_smoothing 0.1"):
+        ok(app, capsys, line)
+    out = ok(app, capsys, "train 1")
+    assert re.search(r"epoch 1 done: train loss [\d.]+ acc [\d.]+ \| val loss [\d.]+ acc [\d.]+ \(losses with label "
+                     r"smoothing 0\.1\) \| checkpoint epoch-0001\.safetensors", out), out
+    assert "(the loss includes label smoothing 0.1, as training's does)" in ok(app, capsys, "eval")
+    ok(app, capsys, "set label_smoothing 0")
+    assert "label smoothing" not in ok(app, capsys, "eval")
+
+
+def test_export_timm_is_readable_by_others_and_claims_no_timm_weights(tmp_path):
+    import json
+    import os
+    import stat
+
+    import timm
+
+    from pgshell.engine.export import check_timm, export_timm
+
+    model = timm.create_model("test_resnet", num_classes=3)
+    pre = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",
+           "crop_pct": 1.0, "crop_mode": "center"}
+    mask = os.umask(0o022)
+    try:
+        export_timm(model, tmp_path / "out", ["a", "b", "c"], pre)
+    finally:
+        os.umask(mask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}  # safetensors alone writes 0600
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())["pretrained_cfg"]
+    assert "tag" not in cfg and "hf_hub_id" not in cfg and cfg["input_size"] == [3, 32, 32]
+    assert check_timm(model, tmp_path / "out", pre) == 0.0  # timm rebuilds it the same without them

@@ -180,12 +180,13 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
         source = {"checkpoint": str(path), "model": path.name, "epoch": pos["epoch"], "step": pos["step"],
                   "batch": pos["batch"]}
     classes = list(s.splits.classes)
-    used = tta or (s.config.tta if checkpoint is None else TrainConfig.from_dict(state["config"]).tta)
+    cfg = s.config if checkpoint is None else TrainConfig.from_dict(state["config"])  # the settings evaluated with
+    used = tta or cfg.tta
     reports = []
     for r in results:
         report = classification_report(r.pop("logits"), r.pop("labels"), classes)
         report.update(split=r["split"], loss=r["loss"], accuracy=r["accuracy"], n=r["n"], classes=classes, tta=used,
-                      bad=len(r["bad"]), **source)
+                      bad=len(r["bad"]), label_smoothing=cfg.label_smoothing, **source)
         reports.append(report)
     return reports
 
