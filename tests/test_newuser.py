@@ -400,20 +400,39 @@ def test_where_without_the_batches_of_an_epoch():
 
 # ====================================================================== 8: the small ones
 def test_wait_prints_progress_and_each_epoch_and_says_when_nothing_runs(app, split_folder, capsys, monkeypatch):
+    import threading
+
     import pgshell.shell.app as shell_app
+    from pgshell.engine.events import Handler
 
     for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"):
         ok(app, capsys, line)
     assert ok(app, capsys, "wait") == "nothing is running (idle)\n"
-    monkeypatch.setattr(shell_app, "PROGRESS_EVERY", 0.0)  # a progress line at every look
+    printed = threading.Event()
+    plain = app.poutput
+
+    def poutput(msg="", *args, **kw):  # the line `wait` prints first, where the run is, lets the run go on
+        plain(msg, *args, **kw)
+        if msg == "epoch 1  validation pass":
+            printed.set()
+
+    class HoldValidation(Handler):  # epoch 1's validation pass lasts until `wait` has said so
+        def before_validate(self, tr, ctx):
+            if tr.pos.epoch == 0:
+                printed.wait(60)
+
+    monkeypatch.setattr(app, "poutput", poutput)
+    monkeypatch.setattr(shell_app, "PROGRESS_EVERY", 0.0)  # a line at every look (5 a second) when it changed
     app.interactive = True  # `train` returns at once; the toolbar is not drawn while `wait` blocks
+    app.session.ensure_trainer().add_handler(HoldValidation())  # before the run starts: it cannot miss epoch 1
     ok(app, capsys, "train 2")
     out = ok(app, capsys, "wait")
     lines = out.splitlines()
     assert lines[0] == "waiting for the run to finish or pause (Ctrl-C pauses it)"
+    assert lines[1] in ("training: starting…", "epoch 1  starting…") or lines[1].startswith("epoch 1  batch ")
+    assert lines.index("epoch 1  validation pass") < next(i for i, ln in enumerate(lines) if "epoch 1 done" in ln)
     done = [ln for ln in lines if " done: train loss " in ln]
-    assert [ln.split(" done")[0] for ln in done] == ["epoch 1", "epoch 2"]
-    assert any(re.match(r"epoch [12]  (batch \d/4  loss \d|validation pass|starting)", ln) for ln in lines), lines
+    assert [ln.split(" done")[0] for ln in done] == ["epoch 1", "epoch 2"]  # each as it came, not at the next prompt
     assert lines[-1].startswith("best epoch ")
     app.interactive = False
     ok(app, capsys, "train --steps 1")
@@ -435,8 +454,8 @@ def test_quit_during_validation_keeps_the_epoch_line(app, split_folder, capsys):
             go.wait(60)
 
     app.interactive = True
+    app.session.ensure_trainer().add_handler(HoldValidation())  # before the run starts: it cannot miss epoch 1
     ok(app, capsys, "train 2")
-    app.session.trainer.add_handler(HoldValidation())
     assert in_validation.wait(60)
     quitting = threading.Thread(target=app.onecmd_plus_hooks, args=("quit",))
     quitting.start()

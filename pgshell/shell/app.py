@@ -179,15 +179,17 @@ class PgShell(cmd2.Cmd):
         toolbar's line too, every PROGRESS_EVERY seconds when it changed (`wait`: the toolbar is not drawn while a
         command runs, so the screen stood still for minutes)."""
         s = self.session
-        shown, due = "", time.monotonic() + (PROGRESS_EVERY if progress else float("inf"))
-        while not s.wait(timeout=0.2):
-            self.flush_messages()
+        shown, due = "", time.monotonic() if progress else float("inf")  # where the run is, at once
+        while True:
             if time.monotonic() >= due:
                 line = toolbar_line(dict(s.status)).strip()
                 if line != shown:
                     self.poutput(line)
                     shown = line
                 due = time.monotonic() + PROGRESS_EVERY
+            if s.wait(timeout=0.2):
+                break
+            self.flush_messages()
         err = s.status.get("error")
         self.flush_messages(skip=f"error: {err}" if err else "")  # the error line is printed once: raised below
         if err:
