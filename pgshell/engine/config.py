@@ -37,6 +37,8 @@ class TrainConfig:
     gamma: float = _setting(0.1, "StepLR: multiply the lr by gamma", minimum=0.0)
     warmup_epochs: float = _setting(0.0, "cosine: linear warm-up length in epochs", minimum=0.0)
     epochs: int = _setting(25, "planned run length: cosine/onecycle span it, `train` with no N trains up to it", minimum=1)
+    schedule_start: int = _setting(0, "the epoch the lr schedule counts from: a new phase restarts it there "
+                                      "(`train --restart` sets it to now)", minimum=0)
     # --- loss ---
     criterion: str = _setting("cross_entropy", "cross_entropy | l1 | mse (l1/mse on one-hot targets)",
                               choices=("cross_entropy", "l1", "mse"))

@@ -173,13 +173,42 @@ def export_timm(module: torch.nn.Module, folder: str | os.PathLike, classes: lis
         module = module.cpu().to(memory_format=torch.contiguous_format).eval()
         save_for_hf(module, str(tmp), model_config={"label_names": list(classes)},
                     safe_serialization=True, data_config=data_config)
+        _drop_weight_source(tmp / "config.json")
         folder.mkdir(exist_ok=True)
+        mode = _file_mode()
         for name in _TIMM_FILES:
+            os.chmod(tmp / name, mode)  # safetensors writes 0600: a folder meant for the Hub and others to read
             os.replace(tmp / name, folder / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"format": "timm", "folder": str(folder), "files": list(_TIMM_FILES), "architecture": arch,
             "num_classes": int(module.num_classes), "classes": list(classes), "preprocessing": preproc}
+
+
+# pretrained_cfg keys that name timm's published weights (which tag, where from): these weights are not those
+_WEIGHT_SOURCE = ("tag", "hf_hub_id", "hf_hub_filename", "url", "file", "source")
+
+
+def _drop_weight_source(config: Path) -> None:
+    """config.json without the keys of the weights the model was built from (`"tag": "ra_in1k"` claimed timm's
+    ImageNet weights for fine-tuned, or randomly initialised, ones); timm rebuilds it the same without them."""
+    doc = json.loads(config.read_text())
+    for key in _WEIGHT_SOURCE:
+        doc.get("pretrained_cfg", {}).pop(key, None)
+    config.write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _file_mode() -> int:
+    """The mode a new file gets here (0644 under the usual umask 022)."""
+    try:  # Linux says the umask without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def check_timm(module: torch.nn.Module, folder: str | os.PathLike, preproc: dict) -> float:

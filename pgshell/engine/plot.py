@@ -230,31 +230,50 @@ def _save(fig, out: str | os.PathLike) -> Path:
     return out
 
 
+def _save_rgb(fig, out: str | os.PathLike) -> Path:
+    """A PNG without the alpha channel Agg draws (a quarter of a sheet of photos: nothing in it is transparent)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB").save(out, "PNG")
+    return out
+
+
 def contact_sheet_png(images: list, labels: list[str], out: str | os.PathLike, title: str = "",
                       wrong: list[bool] | None = None, cols: int = 0, tile: float = 2.0) -> tuple[Path, list]:
-    """Images (H x W x 3 uint8 arrays) in a grid, row by row, each titled with its label (red when `wrong`).
+    """Images (H x W x 3 uint8 arrays) in a grid, row by row, each titled with its label (red when `wrong`); each
+    tile `tile` inches (100 px an inch) square, its two-line label above it.
 
     Returns the PNG and each tile's box in its pixels, (left, top, right, bottom), in the order given: what the
-    tests read the tiles back by."""
+    tests read the tiles back by. The cells are placed by hand: constrained layout took seconds a page."""
     n = len(images)
     cols = cols or min(n, max(1, math.ceil(math.sqrt(n))))
     rows = max(1, math.ceil(n / cols))
-    dpi = 100
-    fig = _figure(figsize=(tile * cols, (tile + 0.45) * rows + (0.4 if title else 0)), dpi=dpi, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for i, ax in enumerate(axes):
+    dpi, label, head, pad = 100, 0.38, (0.4 if title else 0.05), 0.04  # inches: a label, the title, the gaps
+    width, height = (tile + pad) * cols + pad, (tile + label) * rows + head + pad
+    fig = _figure(figsize=(width, height), dpi=dpi)
+    axes = []
+    for i in range(n):
+        r, c = divmod(i, cols)
+        left, top = pad + c * (tile + pad), head + r * (tile + label) + label
+        ax = fig.add_axes((left / width, 1 - (top + tile) / height, tile / width, tile / height))
         ax.set_axis_off()
-        if i < n:
-            ax.imshow(images[i], interpolation="nearest" if max(images[i].shape[:2]) < 64 else "antialiased")
-            ax.set_title(labels[i], fontsize=8, color="firebrick" if wrong and wrong[i] else "black")
+        ax.set_anchor("N")  # a wide image sits right under its label, not in the middle of its cell
+        ax.imshow(images[i], interpolation="nearest" if max(images[i].shape[:2]) < 64 else "antialiased")
+        ax.set_title(labels[i], fontsize=8, color="firebrick" if wrong and wrong[i] else "black", pad=2)
+        axes.append(ax)
     if title:
-        fig.suptitle(title, fontsize="medium")
-    out = _save(fig, out)
-    width, height = fig.canvas.get_width_height()  # the figure as saved (Agg drew it just now)
+        fig.suptitle(title, fontsize="medium", y=1 - 0.08 / height, va="top")
+    out = _save_rgb(fig, out)
+    px_h = fig.canvas.get_width_height()[1]  # the figure as saved (Agg drew it just now)
     boxes = []
-    for ax in axes[:n]:
+    for ax in axes:
         b = ax.get_window_extent()  # the image's area in display pixels, origin bottom-left
-        boxes.append((round(b.x0), round(height - b.y1), round(b.x1), round(height - b.y0)))
+        boxes.append((round(b.x0), round(px_h - b.y1), round(b.x1), round(px_h - b.y0)))
     return out, boxes
 
 

@@ -43,8 +43,10 @@ class Progress(Handler):
                      **self.tags()})
 
 
-def phase_status(job: str, name: str, done: int, total: int, started: float) -> dict:
-    """The status of a long step outside the batches (a feature-cache build, an input-cache decode)."""
+def phase_status(job: str, name: str, done: int, total: int, started: float,
+                 done_then: int = 0) -> dict:
+    """The status of a long step outside the batches (a feature-cache build, an input-cache decode), `done_then`
+    of it done at `started`; the ETA is None until some of it has been timed."""
     elapsed = time.perf_counter() - started
-    eta = elapsed * (total - done) / done if done else 0.0
+    eta = elapsed * (total - done) / (done - done_then) if done > done_then else None
     return {"state": "training", "job": job, "phase": name, "done": done, "total": total, "eta": eta}

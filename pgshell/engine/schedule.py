@@ -12,7 +12,9 @@ What each one equals (tests/test_schedule.py checks every step against torch):
 - onecycle: `OneCycleLR(max_lr=lr, total_steps=T, pct_start=0.3, div_factor=25, final_div_factor=1e4,
             anneal_strategy="cos", three_phase=False)` for the lr (momentum is not cycled).
 Past the span (a run longer than `epochs`), where torch's OneCycleLR raises and CosineAnnealingLR climbs back up,
-cosine holds 0 and onecycle its final lr; `schedule_notice` says so before such a run starts.
+cosine holds 0 and onecycle its final lr; `schedule_notice` says so before such a run starts. A new phase (a
+`train` after `unfreeze`) runs on the same schedule unless `train --restart` moves its start (`schedule_start`)
+to now; `phase_notice` says so before such a run starts.
 
 Pure arithmetic: importing this module does not import torch.
 """
@@ -30,20 +32,28 @@ SPANNING = {"cosine": "cosine", "onecycle": "one-cycle"}  # schedules whose shap
 
 
 def total_steps(cfg: TrainConfig, steps_per_epoch: int) -> int:
-    """The optimizer steps a cosine or one-cycle schedule spans: `epochs` at today's batches per epoch."""
+    """The optimizer step at which a cosine or one-cycle schedule ends: `epochs` at today's batches per epoch."""
     return max(1, cfg.epochs * max(1, steps_per_epoch))
 
 
 def lr_factor(cfg: TrainConfig, steps_per_epoch: int) -> tuple[Callable[[int], float], str]:
-    """The schedule as a closed-form factor of a counter, and what the counter counts ("epoch" or "step")."""
-    total = total_steps(cfg, steps_per_epoch)
+    """The schedule as a closed-form factor of a counter, and what the counter counts ("epoch" or "step").
+
+    The schedule counts from epoch `schedule_start` (0, or where `train --restart` began a new phase): StepLR
+    decays every `step_size` epochs after it, cosine and one-cycle span from it to epoch `epochs`. Before it (an
+    older checkpoint's position) the factor is the schedule's first."""
+    start = cfg.schedule_start
     if cfg.scheduler == "step":
-        return (lambda e: cfg.gamma ** (e // cfg.step_size)), "epoch"
+        return (lambda e: cfg.gamma ** (max(0, e - start) // cfg.step_size)), "epoch"
+    if cfg.scheduler not in SPANNING:
+        return (lambda _: 1.0), "epoch"
+    begin = start * max(1, steps_per_epoch)
+    span = max(1, total_steps(cfg, steps_per_epoch) - begin)
     if cfg.scheduler == "cosine":
-        return cosine_factor(total, int(cfg.warmup_epochs * steps_per_epoch)), "step"
-    if cfg.scheduler == "onecycle":
-        return onecycle_factor(total), "step"
-    return (lambda _: 1.0), "epoch"
+        f = cosine_factor(span, int(cfg.warmup_epochs * steps_per_epoch))
+    else:
+        f = onecycle_factor(span)
+    return (f if not begin else lambda s: f(max(0, s - begin))), "step"
 
 
 def cosine_factor(total: int, warm: int) -> Callable[[int], float]:
@@ -94,15 +104,37 @@ def schedule_notice(cfg: TrainConfig, steps_per_epoch: int, start_step: int, end
     spe, total = max(1, steps_per_epoch), total_steps(cfg, steps_per_epoch)
     f, _ = lr_factor(cfg, spe)
     end_epoch = math.ceil(end_step / spe)
+    spans = (f"spans {cfg.epochs} epochs" if not cfg.schedule_start else
+             f"spans epochs {cfg.schedule_start + 1} to {cfg.epochs}")
     if end_step > total:
         past = f"{cfg.lr * f(total):.2g}"
         if start_step < total:
-            said = f"the {name} schedule spans {cfg.epochs} epochs: from epoch {cfg.epochs + 1} this run trains"
+            said = f"the {name} schedule {spans}: from epoch {cfg.epochs + 1} this run trains"
         else:
             said = f"the {name} schedule ended at epoch {cfg.epochs}: this run trains"
         said += f" at lr {past}"
         return f"{said} — `set epochs {end_epoch}` to stretch the schedule to the end of this run"
     if end_step < total and end_step % spe == 0:
-        return (f"the {name} schedule spans {cfg.epochs} epochs; this run stops at epoch {end_epoch} with lr "
+        return (f"the {name} schedule {spans}; this run stops at epoch {end_epoch} with lr "
                 f"{cfg.lr * f(end_step - 1):.2g} — `set epochs {end_epoch}` to end it there")
     return None
+
+
+def phase_notice(cfg: TrainConfig, steps_per_epoch: int, epoch: int, step: int, changes: list[str]) -> str | None:
+    """One line for a run that begins a new phase (`changes`: the freeze/unfreeze commands since the last run) at
+    completed epoch `epoch`, optimizer step `step`, while the schedule, counted from `schedule_start`, has brought
+    the lr to half its value or less: the new phase would start there, silently (the PyTorch tutorial's fine-tune
+    starts again at its lr). `train --restart` restarts the schedule at this epoch."""
+    if not changes or cfg.scheduler == "none" or epoch <= cfg.schedule_start:
+        return None
+    spe = max(1, steps_per_epoch)
+    f, unit = lr_factor(cfg, spe)
+    g, _ = lr_factor(cfg.replace(schedule_start=epoch), spe)
+    at = epoch if unit == "epoch" else step
+    now, fresh = cfg.lr * f(at), cfg.lr * g(epoch if unit == "epoch" else epoch * spe)
+    if not now <= 0.5 * fresh:
+        return None
+    name = "StepLR" if cfg.scheduler == "step" else SPANNING[cfg.scheduler]
+    since = f"epoch {cfg.schedule_start + 1}"
+    return (f"the {name} schedule runs on from {since} across `{'`, `'.join(changes)}`: this new phase starts at lr "
+            f"{now:.2g}, not {fresh:.2g} — `train --restart` restarts the schedule at epoch {epoch + 1}")

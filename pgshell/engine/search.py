@@ -249,7 +249,7 @@ def trial_trainer(init, spec, splits, cfg, params: dict[str, Any], size: int, lo
     cfg = cfg.replace(**settings, log_every=0)
     batches = max(1, math.ceil(len(splits.train) / cfg.batch_size))
     span = epochs or max(1, math.ceil((steps or 1) / optimizer_steps_per_epoch(batches, cfg.accumulate)))
-    cfg = cfg.replace(epochs=span)  # cosine/onecycle schedules span the trial
+    cfg = cfg.replace(epochs=span, schedule_start=0)  # cosine/onecycle schedules span the trial (from its 0)
     built = dataclasses.replace(init, module=copy.deepcopy(init.module))
     if "freeze" in params:
         M.freeze(built, ["none"])

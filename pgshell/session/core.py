@@ -361,7 +361,9 @@ class Session:
         return self._step_epoch_batch()[0] > self.changes.init_step()
 
     # ================================================================ training and jobs
-    def train(self, epochs: int | None = None, steps: int | None = None) -> str:
+    def train(self, epochs: int | None = None, steps: int | None = None, restart: bool = False) -> str:
+        """`restart`: a new phase — the lr schedule counts from here (`set schedule_start`, logged as made by
+        `train --restart`, so a replay restarts it at the same position)."""
         if self.running:
             raise PgError("training is already running: `pause`, `stop` or `wait` first")
         if epochs is not None and epochs < 1 or steps is not None and steps < 1:
@@ -370,6 +372,13 @@ class Session:
             # the trainer says so too, but only once the session is named and the run started
             raise PgError("nothing to train: every parameter is frozen — `unfreeze all` or `freeze backbone`")
         pos = self.ensure_trainer().pos
+        if restart:
+            if pos.batch:
+                raise PgError(f"`train --restart` starts the schedule at an epoch's start; this run is at epoch "
+                              f"{pos.epoch + 1}, batch {pos.batch}: `train 1` to end the epoch first")
+            with self.changes.via("train --restart"):
+                self.set("schedule_start", pos.epoch)
+            pos = self.ensure_trainer().pos  # the schedule rebuilt from the new start
         if epochs is None and steps is None:
             epochs = self.config.epochs - pos.epoch
             if epochs < 1:
@@ -379,7 +388,7 @@ class Session:
         self.changes.record("train", f"train --steps {steps}" if steps is not None else f"train {epochs}",
                             target=dict(self.target), device=str(self.trainer.runtime.device))
         self._start_training()
-        return self._describe_target() + self._schedule_notice()
+        return self._describe_target() + self._schedule_notice(new_run=True)
 
     def finetune(self, epochs: int, head_epochs: int = 1, backbone_lr_scale: float = 0.1) -> str:
         """fastai's fine_tune as ordinary steps: `freeze`, `train HEAD_EPOCHS`, then `unfreeze all`,
@@ -486,14 +495,27 @@ class Session:
         left = t["epoch"] - pos.epoch
         return f"training {left} epoch{'s' * (left != 1)} (epoch {pos.epoch + 1} to {t['epoch']})"
 
-    def _schedule_notice(self) -> str:
-        """A cosine or one-cycle schedule whose span is not where this run ends: say it as the run starts."""
-        from ..engine.schedule import schedule_notice
+    def _schedule_notice(self, new_run: bool = False) -> str:
+        """A cosine or one-cycle schedule whose span is not where this run ends, or (`new_run`) a new phase on a
+        schedule that has already decayed: say it as the run starts."""
+        from ..engine.schedule import phase_notice, schedule_notice
 
         tr, t = self.trainer, self.target
+        spe = tr.optimizer_steps_per_epoch
         end = t["step"] if "step" in t else tr.pos.step + tr.steps_to_epoch(t["epoch"])  # optimizer steps
-        note = schedule_notice(self.config, tr.optimizer_steps_per_epoch, tr.pos.step, end)
-        return f"\nnote: {note}" if note else ""
+        notes = [schedule_notice(self.config, spe, tr.pos.step, end),
+                 new_run and phase_notice(self.config, spe, tr.pos.epoch, tr.pos.step, self._phase_changes())]
+        return "".join(f"\nnote: {note}" for note in notes if note)
+
+    def _phase_changes(self) -> list[str]:
+        """The freeze/unfreeze commands since the run before this one: this one begins a new phase."""
+        found = []
+        for entry in reversed(self.changes.entries[:-1]):  # the last is this run's own `train`
+            if entry["kind"] == "train":
+                break
+            if entry["kind"] in ("freeze", "unfreeze"):
+                found.insert(0, entry["cmd"])
+        return found
 
     def ensure_trainer(self, named: bool = True):
         """The session's trainer, built on first use (model and data checked, a reopened checkpoint loaded), with
@@ -558,10 +580,14 @@ class Session:
     def _on_phase(self, name: str, done: int, total: int) -> None:
         from ..engine.progress import phase_status
 
-        if done == 0:
-            self._phase_started = time.perf_counter()  # a phase reports 0 first: its ETA counts from here
-        self.worker.status = phase_status(getattr(self.worker.job, "label", "train"), name, done, total,
-                                          getattr(self, "_phase_started", time.perf_counter()))
+        job = getattr(self.worker.job, "label", "train")
+        name0, done0, total0, started, done_then = getattr(self, "_phase", (None, 0, 0, 0.0, 0))
+        if done == 0 or name != name0 or done < done0 or total != total0:
+            # a new phase: its ETA counts from its first report (the feature cache's first is its first batch, not
+            # 0; timed from each report itself, its ETA said 0m00s all the way through)
+            started, done_then = time.perf_counter(), done
+        self._phase = (name, done, total, started, done_then)
+        self.worker.status = phase_status(job, name, done, total, started, done_then)
 
     def evaluate(self, split: str = "val") -> dict:
         tr = self.reading_trainer()
@@ -807,6 +833,15 @@ class Session:
         return ((self.name is not None and not self.auto_named) or bool(pos and pos["step"])
                 or self.latest_checkpoint is not None or self.worker.job is not None)
 
+    _BOOKKEEPING = {".lock", "quarantine.txt", "data-files.json", "changes.jsonl", "manifests"}
+
+    def disposable(self) -> bool:
+        """Nothing here a later session could use: never trained, never named, and its folder holds only what
+        naming it wrote (an eval-only plan left a 14 MB session of the untrained weights)."""
+        folder = self.folder
+        return (not self.has_work() and self.auto_named and folder is not None and folder.is_dir()
+                and {p.name for p in folder.iterdir()} <= self._BOOKKEEPING)
+
     def discard(self) -> None:
         """Close without saving, leaving nothing behind if nothing was made: a plan that fails before training
         started removes the session it auto-named (a folder with a checkpoint, a trace or metrics stays)."""
@@ -814,7 +849,7 @@ class Session:
         self.close(save=False)
         if folder is None or not self.auto_named or not folder.is_dir() or not self._writes:  # DDP: rank 0's folder
             return
-        if {p.name for p in folder.iterdir()} <= {".lock", "quarantine.txt", "data-files.json"}:
+        if {p.name for p in folder.iterdir()} <= self._BOOKKEEPING:
             import shutil
 
             shutil.rmtree(folder, ignore_errors=True)
@@ -843,7 +878,7 @@ class Session:
 
         return summary_line(self)
 
-    def describe(self) -> dict[str, dict]:
+    def describe(self, every: bool = False) -> dict[str, dict]:
         from .describe import describe
 
-        return describe(self)
+        return describe(self, every)

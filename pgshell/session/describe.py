@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 
-def where(pos, batches: int) -> str:
+def where(pos, batches: int | None) -> str:
     """The one wording of a position: `epoch 14, batch 4/8 (step 108)`. At an epoch's end it names that epoch's
-    last batch (`epoch 13, batch 8/8`), so the epoch is always the one the last batch belonged to."""
+    last batch (`epoch 13, batch 8/8`), so the epoch is always the one the last batch belonged to. `batches` None
+    (not known): `epoch 14, batch 4 (step 108)`, `epoch 13, last batch (step 104)`."""
     if pos.batch == 0 and pos.epoch:
-        return f"epoch {pos.epoch}, batch {batches}/{batches} (step {pos.step})"
-    return f"epoch {pos.epoch + 1}, batch {pos.batch}/{batches} (step {pos.step})"
+        return f"epoch {pos.epoch}, " + (f"batch {batches}/{batches}" if batches else "last batch") + \
+            f" (step {pos.step})"
+    return f"epoch {pos.epoch + 1}, batch {pos.batch}" + (f"/{batches}" if batches else "") + f" (step {pos.step})"
 
 
 def summary_line(s) -> str:
@@ -34,8 +36,35 @@ def best_line(s) -> str:
     metric, last = best["metric"], (s.trainer.last if s.trainer is not None else {})
     line = f"best epoch {best['epoch']} by {metric}: {best['value']:.4f} (checkpoint {s.root / best['path']})"
     if last.get("val_epoch") is None or last["val_epoch"] == best["epoch"]:
-        return line + ", also the last epoch validated"
-    return line + f"; last epoch {last['val_epoch']}: {metric} {last[metric]:.4f}"
+        line += ", also the last epoch validated"
+    else:
+        line += f"; last epoch {last['val_epoch']}: {metric} {last[metric]:.4f}"
+    accuracy = best["value"] if metric == "val_accuracy" else last.get("val_accuracy")
+    note = probe_note(s, accuracy) if accuracy is not None else ""
+    return line + (f"\n{note}" if note else "")
+
+
+def probe_note(s, accuracy: float) -> str:
+    """When a recorded probe (`probe knn|linear`) of this model on this data beat the fine-tune's val accuracy by a
+    clear margin (3 points, and 2 images): say so, and what to try. A probe that a fine-tune cannot reach means the
+    training is hurting what the pretrained features already separate (issue 28: a probe at 86%, the fine-tune 74%)."""
+    from .review import probe_results
+
+    val = len(s.splits.val) if s.splits is not None else 0
+    probes = [r for r in probe_results(s).values()
+              if r.get("model") == (s.spec.name if s.spec else None) and r.get("val") == val
+              and isinstance(r.get("accuracy"), (int, float))]
+    if not probes or not val:
+        return ""
+    top = max(probes, key=lambda r: r["accuracy"])
+    if top["accuracy"] - accuracy < max(0.03, 2 / val):
+        return ""
+    name = "k-NN" if top["kind"] == "knn" else "linear"
+    return (f"note: the {name} probe on this model's frozen features reached val accuracy {top['accuracy']:.4f} "
+            f"(step {top.get('step', 0)}), {100 * (top['accuracy'] - accuracy):.1f} points above this fine-tune's "
+            f"{accuracy:.4f}: training is undoing what the pretrained features already separate — try the head "
+            "alone first (`freeze`, `train`), a smaller backbone lr (`set backbone_lr_scale 0.1`), a lower lr "
+            "(`lrfind`), or milder augmentation (`set crop_scale 0.5`)")
 
 
 def evaluated_line(s, report: dict) -> str:
@@ -73,8 +102,9 @@ def _init_seed(s) -> str:
     return f"seed {seed}{now}"
 
 
-def describe(s) -> dict[str, dict]:
-    """Model, data, settings, position, last metrics and files, as the tables of `show`."""
+def describe(s, every: bool = False) -> dict[str, dict]:
+    """Model, data, settings, position, last metrics and files, as the tables of `show`. The settings are those not
+    at their defaults (50 lines of defaults hid the few that mattered), all of them with `every` (`show --all`)."""
     from ..engine import models as M
 
     out: dict[str, dict] = {}
@@ -90,7 +120,7 @@ def describe(s) -> dict[str, dict]:
                        "classes": ", ".join(s.splits.classes[:12]) + (" ..." if len(s.splits.classes) > 12 else ""),
                        "train": len(s.splits.train), "val": len(s.splits.val),
                        "test": len(s.splits.test or []), "size": s.data.get("size") or "model default"}
-    out["settings"] = s.config.to_dict()
+    out["settings"] = settings_shown(s.config, every)
     if s.built is not None:
         from ..engine.data import describe_policy
 
@@ -100,12 +130,12 @@ def describe(s) -> dict[str, dict]:
 
         out["lr groups"] = describe_groups(s.trainer.optimizer)
     pos: dict[str, Any] = {"state": s.status.get("state", "idle")}
-    if s.trainer is not None:
+    if s.trainer is not None:  # one wording of the position (`where`), as the pause line and `sessions` say it
         p = s.trainer.pos
-        pos.update(at=where(p, s.trainer.steps_per_epoch_now), epoch=p.epoch, batch=p.batch, step=p.step,
+        pos.update(at=where(p, s.trainer.steps_per_epoch_now), batch=p.batch, step=p.step,
                    batches_per_epoch=s.trainer.steps_per_epoch, device=s.trainer.runtime.describe())
     if s.target:
-        pos["target"] = ", ".join(f"{k} {v}" for k, v in s.target.items())
+        pos["target"] = target_words(s.target)
     out["position"] = pos
     if s.trainer is not None and s.trainer.last:
         last = dict(s.trainer.last)  # one step (the worker adds and drops keys): iterating it could fail
@@ -121,6 +151,34 @@ def describe(s) -> dict[str, dict]:
                          f"{s.best['metric']} {s.best['value']:.4f})")
     out["files"] = files
     return out
+
+
+def settings_shown(cfg, every: bool = False) -> dict[str, Any]:
+    """The settings `show` lists: those whose value is not the default (all with `every`)."""
+    from ..engine.config import TrainConfig
+
+    values, defaults = cfg.to_dict(), TrainConfig().to_dict()
+    return values if every else {k: v for k, v in values.items() if v != defaults[k]}
+
+
+def defaults_note(shown: dict) -> str:
+    """What `show` says under the settings it listed: how many it left out at their defaults."""
+    from ..engine.config import SETTINGS
+
+    rest = len(SETTINGS) - len(shown)
+    if not rest:
+        return ""
+    return (f"(the other {rest} at their defaults: `show --all` lists them)" if shown else
+            f"(all {rest} at their defaults: `show --all` lists them)")
+
+
+def target_words(target: dict) -> str:
+    """Where the run goes, in `where`'s words: `to the end of epoch 6`, `to step 120`."""
+    words = f"to step {target['step']}" if "step" in target else f"to the end of epoch {target.get('epoch')}"
+    if target.get("unfreeze_at") is not None:  # finetune's first phase
+        words += (f" (finetune: the backbone unfrozen after epoch {target['unfreeze_at']}, its lr x "
+                  f"{target.get('backbone_lr_scale', 1.0):g})")
+    return words
 
 
 def _input_size(s) -> str:

@@ -59,6 +59,8 @@ class EpochReport(Handler):
         msg = f"epoch {info['epoch']} done: train loss {info['train_loss']:.4f} acc {info['train_accuracy']:.3f}"
         if val:
             msg += f" | val loss {val['loss']:.4f} acc {val['accuracy']:.3f}"
+        if tr.cfg.label_smoothing:  # both losses are the smoothed one: never as low as plain cross-entropy
+            msg += f" (losses with label smoothing {tr.cfg.label_smoothing:g})"
         self.session.notify(msg + f" | checkpoint {ctx.extra['checkpoint'].name}")
 
 

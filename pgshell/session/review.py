@@ -183,12 +183,13 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
         source = {"checkpoint": str(path), "model": path.name, "epoch": pos["epoch"], "step": pos["step"],
                   "batch": pos["batch"]}
     classes = list(s.splits.classes)
-    used = tta or (s.config.tta if checkpoint is None else TrainConfig.from_dict(state["config"]).tta)
+    cfg = s.config if checkpoint is None else TrainConfig.from_dict(state["config"])  # the settings evaluated with
+    used = tta or cfg.tta
     reports = []
     for r in results:
         report = classification_report(r.pop("logits"), r.pop("labels"), classes)
         report.update(split=r["split"], loss=r["loss"], accuracy=r["accuracy"], n=r["n"], classes=classes, tta=used,
-                      bad=len(r["bad"]), **source)
+                      bad=len(r["bad"]), label_smoothing=cfg.label_smoothing, **source)
         reports.append(report)
     return reports
 
@@ -504,11 +505,20 @@ def top_losses(s: "Session", split: str = "val", top: int = 16, cls: str | None 
 
 
 ERRORS_COLUMNS = ["rank", "path", "true", "predicted", "probability", "p_true", "loss"]
+SHEET_TILES = 64  # tiles on one PNG (8 x 8): more go on further pages, so each stays a few MB and readable
+TILE_PX = 160  # each image is scaled to fit a square of this many pixels before it is drawn
+
+
+def sheet_paths(out: Path, n: int) -> list[Path]:
+    """The PNG pages of a sheet of `n` tiles: FILE.png, then FILE-2.png, FILE-3.png, ..."""
+    pages = max(1, -(-n // SHEET_TILES))
+    return [out] + [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(2, pages + 1)]
 
 
 def write_errors(result: dict, out: str) -> dict:
-    """The contact sheet (FILE.png: tiles row by row, each labelled true / predicted / probability) and its sidecar
-    FILE.csv (the same rows, in tile order). Returns {"out", "csv", "tiles": pixel boxes, "labels"}."""
+    """The contact sheet (FILE.png: tiles row by row, each labelled true / predicted / probability; past
+    SHEET_TILES tiles more pages FILE-2.png, ...) and its sidecar FILE.csv (the same rows, in tile order). Returns
+    {"out", "pages", "csv", "tiles": pixel boxes on their page, "page" of each tile, "labels"}."""
     import numpy as np
 
     from ..engine import data as D
@@ -522,20 +532,32 @@ def write_errors(result: dict, out: str) -> dict:
     images, labels = [], []
     for r in result["rows"]:
         try:
-            images.append(np.asarray(D.load_image(r["file"])))
+            picture = D.load_image(r["file"], min_side=TILE_PX)
         except D.BadImage as e:  # changed on disk since the evaluation
             raise PgError(f"cannot draw {r['path']}: {e}") from None
+        picture.thumbnail((TILE_PX, TILE_PX))  # a sheet of 341 full-size photos was 18 MB (and their memory)
+        images.append(np.asarray(picture))
         labels.append(f"true {r['true']}\npred {r['predicted']} {r['probability']:.2f}")
     what = f"{result['split']}, {result['model']}" + (f", class {result['class']}" if result["class"] else "")
-    png, boxes = contact_sheet_png(images, labels, out_path, f"highest losses ({what})",
-                                   wrong=[r["true"] != r["predicted"] for r in result["rows"]])
+    wrong = [r["true"] != r["predicted"] for r in result["rows"]]
+    paths, pages, boxes, page_of = sheet_paths(out_path, len(images)), [], [], []
+    for k, path in enumerate(paths):
+        part = slice(k * SHEET_TILES, (k + 1) * SHEET_TILES)
+        first, last = part.start + 1, min(part.stop, len(images))
+        title = f"highest losses ({what})" + (f" — {first} to {last} of {len(images)}" if len(paths) > 1 else "")
+        png, page_boxes = contact_sheet_png(images[part], labels[part], path, title, wrong=wrong[part],
+                                            tile=TILE_PX / 100)
+        pages.append(str(png))
+        boxes += page_boxes
+        page_of += [k] * len(page_boxes)
     csv_path = out_path.with_suffix(".csv")
     with open(csv_path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=ERRORS_COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows({k: cell(v) for k, v in {**r, **{k: repr(r[k]) for k in ("probability", "p_true", "loss")}}.items()}
                     for r in result["rows"])
-    return {"out": str(png), "csv": str(csv_path), "tiles": boxes, "labels": labels}
+    return {"out": pages[0], "pages": pages, "csv": str(csv_path), "tiles": boxes, "page": page_of,
+            "labels": labels}
 
 
 # ====================================================================== where the model looks (`explain`)
@@ -769,10 +791,20 @@ def session_summary(file: Path) -> dict:
             "data": (Path(str(data.get("path", ""))).name + (f" @{size}px" if size else "")) if data else "",
             "config": {**config, "frozen": _frozen(header)} if header else config,
             "epoch": _int(header.get("epoch")), "step": _int(header.get("step")), "batch": _int(header.get("batch")),
+            "batches": _batches_per_epoch(data, config),
             "best": doc.get("best"), **_val_summary(read_rows(folder / "metrics.csv")),
             "bytes": file.stat().st_size + (folder_bytes(folder) if folder.is_dir() else 0),
             "last_used": datetime.fromtimestamp(file.stat().st_mtime).isoformat(timespec="seconds"),
             "probe": _read_probe(folder)}
+
+
+def _batches_per_epoch(data, config: dict) -> int | None:
+    """Batches in an epoch of the recorded data at the recorded batch size (for `where`'s `batch 18/26`)."""
+    counts = data.get("counts") if isinstance(data, dict) else None
+    train = counts.get("train") if isinstance(counts, dict) else None
+    if not isinstance(train, int) or train < 1:
+        return None
+    return -(-train // max(1, int(config.get("batch_size") or 1)))
 
 
 def _summaries(files: list[Path]) -> tuple[list[dict], list[str]]:

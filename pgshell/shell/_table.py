@@ -50,8 +50,18 @@ def fit_table(rows: Sequence[Sequence], headers: Sequence[str] | None, width: in
 
 
 def _render(rows, names, cols, tablefmt, show, maxcolwidths=None) -> str:
-    return tabulate([[r[i] for i in cols] for r in rows], headers=[names[i] for i in cols] if show else (),
-                    tablefmt=tablefmt, maxcolwidths=maxcolwidths)
+    widths = maxcolwidths or [None] * len(cols)
+    return tabulate([[_wrap_cell(r[i], w) for i, w in zip(cols, widths)] for r in rows],
+                    headers=[names[i] for i in cols] if show else (), tablefmt=tablefmt)
+
+
+def _wrap_cell(value, width: int | None):
+    """A text cell wrapped to `width` between words: not at hyphens inside one (tabulate's own wrapping splits
+    `rand-m9-mstd0.5` there), a word cut only when it is wider than the column itself."""
+    if width is None or not isinstance(value, str) or text_width(value) <= width:
+        return value
+    wrapper = textwrap.TextWrapper(width=width, break_on_hyphens=False)
+    return "\n".join(line for part in value.split("\n") for line in (wrapper.wrap(part) or [""]))
 
 
 def _is_text(rows, i) -> bool:

@@ -51,6 +51,8 @@ class AnalysisCommands(Commands):
         app.ptable([[r["split"], f"{r['loss']:.4f}", f"{r['accuracy']:.4f}", *([_f(r["top5"])] if top5 else []), r["n"]]
                     for r in reports], ["split", "loss", "accuracy", *(["top-5"] if top5 else []), "images"],
                    wide=args.wide)
+        if r0.get("label_smoothing"):  # the loss the model trained on, not plain cross-entropy: comparable with
+            p(f"(the loss includes label smoothing {r0['label_smoothing']:g}, as training's does)")  # the run's rows
         for r in reports:
             p(f"\n{r['split']}: per class")
             rows = [[c["class"], f"{c['precision']:.3f}", f"{c['recall']:.3f}", f"{c['f1']:.3f}", c["support"]]

@@ -7,16 +7,20 @@ prompt, `train` blocks, progress is one plain line per epoch, and the first fail
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
 import queue
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import cmd2
 from cmd2 import Settable, plugin, with_argparser, with_category
+from cmd2.utils import suggest_similar
 
 from ..engine.config import SETTINGS
 from ..engine.errors import PgError
@@ -38,6 +42,7 @@ from .tuning import TuningCommands
 # fails the command like any other (a plan stops there).
 cmd2.set_default_argument_parser(Parser)
 
+PROGRESS_EVERY = 10.0  # seconds between the progress lines `wait` prints
 MAX_LINE = 64 * 1024  # characters in one command line: cmd2's tokenizer is quadratic, a 5 MB line would hang it
 
 
@@ -98,6 +103,7 @@ class PgShell(cmd2.Cmd):
         self.failed = threading.Event()  # set by any error output; a plan stops at the first. Per app, not global
         self.plan_line: str | None = None  # "plan.txt:3: set lr fast" while a plan runs that line (cli.run_plan)
         self._pause_noted = False  # Ctrl-C while waiting says so once per run, however often it is pressed
+        self._hold_alerts = False  # True while a command blocks: alerts would only show at the next prompt
         session = session or Session(root=sessions_dir, notify=self._notify)
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
                          command_sets=[cls(session) for cls in (ModelCommands, DataCommands, TrainingCommands,
@@ -155,9 +161,9 @@ class PgShell(cmd2.Cmd):
     def _notify(self, msg: str) -> None:
         if msg.startswith("best epoch "):
             self._said_best = msg  # the end of a run said it: quit need not say it again
-        if self.interactive:
+        if self.interactive and not self._hold_alerts:
             self.add_alert(msg=msg)
-        else:
+        else:  # a script, or a command that blocks (`wait`, `quit`): printed by flush_messages as they come
             self._messages.put(msg)
 
     def flush_messages(self, skip: str = "") -> None:
@@ -169,10 +175,21 @@ class PgShell(cmd2.Cmd):
             if msg != skip:
                 self.poutput(msg)
 
-    def wait_for_run(self) -> None:
-        """Block until the run ends or pauses, printing its messages as they come (Ctrl-C pauses)."""
+    def wait_for_run(self, progress: bool = False) -> None:
+        """Block until the run ends or pauses, printing its messages as they come (Ctrl-C pauses); `progress`: the
+        toolbar's line too, every PROGRESS_EVERY seconds when it changed (`wait`: the toolbar is not drawn while a
+        command runs, so the screen stood still for minutes)."""
         s = self.session
-        while not s.wait(timeout=0.2):
+        shown, due = "", time.monotonic() if progress else float("inf")  # where the run is, at once
+        while True:
+            if time.monotonic() >= due:
+                line = toolbar_line(dict(s.status)).strip()
+                if line != shown:
+                    self.poutput(line)
+                    shown = line
+                due = time.monotonic() + PROGRESS_EVERY
+            if s.wait(timeout=0.2):
+                break
             self.flush_messages()
         err = s.status.get("error")
         self.flush_messages(skip=f"error: {err}" if err else "")  # the error line is printed once: raised below
@@ -205,21 +222,10 @@ class PgShell(cmd2.Cmd):
     # ---------------- toolbar
     def get_bottom_toolbar(self):
         st = dict(self.session.status)  # the worker replaces or updates it meanwhile: read one snapshot
-        state = st.get("state", "idle")
-        if state == "training" and "batch" in st:
-            if st.get("job") == "lrfind":
-                return (f" lrfind  batch {st['batch']}/{st['batches']}  lr {st['lr']:.2g}  loss {st['loss']:.4f}  "
-                        f"ETA {_fmt_secs(st['eta'])}")
-            trial = f" trial {st['trial']} ({st['trials_done']}/{st['trials']} done) " if "trial" in st else ""
-            return (f"{trial} epoch {st['epoch']}  batch {st['batch']}/{st['batches']}  loss {st['loss']:.4f}  "
-                    f"acc {st['accuracy']:.3f}  lr {st['lr']:.2g}  {st['rate']:.0f} img/s  ETA {_fmt_secs(st['eta'])}")
-        if state == "training" and st.get("phase"):
-            return _phase_line(st)
-        if state == "training":
-            return " training: starting…"
-        if state == "paused":
-            return " paused — `continue` resumes, `save` keeps it" + (f"  ({st['error']})" if st.get("error") else "")
-        return " idle — `help` lists commands"  # always one line, so the toolbar's row is there before training
+        try:
+            return toolbar_line(st)
+        except Exception:  # noqa: BLE001 — prompt_toolkit would print a traceback under the prompt at every refresh
+            return f" {st.get('state', 'idle')}"
 
     # ---------------- errors: one clear line, never a traceback for user errors
     def perror(self, *objects, **kwargs):
@@ -270,6 +276,19 @@ class PgShell(cmd2.Cmd):
                 self.poutput("pausing after this batch (`continue` resumes)")
             raise
 
+    # ---------------- a mistyped command: say which one was meant, on one line
+    def default(self, statement):
+        """A word that is no command (`hist`, `trian 3`): the closest commands, as `help trian` says them too."""
+        self.perror(f"{statement.command} is not a recognized command{_did_you_mean(statement.command, self)}")
+
+    @with_argparser(cmd2.Cmd._build_help_parser)
+    def do_help(self, args):
+        """List available commands or provide detailed help for a specific command."""
+        name = args.command
+        if name and not args.verbose and name not in self.get_all_commands() and name not in self.get_help_topics():
+            raise PgError(f"no command {name}{_did_you_mean(name, self, 'help ')}")
+        cmd2.Cmd.do_help.__wrapped__(self, args)  # cmd2's own, with the arguments already parsed
+
     # ---------------- the session's change log (cmd2's `history` of typed lines is replaced by it)
     @with_argparser(history_parser)
     def do_history(self, args):
@@ -301,7 +320,14 @@ class PgShell(cmd2.Cmd):
         return True
 
     def close_session(self, what: str = "") -> Path | None:
-        """Pause and save if anything is unsaved, end the worker, and say what was saved (`what`: which state)."""
+        """Pause and save if anything is unsaved, end the worker, and say what was saved (`what`: which state).
+        A plan that trained nothing and named nothing (`eval`, `predict` on a loaded model) leaves nothing."""
+        self._hold_alerts = True  # the lines of a run paused now (its epoch's end) are printed here, not lost
+        if not self.interactive and not what and self.session.disposable():
+            self.session.discard()
+            self.flush_messages()
+            self.poutput("nothing trained and no name given: no session kept (`save NAME` in the plan keeps one)")
+            return None
         try:
             saved = self.session.close(save=True)
         except PgError as e:  # e.g. a full disk: say so in one line, and quit all the same
@@ -342,15 +368,73 @@ def _settings_help():
     return Group(intro, table)
 
 
+def toolbar_line(st: dict) -> str:
+    """The bottom toolbar for a status (session/worker.py `Status`) of any job in any phase: each part is shown
+    when its fields are there, so a status that lacks one (a range test has no accuracy, a trial between two runs
+    has no batch yet) shows what it has."""
+    state = st.get("state", "idle")
+    if state == "paused":
+        return " paused — `continue` resumes, `save` keeps it" + (f"  ({st['error']})" if st.get("error") else "")
+    if state != "training":
+        return " idle — `help` lists commands"  # always one line, so the toolbar's row is there before training
+    job = st.get("job", "train")
+    where = []  # which job, trial and epoch
+    if job == "tune" and _has(st, "trials"):
+        done = f"{st['trials_done']}/{st['trials']} done" if _has(st, "trials_done") else f"{st['trials']} trials"
+        where.append(f"trial {st['trial']} ({done})" if _has(st, "trial") else f"tune ({done})")
+    elif job not in ("train", "tune"):
+        where.append(str(job))
+    if _has(st, "epoch") and job != "lrfind":
+        where.append(f"epoch {st['epoch']}")
+    if st.get("phase"):  # validation, a cache build: no batch to show
+        phase = _phase_line(st)
+        return " " + "  ".join([*where, phase.removeprefix(" training: ")]) if where else phase
+    if not _has(st, "loss", float):  # no batch done yet in this run
+        return " " + "  ".join([*where, "starting…"]) if where else " training: starting…"
+    parts = list(where)
+    if _has(st, "batch"):
+        parts.append(f"batch {st['batch']}/{st['batches']}" if _has(st, "batches") else f"batch {st['batch']}")
+    for key, fmt in (("loss", "loss {:.4f}"), ("accuracy", "acc {:.3f}"), ("lr", "lr {:.2g}"),
+                     ("rate", "{:.0f} img/s")):
+        if _has(st, key, float):
+            parts.append(fmt.format(st[key]))
+    if _has(st, "eta", float):
+        parts.append(f"ETA {_fmt_secs(st['eta'])}")
+    return " " + "  ".join(parts)
+
+
+def _has(st: dict, key: str, kind: type = int) -> bool:
+    """Whether the status holds a usable `key`: an int (any finite number for `float`), not None, NaN or inf."""
+    v = st.get(key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return isinstance(v, int) or (kind is float and math.isfinite(v))
+
+
 def _phase_line(st: dict) -> str:
-    """The toolbar while a run prepares (feature cache, input decode): the phase, its progress and ETA."""
+    """The toolbar while a run prepares (feature cache, input decode) or validates: the phase, its progress, ETA."""
     done, total = st.get("done"), st.get("total")
     line = f" training: {st['phase']}"
-    if isinstance(done, int) and isinstance(total, int) and total > 0:
+    if _has(st, "done") and _has(st, "total") and total > 0:
         line += f" {done:,}/{total:,} ({100 * done // total}%)"
-    if st.get("eta") is not None:
+        if _has(st, "eta", float) and done > 0:  # at 0 done nothing is timed yet: no ETA rather than 0m00s
+            line += f"  ETA {_fmt_secs(st['eta'])}"
+    elif _has(st, "eta", float):
         line += f"  ETA {_fmt_secs(st['eta'])}"
     return line
+
+
+def _did_you_mean(word: str, app: cmd2.Cmd, prefix: str = "") -> str:
+    """` — did you mean `history`? (...)` for a mistyped command: cmd2's closest spelling, else the commands the
+    word begins (an abbreviation: `hist`, `sess`), else difflib's near matches; then where the list is."""
+    commands = app.get_visible_commands()
+    word = word.lower()
+    close = [c for c in [suggest_similar(word, commands)] if c] or sorted(c for c in commands if c.startswith(word)) \
+        or difflib.get_close_matches(word, commands, n=3, cutoff=0.6)
+    if not close:
+        return " — `help` lists the commands"
+    said = " or ".join(f"`{prefix}{c}`" for c in close[:3])
+    return f" — did you mean {said}? (`help` lists the commands)"
 
 
 def _terminal_echoes_ctrl_c(stdin) -> bool:

@@ -7,6 +7,7 @@ is printed as one block of `name: value` lines per row — a rule line is never 
 
 from __future__ import annotations
 
+import textwrap
 
 import cmd2
 from cmd2 import with_argparser
@@ -55,7 +56,8 @@ class ReviewCommands(Commands):
     errors_parser = parser("The images with the highest loss (the model's worst mistakes, and its least sure right "
                            "answers): a table of path, true class, predicted class, its probability and the loss; "
                            "with --out a contact sheet PNG, each tile labelled true / predicted / probability (red "
-                           "when wrong), and the same rows in FILE.csv beside it.",
+                           "when wrong; 64 tiles a page: FILE.png, FILE-2.png, ...), and the same rows in FILE.csv "
+                           "beside it.",
                            "errors --top 16 --out mistakes.png")
     errors_parser.add_argument("--split", choices=("val", "test", "train"), default="val")
     errors_parser.add_argument("--top", type=int, default=16, metavar="N", help="how many images (default 16)")
@@ -75,7 +77,11 @@ class ReviewCommands(Commands):
           f"{res['n']} {res['split']} images" + (f" of class {res['class']}" if res["class"] else ""))
         if args.out:
             drawn = A.write_errors(res, args.out)
-            p(f"wrote {drawn['out']} and {drawn['csv']}")
+            pages = drawn["pages"]
+            if len(pages) > 1:  # a sheet of hundreds of tiles is pages of A.SHEET_TILES: say which holds which
+                n, per = len(res["rows"]), A.SHEET_TILES
+                pages = [f"{page} ({k * per + 1}–{min(n, (k + 1) * per)})" for k, page in enumerate(pages)]
+            p(f"wrote {', '.join(pages)} and {drawn['csv']}")
             res.update(drawn)
         else:
             rows = [[r["rank"], r["path"], r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.4f}"]
@@ -133,26 +139,17 @@ class ReviewCommands(Commands):
     compare_parser = parser("Sessions side by side, best validation accuracy first: model, pretrained or not, "
                             "data, the settings that differ between them, epochs, best and final validation "
                             "accuracy and loss (@ their epoch), the probes, training time (batches only) and disk. "
-                            "Default: every session under the sessions folder.",
-                            "compare sessions/a.session sessions/b.session --out runs.csv")
+                            "Sessions of different data are ranked in tables of their own. Default: every session "
+                            "under the sessions folder.",
+                            "compare sessions/a.session sessions/b.session --out runs.csv", wide=True)
     add_sessions(compare_parser, "every session", "CSV")
 
     @with_argparser(compare_parser)
     def do_compare(self, args):
         """Compare sessions."""
         res = A.compare(self.session, args.sessions)
-        headers = ["session", "model", "pretrained", "data", "settings", "epochs", "best acc", "final acc",
-                   "best loss", "final loss", "knn", "linear", "time", "disk"]
-        rows = [[r["session"], r["model"], r["pretrained"], r["data"],
-                 "\n".join(f"{k}={r['config'].get(k)}" for k in res["differing"]), r["epoch"] or "",
-                 _at(r.get("best_accuracy"), r.get("best_accuracy_epoch")),
-                 _at(r.get("final_accuracy"), r.get("final_epoch")),
-                 _at(r.get("best_loss"), r.get("best_loss_epoch")), _at(r.get("final_loss"), r.get("final_epoch")),
-                 _f(r["probe"].get("knn", {}).get("accuracy")), _f(r["probe"].get("linear", {}).get("accuracy")),
-                 _fmt_secs(r["seconds"]), _size(r["bytes"])] for r in res["rows"]]
         p = self._cmd.poutput
-        p(_fit(self._cmd, headers, rows, ["final loss", "best loss", "pretrained", "data", "time", "disk",
-                                              "final acc", "linear", "knn", "model"]))
+        p(compare_tables(res, None if args.wide else self._cmd.table_width()))
         for note in res["skipped"]:
             p(f"skipped: {note}")
         if args.out:
@@ -162,7 +159,8 @@ class ReviewCommands(Commands):
     # ------------------------------------------------------------------ sessions
     sessions_parser = parser("The saved sessions, last used first: name (* the open one), model, position, best "
                              "validation, size on disk, last used. `sessions rm NAME` deletes a session's file and "
-                             "folder (it asks first; in a plan it needs --yes).", "sessions rm old-run --yes")
+                             "folder (it asks first; in a plan it needs --yes).", "sessions rm old-run --yes",
+                             wide=True)
     sessions_parser.add_argument("action", nargs="?", choices=("rm",), help="rm: delete a session")
     sessions_parser.add_argument("name", nargs="?", help="rm: the session's NAME")
     sessions_parser.add_argument("--yes", action="store_true", help="rm: do not ask")
@@ -190,8 +188,8 @@ class ReviewCommands(Commands):
         rows = [[("* " if r["open"] else "") + r["session"], r["model"], _position(r), _best(r["best"]),
                  _size(r["bytes"]), r["last_used"].replace("T", " ")] for r in res["rows"]]
         if rows:
-            p(_fit(self._cmd, ["session", "model", "position", "best val", "size", "last used"], rows,
-                        ["last used", "model"]))
+            p(fit_table(rows, ["session", "model", "position", "best val", "size", "last used"],
+                        None if args.wide else self._cmd.table_width(), drop=["last used", "model"]))
             p(f"{len(rows)} sessions, {_size(res['bytes'])} in {s.root}")
         else:
             p(f"no sessions under {s.root}")
@@ -244,10 +242,59 @@ class ReviewCommands(Commands):
         self._cmd.last_result = rows
 
 
+COMPARE_HEADERS = ["session", "model", "pretrained", "data", "settings", "epochs", "best acc", "final acc",
+                   "best loss", "final loss", "knn", "linear", "time", "disk"]
+_DESCRIBING = ["pretrained", "data", "model"]  # left out when narrow only where every session has the same value
+_LOW_VALUE = ["final loss", "best loss", "time", "disk", "final acc", "linear", "knn"]  # left out in this order
+
+
+def compare_tables(res: dict, width: int | None) -> str:
+    """`compare`'s tables: one per dataset (accuracies on different data do not rank), best first. A narrow
+    terminal loses the describing columns whose value is the same in every row first, then the low-value figures;
+    a column that tells the sessions apart (pretrained or not, the model) is never left out."""
+    groups: dict[str, list[dict]] = {}
+    for r in res["rows"]:  # already best first
+        groups.setdefault(r["data"], []).append(r)
+    values = {k: compact_values([r["config"].get(k) for r in res["rows"]]) for k in res["differing"]}
+    index = {id(r): i for i, r in enumerate(res["rows"])}
+    out = []
+    for data, rows in groups.items():
+        table = [[r["session"], r["model"], r["pretrained"], r["data"],
+                  "\n".join(f"{k}={values[k][index[id(r)]]}" for k in res["differing"]), r["epoch"] or "",
+                  _at(r.get("best_accuracy"), r.get("best_accuracy_epoch")),
+                  _at(r.get("final_accuracy"), r.get("final_epoch")),
+                  _at(r.get("best_loss"), r.get("best_loss_epoch")), _at(r.get("final_loss"), r.get("final_epoch")),
+                  _f(r["probe"].get("knn", {}).get("accuracy")), _f(r["probe"].get("linear", {}).get("accuracy")),
+                  _fmt_secs(r["seconds"]), _size(r["bytes"])] for r in rows]
+        same = [h for h in _DESCRIBING if len({row[COMPARE_HEADERS.index(h)] for row in table}) == 1]
+        if len(groups) > 1:
+            out.append(f"data {data or '(none)'}: {len(rows)} session{'s' * (len(rows) != 1)}, best first")
+        out.append(fit_table(table, COMPARE_HEADERS, width, drop=same + _LOW_VALUE))
+    if len(groups) > 1:
+        out.append(f"({len(groups)} datasets: each ranked on its own — accuracies on different data do not compare)")
+    return "\n".join(line for text in out for line in (textwrap.wrap(text, width) if width and "\n" not in text
+                                                       and len(text) > width else [text]))
+
+
+def compact_values(values: list) -> list[str]:
+    """Values as short text: floats with 3 significant digits (lr=0.00161, not 0.0016051911333587634), more only
+    where two different values would otherwise read the same."""
+    floats = sorted({v for v in values if isinstance(v, float)})
+    digits = 3
+    while digits < 17 and len({f"{v:.{digits}g}" for v in floats}) < len(floats):
+        digits += 1
+    return [f"{v:.{digits}g}" if isinstance(v, float) else str(v) for v in values]
+
+
 def _position(r: dict) -> str:
+    """`where`'s words, as `show`, the pause line and the reopen line say it: `epoch 4, batch 18/26 (step 96)`."""
+    from types import SimpleNamespace
+
+    from ..session.describe import where
+
     if r["step"] is None:
         return ""
-    return f"epoch {r['epoch']}" + (f" + {r['batch']} batches" if r["batch"] else "") + f", step {r['step']}"
+    return where(SimpleNamespace(epoch=r["epoch"] or 0, batch=r["batch"] or 0, step=r["step"]), r.get("batches"))
 
 
 def _best(best) -> str:

@@ -13,21 +13,29 @@ from ._common import Commands, parser
 class SessionCommands(Commands):
     DEFAULT_CATEGORY = "Session"
 
-    @with_argparser(parser("Everything about this session as tables: model, data, settings, position, metrics, "
-                           "checkpoint and session file.", "show", wide=True))
+    show_parser = parser("Everything about this session as tables: model, data, the settings not at their defaults "
+                         "(--all: every setting), position, metrics, checkpoint and session file.", "show", wide=True)
+    show_parser.add_argument("--all", action="store_true", help="every setting, those at their defaults too")
+
+    @with_argparser(show_parser)
     def do_show(self, args):
         """Show the session's state."""
         from ..session import review as A
+        from ..session.describe import defaults_note
 
-        info = self.session.describe()
+        info = self.session.describe(every=args.all)
         probes = A.probe_results(self.session)
         if probes:  # `probe knn` / `probe linear`: the baseline a fine-tune must beat
             info["probe"] = {k: f"val accuracy {r['accuracy']:.4f} at step {r['step']} ({r['time']})"
                              for k, r in probes.items()}
         for title, rows in info.items():
-            if rows:
+            note = defaults_note(rows) if title == "settings" and not args.all else ""
+            if rows or note:
                 self._cmd.poutput(f"\n{title}")
+            if rows:
                 self._cmd.ptable(list(rows.items()), None, wide=args.wide, tablefmt="plain", wrap=[1])
+            if note:
+                self._cmd.poutput(note)
         self._cmd.last_result = info
 
     save_parser = parser("Write the session file and a checkpoint of exactly now (mid-epoch too: it pauses, saves and "
@@ -126,19 +134,19 @@ class SessionCommands(Commands):
 
 history_parser = parser("The session's change log: every command that changed what training does (load, data, "
                         "freeze, unfreeze, set — also by `tune apply` and `lrfind apply` — and train targets), with "
-                        "the step at which it took effect. `plot` marks them; `export plan` replays them.", "history")
+                        "the step at which it took effect. `plot` marks them; `export plan` replays them.", "history",
+                        wide=True)
 
 
-def show_history(app, _args) -> None:
+def show_history(app, args) -> None:
     """`history` (cmd2's own, of typed lines, is replaced: PgShell.do_history calls this)."""
-    from tabulate import tabulate
-
     from ..session import replay as R
 
     rows = R.history(app.session)
     if not rows:
         app.poutput("no changes yet: `data PATH` and `load MODEL` start the log")
-    else:
-        app.poutput(tabulate([[e.get("n", ""), "" if e.get("pending") else e["step"], e["where"], e["cmd"],
-                               R.note(e)] for e in rows], headers=["#", "step", "where", "change", "note"]))
+    else:  # fitted to the terminal: long changes and notes wrap between words, not mid-token at the edge
+        app.ptable([[e.get("n", ""), "" if e.get("pending") else e["step"], e["where"], e["cmd"], R.note(e)]
+                    for e in rows], ["#", "step", "where", "change", "note"], wide=args.wide,
+                    wrap=["where", "change", "note"])
     app.last_result = rows

@@ -24,13 +24,16 @@ class TrainingCommands(Commands):
     train_parser.add_argument("epochs", nargs="?", type=int, help="more epochs (default: up to the `epochs` setting)")
     train_parser.add_argument("--steps", type=int, help="more optimizer steps instead of epochs (batches, unless "
                                                          "`accumulate` > 1)")
+    train_parser.add_argument("--restart", action="store_true",
+                              help="a new phase (after `unfreeze`, say): the lr schedule starts again at this epoch "
+                                   "(StepLR's decays, cosine's span up to `epochs`); sets `schedule_start`")
 
     @with_argparser(train_parser)
     def do_train(self, args):
         """Train in the background."""
         if args.epochs is not None and args.steps is not None:
             raise PgError("give epochs or --steps, not both")
-        self._cmd.poutput(self.session.train(args.epochs, args.steps))
+        self._cmd.poutput(self.session.train(args.epochs, args.steps, restart=args.restart))
         self._cmd.after_start()
 
     finetune_parser = parser("fastai's fine-tune recipe as one command: train the head alone for --head-epochs with "
@@ -75,12 +78,23 @@ class TrainingCommands(Commands):
         self._cmd.flush_messages()
         self._cmd.last_result = True
 
-    @with_argparser(parser("Block until the current run finishes or pauses (Ctrl-C pauses it).", "wait"))
+    @with_argparser(parser("Block until the current run finishes or pauses (Ctrl-C pauses it), printing its "
+                           "progress every few seconds and each epoch's line.", "wait"))
     def do_wait(self, _):
         """Wait for training."""
-        if self._cmd.interactive and self.session.running:  # the prompt goes away: say why and how to get it back
-            self._cmd.poutput("waiting for the run to finish or pause (Ctrl-C pauses it)")
-        self._cmd.wait_for_run()
+        app, s = self._cmd, self.session
+        if not s.running:
+            app.poutput("nothing is running" + (": the run is paused — `continue` resumes it" if s.paused else
+                                                " (idle)"))
+            app.last_result = dict(s.status)
+            return
+        if app.interactive:  # the prompt goes away: say why and how to get it back
+            app.poutput("waiting for the run to finish or pause (Ctrl-C pauses it)")
+        app._hold_alerts = True  # the epoch lines are printed as they come, not held for the next prompt
+        try:
+            app.wait_for_run(progress=True)
+        finally:
+            app._hold_alerts = False
 
     def _in_script(self) -> str:
         return "" if self._cmd.interactive else _SCRIPT_HINT
