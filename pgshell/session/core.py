@@ -839,7 +839,9 @@ class Session:
         """Nothing here a later session could use: never trained, never named, and its folder holds only what
         naming it wrote (an eval-only plan left a 14 MB session of the untrained weights)."""
         folder = self.folder
-        return (not self.has_work() and self.auto_named and folder is not None and folder.is_dir()
+        if folder is None:  # never named: a read (`eval`, `probe`, `errors`) names nothing
+            return self.spec is not None and not self.has_work()
+        return (not self.has_work() and self.auto_named and folder.is_dir()
                 and {p.name for p in folder.iterdir()} <= self._BOOKKEEPING)
 
     def discard(self) -> None:
