@@ -139,12 +139,14 @@ class Session:
         return M.build_model(spec)
 
     def attach_data(self, path: str | None = None, split: float = 0.2, size: int = 0, check: bool = False,
-                    keep: bool = False, root: str | None = None) -> Any:
+                    keep: bool = False, root: str | None = None, exclude: str | None = None) -> Any:
         """Attach a dataset: an image folder, a label file (paths from `root`) or a Hugging Face dataset (PATH: the
         session's data when None). `check` also decodes every image, adding those that fail to `splits.rejected`
         (they stay in their split, skipped when loaded, so the split is the same either way). The same data as the
         run's changes nothing; other data, once the session has trained, starts a new run (`_new_run`); `keep`
-        trains on with the recorded file lists, less the files gone (session/fingerprint.py)."""
+        trains on with the recorded file lists, less the files gone (session/fingerprint.py). `exclude`: a list of
+        files to leave out (session/audit.py; nothing on disk changes); without PATH the session's exclusion stays,
+        a new PATH drops it unless `exclude` is given again."""
         from ..engine import data as D
         from ..engine import models as M
 
@@ -159,6 +161,7 @@ class Session:
                                                                            seed=self.config.seed, root=root)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
+        exclusion = self._exclusion(path, exclude, location, splits)
         lists = FP.file_lists(splits, location)
         ident = FP.identity(lists)
         same = self.data_id is not None and self.data_id.get("fingerprint") == ident["fingerprint"] \
@@ -175,6 +178,8 @@ class Session:
             self.data["root"] = root
         if keep:
             self.data["keep"] = True  # reopen takes the recorded lists again, without asking
+        if exclusion:
+            self.data["exclude"] = exclusion  # the names themselves: reopen leaves them out, whatever the list says
         self.data_id, self.data_lists, self.data_change = ident, lists, None
         self.settle()
         self.dirty = True
@@ -184,8 +189,26 @@ class Session:
             self.spec = M.ModelSpec(**{**self.spec.to_dict(), "num_classes": len(splits.classes)})
             self.built = self._build(self.spec)
             self.notify(f"model rebuilt with a {len(splits.classes)}-class head for this data")
-        self.changes.record_data(at, splits, split, size, check, kept, rebuilt)
+        self.changes.record_data(at, splits, split, size, check, kept, rebuilt, exclusion)
         return splits
+
+    def _exclusion(self, path: str | None, exclude: str | None, location: str, splits) -> dict | None:
+        """The exclusion `data` attaches with (session/audit.py), applied to `splits`: a new list, or the session's
+        own when the data is the session's (no PATH); None otherwise."""
+        from . import audit as AU
+
+        if exclude is not None:
+            exclusion, missing = AU.read_exclusion(exclude, location, splits)
+            if missing:
+                self.notify(f"{missing} file(s) listed in {exclude} are not in this data: left aside")
+        elif path is None and (self.data or {}).get("exclude"):
+            exclusion = self.data["exclude"]
+        else:
+            return None
+        AU.apply_exclusion(splits, location, exclusion["paths"])
+        self.notify(f"{len(splits.excluded)} image(s) excluded ({Path(exclusion['file']).name}); nothing on disk "
+                    "was moved or deleted")
+        return exclusion
 
     def _data_location(self, path: str | None, root: str | None) -> tuple[str, str | None]:
         """(where the data is, the root a label file's paths start from): as given, or the session's own."""

@@ -363,7 +363,7 @@ def _restore_checkpoint(s, path: Path, state: dict, keep_settings: bool) -> None
 def _reattach_data(s, data: dict, state: dict | None) -> None:
     """Scan the data folder again and compare it with what the session recorded: the same data attaches silently;
     changed data is described and left detached until the user chooses (see session/fingerprint.py)."""
-    s.data = {k: data[k] for k in ("path", "split", "size", "seed", "keep", "root") if k in data}
+    s.data = {k: data[k] for k in ("path", "split", "size", "seed", "keep", "root", "exclude") if k in data}
     if not isinstance(data["path"], str) or not isinstance(data["split"], (int, float)):
         raise TypeError(f"'data' should hold a path and a split, not {data!r}"[:200])
     recorded = {k: data[k] for k in ("classes", "fingerprint", "counts") if k in data} or None
@@ -384,6 +384,10 @@ def _reattach_data(s, data: dict, state: dict | None) -> None:
 
             splits = D.resolve_data(data["path"], split=data["split"], seed=data.get("seed", s.config.seed),
                                     root=data.get("root"))
+            if data.get("exclude"):  # `data --exclude`: the names recorded then, left out again
+                from .audit import apply_exclusion
+
+                apply_exclusion(splits, data["path"], data["exclude"]["paths"])
     except PgError as e:
         s.notify(f"data not attached: {e} — `data PATH` to attach it again")
         s.splits = None

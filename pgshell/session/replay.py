@@ -135,7 +135,7 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
             plan.warn(plan.add(f"# {e['cmd']}"), "other data attached to a reopened run: a plan cannot continue a "
                                                   "run on other data mid-way")
             continue
-        for key in ("weights", "code"):  # a file the command reads: the same bytes, or the replay stops
+        for key in ("weights", "code", "exclude"):  # a file the command reads: the same bytes, or the replay stops
             if e.get(key):
                 n = plan.add(f"expect file {_quote(e[key])} {e[key + '_sha256']}")
                 _check_file(plan, n, e[key], e[key + "_sha256"])
@@ -285,7 +285,7 @@ def fork(s, name: str, which: str | None = None) -> Path:
                 shutil.copyfile(s.folder / extra, folder / extra)
             elif (s.folder / extra).is_dir():
                 shutil.copytree(s.folder / extra, folder / extra)
-        data = next(({k: e[k] for k in ("path", "split", "size")} for e in reversed(kept) if e["kind"] == "data"),
+        data = next((_data_of(e) for e in reversed(kept) if e["kind"] == "data"),
                     s.data)  # the data the checkpoint was trained on, though other data is attached now
         _write_session_file(s, name, folder / "checkpoints" / src.name, TrainConfig.from_dict(state["config"]), data)
     except BaseException:
@@ -293,6 +293,14 @@ def fork(s, name: str, which: str | None = None) -> Path:
         (s.root / f"{name}.session").unlink(missing_ok=True)
         raise
     return s.root / f"{name}.session"
+
+
+def _data_of(entry: dict) -> dict:
+    """A session file's `data` from a change log's `data` line (with the names `data --exclude` left out)."""
+    data = {k: entry[k] for k in ("path", "split", "size")}
+    if entry.get("exclude"):
+        data["exclude"] = {"file": entry["exclude"], "sha256": entry["exclude_sha256"], "paths": entry["excluded"]}
+    return data
 
 
 def check_fork(s, name: str) -> None:

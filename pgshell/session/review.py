@@ -473,6 +473,9 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     return result, kept, source
 
 
+split_outputs = _split_outputs  # the errors path's evaluation, for `errors --suspect` (session/audit.py)
+
+
 def top_losses(s: "Session", split: str = "val", top: int = 16, cls: str | None = None,
                checkpoint: str | None = None) -> dict:
     """The images of a split with the highest loss (fastai's plot_top_losses), highest first: path, true class,

@@ -26,6 +26,7 @@ from ..session.files import log_error
 from ._common import Parser, _fmt_secs, parser
 from ._table import fit_table
 from .analysis import AnalysisCommands
+from .auditcmds import AuditCommands
 from .data import DataCommands
 from .model import ModelCommands
 from .review import ReviewCommands
@@ -101,7 +102,7 @@ class PgShell(cmd2.Cmd):
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
                          command_sets=[cls(session) for cls in (ModelCommands, DataCommands, TrainingCommands,
                                                                 SessionCommands, AnalysisCommands, TuningCommands,
-                                                                ReviewCommands)],
+                                                                ReviewCommands, AuditCommands)],
                          enable_bottom_toolbar=self.interactive, refresh_interval=0.5 if self.interactive else 0.0,
                          persistent_history_file=os.path.expanduser("~/.pgshell_history") if self.interactive else "",
                          suggest_similar_command=True, terminators=[],
