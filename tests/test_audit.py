@@ -296,3 +296,31 @@ def test_errors_suspect_ranks_flipped_validation_labels_first(tmp_path, monkeypa
         assert (tmp_path / "sus.csv").read_text().count("\n") == 6
     finally:
         app.session.close(save=False)
+
+
+def test_feature_duplicates_are_grouped_and_named_as_leakage(tmp_path, monkeypatch):
+    """Two different pictures (train c/c005, val a/a003) whose features agree: a feature group, named as leakage,
+    reported but never put on the exclude list; a pair the hashes already found is not repeated."""
+    import torch
+
+    from pgshell.session import audit as SA
+
+    monkeypatch.chdir(tmp_path)
+    data = leaky_split(tmp_path / "tv")
+    app = new_app(tmp_path / "sessions")
+    try:
+        assert run(app, f"data {data} --size 32")[0] and run(app, "load test_resnet")[0]
+        samples = app.session.splits.train + app.session.splits.val
+        at = {p: i for i, (p, _) in enumerate(samples)}
+        x = torch.eye(len(samples))  # every image its own direction, but for two pairs
+        for a, b in (("train/c/c005.png", "val/a/a003.png"), ("train/c/near-c002.png", "val/c/c002.png")):
+            x[at[str(data / b)]] = x[at[str(data / a)]]
+        monkeypatch.setattr(SA, "model_features", lambda s, sm: (x[:len(sm)], torch.ones(len(sm), dtype=torch.bool)))
+        ok, res = run(app, "audit --features")
+        assert ok, app.stdout.getvalue()
+        names = [sorted(m["path"] for m in g) for g in res["groups"]["features"]]
+        assert names == [["train/c/c005.png", "val/a/a003.png"]]  # the near pair was found by its hash already
+        assert "4 val images also in train (2 exact, 1 near, 1 by features)" in app.stdout.getvalue()
+        assert "val/a/a003.png" not in dict(res["exclude"]) and "train/c/c005.png" not in dict(res["exclude"])
+    finally:
+        app.session.close(save=False)

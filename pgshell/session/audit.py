@@ -50,6 +50,14 @@ def _rel(s: "Session", path: str) -> str:
         s.data["path"]) else os.path.dirname(s.data["path"]))
 
 
+def informed(s: "Session") -> bool:
+    """Whether the model's features say anything about the images: pretrained, loaded from weights or a file, or
+    trained in this session. A random network's features are alike for every image."""
+    if s.built is None:
+        return False
+    return bool(s.spec.pretrained or s.spec.weights or s.built.source == "file" or s.changes.position()[0] > 0)
+
+
 def model_features(s: "Session", samples: list[tuple[str, int]]):
     """(features (N, D) of the usable images, ok mask (N,)): the head's input, the backbone in eval mode, the eval
     transform (as `probe`)."""
@@ -93,7 +101,7 @@ def audit(s: "Session", split: str = "all", features: bool | None = None, out: s
     # a near group may hold exact copies too: exact pairs join it so one image is not in two near groups
     near = [g for g in AU.groups_of(near_p + [(g[0], k) for g in exact for k in g[1:]], len(paths))
             if not set(g) <= in_exact]
-    use_features = s.built is not None if features is None else features
+    use_features = informed(s) if features is None else features
     feat = None
     if use_features:
         x, ok = model_features(s, [(p, label) for p, label, _ in samples])
@@ -278,6 +286,9 @@ def suspects(s: "Session", split: str = "val", top: int = 16, checkpoint: str | 
     classes = list(s.splits.classes)
     if checkpoint is None and not s.changes.position()[0]:
         probe = True  # an untrained head's predictions say nothing: the probe on the features does
+    note = "" if informed(s) or checkpoint is not None else (
+        f"note: {s.spec.name} has random weights (never pretrained or trained): its judgement says little — "
+        f"`load {s.spec.name} --pretrained` (or --weights FILE), or train first")
     if split == "train" or probe:
         if checkpoint is not None:
             raise PgError("--checkpoint is for the model's own predictions on val or test; the probe uses the "
@@ -308,7 +319,7 @@ def suspects(s: "Session", split: str = "val", top: int = 16, checkpoint: str | 
                      "predicted": classes[pred], "probability": float(probs[i, pred]),
                      "p_true": float(probs[i, labels[i]]), "flagged": rank <= len(issues)})
     return {"rows": rows, "split": split, "n": len(kept), "flagged": len(issues), "ranking": [kept[i][0] for i in order],
-            "labels": labels, "probs": probs,
+            "labels": labels, "probs": probs, "note": note,
             **source}
 
 

@@ -14,7 +14,8 @@ class AuditCommands(Commands):
     DEFAULT_CATEGORY = "Data"
 
     audit_parser = parser("Can the data be trusted: exact duplicates (the same bytes) and near-duplicates (a "
-                          "perceptual hash; with a model loaded, also the cosine similarity of its features) within "
+                          "perceptual hash; with a pretrained or trained model loaded, also the cosine similarity of "
+                          "its features) within "
                           "and across train/val/test, named as leakage (\"3 val images also in train\"); the same "
                           "image under two classes; class counts and imbalance; blank, grey-scale, tiny, huge and "
                           "odd-aspect images. The thresholds are printed. With --out DIR: a contact sheet per "
@@ -27,7 +28,8 @@ class AuditCommands(Commands):
                               help="write the contact sheets, audit.csv and exclude.txt there")
     features = audit_parser.add_mutually_exclusive_group()
     features.add_argument("--features", dest="features", action="store_true", default=None,
-                          help="compare the model's features too (the default when a model is loaded)")
+                          help="compare the model's features too (the default when the loaded model is pretrained, "
+                               "loaded from weights or trained)")
     features.add_argument("--no-features", dest="features", action="store_false",
                           help="hashes only (fast: no model pass)")
 
@@ -37,7 +39,9 @@ class AuditCommands(Commands):
         res = AU.audit(self.session, args.split, args.features, args.out)
         app, p = self._cmd, self._cmd.poutput
         p(f"audited {res['images']} images ({args.split}) in {res['seconds']:.1f} s"
-          + ("" if res["features"] else " — by hashes only"))
+          + ("" if res["features"] else " — by hashes only" + (
+              "" if self.session.built is None else " (the model's weights are random: `--features` compares its "
+                                                    "features all the same)")))
         counts = res["counts"]
         cols = ["class", "train", "val"] + (["test"] if any(r.get("test") is not None for r in counts) else [])
         app.ptable([[r[c] for c in cols] for r in counts], cols, wide=args.wide, wrap=["class"])

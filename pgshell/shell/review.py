@@ -97,6 +97,8 @@ class ReviewCommands(Commands):
         p = self._cmd.poutput
         p(f"{res['model']}: {res['flagged']} of {res['n']} {res['split']} images flagged as likely label errors by "
           f"confident learning; the {len(res['rows'])} least believed labels first")
+        if res["note"]:
+            p(res["note"])
         if args.out:
             drawn = AU.write_suspects(res, args.out)
             p(f"wrote {drawn['out']} and {drawn['csv']}")
