@@ -2,7 +2,7 @@
 `errors --suspect` through the session, and measure what they find.
 
     nice -n 10 python benchmarks/audit_planted.py ../shared/datasets/cifar10-test --out /tmp/audit-bench \\
-        [--weights FILE --model efficientnet_lite0 --size 224]
+        [--weights FILE --model efficientnet_lite0 --size 128]
 
 The copy (never the source) is laid out as train/ and val/ (every fifth image of each class to val), then:
 - 50 exact duplicates across the split: 50 val images copied byte for byte into train/ under other names;
@@ -101,7 +101,12 @@ def main() -> None:
     ap.add_argument("--weights", default="", help="weights for --model (the label-error part runs with them)")
     ap.add_argument("--size", type=int, default=224, help="the model's input size for the feature pass")
     ap.add_argument("--sheets", action="store_true", help="also write the audit's contact sheets to OUT/audit")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch's CPU threads for the feature pass (1: on a busy machine OpenMP's waits cost more)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     planted = build_copy(args.source, args.out, args.seed)
     s = Session(root=args.out / "sessions")

@@ -205,7 +205,7 @@ def test_audit_names_leakage_writes_sheets_and_an_exclude_list(tmp_path, monkeyp
 
 def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkeypatch):
     from pgshell.session import Session
-    from pgshell.session.replay import data_differences, export_plan
+    from pgshell.session.replay import data_differences, export_plan, fork
 
     monkeypatch.chdir(tmp_path)
     data = leaky_split(tmp_path / "tv")
@@ -235,16 +235,18 @@ def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkey
         assert f"expect file {exclude} {entry['exclude_sha256']}" in text and plan["warnings"] == []
         manifest = next(tmp_path.glob("ex.plan.data-1.tsv"))
         assert data_differences(str(data), manifest) == []
+        forked = fork(s, "ex-fork")
     finally:
         s.close()
     assert sorted((p, p.stat().st_size) for p in data.rglob("*.png")) == before  # nothing moved or deleted
     exclude.write_text("")  # the list edited since: the session keeps the names it recorded
-    s2 = Session.open(tmp_path / "sessions" / "ex.session")
-    try:
-        assert s2.data_change is None and s2.splits is not None
-        assert s2.data_id["fingerprint"] == fingerprint and len(s2.splits.train) == 38
-    finally:
-        s2.close(save=False)
+    for file in (tmp_path / "sessions" / "ex.session", forked):  # the session, and a fork of it
+        s2 = Session.open(file)
+        try:
+            assert s2.data_change is None and s2.splits is not None
+            assert s2.data_id["fingerprint"] == fingerprint and len(s2.splits.train) == 38
+        finally:
+            s2.close(save=False)
 
 
 def test_the_plan_line_replays_the_same_exclusion(tmp_path, monkeypatch, capsys):
