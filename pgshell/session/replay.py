@@ -41,6 +41,8 @@ def note(entry: dict) -> str:
         bits.append(f"weights initialised with seed {entry['init_seed']}")
     if entry["kind"] == "data":
         bits.append(f"{entry['files']} files, fingerprint {entry['fingerprint'][:12]}")
+        if entry.get("exclude"):
+            bits.append(f"{len(entry['excluded'])} excluded by a list with sha256 {entry['exclude_sha256'][:12]}")
     if entry.get("weights_sha256"):
         bits.append(f"weights file sha256 {entry['weights_sha256'][:12]}")
     return "; ".join(bits)
@@ -129,7 +131,7 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
         if e["step"] < at:  # a log edited by hand, or written by something other than this session
             plan.warn(n, f"logged at step {e['step']}, after step {at} was reached: the log is out of order")
         if e["kind"] == "data" and e.get("kept_position"):
-            if last_data and (e["path"], e["split"], e["size"], e["fingerprint"]) == last_data:
+            if last_data and _data_key(e) == last_data:
                 plan.add(f"# ({e['cmd']}: the same data again after a reopen, nothing to replay)")
                 continue
             plan.warn(plan.add(f"# {e['cmd']}"), "other data attached to a reopened run: a plan cannot continue a "
@@ -142,7 +144,7 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
         plan.add(e["cmd"])
         if e["kind"] == "data":
             data_n += 1
-            last_data = (e["path"], e["split"], e["size"], e["fingerprint"])
+            last_data = _data_key(e)
             _expect_data(s, plan, e, path.with_name(f"{path.name}.data-{data_n}.tsv"))
         if e.get("digest"):
             plan.add(f"expect weights {e['digest']}")
@@ -152,6 +154,11 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
         plan.warnings.append(f"the session trained on {', '.join(sorted(devices))}: a replay on CPU agrees to float "
                              "rounding, not bit for bit")
     return at
+
+
+def _data_key(entry: dict) -> tuple:
+    """What makes two `data` lines the same data: the folder's contents, the split, the size, the names excluded."""
+    return entry["path"], entry["split"], entry["size"], entry["fingerprint"], tuple(entry.get("excluded") or ())
 
 
 def _quote(text: str) -> str:
