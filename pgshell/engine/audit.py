@@ -2,7 +2,7 @@
 
 Duplicates:
 - exact: the same file bytes (BLAKE2b of the content; the name and folder do not matter).
-- near: a perceptual hash (pHash, as the `imagehash` package computes it: the 8x8 lowest frequencies of the 2-D DCT
+- near: a perceptual hash (pHash after the `imagehash` package's: the 8x8 lowest frequencies of the 2-D DCT
   of a 32x32 grey thumbnail, each bit "above the median") within NEAR_BITS of 64 bits, confirmed by the 8x8 colour
   thumbnails correlating at least NEAR_CORRELATION (the hash alone ignores colour: a grey sky and a grey sea match).
   Re-encoded and resized copies stay within a few bits; a cropped copy does not (a 2-pixel border of a 32-pixel
@@ -66,7 +66,8 @@ _BITS = (1 << np.arange(HASH_LOW * HASH_LOW, dtype=np.uint64)).astype(np.uint64)
 
 def phash(grey: np.ndarray) -> int:
     """64-bit perceptual hash of a HASH_SIDE x HASH_SIDE grey image (float): bit k is set where the k-th of the 8x8
-    lowest DCT frequencies (row-major, DC included) is above their median, as imagehash.phash."""
+    lowest DCT frequencies (row-major, DC included) is above their median, as imagehash.phash (whose DCT is
+    scipy's unnormalised one: its first row and column weigh a little more in the median; here the DCT is orthonormal)."""
     low = (_DCT @ grey @ _DCT.T)[:HASH_LOW, :HASH_LOW].ravel()
     return int(np.bitwise_or.reduce(_BITS[low > np.median(low)]))
 
@@ -321,7 +322,6 @@ def find_label_issues(labels, probs) -> np.ndarray:
     c = probs.shape[1]
     joint, _, _ = confident_joint(labels, probs)
     calibrated = calibrate_joint(joint, labels)
-    counts = np.bincount(labels, minlength=c)
     flagged = np.zeros(len(labels), bool)
     for i in range(c):
         members = np.nonzero(labels == i)[0]
@@ -336,7 +336,6 @@ def find_label_issues(labels, probs) -> np.ndarray:
             take = take[probs[take, j] - probs[take, i] > 0]  # only images that favour j over their label
             flagged[take] = True
             budget -= len(take)
-    del counts
     issues = np.nonzero(flagged)[0]
     self_conf = probs[issues, labels[issues]]
     return issues[np.argsort(self_conf, kind="stable")]
