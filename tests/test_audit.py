@@ -214,7 +214,9 @@ def test_audit_names_leakage_writes_sheets_and_an_exclude_list(tmp_path, monkeyp
 
 def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkeypatch):
     from pgshell.session import Session
+    from pgshell.engine.fingerprint import weights_digest
     from pgshell.session.replay import data_differences, export_plan, fork
+    from pgshell.shell.cli import run_plan
 
     monkeypatch.chdir(tmp_path)
     data = leaky_split(tmp_path / "tv")
@@ -245,8 +247,13 @@ def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkey
         manifest = next(tmp_path.glob("ex.plan.data-1.tsv"))
         assert data_differences(str(data), manifest) == []
         forked = fork(s, "ex-fork")
+        digest = weights_digest(s.built.module)
     finally:
         s.close()
+    replayed = new_app(tmp_path / "replayed")  # the plan, run from nothing: the same data, the same weights
+    assert run_plan(replayed, text.splitlines()) == 0, replayed.stdout.getvalue()[-800:]
+    assert replayed.session.data_id["fingerprint"] == fingerprint
+    assert weights_digest(replayed.session.built.module) == digest
     assert sorted((p, p.stat().st_size) for p in data.rglob("*.png")) == before  # nothing moved or deleted
     exclude.write_text("")  # the list edited since: the session keeps the names it recorded
     for file in (tmp_path / "sessions" / "ex.session", forked):  # the session, and a fork of it
