@@ -2,7 +2,7 @@
 `errors --suspect` through the session, and measure what they find.
 
     nice -n 10 python benchmarks/audit_planted.py ../shared/datasets/cifar10-test --out /tmp/audit-bench \\
-        [--weights FILE --model efficientnet_lite0 --size 128]
+        [--weights FILE --model efficientnet_lite0 --size 128 --normalize 0.5/0.5 --crop-pct 1]
 
 The copy (never the source) is laid out as train/ and val/ (every fifth image of each class to val), then:
 - 50 exact duplicates across the split: 50 val images copied byte for byte into train/ under other names;
@@ -30,6 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pgshell.session import Session  # noqa: E402
@@ -101,6 +102,9 @@ def main() -> None:
     ap.add_argument("--weights", default="", help="weights for --model (the label-error part runs with them)")
     ap.add_argument("--size", type=int, default=224, help="the model's input size for the feature pass")
     ap.add_argument("--sheets", action="store_true", help="also write the audit's contact sheets to OUT/audit")
+    ap.add_argument("--normalize", default="model",
+                    help="the `normalize` setting for the feature pass (lukemelas' Lite weights expect 0.5/0.5)")
+    ap.add_argument("--crop-pct", type=float, default=0.0, help="the `crop_pct` setting (1: the whole image)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch's CPU threads for the feature pass (1: on a busy machine OpenMP's waits cost more)")
     args = ap.parse_args()
@@ -113,6 +117,9 @@ def main() -> None:
     report = {"load": os.getloadavg(), "cores": len(os.sched_getaffinity(0))}
     try:
         s.set("batch_size", 64)
+        s.set("normalize", args.normalize)
+        if args.crop_pct:
+            s.set("crop_pct", args.crop_pct)
         s.attach_data(planted["data"], size=args.size)
         t0, c0 = time.perf_counter(), time.process_time()
         res = AU.audit(s, features=False, workers=args.workers,
@@ -144,8 +151,17 @@ def main() -> None:
             report["suspect_seconds"] = time.perf_counter() - t0
             top = {os.path.relpath(p, planted["data"]) for p in sus["ranking"][:200]}
             flagged = {os.path.relpath(p, planted["data"]) for p in sus["ranking"][:sus["flagged"]]}
-            report.update(flips_in_top200=len(top & set(planted["flips"])) / len(planted["flips"]),
-                          flagged=sus["flagged"], flips_flagged=len(flagged & set(planted["flips"])),
+            flips = set(planted["flips"])
+            is_flip = np.array([os.path.relpath(p, planted["data"]) in flips for p in sus["files"]])
+            labels, probs = sus["labels"], sus["probs"]
+            other = probs.copy()
+            other[np.arange(len(labels)), labels] = -1
+            margin = probs[np.arange(len(labels)), labels] - other.max(1)  # cleanlab's normalized margin, unscaled
+            np.savez(args.out / "probs.npz", labels=labels, probs=probs, is_flip=is_flip)
+            report["flips_in_top200_by_margin_alone"] = float(is_flip[np.argsort(margin, kind="stable")[:200]].mean()
+                                                              * 200 / len(flips))
+            report.update(flips_in_top200=len(top & flips) / len(flips),
+                          flagged=sus["flagged"], flips_flagged=len(flagged & flips),
                           probe_accuracy_on_given_labels=float((sus["probs"].argmax(1) == sus["labels"]).mean()))
     finally:
         s.close(save=False)

@@ -319,7 +319,7 @@ def suspects(s: "Session", split: str = "val", top: int = 16, checkpoint: str | 
                      "predicted": classes[pred], "probability": float(probs[i, pred]),
                      "p_true": float(probs[i, labels[i]]), "flagged": rank <= len(issues)})
     return {"rows": rows, "split": split, "n": len(kept), "flagged": len(issues), "ranking": [kept[i][0] for i in order],
-            "labels": labels, "probs": probs, "note": note,
+            "files": [p for p, _ in kept], "labels": labels, "probs": probs, "note": note,
             **source}
 
 
