@@ -312,6 +312,8 @@ def test_errors_suspect_ranks_flipped_validation_labels_first(tmp_path, monkeypa
         assert res["flagged"] >= 3 and all(r["flagged"] for r in res["rows"][:3])
         assert (tmp_path / "sus.png").stat().st_size > 1000
         assert (tmp_path / "sus.csv").read_text().count("\n") == 6
+        ok, res = run(app, "errors --suspect --class b --top 2")
+        assert ok and [r["true"] for r in res["rows"]] == ["b", "b"] and res["rows"][0]["path"] == "val/b/flip1.png"
     finally:
         app.session.close(save=False)
 

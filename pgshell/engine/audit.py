@@ -67,7 +67,7 @@ _BITS = (1 << np.arange(HASH_LOW * HASH_LOW, dtype=np.uint64)).astype(np.uint64)
 def phash(grey: np.ndarray) -> int:
     """64-bit perceptual hash of a HASH_SIDE x HASH_SIDE grey image (float): bit k is set where the k-th of the 8x8
     lowest DCT frequencies (row-major, DC included) is above their median, as imagehash.phash (whose DCT is
-    scipy's unnormalised one: its first row and column weigh a little more in the median; here the DCT is orthonormal)."""
+    scipy's unnormalised one: its first row and column weigh a little more in the median; here it is orthonormal)."""
     low = (_DCT @ grey @ _DCT.T)[:HASH_LOW, :HASH_LOW].ravel()
     return int(np.bitwise_or.reduce(_BITS[low > np.median(low)]))
 

@@ -269,7 +269,7 @@ def _sheet(groups: list[list[dict]], path: Path, kind: str) -> Path:
 
 # ====================================================================== likely label errors (`errors --suspect`)
 def suspects(s: "Session", split: str = "val", top: int = 16, checkpoint: str | None = None, probe: bool = False,
-             folds: int = 5) -> dict:
+             folds: int = 5, cls: str | None = None) -> dict:
     """Images whose given label the model disbelieves, by confident learning (engine/audit.py). The probabilities
     must not come from a model that learned these labels: on val and test, the model's own predictions (a
     checkpoint's with `checkpoint`); on train, or with `probe`, out-of-fold predictions of a linear probe on the
@@ -284,6 +284,7 @@ def suspects(s: "Session", split: str = "val", top: int = 16, checkpoint: str | 
     if s.splits is None or s.built is None:
         raise PgError("errors --suspect needs a model and data: `load MODEL` and `data PATH` first")
     classes = list(s.splits.classes)
+    wanted = review.class_index(classes, cls) if cls is not None else None
     if checkpoint is None and not s.changes.position()[0]:
         probe = True  # an untrained head's predictions say nothing: the probe on the features does
     note = "" if informed(s) or checkpoint is not None else (
@@ -312,13 +313,16 @@ def suspects(s: "Session", split: str = "val", top: int = 16, checkpoint: str | 
         source = {"model": f"{where['model']} (epoch {where['epoch']}, step {where['step']})", "how": "model"}
     issues = AU.find_label_issues(labels, probs)
     order = AU.rank_label_issues(labels, probs)
+    shown = [i for i in order if wanted is None or labels[i] == wanted]
+    flagged = set(issues.tolist())
     rows = []
-    for rank, i in enumerate(order[:top], 1):
+    for rank, i in enumerate(shown[:top], 1):
         pred = int(probs[i].argmax())
         rows.append({"rank": rank, "path": _rel(s, kept[i][0]), "file": kept[i][0], "true": classes[labels[i]],
                      "predicted": classes[pred], "probability": float(probs[i, pred]),
-                     "p_true": float(probs[i, labels[i]]), "flagged": rank <= len(issues)})
-    return {"rows": rows, "split": split, "n": len(kept), "flagged": len(issues), "ranking": [kept[i][0] for i in order],
+                     "p_true": float(probs[i, labels[i]]), "flagged": int(i) in flagged})
+    return {"rows": rows, "split": split, "n": len(kept), "flagged": len(issues), "class": cls,
+            "ranking": [kept[i][0] for i in order],
             "files": [p for p, _ in kept], "labels": labels, "probs": probs, "note": note,
             **source}
 

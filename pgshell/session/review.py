@@ -473,7 +473,8 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     return result, kept, source
 
 
-split_outputs = _split_outputs  # the errors path's evaluation, for `errors --suspect` (session/audit.py)
+# the errors path's evaluation and class check, for `errors --suspect` (session/audit.py)
+split_outputs, class_index = _split_outputs, _class_index
 
 
 def top_losses(s: "Session", split: str = "val", top: int = 16, cls: str | None = None,

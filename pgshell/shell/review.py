@@ -93,10 +93,11 @@ class ReviewCommands(Commands):
     def _suspects(self, args):
         from ..session import audit as AU
 
-        res = AU.suspects(self.session, args.split, args.top, args.checkpoint, args.probe)
+        res = AU.suspects(self.session, args.split, args.top, args.checkpoint, args.probe, cls=args.cls)
         p = self._cmd.poutput
         p(f"{res['model']}: {res['flagged']} of {res['n']} {res['split']} images flagged as likely label errors by "
-          f"confident learning; the {len(res['rows'])} least believed labels first")
+          f"confident learning; the {len(res['rows'])} least believed labels first"
+          + (f" of class {res['class']}" if res["class"] else ""))
         if res["note"]:
             p(res["note"])
         if args.out:
