@@ -70,7 +70,8 @@ def model_features(s: "Session", samples: list[tuple[str, int]]):
     tr = s.trainer if s.running else s.ensure_trainer()
     name = head_module_name(s.built.head)
     head = s.built.module.get_submodule(name) if name else s.built.module
-    transform = D.build_transform(s.built.data_config, train=False, size=int((s.data or {}).get("size") or 0))
+    transform = D.build_transform(s.built.data_config, train=False, size=int((s.data or {}).get("size") or 0),
+                                  policy=s.config)  # the evaluation the session trains with: normalize, crop_pct
     job = (D.ImageDataset(samples, transform), [(i, 0) for i in range(len(samples))])
 
     def run():
