@@ -41,7 +41,7 @@ def test_command_sets_are_given_their_apps_session(tmp_path):
     b = PgShell(interactive=False, sessions_dir=str(tmp_path / "b"), stdout=io.StringIO())
     try:
         sets_a, sets_b = a._installed_command_sets, b._installed_command_sets
-        assert len(sets_a) == len(sets_b) == 7
+        assert len(sets_a) == len(sets_b) == 9  # Model, Data, Training, Session, Analysis, Tuning, Review, Best (soup/autofit/report), Audit
         assert all(cs.session is a.session for cs in sets_a) and all(cs.session is b.session for cs in sets_b)
     finally:
         a.session.close(save=False)

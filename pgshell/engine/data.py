@@ -24,7 +24,7 @@ import struct
 import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -74,6 +74,7 @@ class Splits:
     test: list[tuple[str, int]] | None
     layout: str  # "train/val folders" or "split 0.2 seed 0"
     rejected: list[tuple[str, str]]  # (path, reason): bad files and ignored class folders
+    excluded: list[tuple[str, int]] = field(default_factory=list)  # left out by `data --exclude` (still on disk)
 
     def counts(self) -> list[dict]:
         """One row per class: {"class", "train", "val", "test"}; "test" is None when there is no test split."""

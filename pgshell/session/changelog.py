@@ -172,18 +172,23 @@ class ChangeLog:
         return self.record("load", cmd, at=at, **detail)
 
     def record_data(self, at, splits, root: str, split: float, size: int, check: bool, kept_position: bool,
-                    rebuilt=None, seed: int = 0) -> dict:
+                    rebuilt=None, seed: int = 0, exclusion: dict | None = None) -> dict:
         """`data` has attached `splits` from `root`: the command, and the fingerprint of every file it found (the
         per-file manifest goes to manifests/, so a replay can name the file that changed). `rebuilt`: the model whose
-        head was re-initialised (with `seed`) for the data's classes, if it was."""
+        head was re-initialised (with `seed`) for the data's classes, if it was. With `exclusion` (`data --exclude`):
+        the list's file and SHA-256 (a replay checks it) and the names it left out."""
         from ..engine.fingerprint import data_manifest, manifest_digest, weights_digest
 
         rows = data_manifest(root, data_files(splits))
         fingerprint = manifest_digest(rows)
         cmd = f"data {shlex.quote(root)} --split {split!r} --size {size}" + (" --check" if check else "")
+        if exclusion:
+            cmd += f" --exclude {shlex.quote(exclusion['file'])}"
         self.add_manifest(fingerprint, rows, cmd)
         detail: dict[str, Any] = {"path": root, "split": split, "size": size, "fingerprint": fingerprint,
                                   "files": len(rows)}
+        if exclusion:
+            detail.update(exclude=exclusion["file"], exclude_sha256=exclusion["sha256"], excluded=exclusion["paths"])
         if kept_position:  # a reopened session whose data was missing: its weights and position carry on
             detail["kept_position"] = True
         if rebuilt is not None:  # a new head for another number of classes, initialised from the seed in force
@@ -272,8 +277,8 @@ class ChangeLog:
 
 def data_files(splits) -> list[str]:
     """Every file a data folder's training depends on: the images of each split and the files it rejected (fixing a
-    bad image changes training too)."""
-    files = [p for p, _ in splits.train + splits.val + (splits.test or [])]
+    bad image changes training too); those `data --exclude` left out too, so the manifest is the folder's."""
+    files = [p for p, _ in splits.train + splits.val + (splits.test or []) + getattr(splits, "excluded", [])]
     return files + [p for p, _ in splits.rejected if os.path.isfile(p)]
 
 

@@ -154,12 +154,15 @@ class Session:
         return M.build_model(spec)
 
     def attach_data(self, path: str | None = None, split: float = 0.2, size: int = 0, check: bool = False,
-                    keep: bool = False, root: str | None = None, allow_outside: bool = False) -> Any:
+                    keep: bool = False, root: str | None = None, allow_outside: bool = False,
+                    exclude: str | None = None) -> Any:
         """Attach a dataset: an image folder, a label file (paths from `root`) or a Hugging Face dataset (PATH: the
         session's data when None). `check` also decodes every image, adding those that fail to `splits.rejected`
         (they stay in their split, skipped when loaded, so the split is the same either way). The same data as the
         run's changes nothing; other data, once the session has trained, starts a new run (`_new_run`); `keep`
-        trains on with the recorded file lists, less the files gone (session/fingerprint.py)."""
+        trains on with the recorded file lists, less the files gone (session/fingerprint.py). `exclude`: a list of
+        files to leave out (session/audit.py; nothing on disk changes); without PATH the session's exclusion stays,
+        a new PATH drops it unless `exclude` is given again."""
         from ..engine import data as D
         from ..engine import models as M
 
@@ -176,6 +179,7 @@ class Session:
                                                                            allow_outside=allow_outside)
         if check:
             splits.rejected += D.find_undecodable(p for p, _ in splits.train + splits.val + (splits.test or []))
+        exclusion = self._exclusion(path, exclude, location, splits)
         lists = FP.file_lists(splits, location)
         ident = FP.identity(lists)
         bound = self.binding
@@ -188,8 +192,10 @@ class Session:
             self._new_run("other data")
         kept = self.pending_state is not None
         self.splits = splits
-        # seed: the split's; keep: reopen takes the recorded lists again, without asking
-        self.binding = DataBinding(location, split, size, self.config.seed, root, keep, allow_outside, ident, lists)
+        # seed: the split's; keep: reopen takes the recorded lists again, without asking; exclude: the names
+        # themselves (reopen leaves them out, whatever the list says since)
+        self.binding = DataBinding(location, split, size, self.config.seed, root, keep, allow_outside, ident, lists,
+                                   exclude=exclusion or None)
         self.data_change = None
         self.settle()
         self.dirty = True
@@ -200,8 +206,26 @@ class Session:
             self.built = self._build(self.spec)
             self.notify(f"model rebuilt with a {len(splits.classes)}-class head for this data")
         self.changes.record_data(at, splits, location, split, size, check, kept, self.built if rebuilt else None,
-                                 self.config.seed)
+                                 self.config.seed, exclusion)
         return splits
+
+    def _exclusion(self, path: str | None, exclude: str | None, location: str, splits) -> dict | None:
+        """The exclusion `data` attaches with (session/audit.py), applied to `splits`: a new list, or the session's
+        own when the data is the session's (no PATH); None otherwise."""
+        from . import audit as AU
+
+        if exclude is not None:
+            exclusion, missing = AU.read_exclusion(exclude, location, splits)
+            if missing:
+                self.notify(f"{missing} file(s) listed in {exclude} are not in this data: left aside")
+        elif path is None and (self.data or {}).get("exclude"):
+            exclusion = self.data["exclude"]
+        else:
+            return None
+        AU.apply_exclusion(splits, location, exclusion["paths"])
+        self.notify(f"{len(splits.excluded)} image(s) excluded ({Path(exclusion['file']).name}); nothing on disk "
+                    "was moved or deleted")
+        return exclusion
 
     def _data_location(self, path: str | None, root: str | None) -> tuple[str, str | None]:
         """(where the data is, the root a label file's paths start from): as given, or the session's own."""

@@ -50,6 +50,7 @@ class DataBinding:
     allow_outside: bool = False  # `data --allow-outside`: a label file's images outside its root, asked for
     identity: dict | None = None  # {"classes", "fingerprint", "counts"} of the files when bound (session/fingerprint.py)
     lists: dict | None = field(default=None, repr=False, compare=False)  # the lists behind `identity`: data-files.json
+    exclude: dict | None = None  # `data --exclude FILE`: {"file", "sha256", "paths"}, the names left out
 
     def where(self) -> dict:
         """The binding as the rest of the session reads it (`Session.data`): path, split, size, seed, root, keep."""
@@ -62,6 +63,8 @@ class DataBinding:
             out["keep"] = True
         if self.allow_outside:
             out["allow_outside"] = True
+        if self.exclude:
+            out["exclude"] = self.exclude
         return out
 
     def to_dict(self) -> dict:
@@ -78,7 +81,7 @@ class DataBinding:
         identity = {k: d[k] for k in _IDENTITY if k in d} or None
         return cls(path=d["path"], split=float(d["split"]), size=int(d.get("size") or 0), seed=d.get("seed"),
                    root=d.get("root"), keep=d.get("keep") is True, allow_outside=d.get("allow_outside") is True,
-                   identity=identity)
+                   identity=identity, exclude=d["exclude"] if isinstance(d.get("exclude"), dict) else None)
 
 
 @dataclass

@@ -403,6 +403,10 @@ def rebind_data(data: DataBinding, folder: Path, state: dict | None, seed: int, 
 
             splits = D.resolve_data(data.path, split=data.split, seed=seed if data.seed is None else data.seed,
                                     root=data.root, allow_outside=data.allow_outside)
+            if data.exclude:  # `data --exclude`: the names recorded then, left out again
+                from .audit import apply_exclusion
+
+                apply_exclusion(splits, data.path, data.exclude["paths"])
     except PgError as e:
         notify(f"data not attached: {e} — `data PATH` to attach it again")
         return bound, None, None, written

@@ -43,6 +43,8 @@ def note(entry: dict) -> str:
         bits.append(f"weights initialised with seed {entry['init_seed']}")
     if entry["kind"] == "data":
         bits.append(f"{entry['files']} files, fingerprint {entry['fingerprint'][:12]}")
+        if entry.get("exclude"):
+            bits.append(f"{len(entry['excluded'])} excluded by a list with sha256 {entry['exclude_sha256'][:12]}")
     if entry.get("weights_sha256"):
         bits.append(f"weights file sha256 {entry['weights_sha256'][:12]}")
     return "; ".join(bits)
@@ -134,20 +136,20 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
         if e["step"] < at:  # a log edited by hand, or written by something other than this session
             plan.warn(n, f"logged at step {e['step']}, after step {at} was reached: the log is out of order")
         if e["kind"] == "data" and e.get("kept_position"):
-            if last_data and (e["path"], e["split"], e["size"], e["fingerprint"]) == last_data:
+            if last_data and _data_key(e) == last_data:
                 plan.add(f"# ({e['cmd']}: the same data again after a reopen, nothing to replay)")
                 continue
             plan.warn(plan.add(f"# {e['cmd']}"), "other data attached to a reopened run: a plan cannot continue a "
                                                   "run on other data mid-way")
             continue
-        for key in ("weights", "code"):  # a file the command reads: the same bytes, or the replay stops
+        for key in ("weights", "code", "exclude"):  # a file the command reads: the same bytes, or the replay stops
             if e.get(key):
                 n = plan.add(f"expect file {_quote(e[key])} {e[key + '_sha256']}")
                 _check_file(plan, n, e[key], e[key + "_sha256"])
         plan.add(e["cmd"])
         if e["kind"] == "data":
             data_n += 1
-            last_data = (e["path"], e["split"], e["size"], e["fingerprint"])
+            last_data = _data_key(e)
             _expect_data(s, plan, e, path.with_name(f"{path.name}.data-{data_n}.tsv"))
         if e.get("digest"):
             plan.add(f"expect weights {e['digest']}")
@@ -157,6 +159,11 @@ def _replay_entries(s, plan: _Plan, path: Path) -> int:
         plan.warnings.append(f"the session trained on {', '.join(sorted(devices))}: a replay on CPU agrees to float "
                              "rounding, not bit for bit")
     return at
+
+
+def _data_key(entry: dict) -> tuple:
+    """What makes two `data` lines the same data: the folder's contents, the split, the size, the names excluded."""
+    return entry["path"], entry["split"], entry["size"], entry["fingerprint"], tuple(entry.get("excluded") or ())
 
 
 def _quote(text: str) -> str:
@@ -294,7 +301,7 @@ def fork(s, name: str, which: str | None = None) -> Path:
                 shutil.copyfile(s.folder / extra, folder / extra)
             elif (s.folder / extra).is_dir():
                 shutil.copytree(s.folder / extra, folder / extra)
-        data = next(({k: e[k] for k in ("path", "split", "size")} for e in reversed(kept) if e["kind"] == "data"),
+        data = next((_data_of(e) for e in reversed(kept) if e["kind"] == "data"),
                     s.data)  # the data the checkpoint was trained on, though other data is attached now
         if final.exists() or final.is_symlink():  # taken meanwhile: never renamed over
             raise PgError(f"{final} appeared while forking: choose another name")
@@ -307,6 +314,14 @@ def fork(s, name: str, which: str | None = None) -> Path:
             (s.root / f"{name}.session").unlink(missing_ok=True)
         raise
     return s.root / f"{name}.session"
+
+
+def _data_of(entry: dict) -> dict:
+    """A session file's `data` from a change log's `data` line (with the names `data --exclude` left out)."""
+    data = {k: entry[k] for k in ("path", "split", "size")}
+    if entry.get("exclude"):
+        data["exclude"] = {"file": entry["exclude"], "sha256": entry["exclude_sha256"], "paths": entry["excluded"]}
+    return data
 
 
 def check_fork(s, name: str) -> None:

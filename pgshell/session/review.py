@@ -476,6 +476,10 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     return result, kept, source
 
 
+# the errors path's evaluation and class check, for `errors --suspect` (session/audit.py)
+split_outputs, class_index = _split_outputs, _class_index
+
+
 def top_losses(s: "Session", split: str = "val", top: int = 16, cls: str | None = None,
                checkpoint: str | None = None) -> dict:
     """The images of a split with the highest loss (fastai's plot_top_losses), highest first: path, true class,

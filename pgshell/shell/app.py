@@ -31,6 +31,7 @@ from ._common import Parser, _fmt_secs, parser
 from ._table import fit_table
 from .analysis import AnalysisCommands
 from .best import BestCommands
+from .auditcmds import AuditCommands
 from .data import DataCommands
 from .model import ModelCommands
 from .review import ReviewCommands
@@ -108,7 +109,7 @@ class PgShell(cmd2.Cmd):
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
                          command_sets=[cls(session) for cls in (ModelCommands, DataCommands, TrainingCommands,
                                                                 SessionCommands, AnalysisCommands, TuningCommands,
-                                                                ReviewCommands, BestCommands)],
+                                                                ReviewCommands, BestCommands, AuditCommands)],
                          enable_bottom_toolbar=self.interactive, refresh_interval=0.5 if self.interactive else 0.0,
                          persistent_history_file=os.path.expanduser("~/.pgshell_history") if self.interactive else "",
                          suggest_similar_command=True, terminators=[],

@@ -38,6 +38,10 @@ class DataCommands(Commands):
                              help="a label file may name images outside --root (refused by default)")
     data_parser.add_argument("--check", action="store_true",
                              help="also decode every image (slower) and list every rejected file and why")
+    data_parser.add_argument("--exclude", metavar="FILE", completer=cmd2.Cmd.path_complete,
+                             help="leave out the files listed in FILE (`audit --out DIR` writes DIR/exclude.txt); "
+                                  "nothing on disk is moved or deleted, the session and its change log record the "
+                                  "names")
     data_parser.add_argument("--keep", action="store_true",
                              help="the session's recorded file lists, less the files gone: the run goes on")
 
@@ -46,7 +50,8 @@ class DataCommands(Commands):
         """Attach a dataset."""
         try:
             splits = self.session.attach_data(args.path, args.split, args.size, check=args.check,
-                                              root=args.root, keep=args.keep, allow_outside=args.allow_outside)
+                                              root=args.root, keep=args.keep, allow_outside=args.allow_outside,
+                                              exclude=args.exclude)
         except PgError as e:  # a folder with nothing to train on: --check shows what the scan left out, and why
             if args.check and getattr(e, "rejected", None):
                 self._print_rejected(e.rejected, args.wide)
@@ -64,6 +69,12 @@ class DataCommands(Commands):
                               + ("" if args.check else " (`data PATH --check` lists them)"))
             if args.check:
                 self._print_rejected(splits.rejected, args.wide)
+        if args.check:  # the audit's short form: hashes only
+            from ..session.audit import audit, summary_lines
+
+            found = summary_lines(audit(self.session, features=False))
+            self._cmd.poutput("audit: " + ("; ".join(found) + " — `audit` for details" if found else
+                                           "no duplicates, leakage or odd images"))
         width = None if args.wide else self._cmd.table_width()
         for hint in self.session.data_hints():  # wrapped to the terminal like the tables
             self._cmd.poutput(textwrap.fill(hint, width, break_on_hyphens=False) if width else hint)

@@ -65,12 +65,19 @@ class ReviewCommands(Commands):
     errors_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
                                help="draw a contact sheet (and FILE.csv)")
     errors_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
+    errors_parser.add_argument("--suspect", action="store_true",
+                               help="likely label errors instead (confident learning): the images whose given label "
+                                    "the model disbelieves; on train (or with --probe) from out-of-fold predictions "
+                                    "of a linear probe on the model's features")
+    errors_parser.add_argument("--probe", action="store_true", help="with --suspect: the probe on val/test too")
 
     @with_argparser(errors_parser)
     def do_errors(self, args):
         """Show the highest-loss images."""
         if args.out and not args.out.lower().endswith(".png"):
             raise PgError(f"--out draws a PNG: give FILE.png, not {args.out}")
+        if args.suspect:
+            return self._suspects(args)
         res = A.top_losses(self.session, args.split, args.top, args.cls, args.checkpoint)
         p = self._cmd.poutput
         p(f"{res['model']} (epoch {res['epoch']}, step {res['step']}): {len(res['rows'])} highest losses of "
@@ -87,6 +94,26 @@ class ReviewCommands(Commands):
             rows = [[r["rank"], r["path"], r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['loss']:.4f}"]
                     for r in res["rows"]]
             p(_fit(self._cmd, ["#", "path", "true", "predicted", "probability", "loss"], rows))
+        self._cmd.last_result = res
+
+    def _suspects(self, args):
+        from ..session import audit as AU
+
+        res = AU.suspects(self.session, args.split, args.top, args.checkpoint, args.probe, cls=args.cls)
+        p = self._cmd.poutput
+        p(f"{res['model']}: {res['flagged']} of {res['n']} {res['split']} images flagged as likely label errors by "
+          f"confident learning; the {len(res['rows'])} least believed labels first"
+          + (f" of class {res['class']}" if res["class"] else ""))
+        if res["note"]:
+            p(res["note"])
+        if args.out:
+            drawn = AU.write_suspects(res, args.out)
+            p(f"wrote {drawn['out']} and {drawn['csv']}")
+            res.update(drawn)
+        else:
+            rows = [[r["rank"], r["path"], r["true"], r["predicted"], f"{r['probability']:.3f}", f"{r['p_true']:.3f}",
+                     "yes" if r["flagged"] else ""] for r in res["rows"]]
+            p(_fit(self._cmd, ["#", "path", "given", "believed", "probability", "p_given", "flagged"], rows))
         self._cmd.last_result = res
 
     # ------------------------------------------------------------------ explain
