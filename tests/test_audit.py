@@ -235,7 +235,7 @@ def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkey
         s.train(steps=2)
         assert s.wait(120) and "error" not in s.status
         s.save()
-        fingerprint = s.data_id["fingerprint"]
+        fingerprint = s.binding.identity["fingerprint"]
         entry = [e for e in s.changes.entries if e["kind"] == "data"][-1]
         assert entry["exclude"] == str(exclude) and entry["excluded"] == ["train/a/dup-a000.png",
                                                                           "train/b/dup-b001.png"]
@@ -252,7 +252,7 @@ def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkey
         s.close()
     replayed = new_app(tmp_path / "replayed")  # the plan, run from nothing: the same data, the same weights
     assert run_plan(replayed, text.splitlines()) == 0, replayed.stdout.getvalue()[-800:]
-    assert replayed.session.data_id["fingerprint"] == fingerprint
+    assert replayed.session.binding.identity["fingerprint"] == fingerprint
     assert weights_digest(replayed.session.built.module) == digest
     assert sorted((p, p.stat().st_size) for p in data.rglob("*.png")) == before  # nothing moved or deleted
     exclude.write_text("")  # the list edited since: the session keeps the names it recorded
@@ -260,7 +260,7 @@ def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkey
         s2 = Session.open(file)
         try:
             assert s2.data_change is None and s2.splits is not None
-            assert s2.data_id["fingerprint"] == fingerprint and len(s2.splits.train) == 38
+            assert s2.binding.identity["fingerprint"] == fingerprint and len(s2.splits.train) == 38
         finally:
             s2.close(save=False)
 
@@ -277,7 +277,7 @@ def test_the_plan_line_replays_the_same_exclusion(tmp_path, monkeypatch, capsys)
         app = new_app(tmp_path / name)
         try:
             assert run_plan(app, [f"data {data} --size 32 --exclude {exclude}"]) == 0
-            fingerprints.append(app.session.data_id["fingerprint"])
+            fingerprints.append(app.session.binding.identity["fingerprint"])
             assert len(app.session.splits.train) == 39
         finally:
             app.session.close(save=False)
