@@ -1,14 +1,17 @@
 """The shell in-process (cmd2's onecmd_plus_hooks, captured output, last_result) and as a subprocess running plans."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 import torch
 
 from pgshell.engine import checkpoint as C
 
-from conftest import ROOT, exact_rows, pgshell, run
+from conftest import ROOT, WAIT, exact_rows, pgshell, pgshell_env, run
 
 
 def test_session_flow_in_process(app, split_folder, tmp_path, capsys):
@@ -137,3 +140,36 @@ def test_a_plan_cannot_run_programs_or_python(tmp_path):
         assert not marker.exists()
     r = pgshell(stdin=f"help | touch {marker}\n", cwd=tmp_path)  # no pipe to a program either
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ start-up stays light
+# pgshell as its console script runs it (`python -m pgshell`), then the heavy packages it imported, printed at exit.
+_HEAVY = """
+import runpy, sys
+sys.argv = ["pgshell", *sys.argv[1:]]
+try:
+    runpy.run_module("pgshell", run_name="__main__")
+finally:
+    print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"torch", "timm", "torchvision"}), flush=True)
+"""
+
+
+def test_a_plan_of_quit_imports_neither_torch_nor_timm(tmp_path):
+    """Start-up and `quit` must not import torch or timm (seconds each): only a command that needs them does."""
+    (tmp_path / "quit.plan").write_text("quit\n")
+    for args, stdin in ((["quit.plan"], None), ([], "quit\n"), ([], "")):
+        r = subprocess.run([sys.executable, "-c", _HEAVY, *args], input=stdin, capture_output=True, text=True,
+                           cwd=tmp_path, env=pgshell_env(), timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == "imported: []", (args, r.stdout)
+    assert not (tmp_path / "sessions").exists()  # nothing was trained: nothing saved
+
+
+def test_the_interactive_start_up_and_quit_import_neither_torch_nor_timm(tmp_path):
+    child = pexpect.spawn(sys.executable, ["-c", _HEAVY], cwd=str(tmp_path), env=pgshell_env(TERM="xterm"),
+                          encoding="utf-8", timeout=WAIT, dimensions=(40, 160))
+    child.expect("pgshell>")
+    child.sendline("quit")
+    child.expect(r"imported: \[.*\]")
+    assert child.after == "imported: []"
+    child.expect(pexpect.EOF)
