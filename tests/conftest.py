@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: tiny image folders made by the tests themselves (no network, no ../shared), sessions
 and shells on them, and pgshell as a subprocess. Test files import the helpers (`from conftest import run`)."""
 
+import contextlib
 import io
 import os
 import subprocess
@@ -139,3 +140,34 @@ def pgshell(*args, stdin=None, cwd=None, timeout=300, env=None) -> subprocess.Co
     """`pgshell ARGS` as a subprocess fed `stdin` (a plan); its output captured as text."""
     return subprocess.run([sys.executable, "-m", "pgshell", *args], input=stdin, capture_output=True, text=True,
                           cwd=cwd, env=env or pgshell_env(), timeout=timeout)
+
+
+def pgshell_here(*args, stdin=None, cwd=None) -> subprocess.CompletedProcess:
+    """`pgshell ARGS` as `pgshell()` runs it, but in this process: its `main` with stdin, stdout and stderr swapped
+    for strings and the working folder changed, giving the same exit code and output. For tests of what a plan does,
+    not of the process itself: it skips the seconds a new process spends importing torch and timm."""
+    from pgshell.shell import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    fault = os.environ.pop("PGSHELL_FAULT", None)  # as pgshell_env(): no fault injection
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _stdin(stdin or ""):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help, --version, bad arguments
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        os.chdir(here)
+        if fault is not None:
+            os.environ["PGSHELL_FAULT"] = fault
+    return subprocess.CompletedProcess(["pgshell", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _stdin(text: str):
+    old, sys.stdin = sys.stdin, io.StringIO(text)
+    try:
+        yield
+    finally:
+        sys.stdin = old

@@ -11,7 +11,7 @@ import torch
 
 from pgshell.engine import checkpoint as C
 
-from conftest import ROOT, WAIT, exact_rows, pgshell, pgshell_env, run
+from conftest import ROOT, WAIT, exact_rows, pgshell, pgshell_env, pgshell_here, run
 
 
 def test_session_flow_in_process(app, split_folder, tmp_path, capsys):
@@ -71,7 +71,7 @@ def test_set_while_idle_changes_config(app):
     assert ok and table["lr"] == 0.01 and "scheduler" in table
 
 
-# ------------------------------------------------------------------ plans as subprocesses
+# ------------------------------------------------------------------ plans: in-process (pgshell_here) and as subprocesses
 def _final_state(session_file: Path):
     folder = session_file.parent / json.loads(session_file.read_text())["folder"]
     path, state = C.load_latest(folder / "checkpoints")
@@ -80,12 +80,12 @@ def _final_state(session_file: Path):
 
 def test_plan_interrupted_and_reopened_equals_one_plan(tmp_path, split_folder):
     setup = f"data {split_folder} --size 32\nload test_resnet\nset batch_size 8\nset seed 3\n"
-    one = pgshell(stdin=setup + "train 2\nsave one.session\n", cwd=tmp_path)
+    one = pgshell_here(stdin=setup + "train 2\nsave one.session\n", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert "epoch 1 done" in one.stdout and "epoch 2 done" in one.stdout  # greppable progress lines
-    a = pgshell(stdin=setup + "train --steps 3\nsave two.session\nquit\n", cwd=tmp_path)
+    a = pgshell_here(stdin=setup + "train --steps 3\nsave two.session\nquit\n", cwd=tmp_path)
     assert a.returncode == 0, a.stderr
-    b = pgshell("-s", "two.session", stdin="train --steps 5\n", cwd=tmp_path)  # the end of a plan saves, like quit
+    b = pgshell_here("-s", "two.session", stdin="train --steps 5\n", cwd=tmp_path)  # the end of a plan saves, like quit
     assert b.returncode == 0, b.stderr
     s1, rows1 = _final_state(tmp_path / "one.session")
     s2, rows2 = _final_state(tmp_path / "two.session")
@@ -97,7 +97,7 @@ def test_plan_interrupted_and_reopened_equals_one_plan(tmp_path, split_folder):
 def test_plan_stops_at_first_error_with_one_line(tmp_path, split_folder):
     plan = tmp_path / "plan.txt"
     plan.write_text(f"# comment\n\ndata {split_folder}\nset lr banana\nload test_resnet\n")
-    r = pgshell(str(plan), cwd=tmp_path)
+    r = pgshell_here(str(plan), cwd=tmp_path)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -106,10 +106,10 @@ def test_plan_stops_at_first_error_with_one_line(tmp_path, split_folder):
 
 
 def test_plan_on_stdin_with_reopened_session(tmp_path, split_folder):
-    r = pgshell(stdin=f"data {split_folder} --size 32\nload test_resnet\nset batch_size 16\nsave s.session\n",
+    r = pgshell_here(stdin=f"data {split_folder} --size 32\nload test_resnet\nset batch_size 16\nsave s.session\n",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = pgshell("-s", "s.session", stdin="show\ntrain --steps 1\n", cwd=tmp_path)
+    r = pgshell_here("-s", "s.session", stdin="show\ntrain --steps 1\n", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "batch_size         16" in r.stdout or "batch_size  16" in " ".join(r.stdout.split("\n"))
     state, rows = _final_state(tmp_path / "s.session")
