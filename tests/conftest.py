@@ -25,6 +25,14 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: the workers shar
 WAIT = 120  # seconds: a generous bound for a tiny run on a loaded 2-core machine
 
 
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch):
+    """Tables are as wide as their text unless a test sets COLUMNS itself: a pytest-xdist worker finds COLUMNS=80 and
+    LINES=24 in its environment (a plain run does not), and a user may have exported them."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
+
+
 def make_images(root: Path, classes=("cat", "dog", "fox"), per_class=10, px=32, seed=0, fmt="png") -> Path:
     """Class folders of small learnable images: each class has its own colour and stripe direction, plus noise."""
     rng = np.random.default_rng(seed)
