@@ -24,12 +24,12 @@ postgres:
 	  echo "installing PostgreSQL for the shared-study test (apt-get, best effort)"; \
 	  (apt-get -qq update && DEBIAN_FRONTEND=noninteractive apt-get -qq install -y postgresql) >/dev/null 2>&1 || true; }
 
-# The tests are independent (each in its own temporary folders), so pytest-xdist runs them on every core: `-n auto`
-# starts one worker a core (PYTEST_XDIST_AUTO_NUM_WORKERS=N to choose), and conftest.py gives each worker's torch its
-# share of the cores. `make test` is the fast set (what CI runs); `make test-slow` the tests marked slow (long runs,
-# real processes killed or hung up on, a real small filesystem); `make test-all` both, and the GPU tests where there
-# is a GPU (skipped elsewhere).
-PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n auto --dist worksteal
+# The tests are independent (each in its own temporary folders), so pytest-xdist runs them on every CPU: `-n logical`
+# starts one worker a CPU (`auto` counts physical cores where psutil is installed: half the CPUs with hyperthreads;
+# PYTEST_XDIST_AUTO_NUM_WORKERS=N chooses), and conftest.py gives each worker's torch its share of the CPUs.
+# `make test` is the fast set (what CI runs); `make test-slow` the tests marked slow (long runs, real processes killed
+# or hung up on, a real small filesystem); `make test-all` both, and the GPU tests where there is a GPU.
+PYTEST := $(PY) -m pytest -q -p no:cacheprovider -n logical --dist worksteal
 
 test: $(VENV)/.installed postgres
 	$(PYTEST)
