@@ -1,6 +1,7 @@
 """Shared fixtures and helpers: tiny image folders made by the tests themselves (no network, no ../shared), sessions
 and shells on them, and pgshell as a subprocess. Test files import the helpers (`from conftest import run`)."""
 
+import contextlib
 import io
 import os
 import subprocess
@@ -16,8 +17,20 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:  # `pytest -n N`: the workers share the cores, so each takes its part
+    # (torch is not imported yet; the pgshell subprocesses a test starts inherit the same share)
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
 
 WAIT = 120  # seconds: a generous bound for a tiny run on a loaded 2-core machine
+
+
+@pytest.fixture(autouse=True)
+def _no_terminal_width(monkeypatch):
+    """Tables are as wide as their text unless a test sets COLUMNS itself: a pytest-xdist worker finds COLUMNS=80 and
+    LINES=24 in its environment (a plain run does not), and a user may have exported them."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
 
 
 def make_images(root: Path, classes=("cat", "dog", "fox"), per_class=10, px=32, seed=0, fmt="png") -> Path:
@@ -139,3 +152,34 @@ def pgshell(*args, stdin=None, cwd=None, timeout=300, env=None) -> subprocess.Co
     """`pgshell ARGS` as a subprocess fed `stdin` (a plan); its output captured as text."""
     return subprocess.run([sys.executable, "-m", "pgshell", *args], input=stdin, capture_output=True, text=True,
                           cwd=cwd, env=env or pgshell_env(), timeout=timeout)
+
+
+def pgshell_here(*args, stdin=None, cwd=None) -> subprocess.CompletedProcess:
+    """`pgshell ARGS` as `pgshell()` runs it, but in this process: its `main` with stdin, stdout and stderr swapped
+    for strings and the working folder changed, giving the same exit code and output. For tests of what a plan does,
+    not of the process itself: it skips the seconds a new process spends importing torch and timm."""
+    from pgshell.shell import main
+
+    out, err, here = io.StringIO(), io.StringIO(), os.getcwd()
+    fault = os.environ.pop("PGSHELL_FAULT", None)  # as pgshell_env(): no fault injection
+    try:
+        os.chdir(cwd or here)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _stdin(stdin or ""):
+            try:
+                code = main([str(a) for a in args])
+            except SystemExit as e:  # argparse: --help, --version, bad arguments
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+    finally:
+        os.chdir(here)
+        if fault is not None:
+            os.environ["PGSHELL_FAULT"] = fault
+    return subprocess.CompletedProcess(["pgshell", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _stdin(text: str):
+    old, sys.stdin = sys.stdin, io.StringIO(text)
+    try:
+        yield
+    finally:
+        sys.stdin = old

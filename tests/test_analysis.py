@@ -28,7 +28,7 @@ from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 from pgshell.shell import PgShell
 
-from conftest import ROOT, WAIT, make_images, make_split, new_app, pgshell, run, weights_of
+from conftest import ROOT, WAIT, make_images, make_split, new_app, pgshell_here, run, weights_of
 
 CLASSES = ["cat", "dog", "fox"]
 SETUP = ["set batch_size 8", "set lr 0.05", "set augment off"]
@@ -536,7 +536,7 @@ def test_analysis_commands_in_a_script(trained, tmp_path):
     shutil.copytree(app.session.root, copy)
     plan = "checkpoints\neval --checkpoint 1\nplot --out curves.png\npredict {}\n".format(
         app.session.splits.val[0][0])
-    r = pgshell("-s", str(copy / f"{app.session.name}.session"), stdin=plan, cwd=tmp_path)
+    r = pgshell_here("-s", str(copy / f"{app.session.name}.session"), stdin=plan, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     val1 = next(x for x in _rows(app.session) if x["split"] == "val")
     assert "epoch-0001.safetensors" in r.stdout and f"{float(val1['loss']):.4f}" in r.stdout

@@ -25,7 +25,7 @@ from pgshell.engine import checkpoint as C
 from pgshell.engine.errors import PgError
 from pgshell.session import Session
 
-from conftest import WAIT, make_split, new_session, pgshell, weights_of
+from conftest import WAIT, make_split, new_session, pgshell_here, weights_of
 
 
 class _Payload:
@@ -175,7 +175,7 @@ def test_pgshell_s_with_a_damaged_session_is_one_line_and_exit_1(copy):
     file, ckpt = copy
     _edit_checkpoint(ckpt, lambda st: st["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
                      C.read_metadata(ckpt))
-    r = pgshell("-s", str(file), stdin="show\n", timeout=WAIT)
+    r = pgshell_here("-s", str(file), stdin="show\n")
     assert r.returncode == 1, r.stdout
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "damaged" in lines[0], r.stderr

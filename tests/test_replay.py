@@ -1,4 +1,5 @@
-"""The change log, `history`, `export plan` and its replay in a new process, `expect`, `fork`, and `plot`'s marks."""
+"""The change log, `history`, `export plan` and its replay (in a new process once, in-process otherwise), `expect`,
+`fork`, and `plot`'s marks."""
 
 import io
 import json
@@ -18,6 +19,7 @@ from pgshell.session import Session
 from pgshell.session.replay import history
 from pgshell.shell import PgShell
 
+from conftest import pgshell_here
 from conftest import run as run_line
 from test_interactive import spawn
 
@@ -48,9 +50,11 @@ def latest(folder: Path) -> dict:
     return C.load_latest(folder / "checkpoints")[1]
 
 
-def replay(plan: Path, cwd: Path) -> subprocess.CompletedProcess:
-    """`pgshell PLAN` in a new process and an empty folder."""
+def replay(plan: Path, cwd: Path, new_process: bool = False) -> subprocess.CompletedProcess:
+    """`pgshell PLAN` in an empty folder: in this process (its `main`), or in a new process."""
     cwd.mkdir(parents=True, exist_ok=True)
+    if not new_process:
+        return pgshell_here(str(plan), cwd=cwd)
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "pgshell", str(plan)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
@@ -111,7 +115,7 @@ def test_changes_typed_while_training_paused_reopened_then_replayed_bit_for_bit(
     live = [e["step"] for e in changes[-5:]]
     assert live == sorted(live) and 0 < live[0] and live[-1] < end  # each applied while the run went on
 
-    r = replay(tmp_path / "cut.plan", tmp_path / "again")
+    r = replay(tmp_path / "cut.plan", tmp_path / "again", new_process=True)  # nothing carried over in memory
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_run(tmp_path / "cut", replayed_folder(tmp_path / "again"))
 

@@ -1,14 +1,17 @@
 """The shell in-process (cmd2's onecmd_plus_hooks, captured output, last_result) and as a subprocess running plans."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pexpect
 import pytest
 import torch
 
 from pgshell.engine import checkpoint as C
 
-from conftest import ROOT, exact_rows, pgshell, run
+from conftest import ROOT, WAIT, exact_rows, pgshell, pgshell_env, pgshell_here, run
 
 
 def test_session_flow_in_process(app, split_folder, tmp_path, capsys):
@@ -68,7 +71,7 @@ def test_set_while_idle_changes_config(app):
     assert ok and table["lr"] == 0.01 and "scheduler" in table
 
 
-# ------------------------------------------------------------------ plans as subprocesses
+# ------------------------------------------------------------------ plans: in-process (pgshell_here) and as subprocesses
 def _final_state(session_file: Path):
     folder = session_file.parent / json.loads(session_file.read_text())["folder"]
     path, state = C.load_latest(folder / "checkpoints")
@@ -77,12 +80,12 @@ def _final_state(session_file: Path):
 
 def test_plan_interrupted_and_reopened_equals_one_plan(tmp_path, split_folder):
     setup = f"data {split_folder} --size 32\nload test_resnet\nset batch_size 8\nset seed 3\n"
-    one = pgshell(stdin=setup + "train 2\nsave one.session\n", cwd=tmp_path)
+    one = pgshell_here(stdin=setup + "train 2\nsave one.session\n", cwd=tmp_path)
     assert one.returncode == 0, one.stderr
     assert "epoch 1 done" in one.stdout and "epoch 2 done" in one.stdout  # greppable progress lines
-    a = pgshell(stdin=setup + "train --steps 3\nsave two.session\nquit\n", cwd=tmp_path)
+    a = pgshell_here(stdin=setup + "train --steps 3\nsave two.session\nquit\n", cwd=tmp_path)
     assert a.returncode == 0, a.stderr
-    b = pgshell("-s", "two.session", stdin="train --steps 5\n", cwd=tmp_path)  # the end of a plan saves, like quit
+    b = pgshell_here("-s", "two.session", stdin="train --steps 5\n", cwd=tmp_path)  # the end of a plan saves, like quit
     assert b.returncode == 0, b.stderr
     s1, rows1 = _final_state(tmp_path / "one.session")
     s2, rows2 = _final_state(tmp_path / "two.session")
@@ -94,7 +97,7 @@ def test_plan_interrupted_and_reopened_equals_one_plan(tmp_path, split_folder):
 def test_plan_stops_at_first_error_with_one_line(tmp_path, split_folder):
     plan = tmp_path / "plan.txt"
     plan.write_text(f"# comment\n\ndata {split_folder}\nset lr banana\nload test_resnet\n")
-    r = pgshell(str(plan), cwd=tmp_path)
+    r = pgshell_here(str(plan), cwd=tmp_path)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and "Traceback" not in r.stdout
     errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -103,10 +106,10 @@ def test_plan_stops_at_first_error_with_one_line(tmp_path, split_folder):
 
 
 def test_plan_on_stdin_with_reopened_session(tmp_path, split_folder):
-    r = pgshell(stdin=f"data {split_folder} --size 32\nload test_resnet\nset batch_size 16\nsave s.session\n",
+    r = pgshell_here(stdin=f"data {split_folder} --size 32\nload test_resnet\nset batch_size 16\nsave s.session\n",
                 cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = pgshell("-s", "s.session", stdin="show\ntrain --steps 1\n", cwd=tmp_path)
+    r = pgshell_here("-s", "s.session", stdin="show\ntrain --steps 1\n", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "batch_size         16" in r.stdout or "batch_size  16" in " ".join(r.stdout.split("\n"))
     state, rows = _final_state(tmp_path / "s.session")
@@ -137,3 +140,36 @@ def test_a_plan_cannot_run_programs_or_python(tmp_path):
         assert not marker.exists()
     r = pgshell(stdin=f"help | touch {marker}\n", cwd=tmp_path)  # no pipe to a program either
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ start-up stays light
+# pgshell as its console script runs it (`python -m pgshell`), then the heavy packages it imported, printed at exit.
+_HEAVY = """
+import runpy, sys
+sys.argv = ["pgshell", *sys.argv[1:]]
+try:
+    runpy.run_module("pgshell", run_name="__main__")
+finally:
+    print("imported:", sorted({m.split(".")[0] for m in sys.modules} & {"torch", "timm", "torchvision"}), flush=True)
+"""
+
+
+def test_a_plan_of_quit_imports_neither_torch_nor_timm(tmp_path):
+    """Start-up and `quit` must not import torch or timm (seconds each): only a command that needs them does."""
+    (tmp_path / "quit.plan").write_text("quit\n")
+    for args, stdin in ((["quit.plan"], None), ([], "quit\n"), ([], "")):
+        r = subprocess.run([sys.executable, "-c", _HEAVY, *args], input=stdin, capture_output=True, text=True,
+                           cwd=tmp_path, env=pgshell_env(), timeout=WAIT)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.splitlines()[-1] == "imported: []", (args, r.stdout)
+    assert not (tmp_path / "sessions").exists()  # nothing was trained: nothing saved
+
+
+def test_the_interactive_start_up_and_quit_import_neither_torch_nor_timm(tmp_path):
+    child = pexpect.spawn(sys.executable, ["-c", _HEAVY], cwd=str(tmp_path), env=pgshell_env(TERM="xterm"),
+                          encoding="utf-8", timeout=WAIT, dimensions=(40, 160))
+    child.expect("pgshell>")
+    child.sendline("quit")
+    child.expect(r"imported: \[.*\]")
+    assert child.after == "imported: []"
+    child.expect(pexpect.EOF)

@@ -12,7 +12,7 @@ from conftest import make_images
 from pgshell.shell import PgShell
 from pgshell.shell._table import fit_table, text_width
 from pgshell.shell.app import unescape_spaces
-from conftest import pgshell
+from conftest import pgshell_here
 
 
 def run(app, line, capsys=None):
@@ -69,7 +69,7 @@ def test_a_failing_plan_line_is_named_and_the_save_says_what_it_kept(tmp_path, s
     plan = tmp_path / "plan.txt"
     plan.write_text(f"data {split_folder} --size 32\nload test_resnet\nset lr 0.05\ntrain --steps 1\nset lr fast\n"
                     "set lr 0.5\n")
-    r = pgshell(str(plan), "--sessions-dir", "s", cwd=tmp_path)
+    r = pgshell_here(str(plan), "--sessions-dir", "s", cwd=tmp_path)
     assert r.returncode == 1
     errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(errors) == 1 and errors[0].startswith(f"{plan}:5: set lr fast: ") and "'fast'" in errors[0], r.stderr
@@ -80,13 +80,13 @@ def test_a_failing_plan_line_is_named_and_the_save_says_what_it_kept(tmp_path, s
     assert json.loads(file.read_text())["config"]["lr"] == 0.05  # line 3 is in, line 6 never ran
     # failing before any training leaves no session behind (issue 13), and says so
     plan.write_text(f"data {split_folder} --size 32\nload test_resnet\nset lr fast\n")
-    r = pgshell(str(plan), "--sessions-dir", "s2", cwd=tmp_path)
+    r = pgshell_here(str(plan), "--sessions-dir", "s2", cwd=tmp_path)
     assert r.returncode == 1 and not (tmp_path / "s2").exists() or not list((tmp_path / "s2").iterdir())
     assert "nothing saved: line 3 failed before any training, so no session is left behind" in r.stdout
 
 
 def test_a_plan_on_stdin_names_line_n_and_echo_prints_each_command(tmp_path, split_folder):
-    r = pgshell("--echo", stdin=f"data {split_folder} --size 32\nset lr 0.01\n\nset momentum 2\n", cwd=tmp_path)
+    r = pgshell_here("--echo", stdin=f"data {split_folder} --size 32\nset lr 0.01\n\nset momentum 2\n", cwd=tmp_path)
     assert r.returncode == 1
     assert r.stderr.startswith("line 4: set momentum 2: "), r.stderr
     out = r.stdout.splitlines()

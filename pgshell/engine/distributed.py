@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from .errors import PgError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a collective runs, not here: the session asks `world().main` before every file it writes,
+# and a plan of just `quit` must not pay torch's import (seconds) for that question.
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,9 @@ def init_from_env() -> World:
     global _world
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise PgError("--ddp runs under torchrun: `torchrun --nproc-per-node N -m pgshell --ddp plan.txt`")
+    import torch
+    import torch.distributed as dist
+
     rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -60,6 +67,8 @@ def init_from_env() -> World:
 
 def shutdown() -> None:
     global _world
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     _world = World()
@@ -69,6 +78,9 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum a few numbers over all processes (one small all_reduce)."""
     if not _world.active:
         return values
+    import torch
+    import torch.distributed as dist
+
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
@@ -78,6 +90,9 @@ def agree(request: str | None, device: torch.device) -> str | None:
     """Every process must pause or stop at the same batch: the strongest request of any process wins."""
     if not _world.active:
         return request
+    import torch
+    import torch.distributed as dist
+
     code = {None: 0, "pause": 1, "stop": 2}[request]
     t = torch.tensor([code], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
