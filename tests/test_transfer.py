@@ -279,3 +279,44 @@ def test_bn_stats_decides_whether_running_statistics_move_while_the_whole_model_
     assert sum(not torch.equal(before[k], after[k]) for k in weights) > len(weights) // 2  # the backbone trained
     assert sum(torch.equal(before[k], after[k]) for k in stats) == (len(stats) if kept else 0)
     s.close(save=False)
+
+
+@needs_lite0
+def test_a_session_on_package_weights_reopens_with_their_preprocessing_and_resumes_exactly(tmp_path, split_folder,
+                                                                                          monkeypatch):
+    """A reopen rebuilt the model by name alone: mean/std came back as ImageNet's (not the package's 0.5) and
+    `bn_stats auto` let BatchNorm statistics move, so a paused fine-tune fell apart after `pgshell -s` (65% -> 28%
+    on sign-language digits). The reopened run must equal the uninterrupted one."""
+    from huggingface_hub import constants
+
+    from conftest import weights_of
+    from pgshell.session import Session
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+    def started(name):
+        s = Session(root=tmp_path / name)
+        s.set("batch_size", 8)
+        s.attach_data(str(split_folder), size=32)
+        s.load_model("efficientnet_lite0", pretrained=True)
+        s.use_name(name)
+        return s
+
+    whole = started("whole")
+    train_to_end(whole, steps=3)
+    expected = weights_of(whole.built.module)
+    whole.close(save=False)
+
+    cut = started("cut")
+    train_to_end(cut, steps=1)
+    file = cut.save()
+    cut.close(save=False)
+    again = Session.open(file)
+    try:
+        assert again.built.data_config["mean"] == (0.5, 0.5, 0.5) and again.built.loaded
+        train_to_end(again, steps=2)
+        got = weights_of(again.built.module)
+    finally:
+        again.close(save=False)
+    assert list(got) == list(expected) and all(torch.equal(got[k], expected[k]) for k in got)

@@ -539,17 +539,38 @@ def _build_from_package(spec: ModelSpec, full_name: str, file: Path) -> BuiltMod
     built = _build_timm(arch, spec.num_classes, pretrained=False)
     reset_head(built)  # before loading: the file's head replaces it for 1000 classes
     loaded = load_weights_file(built, file)
+    _package_preprocessing(built, arch)
+    built.notes.append(f"pretrained weights of {arch} from the installed package {_PACKAGE_WEIGHTS[arch][0]} "
+                       f"(ImageNet; {loaded}); mean/std 0.5, as they were trained")
+    if not arch.startswith("tf_"):
+        built.notes.append(f"tf_{arch} builds them as TensorFlow trained them (BatchNorm eps 1e-3, 'same' padding); "
+                           "measured on hand-sign photos the two agree within noise")
+    return built
+
+
+def _package_preprocessing(built: BuiltModel, arch: str) -> None:
+    """The preprocessing a package's weights were trained with, in the model's pretrained_cfg, so timm's data config,
+    `show` and `export` agree (and no tag claims timm's hub weights)."""
     mean, std = _PACKAGE_MEAN_STD
     cfg = dict(getattr(built.module, "pretrained_cfg", None) or {})
     cfg.update(tag="", hf_hub_id=None, url="", mean=mean, std=std)  # not timm's hub weights: no tag that says so
     built.module.pretrained_cfg = cfg
     built.data_config = timm.data.resolve_model_data_config(built.module)
     built.full_name = arch
-    built.notes.append(f"pretrained weights of {arch} from the installed package {_PACKAGE_WEIGHTS[arch][0]} "
-                       f"(ImageNet; {loaded}); mean/std 0.5, as they were trained")
-    if not arch.startswith("tf_"):
-        built.notes.append(f"tf_{arch} builds them as TensorFlow trained them (BatchNorm eps 1e-3, 'same' padding); "
-                           "measured on hand-sign photos the two agree within noise")
+
+
+def build_skeleton(spec: ModelSpec) -> BuiltModel:
+    """The model a checkpoint of `spec` is restored into (a reopen, `eval --checkpoint`, a soup): the architecture,
+    head and preprocessing `build_model(spec)` gives, and whether its weights were loaded (`bn_stats auto` keeps the
+    statistics of loaded weights), without reading any weights file or the network — the checkpoint has the weights.
+    Built without `spec`'s weights, a model whose package weights set mean/std 0.5 came back with ImageNet's, and
+    `bn_stats auto` let its statistics move: a reopened fine-tune fell from 65% to 28% (issue 22)."""
+    built = build_model(ModelSpec(spec.name, spec.num_classes))
+    source, full_name = resolve_name(spec.name)
+    if spec.pretrained and not spec.weights and source == "timm" and package_weights(full_name) is not None \
+            and weights_status(full_name, source) == "weights here":  # what build_model took offline
+        _package_preprocessing(built, full_name.partition(".")[0])
+    built.loaded = bool(spec.pretrained or spec.weights)
     return built
 
 

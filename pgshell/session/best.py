@@ -131,7 +131,7 @@ def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int, deadline: f
     cfg = TrainConfig.from_dict({**base["config"], **here})
     size = int(base.get("size") or 0)
     with torch.random.fork_rng(devices=[]):  # the copy's throwaway initialisation leaves the global stream as it was
-        built = M.build_model(M.ModelSpec(s.spec.name, s.spec.num_classes))
+        built = M.build_skeleton(s.spec)
     tr = Trainer(built, s.spec, s.splits, cfg, log=None, size=size)
     bn_batches = _bn_batches(s, built, cfg, size, bn_images)
     tasted: dict[tuple, dict] = {}

@@ -355,7 +355,7 @@ def rebuild_model(file: Path, model: dict, found):
                           f"({spec.name}): a checkpoint never chooses the model — edit neither; reopen the session "
                           "that made it")
     # weights come from the checkpoint: never touch the network or the original weights file again
-    return spec, M.build_model(M.ModelSpec(spec.name, spec.num_classes) if found else spec)
+    return spec, M.build_skeleton(spec) if found else M.build_model(spec)
 
 
 def reopen_metrics(folder: Path, state: dict, notify):

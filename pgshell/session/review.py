@@ -145,7 +145,7 @@ def _checkpoint_copy(s: "Session", path: Path):
                       "model — evaluate it in a session of its own model")
     spec = s.spec
     with torch.random.fork_rng(devices=[]):  # the copy's throwaway initialisation leaves the global stream as it was
-        built = M.build_model(M.ModelSpec(spec.name, spec.num_classes))
+        built = M.build_skeleton(spec)
     M.restore_weights(built.module, state["model"], [], f"{path.name} ({spec.name})")
     return built, spec, state
 
