@@ -125,7 +125,7 @@ def plain_criterion(cfg: TrainConfig, splits):
 
 
 def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str, weights: str, seed: int,
-              freeze_epochs: int = 0, freeze_lr: float = 0.0) -> float:
+              freeze_epochs: int = 0, freeze_lr: float = 0.0, finetune: bool = True) -> float:
     """timm/torch's recipe pieces in the loop a user writes; returns the final validation accuracy. With
     `freeze_epochs`, the seed's fixed feature extractor first: the head alone (backbone frozen, its BatchNorm in eval
     mode) at `freeze_lr`, then the whole model for cfg.epochs."""
@@ -155,6 +155,8 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
         model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}, strict=False)
     if freeze_epochs:
         _plain_head_only(model, head, splits, data_config, cfg.replace(lr=freeze_lr, epochs=freeze_epochs), size, seed)
+    if not finetune:  # --epochs 0: the fixed feature extractor alone
+        return plain_accuracy(model, splits, data_config, cfg, size)
     loader = plain_loader(splits, cfg, D.build_transform(data_config, True, size, cfg.augment, policy=cfg), seed)
     opt = plain_optimizer(model, cfg, head)
     sched, unit = plain_schedule(opt, cfg, math.ceil(len(loader) / cfg.accumulate))
@@ -201,12 +203,17 @@ def _plain_head_only(model, head, splits, data_config, cfg: TrainConfig, size: i
     feats, labels = torch.cat(feats), torch.cat(labels)
     classifier = model.get_classifier()
     opt = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    sched, unit = plain_schedule(opt, cfg, math.ceil(len(labels) / cfg.batch_size))
     g = torch.Generator().manual_seed(seed)
     for _ in range(cfg.epochs):
         for idx in torch.randperm(len(labels), generator=g).split(cfg.batch_size):
             torch.nn.functional.cross_entropy(classifier(feats[idx]), labels[idx]).backward()
             opt.step()
             opt.zero_grad()
+            if unit == "step":
+                sched.step()
+        if unit == "epoch" and sched is not None:
+            sched.step()
 
 
 @torch.no_grad()
@@ -224,7 +231,7 @@ def plain_accuracy(model, splits, data_config, cfg: TrainConfig, size: int) -> f
 
 def pgshell_run(args, settings: dict, seed: int, root: Path) -> tuple[float, Session]:
     s = Session(root=root / f"seed{seed}")
-    run = {"seed": seed, "epochs": args.epochs, "device": "cpu" if args.cpu else "auto"}
+    run = {"seed": seed, "epochs": max(1, args.epochs), "device": "cpu" if args.cpu else "auto"}
     for name, value in {**settings, **run}.items():
         s.set(name, value)
     s.attach_data(args.data, split=args.split, size=args.size)
@@ -233,13 +240,15 @@ def pgshell_run(args, settings: dict, seed: int, root: Path) -> tuple[float, Ses
         lr = s.config.lr
         s.freeze(["backbone"])
         s.set("lr", args.freeze_lr)
+        s.set("epochs", args.freeze_epochs)  # a schedule spans the head phase, as the plain side's does
         s.train(args.freeze_epochs)
         s.wait()
         s.freeze(["all"], unfreeze=True)
         s.set("lr", lr)
         s.set("epochs", args.freeze_epochs + args.epochs)
-    s.train(args.epochs)
-    s.wait()
+    if args.epochs:  # --epochs 0: the fixed feature extractor alone
+        s.train(args.epochs)
+        s.wait()
     return s.trainer.last["val_accuracy"], s
 
 
@@ -276,7 +285,7 @@ def main() -> None:
     ap.add_argument("--cpu", action="store_true", help="pgshell on the CPU too (the plain loop always is)")
     args = ap.parse_args()
     settings = dict(item.split("=", 1) for item in args.set)
-    cfg = TrainConfig().replace(**settings, epochs=args.epochs)
+    cfg = TrainConfig().replace(**settings, epochs=max(1, args.epochs))
     refused = [n for n in _PLAIN_CANNOT if getattr(cfg, n) != getattr(TrainConfig(), n)]
     if refused:
         ap.error(f"the plain loop has no counterpart for {', '.join(refused)}")
@@ -294,7 +303,7 @@ def main() -> None:
         splits = s.splits
         weights = args.weights or (str(package_weights(args.model)) if args.pretrained else "")
         p = plain_run(splits, s.built.data_config, cfg.replace(seed=seed), args.size, s.built.full_name,
-                      weights, seed, args.freeze_epochs, args.freeze_lr)
+                      weights, seed, args.freeze_epochs, args.freeze_lr, finetune=args.epochs > 0)
         t2 = time.perf_counter()
         ours.append(acc)
         plain.append(p)
@@ -303,8 +312,11 @@ def main() -> None:
         s.close(save=False)
     print(summary("plain", plain))
     print(summary("pgshell", ours))
-    diff = statistics.mean(ours) - statistics.mean(plain)
-    print(f"difference of the means: {100 * diff:+.1f} points (pgshell - plain)")
+    diffs = [o - p for o, p in zip(ours, plain)]
+    diff = statistics.mean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
+    print(f"difference of the means: {100 * diff:+.1f} points (pgshell - plain), standard error {100 * se:.1f} "
+          f"(paired by seed: same split and initial weights)")
 
 
 if __name__ == "__main__":
