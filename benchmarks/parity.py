@@ -300,16 +300,16 @@ def main() -> None:
         for problem in check_pgshell_honours(s, cfg):
             print(f"warning: pgshell: {problem}", flush=True)
         t1 = time.perf_counter()
-        splits = s.splits
+        splits, data_config, full_name = s.splits, s.built.data_config, s.built.full_name
+        s.close(save=False)  # nothing of pgshell's (threads, RNG use) runs beside the plain loop
         weights = args.weights or (str(package_weights(args.model)) if args.pretrained else "")
-        p = plain_run(splits, s.built.data_config, cfg.replace(seed=seed), args.size, s.built.full_name,
+        p = plain_run(splits, data_config, cfg.replace(seed=seed), args.size, full_name,
                       weights, seed, args.freeze_epochs, args.freeze_lr, finetune=args.epochs > 0)
         t2 = time.perf_counter()
         ours.append(acc)
         plain.append(p)
         print(f"seed {seed}: plain {100 * p:5.1f}% ({t2 - t1:5.0f} s)   pgshell {100 * acc:5.1f}% ({t1 - t0:5.0f} s)",
               flush=True)
-        s.close(save=False)
     print(summary("plain", plain))
     print(summary("pgshell", ours))
     diffs = [o - p for o, p in zip(ours, plain)]
