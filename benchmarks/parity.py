@@ -116,7 +116,7 @@ def plain_criterion(cfg: TrainConfig, splits):
 
     weight = None
     if cfg.class_weights == "balanced":
-        from pgshell.engine.recipes import class_loss_weights
+        from pgshell.engine.train.recipes import class_loss_weights
 
         weight = class_loss_weights(splits.train, len(splits.classes))
     hard = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)

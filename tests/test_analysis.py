@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from pgshell.session import review as A
-from pgshell.engine import checkpoint as C
-from pgshell.engine import plot as P
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+from pgshell.engine.store import checkpoint as C
+from pgshell.engine.report import plot as P
+from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 from pgshell.shell import PgShell
 
@@ -193,7 +193,7 @@ def test_eval_report_matches_predictions(trained):
 
 
 def test_classification_report_on_known_logits():
-    from pgshell.engine.evaluate import classification_report
+    from pgshell.engine.report.evaluate import classification_report
 
     classes = [f"c{i}" for i in range(7)]
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, 6])
@@ -401,7 +401,7 @@ def test_export_timm_refuses_a_model_timm_cannot_rebuild():
     import torchvision
 
     from pgshell.engine.errors import PgError
-    from pgshell.engine.export import timm_architecture
+    from pgshell.engine.report.export import timm_architecture
 
     with pytest.raises(PgError, match="needs a timm model .*export onnx"):
         timm_architecture(torchvision.models.resnet18())
@@ -498,7 +498,7 @@ def test_tensorboard_event_files_read_back(trained):
 
 
 def test_tensorboard_missing_says_how_to_install(monkeypatch, tmp_path, capsys):
-    from pgshell.engine import tensorboard as TB
+    from pgshell.engine.report import tensorboard as TB
 
     monkeypatch.setattr(TB, "available", lambda: False)
     app = new_app(tmp_path / "s")

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 from pgshell.engine.config import TrainConfig
 from pgshell.engine.errors import PgError
-from pgshell.engine.metrics import read_rows
+from pgshell.engine.train.metrics import read_rows
 from pgshell.session import Session
 
 from conftest import WAIT, exact_rows, new_session, weights_of, train_to_end

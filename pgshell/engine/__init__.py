@@ -15,14 +15,15 @@ _EXPORTS = {
     "resolve_name": "models", "freeze": "models", "unfreeze": "models", "count_params": "models",
     "read_weights": "models",
     "Splits": "data", "resolve_data": "data", "scan_folder": "data", "build_transform": "data", "ImageDataset": "data",
-    "Trainer": "train", "Position": "train",
-    "Handler": "events", "Events": "events", "Ctx": "events",
-    "save_checkpoint": "checkpoint", "load_checkpoint": "checkpoint", "load_latest": "checkpoint",
-    "MetricsLog": "metrics", "read_rows": "metrics",
-    "Runtime": "device", "resolve_runtime": "device",
-    "evaluate_dataset": "evaluate", "classification_report": "evaluate", "predict_files": "evaluate",
-    "plot_series": "plot", "draw_png": "plot", "draw_text": "plot", "export_model": "export", "export_timm": "export",
-    "TensorBoardLog": "tensorboard", "lr_factor": "schedule", "schedule_notice": "schedule",
+    "Trainer": "train.loop", "Position": "train.loop",
+    "Handler": "train.events", "Events": "train.events", "Ctx": "train.events",
+    "save_checkpoint": "store.checkpoint", "load_checkpoint": "store.checkpoint", "load_latest": "store.checkpoint",
+    "MetricsLog": "train.metrics", "read_rows": "train.metrics",
+    "Runtime": "train.device", "resolve_runtime": "train.device",
+    "evaluate_dataset": "report.evaluate", "classification_report": "report.evaluate",
+    "predict_files": "report.evaluate", "plot_series": "report.plot", "draw_png": "report.plot", "draw_text": "report.plot",
+    "export_model": "report.export", "export_timm": "report.export",
+    "TensorBoardLog": "report.tensorboard", "lr_factor": "train.schedule", "schedule_notice": "train.schedule",
 }
 
 __all__ = ["TrainConfig", "PgError", *_EXPORTS]

@@ -126,7 +126,7 @@ def describe(s, every: bool = False) -> dict[str, dict]:
 
         out["augmentation"] = describe_policy(s.built.data_config, s.config, (s.data or {}).get("size", 0))
     if s.trainer is not None:
-        from ..engine.recipes import describe_groups
+        from ..engine.train.recipes import describe_groups
 
         out["lr groups"] = describe_groups(s.trainer.optimizer)
     pos: dict[str, Any] = {"state": s.status.get("state", "idle")}

@@ -103,7 +103,7 @@ def _short(names: list[str], n: int = 6) -> str:
 
 # ---------------------------------------------------------------- the lists on disk
 def write_lists(folder: Path, lists: dict) -> None:
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(Path(folder) / FILES_NAME, json.dumps(lists, ensure_ascii=True).encode("ascii"))
 

@@ -13,8 +13,8 @@ import time
 from typing import Any, Callable
 
 from ..engine.errors import PgError
-from ..engine.events import Handler
-from ..engine.progress import Progress
+from ..engine.train.events import Handler
+from ..engine.train.progress import Progress
 
 RESTART = "restart"  # the reason of a pause a change asks for (freeze mid-run): the run carries on at once
 
@@ -93,7 +93,7 @@ class TrainJob:
         s, tr = self.session, self.session.trainer
         handlers = [*loop_handlers(s, worker, self.label, self.remaining), s.saver, EpochReport(s)]
         if s.config.tensorboard:
-            from ..engine.tensorboard import TensorBoardHandler
+            from ..engine.report.tensorboard import TensorBoardHandler
 
             handlers.append(TensorBoardHandler(s.folder / "tensorboard", {"model": s.spec.name, **s.config.to_dict()}))
         batches = images = seconds = 0
@@ -155,8 +155,8 @@ class LRFindJob:
         self.session, self.test, self.trainer, self.out = session, test, trainer, out
 
     def run(self, worker) -> str:
-        from ..engine._rng import preserved_rng
-        from ..engine.lrfind import run_range_test
+        from ..engine.rng import preserved_rng
+        from ..engine.train.lrfind import run_range_test
         from .study import finish_lrfind
 
         test = self.test
@@ -180,7 +180,7 @@ class TuneJob:
 
     def __init__(self, session, study, space, metric: str, epochs: int | None, steps: int | None, trials: int,
                  init, trial_prefix: str):
-        from ..engine.metrics import MetricsLog
+        from ..engine.train.metrics import MetricsLog
         from .study import session_key
 
         self.session, self.study, self.space, self.metric = session, study, space, metric
@@ -194,7 +194,7 @@ class TuneJob:
         self.current: tuple[Any, Any, float] | None = None  # (optuna trial, TrialRun, seconds spent) of a paused one
 
     def run(self, worker) -> str:
-        from ..engine._rng import preserved_rng
+        from ..engine.rng import preserved_rng
 
         worker.status = {"state": "training", "job": self.label, "trials_done": self.finished, "trials": self.trials}
         try:
@@ -219,7 +219,7 @@ class TuneJob:
         return "done"
 
     def _next_trial(self):
-        from ..engine.search import TrialRun, suggest, trial_trainer
+        from ..engine.search.trials import TrialRun, suggest, trial_trainer
 
         s = self.session
         trial = self.study.ask()

@@ -63,7 +63,7 @@ def finish_lrfind(session, test, out: str | None) -> None:
 
 def start_lrfind(session, start: float = 1e-7, end: float = 10.0, steps: int = 100, out: str | None = None) -> str:
     """Start an LR range test in the background on copies of the model and optimizer state."""
-    from ..engine.lrfind import RangeTest, range_test_trainer
+    from ..engine.train.lrfind import RangeTest, range_test_trainer
 
     if session.running:
         raise PgError("something is already running: `pause`, `stop` or `wait` first")
@@ -107,7 +107,7 @@ def write_lrfind_png(result: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result["lrs"], result["losses"], color="0.8", lw=1, label="batch loss")
     ax.plot(result["lrs"], result["smoothed"], color="C0", lw=2, label="smoothed loss")
-    from ..engine.lrfind import LABELS
+    from ..engine.train.lrfind import LABELS
 
     for key, colour in (("valley", "C2"), ("steepest", "C1"), ("minimum", "C3")):
         ax.axvline(result[key], color=colour, ls="--", lw=1, label=f"{LABELS[key]} {result[key]:.2e}")
@@ -121,7 +121,7 @@ def write_lrfind_png(result: dict, out: str) -> None:
     ax.set_title("learning-rate range test")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from ..engine.plot import save_png
+    from ..engine.report.plot import save_png
 
     try:
         save_png(fig, out, dpi=110)
@@ -163,7 +163,7 @@ def _where(session, storage: str | None, study: str | None) -> tuple[str, str, b
             saved = {}
     if storage is None and study is None:
         storage, study = saved.get("storage"), saved.get("study")
-    from ..engine.search import check_storage
+    from ..engine.search.trials import check_storage
 
     check_storage(storage)
     local = not storage
@@ -200,7 +200,7 @@ def _short(v: Any) -> str:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
 
@@ -211,7 +211,7 @@ def _safe(name: str) -> str:
 
 def _check_tune_args(session, trials: int | None, epochs: int | None, steps: int | None,
                      metric: str | None) -> int:
-    from ..engine.search import METRICS
+    from ..engine.search.trials import METRICS
 
     if session.running:
         raise PgError("something is already running: `pause`, `stop` or `wait` first")
@@ -228,7 +228,7 @@ def _check_tune_args(session, trials: int | None, epochs: int | None, steps: int
 
 
 def _open_study(url: str, name: str, metric: str | None):
-    from ..engine.search import METRICS
+    from ..engine.search.trials import METRICS
 
     try:
         return _create_study(url, name, METRICS[metric or "val_accuracy"][1])
@@ -254,7 +254,7 @@ def _create_study(url: str, name: str, direction: str):
 
 def _study_terms(st, name: str, metric, epochs, steps, space, parsed, n_train: int):
     """A resumed study keeps its metric, budget and space; returns (metric, epochs, steps, parsed space)."""
-    from ..engine.search import parse_space
+    from ..engine.search.trials import parse_space
 
     stored = st.user_attrs.get(STUDY_ATTR, {})
     if stored or st.get_trials(deepcopy=False):
@@ -279,7 +279,7 @@ def _study_terms(st, name: str, metric, epochs, steps, space, parsed, n_train: i
 
 def _initial_weights(session, name: str, existing: bool):
     """The weights every trial of the study starts from: saved when the study began, read back when it resumes."""
-    from ..engine.search import load_initial, save_initial
+    from ..engine.search.trials import load_initial, save_initial
 
     folder = session.folder / "trials"
     folder.mkdir(parents=True, exist_ok=True)
@@ -296,8 +296,9 @@ def start_tune(session, trials: int | None = None, epochs: int | None = None, st
                metric: str | None = None, space: str | None = None, pruner: str = "median",
                storage: str | None = None, study: str | None = None) -> str:
     """Start (or resume) the session's study in the background: `trials` more finished trials."""
-    from ..engine.search import (METRICS, check_compatible, check_storage, format_space, make_pruner, make_sampler,
-                                 parse_space)
+    from ..engine.search.trials import (
+        METRICS, check_compatible, check_storage, format_space, make_pruner, make_sampler, parse_space
+    )
 
     check_storage(storage)  # before anything is named, built or written
     trials = _check_tune_args(session, trials, epochs, steps, metric)

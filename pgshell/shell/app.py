@@ -30,11 +30,11 @@ from ..session.files import log_error
 from ._common import Parser, _fmt_secs, parser
 from ._table import fit_table
 from .analysis import AnalysisCommands
-from .best import BestCommands
+from .bestcmds import BestCommands
 from .auditcmds import AuditCommands
-from .data import DataCommands
+from .datacmds import DataCommands
 from .model import ModelCommands
-from .review import ReviewCommands
+from .reviewcmds import ReviewCommands
 from .sessioncmds import SessionCommands, history_parser, show_history
 from .training import TrainingCommands
 from .tuning import TuningCommands

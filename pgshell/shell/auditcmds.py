@@ -6,7 +6,7 @@ from __future__ import annotations
 import cmd2
 from cmd2 import with_argparser
 
-from ..session import audit as AU
+from ..session import dataaudit as AU
 from ._common import Commands, parser
 
 

@@ -1,0 +1,20 @@
+"""Hyper-parameter search: the space and its --space syntax, Optuna sampler and pruner, one trial. Names are
+re-exported here lazily."""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "SEARCHABLE": "trials", "FREEZE_CHOICES": "trials", "METRICS": "trials", "PRUNERS": "trials",
+    "SPACE_HELP": "trials", "Dim": "trials", "default_space": "trials", "parse_space": "trials",
+    "format_space": "trials", "distribution": "trials", "check_compatible": "trials", "suggest": "trials",
+    "check_storage": "trials", "make_sampler": "trials", "make_pruner": "trials", "trial_trainer": "trials",
+    "TrialRun": "trials", "save_initial": "trials", "load_initial": "trials",
+}
+
+__all__ = [*_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
