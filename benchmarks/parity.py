@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgshell.engine import data as D  # noqa: E402
 from pgshell.engine.config import TrainConfig  # noqa: E402
-from pgshell.engine.models import package_weights  # noqa: E402
+from pgshell.engine.models.catalogue import package_weights  # noqa: E402
 from pgshell.session import Session  # noqa: E402
 
 _PLAIN_CANNOT = ("patience",)  # a fixed epoch budget is the point of the comparison

@@ -292,7 +292,8 @@ def test_predict_known_classes_and_after_reopening(trained, tmp_path):
 
 # ------------------------------------------------------------------ export
 def _preprocessed(app, image: Path):
-    from pgshell.engine.data import build_transform, load_image
+    from pgshell.engine.data.transforms import build_transform
+    from pgshell.engine.data.images import load_image
 
     tf = build_transform(app.session.built.data_config, train=False, size=32)
     return tf(load_image(str(image)))[None]
@@ -353,7 +354,7 @@ def test_export_timm_is_rebuilt_identically_by_timm_and_by_load_folder(trained, 
     import timm
     import timm.data
 
-    from pgshell.engine.data import build_transform
+    from pgshell.engine.data.transforms import build_transform
 
     app, tmp = trained
     x = torch.cat([_preprocessed(app, p) for p in sorted((tmp / "tv" / "val").rglob("*.png"))[:4]])

@@ -17,7 +17,7 @@ from PIL import Image
 from pgshell.engine import data as D
 from pgshell.engine.batches import inputcache as IC
 from pgshell.engine import models as M
-from pgshell.engine.batches import interface as SRC
+from pgshell.engine import batches as SRC
 from pgshell.engine.config import TrainConfig
 from pgshell.engine.train.device import Runtime
 from pgshell.engine.train.loop import Trainer

@@ -530,7 +530,7 @@ def test_lrfind_suggestions_lie_before_the_divergence_and_the_legend_says_minimu
 
 
 def test_tune_can_search_the_policy_and_the_recipes():
-    from pgshell.engine.search.trials import parse_space
+    from pgshell.engine.search.space import parse_space
 
     space = parse_space("mixup=0:0.8 ema=0,0.999 crop_scale=0.08:0.8 auto_augment=none,rand-m9-mstd0.5 accumulate=1:4",
                         100)

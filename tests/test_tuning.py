@@ -17,7 +17,7 @@ from pgshell.engine.store.checkpoint import load_checkpoint
 from pgshell.engine.errors import PgError
 from pgshell.engine.train.lrfind import RangeTest, suggest
 from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
-from pgshell.engine.search.trials import Dim, format_space, parse_space
+from pgshell.engine.search.space import Dim, format_space, parse_space
 from pgshell.session import Session
 
 from conftest import new_session, run, weights_of

@@ -21,7 +21,8 @@ _EXPORTS = {
     "MetricsLog": "train.metrics", "read_rows": "train.metrics",
     "Runtime": "train.device", "resolve_runtime": "train.device",
     "evaluate_dataset": "report.evaluate", "classification_report": "report.evaluate",
-    "predict_files": "report.evaluate", "plot_series": "report.plot", "draw_png": "report.plot", "draw_text": "report.plot",
+    "predict_files": "report.evaluate", "plot_series": "report.plot", "draw_png": "report.plot",
+    "draw_text": "report.plot",
     "export_model": "report.export", "export_timm": "report.export",
     "TensorBoardLog": "report.tensorboard", "lr_factor": "train.schedule", "schedule_notice": "train.schedule",
 }

@@ -412,7 +412,8 @@ class AutofitJob:
         return "done"
 
     def _search(self, worker) -> str:
-        from ..engine.search.trials import Dim, make_pruner, make_sampler, suggest
+        from ..engine.search.space import Dim, suggest
+        from ..engine.search.trials import make_pruner, make_sampler
         from .study import optuna_module
 
         s, st = self.s, self.state

@@ -117,7 +117,7 @@ class Session:
     # ================================================================ model, data, settings
     @staticmethod
     def list_models(pattern: str = "") -> list[dict]:
-        from ..engine.models import list_models
+        from ..engine.models.catalogue import list_models
 
         return list_models(pattern)
 
@@ -210,7 +210,7 @@ class Session:
         return splits
 
     def _exclusion(self, path: str | None, exclude: str | None, location: str, splits) -> dict | None:
-        """The exclusion `data` attaches with (session/audit.py), applied to `splits`: a new list, or the session's
+        """The exclusion `data` attaches with (session/dataaudit.py), applied to `splits`: a new list, or the session's
         own when the data is the session's (no PATH); None otherwise."""
         from . import dataaudit as AU
 
@@ -222,7 +222,7 @@ class Session:
             exclusion = self.data["exclude"]
         else:
             return None
-        AU.apply_exclusion(splits, location, exclusion["paths"])
+        FP.apply_exclusion(splits, location, exclusion["paths"])
         self.notify(f"{len(splits.excluded)} image(s) excluded ({Path(exclusion['file']).name}); nothing on disk "
                     "was moved or deleted")
         return exclusion
@@ -554,7 +554,7 @@ class Session:
                               "trains on with the recorded images that still exist, `data PATH` starts a new run")
             raise PgError("no data yet: `data PATH` attaches an image folder")
         if self.trainer is None:  # before naming the session: a refusal leaves nothing behind
-            from ..engine.models import check_input_size
+            from ..engine.models.build import check_input_size
 
             check_input_size(self.built, self.data.get("size", 0))
         if named:

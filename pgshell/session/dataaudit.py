@@ -212,7 +212,7 @@ def write_audit(s: "Session", result: dict, out: str) -> dict:
     """Into folder `out`: a contact sheet per finding (exact.png, near.png, features.png, blank.png, ...: each group's
     images side by side, up to MAX_TILES tiles), audit.csv (every finding) and exclude.txt (for `data --exclude`)."""
     from ..engine.report import audit as AU
-    from .review import _written
+    from .review import written
 
     folder = Path(out).expanduser()
     if folder.suffix.lower() == ".png" or folder.is_file():
@@ -238,7 +238,7 @@ def write_audit(s: "Session", result: dict, out: str) -> dict:
         files["exclude"] = str(folder / "exclude.txt")
         return files
 
-    return _written(folder, write)
+    return written(folder, write)
 
 
 def _sheet(groups: list[list[dict]], path: Path, kind: str) -> Path:
@@ -334,7 +334,7 @@ def write_suspects(result: dict, out: str) -> dict:
 
     from ..engine import data as D
     from ..engine.report.plot import contact_sheet_png
-    from .review import _written
+    from .review import written
 
     out_path = Path(out)
     if out_path.suffix.lower() != ".png":
@@ -361,7 +361,7 @@ def write_suspects(result: dict, out: str) -> dict:
                          repr(r["p_true"]), int(r["flagged"])] for r in result["rows"])
         return {"out": str(png), "csv": str(csv_path), "tiles": boxes}
 
-    return _written(out, write)
+    return written(out, write)
 
 
 # ====================================================================== `data --exclude FILE`
@@ -387,25 +387,3 @@ def read_exclusion(file: str, root: str, splits) -> tuple[dict, int]:
         raise PgError(f"none of the {len(names)} files {file} lists is in {root}: is it the list of this data? "
                       "(paths are relative to the data folder)")
     return {"file": str(path), "sha256": sha, "paths": found}, len(listed - present)
-
-
-def apply_exclusion(splits, root: str, paths: list[str]):
-    """`splits` without the samples named in `paths` (relative to the data folder); they go to `splits.excluded`.
-    Nothing on disk is touched."""
-    from .fingerprint import absolute
-
-    base = root if os.path.isdir(root) else os.path.dirname(root)
-    drop = {absolute(p, base) for p in paths}
-    excluded = []
-
-    def keep(samples):
-        if samples is None:
-            return None
-        excluded.extend(sm for sm in samples if sm[0] in drop)
-        return [sm for sm in samples if sm[0] not in drop]
-
-    splits.train, splits.val, splits.test = keep(splits.train), keep(splits.val), keep(splits.test)
-    splits.excluded = excluded
-    if len({label for _, label in splits.train}) < 2:
-        raise PgError("the exclusion leaves fewer than 2 classes with training images: check the list")
-    return splits

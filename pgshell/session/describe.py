@@ -122,7 +122,7 @@ def describe(s, every: bool = False) -> dict[str, dict]:
                        "test": len(s.splits.test or []), "size": s.data.get("size") or "model default"}
     out["settings"] = settings_shown(s.config, every)
     if s.built is not None:
-        from ..engine.data import describe_policy
+        from ..engine.data.transforms import describe_policy
 
         out["augmentation"] = describe_policy(s.built.data_config, s.config, (s.data or {}).get("size", 0))
     if s.trainer is not None:

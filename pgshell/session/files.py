@@ -90,7 +90,7 @@ def check_optimizer_state(state: dict, module) -> None:
 
 def load_weights(module, state: dict, what: str = "the checkpoint") -> None:
     """Put a checkpoint's weights into `module` and restore its frozen set — the one place that does both."""
-    from ..engine.models import restore_weights
+    from ..engine.models.weights import restore_weights
 
     restore_weights(module, state["model"], state.get("frozen", []), what)
 
@@ -404,7 +404,7 @@ def rebind_data(data: DataBinding, folder: Path, state: dict | None, seed: int, 
             splits = D.resolve_data(data.path, split=data.split, seed=seed if data.seed is None else data.seed,
                                     root=data.root, allow_outside=data.allow_outside)
             if data.exclude:  # `data --exclude`: the names recorded then, left out again
-                from .dataaudit import apply_exclusion
+                from .fingerprint import apply_exclusion
 
                 apply_exclusion(splits, data.path, data.exclude["paths"])
     except PgError as e:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 from .files import C, disk_full
 
 
-def _written(out, write):
+def written(out, write):
     """`write()` writes `out` atomically (temp + rename); a full disk or an unwritable place is one line, and
     whatever was at `out` before is still there, whole."""
     try:
@@ -218,7 +218,7 @@ def confusion_png(report: dict, out: str) -> Path:
     from ..engine.report.plot import confusion_png as draw
 
     title = f"{report['model']} — {report['split']} ({report['n']} images, accuracy {report['accuracy']:.3f})"
-    return _written(out, lambda: draw(report["confusion"], report["classes"], out, title))
+    return written(out, lambda: draw(report["confusion"], report["classes"], out, title))
 
 
 # ====================================================================== the model: live or saved
@@ -226,7 +226,7 @@ def _model_for_use(s: "Session", checkpoint: str | None):
     """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint; the
     data config has the evaluation policy of its settings in force (crop_pct, interpolation, normalize)."""
     from ..engine.config import TrainConfig
-    from ..engine.data import policy_data_config
+    from ..engine.data.transforms import policy_data_config
 
     if checkpoint is not None:
         path = resolve_checkpoint(s, checkpoint)
@@ -313,7 +313,7 @@ def write_predictions_csv(result: dict, out: str, top: int) -> Path:
         known = [r["true"], int(r["correct"])] if truth and r["true"] else [""] * len(truth)
         w.writerow([cell(x) for x in [r["path"]] + cells + [""] * (2 * k - len(cells))
                     + [escape(r["error"]) if r["error"] else ""] + known])  # a label `=cmd|...`: text, not a formula
-    _written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
+    written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
     return out_path
 
 
@@ -326,7 +326,7 @@ def export(s: "Session", fmt: str, path: str, checkpoint: str | None = None) -> 
     module, classes, size, data_config, source = _model_for_use(s, checkpoint)
     info = {"model": source["model"], "classes": classes, "preprocessing": preprocessing(data_config, size),
             "source": {k: v for k, v in source.items() if k != "model"}}
-    return _written(path, lambda: export_model(module, fmt, path, info))
+    return written(path, lambda: export_model(module, fmt, path, info))
 
 
 def export_timm(s: "Session", folder: str, checkpoint: str | None = None) -> dict:
@@ -426,7 +426,7 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
     result = {"series": {name: ser for name, ser in named}, "names": [n for n, _ in named], "skipped": skipped,
               "x": x}
     if out:
-        result["out"] = str(_written(out, lambda: P.draw_png(named, out, metric, x)))
+        result["out"] = str(written(out, lambda: P.draw_png(named, out, metric, x)))
     else:
         result["text"] = P.draw_text(named, metric, x=x)
     return result

@@ -14,9 +14,9 @@ from cmd2 import with_argparser
 
 from ..session import review as A
 from ..engine.errors import PgError
-from ._common import Commands, _fmt_secs, add_sessions, parser
+from ._common import Commands, add_sessions, fmt_secs, parser
 from ._table import fit_table
-from .analysis import _CHECKPOINT_HELP, _f
+from .analysis import CHECKPOINT_HELP, fnum
 
 def _size(n: int) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -64,7 +64,7 @@ class ReviewCommands(Commands):
     errors_parser.add_argument("--class", dest="cls", metavar="C", help="only images whose true class is C")
     errors_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
                                help="draw a contact sheet (and FILE.csv)")
-    errors_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
+    errors_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=CHECKPOINT_HELP)
     errors_parser.add_argument("--suspect", action="store_true",
                                help="likely label errors instead (confident learning): the images whose given label "
                                     "the model disbelieves; on train (or with --probe) from out-of-fold predictions "
@@ -128,7 +128,7 @@ class ReviewCommands(Commands):
                                 help="draw the map over the image")
     explain_parser.add_argument("--method", choices=("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"),
                                 default="gradcam", help="the CAM method (default gradcam)")
-    explain_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=_CHECKPOINT_HELP)
+    explain_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=CHECKPOINT_HELP)
 
     @with_argparser(explain_parser)
     def do_explain(self, args):
@@ -260,8 +260,8 @@ class ReviewCommands(Commands):
             p("no checkpoints yet: one is written at every epoch end, pause and `save`")
         else:
             marks = lambda r: ", ".join(m for m in ("best", "resume") if r[m])  # noqa: E731
-            self._cmd.ptable([[r["file"], r["kind"], r["epoch"], r["step"], _f(r["val_loss"]), _f(r["val_accuracy"]),
-                               _size(r["bytes"]), r["time"], marks(r)] for r in rows],
+            self._cmd.ptable([[r["file"], r["kind"], r["epoch"], r["step"], fnum(r["val_loss"]),
+                               fnum(r["val_accuracy"]), _size(r["bytes"]), r["time"], marks(r)] for r in rows],
                              ["file", "kind", "epoch", "step", "val loss", "val acc", "size", "time", ""],
                              wide=args.wide, drop=["time", "size", "kind", "val loss"], wrap=["file"])
             p(f"{len(rows)} checkpoints, {_size(sum(r['bytes'] for r in rows))}; the session folder "
@@ -291,8 +291,8 @@ def compare_tables(res: dict, width: int | None) -> str:
                   _at(r.get("best_accuracy"), r.get("best_accuracy_epoch")),
                   _at(r.get("final_accuracy"), r.get("final_epoch")),
                   _at(r.get("best_loss"), r.get("best_loss_epoch")), _at(r.get("final_loss"), r.get("final_epoch")),
-                  _f(r["probe"].get("knn", {}).get("accuracy")), _f(r["probe"].get("linear", {}).get("accuracy")),
-                  _fmt_secs(r["seconds"]), _size(r["bytes"])] for r in rows]
+                  fnum(r["probe"].get("knn", {}).get("accuracy")), fnum(r["probe"].get("linear", {}).get("accuracy")),
+                  fmt_secs(r["seconds"]), _size(r["bytes"])] for r in rows]
         same = [h for h in _DESCRIBING if len({row[COMPARE_HEADERS.index(h)] for row in table}) == 1]
         if len(groups) > 1:
             out.append(f"data {data or '(none)'}: {len(rows)} session{'s' * (len(rows) != 1)}, best first")

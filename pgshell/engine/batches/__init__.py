@@ -5,8 +5,8 @@ from importlib import import_module
 
 _EXPORTS = {
     "Report": "interface", "DataSpec": "interface", "BatchSource": "interface", "data_key": "interface",
-    "train_sampler": "interface", "eval_keys": "interface", "LoaderSource": "interface", "choose": "interface",
-    "input_path": "interface", "head_module_name": "features", "frozen_state": "features", "CachedSplit": "features",
+    "train_sampler": "interface", "eval_keys": "interface", "LoaderSource": "interface", "choose": "choice",
+    "input_path": "choice", "head_module_name": "features", "frozen_state": "features", "CachedSplit": "features",
     "FeatureSource": "features", "cpu_threads": "features", "cores_beside": "features",
     "compute_features": "features", "cache_dir": "inputcache", "budget": "inputcache", "Unsupported": "inputcache",
     "EvalCrop": "inputcache", "DeviceAugment": "inputcache", "crop_box": "inputcache", "augment_batch": "inputcache",

@@ -21,7 +21,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as TF
 
-from .. import data as D
+from ..data.images import BadImage, check_image, draft_side, load_image
 from . import inputcache as IC
 from .interface import BatchSource, DataSpec, LoaderSource, train_sampler
 
@@ -40,16 +40,16 @@ class _FileBytes(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key
         path = self.samples[index][0]
-        reason = D.check_image(path)  # the scan's own header checks (empty, not an image, bomb, ...)
+        reason = check_image(path)  # the scan's own header checks (empty, not an image, bomb, ...)
         if reason is None:
             with open(path, "rb") as f:
                 data = f.read()
             if _plain_jpeg(data):
                 return index, seed, path, "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)
             try:
-                img = D.load_image(path, self.min_side)
+                img = load_image(path, self.min_side)
                 return index, seed, path, "pixels", torch.from_numpy(np.asarray(img).transpose(2, 0, 1).copy())
-            except D.BadImage as e:
+            except BadImage as e:
                 reason = str(e)
         return index, seed, path, "bad", reason
 
@@ -134,7 +134,7 @@ class DecodeSource(BatchSource):
         samples = spec.splits.train
         batches = torch.utils.data.BatchSampler(train_sampler(spec, epoch, start, rank, world), batch_size // world,
                                                 drop_last=False)
-        loader = torch.utils.data.DataLoader(_FileBytes(samples, D.draft_side(spec.crop)), batch_sampler=batches,
+        loader = torch.utils.data.DataLoader(_FileBytes(samples, draft_side(spec.crop)), batch_sampler=batches,
                                              num_workers=spec.cfg.workers, collate_fn=_items,
                                              generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
         for items in loader:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import data as D
+from ..data.sampling import sample_seed
 from ..report import evaluate as E
 from .interface import BatchSource, DataSpec, LoaderSource, Report, eval_keys, train_sampler
 
@@ -122,9 +122,9 @@ class FeatureSource(BatchSource):
         jobs = []  # (split, view, dataset, keys)
         for v in range(views):
             if views == 1:  # one unaugmented view
-                jobs.append(("train", v, images.eval_set("train"), [(i, D.sample_seed(seed, 0, i)) for i in range(n)]))
+                jobs.append(("train", v, images.eval_set("train"), [(i, sample_seed(seed, 0, i)) for i in range(n)]))
             else:  # view v seeded as the uncached loop seeds epoch v
-                jobs.append(("train", v, images.train_set, [(i, D.sample_seed(seed, v, i)) for i in range(n)]))
+                jobs.append(("train", v, images.train_set, [(i, sample_seed(seed, v, i)) for i in range(n)]))
         for split in ("val", "test"):
             if spec.samples(split):
                 jobs.append((split, 0, images.eval_set(split), eval_keys(len(spec.samples(split)), seed)))

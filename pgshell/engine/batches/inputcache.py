@@ -38,7 +38,7 @@ from PIL import Image
 from torchvision.ops import roi_align
 from torchvision.transforms import functional as TF
 
-from .. import data as D
+from ..data.images import BadImage, draft_side, load_image, sample_file
 from ..store.checkpoint import atomic_write_bytes
 from .interface import BatchSource, DataSpec, Report, data_key, eval_keys, train_sampler
 
@@ -265,8 +265,8 @@ class _Decode(torch.utils.data.Dataset):
     def __getitem__(self, i):
         path = self.samples[i][0]
         try:
-            img = D.load_image(path, self.layout.min_side)
-        except D.BadImage as e:
+            img = load_image(path, self.layout.min_side)
+        except BadImage as e:
             return i, None, (path, str(e))
         lay = self.layout
         if lay.kind == "crop":
@@ -298,7 +298,7 @@ def _key(samples, layout: Layout) -> str:
     h = hashlib.sha256(layout.desc().encode())
     for path, label in samples:
         try:
-            st = os.stat(D.sample_file(path))  # a dataset's row: its table file (the row is in `path`)
+            st = os.stat(sample_file(path))  # a dataset's row: its table file (the row is in `path`)
             h.update(f"{path}|{st.st_mtime_ns}|{st.st_size}|{label}\n".encode())
         except OSError:
             h.update(f"{path}|missing\n".encode())
@@ -428,7 +428,7 @@ class CacheSource(BatchSource):
 
     @staticmethod
     def layouts(spec: DataSpec, aug: DeviceAugment | None) -> dict[str, Layout]:
-        crop, min_side = EvalCrop.for_spec(spec), D.draft_side(spec.crop)
+        crop, min_side = EvalCrop.for_spec(spec), draft_side(spec.crop)
         eval_layout = Layout("crop", crop.side, crop.side, min_side, crop)
         out = {"train": Layout("aspect", aug.side, 2 * aug.side, min_side, aug) if aug else eval_layout}
         out.update({s: eval_layout for s in ("val", "test") if spec.samples(s)})

@@ -1,11 +1,11 @@
-"""Batch sources: where a trainer's batches come from, behind one interface, chosen in one place (`choose`).
+"""Batch sources: where a trainer's batches come from, behind one interface, chosen in one place (choice.py).
 
-    LoaderSource   engine/sources.py     PIL decode + timm's transform in a DataLoader: the reference path
-    CacheSource    engine/inputcache.py  images decoded once into a uint8 array, augmented on the device
-    DecodeSource   engine/decode.py      file bytes read by workers, decoded and augmented on the device
-    FeatureSource  engine/features.py    the frozen backbone run once; the head trains on stored features
+    LoaderSource   interface.py   PIL decode + timm's transform in a DataLoader: the reference path
+    CacheSource    inputcache.py  images decoded once into a uint8 array, augmented on the device
+    DecodeSource   decode.py      file bytes read by workers, decoded and augmented on the device
+    FeatureSource  features.py    the frozen backbone run once; the head trains on stored features
 
-Every source keeps the data contract of engine/data.py: which samples a batch holds, and how each is augmented,
+Every source keeps the data contract of data/sampling.py: which samples a batch holds, and how each is augmented,
 depend only on (seed, epoch, sample index), so a run resumed anywhere, on any source, continues exactly. A source
 gives
 
@@ -16,9 +16,6 @@ gives
 - `images`: the source to use for a whole model (itself, except for features: a foreign module, e.g. a checkpoint's
   copy or EMA weights, needs images);
 - `valid_for(spec)`: whether what it holds still matches the data, settings and frozen weights in `spec`.
-
-`choose` decides, once per run: the feature cache when only the head trains; else, by `set input_cache`, the decoded
-cache if it fits (`inputcache.budget`), else device decode on a GPU, else the DataLoader.
 """
 
 from __future__ import annotations
@@ -28,9 +25,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from .. import data as D
-from ..train import recipes as R
+from ..data.folders import Splits
+from ..data.images import draft_side
+from ..data.loading import ImageDataset, make_loader
+from ..data.sampling import EpochSampler
+from ..data.transforms import build_transform, eval_transform
 from ..config import TrainConfig
+from ..train import recipes as R
 from ..train.device import Runtime
 
 
@@ -51,7 +52,7 @@ class Report:
 class DataSpec:
     """Everything a batch source depends on: the data, the transform settings, the model and the device."""
 
-    splits: D.Splits
+    splits: Splits
     data_config: dict
     size: int  # image size override (0: the model's own input size)
     cfg: TrainConfig
@@ -71,12 +72,12 @@ class DataSpec:
 
     def transform(self, train: bool):
         if not train:
-            return D.eval_transform(self.data_config, self.size, self.cfg)
-        return D.build_transform(self.data_config, train=True, size=self.size, augment=self.cfg.augment,
-                                 policy=self.cfg)
+            return eval_transform(self.data_config, self.size, self.cfg)
+        return build_transform(self.data_config, train=True, size=self.size, augment=self.cfg.augment,
+                               policy=self.cfg)
 
-    def dataset(self, split: str, train: bool = False) -> D.ImageDataset:
-        return D.ImageDataset(self.samples(split), self.transform(train), D.draft_side(self.crop))
+    def dataset(self, split: str, train: bool = False) -> ImageDataset:
+        return ImageDataset(self.samples(split), self.transform(train), draft_side(self.crop))
 
 
 class BatchSource:
@@ -114,14 +115,14 @@ def data_key(spec: DataSpec) -> tuple:
     return id(spec.splits), spec.size, spec.cfg.augment, config, policy
 
 
-def train_sampler(spec: DataSpec, epoch: int, start: int, rank: int, world: int) -> D.EpochSampler:
-    return D.EpochSampler(len(spec.splits.train), spec.cfg.seed, epoch, start=start, rank=rank, world=world,
-                          weights=R.sample_weights(spec.cfg, spec.splits))  # balanced: a seeded weighted draw
+def train_sampler(spec: DataSpec, epoch: int, start: int, rank: int, world: int) -> EpochSampler:
+    return EpochSampler(len(spec.splits.train), spec.cfg.seed, epoch, start=start, rank=rank, world=world,
+                        weights=R.sample_weights(spec.cfg, spec.splits))  # balanced: a seeded weighted draw
 
 
 def eval_keys(n: int, seed: int) -> list[tuple[int, int]]:
     """A split's fixed order and sample seeds, as EpochSampler(shuffle=False) gives them."""
-    return list(D.EpochSampler(n, seed, 0, shuffle=False)) if n else []
+    return list(EpochSampler(n, seed, 0, shuffle=False)) if n else []
 
 
 class LoaderSource(BatchSource):
@@ -132,81 +133,25 @@ class LoaderSource(BatchSource):
     def __init__(self, spec: DataSpec):
         self.spec, self.key = spec, data_key(spec)
         self.train_set = spec.dataset("train", train=True)
-        self._eval_sets: dict[str, D.ImageDataset] = {}
+        self._eval_sets: dict[str, ImageDataset] = {}
 
     def valid_for(self, spec: DataSpec) -> bool:
         return data_key(spec) == self.key
 
-    def eval_set(self, split: str) -> D.ImageDataset:
+    def eval_set(self, split: str) -> ImageDataset:
         if split not in self._eval_sets:
             self._eval_sets[split] = self.spec.dataset(split)
         return self._eval_sets[split]
 
     def train_batches(self, epoch, start, rank, world, batch_size):
         cfg = self.spec.cfg
-        loader = D.make_loader(self.train_set, train_sampler(self.spec, epoch, start, rank, world), batch_size // world,
-                               cfg.workers, pin_memory=self.spec.runtime.device.type == "cuda")
+        loader = make_loader(self.train_set, train_sampler(self.spec, epoch, start, rank, world), batch_size // world,
+                             cfg.workers, pin_memory=self.spec.runtime.device.type == "cuda")
         for x, y, bad in loader:
             # every process yields equal shares (the sampler pads by wrapping): the global count is share x world
             yield x, y, ((0 if y is None else len(y)) + len(bad)) * world, bad
 
     def eval_batches(self, split, batch_size):
         ds = self.eval_set(split)
-        sampler = D.EpochSampler(len(ds), self.spec.cfg.seed, 0, shuffle=False)
-        yield from D.make_loader(ds, sampler, batch_size, self.spec.cfg.workers)
-
-
-def choose(spec: DataSpec, current: BatchSource | None, loader: LoaderSource, report: Report,
-           budget: int | None = None) -> BatchSource:
-    """The one place deciding where a run's batches come from (see the module's docstring). `current` is reused while
-    it is valid; `budget` (bytes, default `inputcache.budget()`) is what a decoded cache may take."""
-    if spec.distributed:
-        return loader
-    from . import features as FC  # imported when needed: a run on the DataLoader never loads the cache modules
-
-    if FC.FeatureSource.applies(spec):
-        if isinstance(current, FC.FeatureSource) and current.valid_for(spec):
-            return current.bind(spec)
-        return FC.FeatureSource.build(spec, loader, report)
-    return _image_source(spec, current, loader, report, budget)
-
-
-def input_path(mode: str, device_type: str, fits: bool) -> str:
-    """`set input_cache` -> "cache" | "decode" | "loader". auto: on a GPU the cache if it fits, else device decode;
-    on a CPU the DataLoader (the reference path). on: the cache if it fits (CPU too), else as auto. decode: always."""
-    if mode == "off" or (mode == "auto" and device_type != "cuda"):
-        return "loader"
-    if mode == "decode":
-        return "decode"
-    if fits:
-        return "cache"
-    return "decode" if device_type == "cuda" else "loader"
-
-
-def _image_source(spec: DataSpec, current: BatchSource | None, loader: LoaderSource, report: Report,
-                  budget: int | None) -> BatchSource:
-    from . import inputcache as IC
-
-    mode, device_type = spec.cfg.input_cache, spec.runtime.device.type
-    if input_path(mode, device_type, True) == "loader":
-        return loader
-    wanted = ("device decode",) if mode == "decode" else ("input cache", "device decode")
-    if current is not None and current.kind in wanted and current.valid_for(spec):
-        return current.bind(spec)
-    try:
-        aug = IC.DeviceAugment.for_spec(spec)
-    except IC.Unsupported as e:
-        report.notify(f"input cache: {e}, which the device augmentation does not do: using the DataLoader")
-        return loader
-    budget = IC.budget() if budget is None else budget
-    if mode != "decode":
-        cached = IC.CacheSource.build(spec, aug, budget, report)
-        if cached is not None:
-            return cached
-    if input_path(mode, device_type, False) == "loader":
-        return loader
-    from .decode import DecodeSource
-
-    report.notify(f"input: decoding {len(spec.splits.train)} training images on {spec.runtime.device} every epoch "
-                  "(evaluation stays on the DataLoader)")
-    return DecodeSource(spec, aug, loader)
+        sampler = EpochSampler(len(ds), self.spec.cfg.seed, 0, shuffle=False)
+        yield from make_loader(ds, sampler, batch_size, self.spec.cfg.workers)

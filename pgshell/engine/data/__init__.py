@@ -1,21 +1,22 @@
-"""Data: any source (image folders, label files, Hugging Face datasets, Arrow rows) -> Splits; images, the
-augmentation policy -> timm transforms, seeded sampling. Names are re-exported here lazily."""
+"""Data: any source (image folders, label files, Hugging Face datasets, Arrow rows) -> Splits; reading images safely,
+the augmentation policy -> timm transforms, seeded sampling and loading. Names are re-exported here lazily."""
 
 from importlib import import_module
 
 _EXPORTS = {
-    "IMG_EXTENSIONS": "folders", "ARROW_PREFIX": "folders", "BadImage": "folders", "ScanError": "folders",
-    "Splits": "folders", "resolve_data": "folders", "data_location": "folders", "scan_folder": "folders",
-    "Terms": "folders", "assemble": "folders", "images_under": "folders", "split_class": "folders",
-    "check_image": "folders", "sample_file": "folders", "find_undecodable": "folders", "DRAFT_FACTOR": "folders",
-    "draft_side": "folders", "load_image": "folders", "DEVICE_AUGMENT_READS": "folders",
-    "policy_data_config": "folders", "normalisation": "folders", "train_policy": "folders",
-    "build_transform": "folders", "eval_transform": "folders", "describe_policy": "folders",
-    "input_cache_unsupported": "folders", "image_side": "folders", "small_image_hint": "folders",
-    "class_counts": "folders", "imbalance_warning": "folders", "balanced_sample_weights": "folders",
-    "derived_seed": "folders", "sample_seed": "folders", "epoch_permutation": "folders", "EpochSampler": "folders",
-    "seeded": "folders", "ImageDataset": "folders", "collate": "folders", "make_loader": "folders",
-    "LABEL_SUFFIXES": "labelfiles", "kind_of": "labelfiles", "scan_label_file": "labelfiles", "scan_hf": "labelfiles",
+    "resolve_data": "resolve", "data_location": "resolve", "kind_of": "resolve", "IMG_EXTENSIONS": "folders",
+    "NO_SPLIT": "folders", "ScanError": "folders", "Splits": "folders", "scan_folder": "folders", "Terms": "folders",
+    "assemble": "folders", "images_under": "folders", "split_class": "folders", "assemble_per_split": "folders",
+    "LABEL_SUFFIXES": "labelfiles", "SPLIT_NAMES": "labelfiles", "scan_label_file": "labelfiles", "scan_hf": "hub",
+    "ARROW_PREFIX": "images", "BadImage": "images", "check_image": "images", "sample_file": "images",
+    "find_undecodable": "images", "DRAFT_FACTOR": "images", "draft_side": "images", "load_image": "images",
+    "image_side": "images", "DEVICE_AUGMENT_READS": "transforms", "policy_data_config": "transforms",
+    "normalisation": "transforms", "train_policy": "transforms", "build_transform": "transforms",
+    "eval_transform": "transforms", "describe_policy": "transforms", "input_cache_unsupported": "transforms",
+    "small_image_hint": "transforms", "class_counts": "sampling", "imbalance_warning": "sampling",
+    "balanced_sample_weights": "sampling", "derived_seed": "sampling", "sample_seed": "sampling",
+    "epoch_permutation": "sampling", "EpochSampler": "sampling", "seeded": "sampling", "ImageDataset": "loading",
+    "collate": "loading", "make_loader": "loading",
 }
 
 __all__ = [*_EXPORTS]

@@ -1,15 +1,11 @@
-"""Data sources that are not class folders: label files (CSV, JSON lines) and Hugging Face `datasets`.
+"""Label files (CSV, JSON lines) -> Splits: one row per image with `path` and `label`, optionally `split`; paths
+relative to `--root` (default: the file's folder), refused outside it unless allowed.
 
-Each reads its source into {split: {class: [sample, ...]}} and hands it to `data.assemble`, the same last step as
-`scan_folder`: header checks, classes without training images, the refusals of datasets that cannot train. A sample
-of a label file is an image path; a sample of a Hugging Face dataset is a row of one of its Arrow files
-(`arrow:FILE#COLUMN[ROW]`, engine/_arrow.py), which `data.load_image` decodes. So training, exact resume, the
-quarantine and the caches need nothing else.
-
-Sample order is fixed by the source alone: a label file's images are sorted by path within each class (as a
-folder's are), a dataset's rows keep their order. Without a validation split, each class's training samples are
-split with `data.split_class`, seeded as folders are — so a label file listing a folder's images gives the very same
-splits, batches and metrics as the folder.
+The rows become {split: {class: [path, ...]}} for folders.assemble_per_split, the same last step as `scan_folder`:
+header checks, classes without training images, the refusals of data that cannot train. A label file's images are
+sorted by path within each class (as a folder's are); without a validation split each class's training images are
+split with `split_class`, seeded as folders are — so a label file listing a folder's images gives the very same
+splits, batches and metrics as the folder. Hugging Face datasets are hub.py's.
 """
 
 from __future__ import annotations
@@ -21,35 +17,20 @@ import os
 import unicodedata
 from pathlib import Path
 
-from . import _arrow
-from .. import data as D
 from ..errors import PgError
 from ..names import escape
+from .folders import NO_SPLIT, Splits, assemble_per_split
+
 
 LABEL_SUFFIXES = (".csv", ".jsonl", ".ndjson")
 # split names as datasets and label files spell them -> pgshell's
-_SPLITS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
+SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val", "dev": "val",
            "test": "test", "testing": "test"}
-_NO_SPLIT = ""  # the key of samples without a split: split into train/val by the fraction
-_IMAGE_COLUMNS = ("image", "img", "images", "pixel_values")  # preferred when a dataset has several image columns
-_LABEL_COLUMNS = ("label", "labels", "class", "fine_label")
-
-
-def kind_of(path: str) -> str:
-    """'hf' (a hub name or a save_to_disk folder), 'labels' (a label file) or 'folder' (everything else)."""
-    if path.startswith("hf:"):
-        return "hf"
-    p = Path(path).expanduser()
-    if p.is_file() and p.suffix.lower() in LABEL_SUFFIXES:
-        return "labels"
-    if p.is_dir() and ((p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
-        return "hf"
-    return "folder"
 
 
 # ---------------------------------------------------------------------------------------------------- label files
 def scan_label_file(path: str, root: str | None, split: float, seed: int, check: bool,
-                    allow_outside: bool = False) -> D.Splits:
+                    allow_outside: bool = False) -> Splits:
     """A CSV (with a header) or JSON-lines file of `path`, `label` and optionally `split` (train, val, test). Paths
     stay inside the root (`../x.png`, absolute paths and links out are refused unless `allow_outside`: a label file
     from elsewhere must not make pgshell open, hash and record /etc/passwd), and labels are printable text."""
@@ -79,7 +60,7 @@ def scan_label_file(path: str, root: str | None, split: float, seed: int, check:
     for classes in per_split.values():
         for files in classes.values():
             files.sort()
-    return _finish(per_split, str(file), file.name, split, seed, check, rejected)
+    return assemble_per_split(per_split, str(file), file.name, split, seed, check, rejected)
 
 
 def _inside(path: str, base: Path) -> bool:
@@ -131,143 +112,9 @@ def _label_rows(file: Path):
 
 def _split_of(row: dict, file: Path, line: int) -> str:
     if "split" not in row:
-        return _NO_SPLIT
+        return NO_SPLIT
     value = str(row["split"] or "").strip().lower()
-    if value not in _SPLITS:
+    if value not in SPLIT_NAMES:
         raise PgError(f"{file} line {line} has split {row['split']!r}: use train, val or test (or leave the split "
                       "column out to split by --split)")
-    return _SPLITS[value]
-
-
-# ---------------------------------------------------------------------------------------------------- the last step
-def _finish(per_split: dict[str, dict[str, list[str]]], source: str, short: str, split: float, seed: int,
-            check: bool, rejected: list[tuple[str, str]], order: list[str] | None = None,
-            columns: str = "") -> D.Splits:
-    """Train/val(/test) from the source's splits (a missing val split is split off train by the fraction), then
-    `data.assemble`."""
-    given = sorted(k for k in per_split if k != _NO_SPLIT)
-    if given and _NO_SPLIT in per_split:
-        raise PgError(f"{source} mixes rows with and without a split: give every row one")
-    train, val, test = per_split.get("train" if given else _NO_SPLIT, {}), per_split.get("val"), per_split.get("test")
-    if not train:
-        raise PgError(f"{source} has no training images" + (f" (its splits: {', '.join(given)})" if given else "")
-                      + ": name some rows' split train")
-    if val is None:
-        if not 0 < split < 1:
-            raise PgError(f"split must be between 0 and 1 (the fraction of each class held out for validation), "
-                          f"got {split}: try 0.2")
-        pairs = {name: D.split_class(files, split, seed, name) for name, files in train.items()}
-        train, val = {n: t for n, (t, _) in pairs.items()}, {n: v for n, (_, v) in pairs.items()}
-        layout = f"{short}: split {split:g} seed {seed}" + (" from train, test as given" if test else "")
-    else:
-        layout = f"{short}: {'/'.join(n for n in ('train', 'val', 'test') if n in per_split)} as given"
-    terms = D.Terms(place=lambda split_name, name: f"{short} class '{name}'", empty="no training images",
-                     no_images=lambda bad: f"no usable images in {source}" + (
-                         f" ({len(bad)} rejected, e.g. {bad[0][0]}: {bad[0][1]})" if bad else ""),
-                     one_class=lambda name: (f"{source} needs at least 2 classes to train a classifier, found only "
-                                             f"'{name}'"))
-    return D.assemble(train, val, test, layout + columns, rejected, check, terms, order)
-
-
-# ---------------------------------------------------------------------------------------------------- Hugging Face
-def scan_hf(spec: str, split: float, seed: int, check: bool) -> D.Splits:
-    """`hf:NAME[:CONFIG]` from the local datasets cache (or the Hub when online), or a `save_to_disk` folder: an
-    image column (a datasets.Image feature) and a label column (a ClassLabel, or strings/ints)."""
-    datasets = _import_datasets()
-    loaded, name = _load_hf(datasets, spec)
-    parts = dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {_NO_SPLIT: loaded}
-    first = next(iter(parts.values()), None)
-    if first is None:
-        raise PgError(f"{name} holds no splits: save a DatasetDict with train (and validation) splits")
-    image_col, label_col, names = _columns(datasets, first.features, name)
-    rejected: list[tuple[str, str]] = []
-    per_split: dict[str, dict[str, list[str]]] = {}
-    for split_name, ds in parts.items():
-        ours = _SPLITS.get(split_name.lower()) if split_name else _NO_SPLIT
-        if ours is None or ours in per_split:
-            rejected.append((f"{name} split '{split_name}'", "not a train, validation or test split: left out"))
-            continue
-        per_split[ours] = _rows_by_class(ds, image_col, label_col, names, f"{name} split '{split_name}'", rejected)
-    order = list(names) if names is not None else None
-    return _finish(per_split, spec, name, split, seed, check, rejected, order,
-                   f" (image '{image_col}', label '{label_col}')")
-
-
-def _import_datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise PgError("Hugging Face datasets need the datasets package: pip install 'pgshell[datasets]' "
-                      "(or pip install datasets)") from None
-    # its cache notices and progress bars would print over the shell's prompt; errors still come through
-    datasets.utils.logging.set_verbosity_error()
-    datasets.disable_progress_bars()
-    return datasets
-
-
-def _load_hf(datasets, spec: str):
-    """(Dataset or DatasetDict, a short name for messages) of a hub name or a save_to_disk folder."""
-    if not spec.startswith("hf:"):
-        try:
-            return datasets.load_from_disk(str(Path(spec).expanduser())), Path(spec).name
-        except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
-            raise PgError(f"{spec} is not a folder datasets' save_to_disk wrote ({exc})") from None
-    name, _, config = spec[len("hf:"):].partition(":")
-    if not name:
-        raise PgError("name the dataset: hf:NAME or hf:NAME:CONFIG (e.g. hf:uoft-cs/cifar10)")
-    try:
-        return datasets.load_dataset(name, config or None), spec
-    except (ConnectionError, FileNotFoundError, ValueError, OSError) as exc:
-        cache = datasets.config.HF_DATASETS_CACHE
-        detail = " ".join(str(exc).split())[:200]
-        raise PgError(f"the dataset {name}{' config ' + config if config else ''} is not in the local datasets cache "
-                      f"{cache} and cannot be downloaded here ({detail}). Run `python -c \"import datasets; "
-                      f"datasets.load_dataset('{name}'{', ' + repr(config) if config else ''})\"` on a machine with "
-                      f"internet and copy its cache into {cache}, or attach a folder written by save_to_disk"
-                      ) from None
-
-
-def _columns(datasets, features, name: str) -> tuple[str, str, list[str] | None]:
-    """(image column, label column, class names of a ClassLabel, else None)."""
-    images = [c for c, f in features.items() if isinstance(f, datasets.Image)]
-    labels = [c for c, f in features.items() if isinstance(f, datasets.ClassLabel)] or [
-        c for c, f in features.items() if c.lower() in _LABEL_COLUMNS and isinstance(f, datasets.Value)]
-    if not images or not labels:
-        raise PgError(f"{name} needs an image column (a datasets.Image feature) and a label column (a ClassLabel); "
-                      f"its columns: {', '.join(f'{c} ({type(f).__name__})' for c, f in features.items())}")
-    image = next((c for c in images if c.lower() in _IMAGE_COLUMNS), images[0])
-    label = next((c for c in labels if c.lower() in _LABEL_COLUMNS), labels[0])
-    feature = features[label]
-    return image, label, list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
-
-
-def _rows_by_class(ds, image_col: str, label_col: str, names: list[str] | None, where: str,
-                   rejected: list[tuple[str, str]]) -> dict[str, list[str]]:
-    """{class: [arrow row samples]} of one split, rows in their order; unlabelled rows (-1, empty) are rejected."""
-    if getattr(ds, "_indices", None) is not None:  # a select()/shuffle() view: its rows are not the files' rows
-        ds = ds.flatten_indices()
-    files = [f["filename"] for f in ds.cache_files]
-    if not files:
-        raise PgError(f"{where} lives in memory only: save it with save_to_disk and attach that folder")
-    by_class: dict[str, list[str]] = {}
-    rows = 0
-    for file in files:
-        for row, value in enumerate(_arrow.column_values(file, label_col)):
-            sample = _arrow.row_uri(file, image_col, row)
-            label = _class_name(value, names)
-            if label is None:
-                rejected.append((sample, f"no label ({where})"))
-            else:
-                by_class.setdefault(label, []).append(sample)
-        rows += _arrow.num_rows(file)
-    if rows != ds.num_rows:
-        raise PgError(f"{where} has {ds.num_rows} rows but its files {rows}: re-save it with save_to_disk")
-    return by_class
-
-
-def _class_name(value, names: list[str] | None) -> str | None:
-    if value is None or value == "" or (isinstance(value, int) and value < 0 and names is not None):
-        return None
-    if names is not None:
-        return names[value] if isinstance(value, int) and value < len(names) else None
-    return str(value)
+    return SPLIT_NAMES[value]

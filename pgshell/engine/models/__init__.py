@@ -5,16 +5,21 @@ import torch."""
 from importlib import import_module
 
 _EXPORTS = {
-    "SEED_FAMILIES": "build", "ModelSpec": "build", "BuiltModel": "build", "resolve_name": "build",
-    "list_models": "build", "weights_status": "build", "package_weights": "build", "build_model": "build",
-    "reset_head": "build", "build_skeleton": "build", "load_weights_file": "build", "read_weights": "build",
-    "freeze": "build", "random_backbone_warning": "build", "unfreeze": "build", "stages": "build",
-    "check_input_size": "build", "count_params": "build", "frozen_bn_to_eval": "build", "restore_weights": "build",
-    "cache_file": "namecache", "model_names": "namecache", "check_ingredients": "soup", "average_weights": "soup",
-    "rank": "soup", "GreedyStep": "soup", "greedy_soup": "soup", "batchnorm_layers": "soup",
-    "differing_batchnorm": "soup", "recompute_batchnorm": "soup",
+    "ModelSpec": "spec", "BuiltModel": "spec", "SEED_FAMILIES": "catalogue", "LOCAL_DIR": "catalogue",
+    "TV_IMAGENET_CLASSES": "catalogue", "TV_NO_AUX": "catalogue", "FOLDER_WEIGHT_FILES": "catalogue",
+    "PACKAGE_WEIGHTS": "catalogue", "resolve_name": "catalogue", "split_file_name": "catalogue",
+    "list_models": "catalogue", "weights_status": "catalogue", "package_weights": "catalogue",
+    "timm_weights_status": "catalogue", "torch_hub_file": "catalogue", "weights_cache_dir": "catalogue",
+    "online": "catalogue", "tv_name": "catalogue", "tv_default_weights": "catalogue", "tv_data_config": "catalogue",
+    "default_data_config": "catalogue", "build_model": "build", "reset_head": "build", "build_skeleton": "build",
+    "check_input_size": "build", "load_weights_file": "weights", "read_weights": "weights",
+    "restore_weights": "weights", "freeze": "freezing", "random_backbone_warning": "freezing", "unfreeze": "freezing",
+    "stages": "freezing", "count_params": "freezing", "frozen_bn_to_eval": "freezing", "cache_file": "namecache",
+    "model_names": "namecache", "check_ingredients": "soup", "average_weights": "soup", "rank": "soup",
+    "GreedyStep": "soup", "greedy_soup": "soup", "batchnorm_layers": "soup", "differing_batchnorm": "soup",
+    "recompute_batchnorm": "soup",
 }
-_EXPORTS_FOR_TESTS = {"_count_params_on_meta": "build", "_best_prefix": "build"}  # tests clear/check these
+_EXPORTS_FOR_TESTS = {"_count_params_on_meta": "catalogue", "_best_prefix": "weights"}  # tests reach these
 
 __all__ = [*_EXPORTS]
 

@@ -52,7 +52,7 @@ def _list_names() -> list[str]:
     import timm
     import torchvision
 
-    from .build import SEED_FAMILIES
+    from .catalogue import SEED_FAMILIES
 
     seeds = [row["name"] for row in SEED_FAMILIES]
     timm_names = sorted((set(timm.list_models()) | set(timm.list_models(pretrained=True))) - set(seeds))

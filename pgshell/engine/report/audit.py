@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .. import data as D
+from ..data.images import ARROW_PREFIX, BadImage, load_image
 
 HASH_SIDE = 32  # the grey thumbnail the DCT is taken of (imagehash's phash: hash_size 8 x highfreq_factor 4)
 HASH_LOW = 8  # the lowest 8x8 frequencies make the 64 bits
@@ -89,11 +89,11 @@ class Facts:
 def _one(path: str) -> tuple:
     """(digest, (w, h), hashes, thumbs, std, grey) of one image; BadImage for one that cannot be read."""
     data = b""
-    if not path.startswith(D.ARROW_PREFIX):  # a dataset's row: its decoded pixels are its content (below)
+    if not path.startswith(ARROW_PREFIX):  # a dataset's row: its decoded pixels are its content (below)
         with open(path, "rb") as f:
             data = f.read()
     digest = hashlib.blake2b(data, digest_size=16).hexdigest() if data else ""
-    image = D.load_image(path, min_side=2 * HASH_SIDE)  # a big JPEG decoded at a reduced scale: the hash survives it
+    image = load_image(path, min_side=2 * HASH_SIDE)  # a big JPEG decoded at a reduced scale: the hash survives it
     if not digest:
         digest = hashlib.blake2b(image.tobytes(), digest_size=16).hexdigest()
     size = _original_size(path, image)
@@ -119,7 +119,7 @@ def _one(path: str) -> tuple:
 
 def _original_size(path: str, image: Image.Image) -> tuple[int, int]:
     """The stored size (a draft decode gives a smaller image)."""
-    if path.startswith(D.ARROW_PREFIX):
+    if path.startswith(ARROW_PREFIX):
         return image.size
     try:
         with Image.open(path) as im:
@@ -140,7 +140,7 @@ def image_facts(paths: list[str], workers: int = 2, progress=None) -> Facts:
     def work(i):
         try:
             return i, _one(paths[i]), None
-        except D.BadImage as e:
+        except BadImage as e:
             return i, None, str(e)
         except OSError as e:
             return i, None, f"unreadable ({e.strerror or e})"

@@ -14,7 +14,10 @@ from typing import Callable
 
 import torch
 
-from .. import data as D
+from ..data.folders import images_under
+from ..data.images import BadImage, load_image
+from ..data.loading import ImageDataset, make_loader
+from ..data.sampling import EpochSampler
 from ..train.device import Runtime
 
 
@@ -51,7 +54,7 @@ def forward_tta(net: torch.nn.Module, x: torch.Tensor, runtime: Runtime, tta: st
 
 
 @torch.no_grad()
-def evaluate_dataset(net: torch.nn.Module, dataset: D.ImageDataset, loss_fn: Callable, runtime: Runtime,
+def evaluate_dataset(net: torch.nn.Module, dataset: ImageDataset, loss_fn: Callable, runtime: Runtime,
                      batch_size: int, workers: int = 0, seed: int = 0, collect: bool = False,
                      num_classes: int = 0, tta: str = "none") -> dict:
     """Mean loss and accuracy of `net` over `dataset` in its fixed order (with `tta`, see forward_tta).
@@ -59,8 +62,8 @@ def evaluate_dataset(net: torch.nn.Module, dataset: D.ImageDataset, loss_fn: Cal
     The loss is the batch-mean loss times the batch's size, summed and divided by the image count: a batch of 64 and a
     remainder of 12 weigh 64 and 12. `collect` also returns the logits and labels (on the CPU).
     """
-    sampler = D.EpochSampler(len(dataset), seed, 0, shuffle=False)
-    loader = D.make_loader(dataset, sampler, eval_batch_size(batch_size), workers)
+    sampler = EpochSampler(len(dataset), seed, 0, shuffle=False)
+    loader = make_loader(dataset, sampler, eval_batch_size(batch_size), workers)
 
     def outputs():
         for x, y, bad in loader:
@@ -139,7 +142,7 @@ def image_files(path: str | os.PathLike) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if os.path.isdir(path):
-        return D.images_under(path)
+        return images_under(path)
     return []
 
 
@@ -159,9 +162,9 @@ def predict_files(net: torch.nn.Module, files: list[str], transform: Callable, t
             chunk, tensors = [], []
             for f in files[start:start + batch_size]:
                 try:
-                    tensors.append(transform(D.load_image(f)))
+                    tensors.append(transform(load_image(f)))
                     chunk.append(f)
-                except D.BadImage as e:
+                except BadImage as e:
                     results.append({"path": f, "error": str(e)})
             if not tensors:
                 continue

@@ -27,12 +27,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import data as D
+from ..data.folders import Splits
+from ..data.loading import ImageDataset
+from ..data.sampling import derived_seed, sample_seed
 from . import distributed as DIST
 from ..report import evaluate as E
-from .. import models as M
+from ..models.freezing import frozen_bn_to_eval
+from ..models.spec import BuiltModel, ModelSpec
+from ..models.weights import restore_weights
 from . import recipes as R
-from ..batches import interface as SRC
+from ..batches.choice import choose
+from ..batches.interface import BatchSource, DataSpec, LoaderSource, Report
 from ..config import TrainConfig
 from .device import Runtime, resolve_runtime
 from ..errors import PgError
@@ -96,7 +101,7 @@ def restore_rng(rng: dict) -> None:
 
 def step_seed(seed: int, step: int) -> int:
     """Seed for the model's own randomness (dropout, drop-path) at a step: a function of (seed, step) only."""
-    return D.sample_seed(seed, -1, step)
+    return sample_seed(seed, -1, step)
 
 
 # ---------------------------------------------------------------- optimizer, schedule, loss
@@ -153,7 +158,7 @@ def _ignore(*_args) -> None:
 class Trainer:
     """Holds the model, optimizer, schedule and position of one training run, and runs its loop."""
 
-    def __init__(self, built: M.BuiltModel, spec: M.ModelSpec, splits: D.Splits, cfg: TrainConfig,
+    def __init__(self, built: BuiltModel, spec: ModelSpec, splits: Splits, cfg: TrainConfig,
                  log: MetricsLog | None = None, run_id: int = 1, trial: str = "", size: int = 0,
                  device_fallback: bool = False):
         self.built, self.spec, self.splits = built, spec, splits
@@ -174,7 +179,7 @@ class Trainer:
         self._recipe_handlers: list[Handler] = []
         self.last: dict[str, Any] = {}  # last train/val metrics, for `show`
         self._opt_state: dict | None = None  # optimizer state by parameter name, kept across rebuilds
-        self.source: SRC.BatchSource | None = None  # where the run's batches come from (engine/sources.py::choose)
+        self.source: BatchSource | None = None  # where the run's batches come from (engine/sources.py::choose)
         self.scaler_state: dict | None = None
         for name, default in (("notify", _ignore), ("on_bad", _ignore), ("on_phase", _ignore)):
             if not hasattr(self, name):  # set by whoever runs the trainer: notes, bad files, progress of cache builds
@@ -203,7 +208,7 @@ class Trainer:
             self.net = DistributedDataParallel(self.built.module, device_ids=[self.runtime.device.index] if cuda else None)
         if cfg.compile:  # compiled lazily at the first batch; checkpoints keep using the plain module
             self.net = torch.compile(self.net)
-        self.loader = SRC.LoaderSource(self.data_spec())  # the reference path; `source` when no cache is chosen
+        self.loader = LoaderSource(self.data_spec())  # the reference path; `source` when no cache is chosen
         self.loss_fn = make_loss(cfg, len(self.splits.classes))
         self._rebuild_optimizer()
         self.scaler = torch.amp.GradScaler(self.runtime.device.type) if self.runtime.fp16 else None
@@ -434,7 +439,7 @@ class Trainer:
     def _train_mode(self) -> None:
         self.net.train()
         keep = self.cfg.bn_stats == "frozen" or (self.cfg.bn_stats == "auto" and self.built.loaded)
-        M.frozen_bn_to_eval(self.built.module, every=keep)
+        frozen_bn_to_eval(self.built.module, every=keep)
 
     def _train_batch(self, ctx: Ctx, nkeys: int) -> dict:
         lr = self.lr
@@ -460,7 +465,7 @@ class Trainer:
         """Forward, loss, backward and (unless a handler skips it) the optimizer step of one batch."""
         # the model's own randomness (dropout): per step, or per batch inside an accumulation group
         seed = step_seed(self.cfg.seed, self.pos.step) if self.cfg.accumulate == 1 else \
-            D.derived_seed("pgshell-micro", self.cfg.seed, self.pos.epoch, self.pos.sample)
+            derived_seed("pgshell-micro", self.cfg.seed, self.pos.epoch, self.pos.sample)
         if self.runtime.device.type == "cpu":  # the same stream as torch.manual_seed, at 1 µs instead of ~100:
             torch.default_generator.manual_seed(seed)  # manual_seed also (lazily) seeds every accelerator
         else:
@@ -514,22 +519,22 @@ class Trainer:
         self.events.fire("after_epoch", self, ctx)
 
     # ---------------- batch sources (engine/sources.py)
-    def data_spec(self) -> SRC.DataSpec:
+    def data_spec(self) -> DataSpec:
         """What the batch sources depend on, as of now."""
-        return SRC.DataSpec(self.splits, self.built.data_config, self.size, self.cfg, self.runtime, self.built.module,
-                            list(self.built.head), self.world.active, isinstance(self.net, torch.nn.DataParallel))
+        return DataSpec(self.splits, self.built.data_config, self.size, self.cfg, self.runtime, self.built.module,
+                        list(self.built.head), self.world.active, isinstance(self.net, torch.nn.DataParallel))
 
     def _prepare_batches(self, note: Callable[[str], None] | None = None) -> None:
         """Choose this run's batch source (once, at the start of a run): reused while valid, else built — a feature
         pass or a decode can take a while, reported through on_phase."""
-        report = SRC.Report(notify=note or self.notify, bad=self.on_bad, phase=self.on_phase)
-        self.source = SRC.choose(self.data_spec(), self.source, self.loader, report)
+        report = Report(notify=note or self.notify, bad=self.on_bad, phase=self.on_phase)
+        self.source = choose(self.data_spec(), self.source, self.loader, report)
 
     def _train_module(self) -> torch.nn.Module:
         """What training batches go through: the model, or only its head when the batches are stored features."""
         return self.source.module(self.net)
 
-    def _eval_source(self, module: torch.nn.Module | None) -> SRC.BatchSource:
+    def _eval_source(self, module: torch.nn.Module | None) -> BatchSource:
         """The run's source while it still matches the model and settings (else the DataLoader); images for a
         module given from outside (a feature cache holds the features of the trainer's own backbone only)."""
         spec = self.data_spec()
@@ -565,7 +570,7 @@ class Trainer:
             res = E.accumulate(outputs(), self.loss_fn, collect, len(self.splits.classes))
         return {"split": split, **res}
 
-    def eval_dataset(self, split: str) -> D.ImageDataset:
+    def eval_dataset(self, split: str) -> ImageDataset:
         """A split's images through the evaluation transform (the settings' evaluation policy in force), as the
         epoch-end validation reads them: for passes outside the loop (`errors`, `probe`)."""
         return self.data_spec().dataset(split, train=False)
@@ -603,7 +608,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a state written by state_dict() (the model must already be built from state['model_spec'])."""
-        M.restore_weights(self.built.module, state["model"], state.get("frozen", []))
+        restore_weights(self.built.module, state["model"], state.get("frozen", []))
         self.pos = Position(**state["position"])
         self.last = dict(state.get("last", {}))
         self.run_id = int(state.get("run", 1))

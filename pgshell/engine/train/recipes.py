@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import data as D
+from ..data.sampling import balanced_sample_weights, class_counts, derived_seed, seeded
 from ..errors import PgError
 from .events import Handler
 
@@ -52,14 +52,14 @@ def sample_weights(cfg, splits) -> list[float] | None:
     """The training sampler's weights (`set sampler balanced`), for engine.data.EpochSampler(weights=...)."""
     if cfg.sampler != "balanced":
         return None
-    return D.balanced_sample_weights(splits.train, len(splits.classes))
+    return balanced_sample_weights(splits.train, len(splits.classes))
 
 
 # ---------------------------------------------------------------- the loss: soft targets and class weights
 def class_loss_weights(samples: list[tuple[str, int]], num_classes: int) -> torch.Tensor:
     """scikit-learn's 'balanced' class weights, n / (classes present x count); a class with no training image gets 0
     (no training loss can involve it)."""
-    counts = torch.tensor(D.class_counts(samples, num_classes), dtype=torch.float32)
+    counts = torch.tensor(class_counts(samples, num_classes), dtype=torch.float32)
     present = int((counts > 0).sum())
     return torch.where(counts > 0, len(samples) / (present * counts.clamp(min=1)), torch.zeros(()))
 
@@ -107,7 +107,7 @@ class WeightedLoss(Handler):
 def mix_seed(seed: int, epoch: int, sample: int) -> int:
     """The seed of one batch's mixup/cutmix draw: a function of the position (epoch, samples consumed), like the
     data's own seeds, so a resumed run mixes exactly as it would have (with or without gradient accumulation)."""
-    return D.derived_seed("pgshell-mixup", seed, epoch, sample)
+    return derived_seed("pgshell-mixup", seed, epoch, sample)
 
 
 def mix_batch(mixer, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothing: float, seed: int):
@@ -119,7 +119,7 @@ def mix_batch(mixer, x: torch.Tensor, y: torch.Tensor, num_classes: int, smoothi
     if even == 0:
         return x, rest
     mixer.label_smoothing = smoothing
-    with D.seeded(seed):  # timm draws from numpy's global generator: seed it, then restore it
+    with seeded(seed):  # timm draws from numpy's global generator: seed it, then restore it
         _, target = mixer(x[:even], y[:even])
     return x, torch.cat([target, rest.to(target.dtype)])
 
