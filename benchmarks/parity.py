@@ -1,8 +1,8 @@
 """Parity: the same model, transforms and recipe trained by a plain PyTorch loop and by pgshell, several seeds each.
 
-Both sides take the same splits (engine.data.scan_folder), the same training and evaluation transforms (timm's
-create_transform through engine.data.build_transform with the settings' policy), the same initial weights (timm
-model built after torch.manual_seed(seed), as `load` does), the same optimizer, schedule and epochs. What differs
+Both sides take the same splits (engine.data.folders.scan_folder), the same training and evaluation transforms (timm's
+create_transform through engine.data.transforms.build_transform with the settings' policy), the same initial weights
+(timm model built after torch.manual_seed(seed), as `load` does), the same optimizer, schedule and epochs. What differs
 is only the loop: the plain side is what a user writes with torch and timm's own utilities (a shuffling DataLoader,
 transforms on the global RNG, timm's Mixup / ModelEmaV3 / dispatch_clip_grad / param_groups_layer_decay, a step
 every `accumulate` batches on loss / K); pgshell trains through pgshell.session.Session. The final validation

@@ -1,5 +1,8 @@
-"""pgshell's engine: models, data, the training loop, checkpoints, the metrics log, evaluation, graphs, export and
-TensorBoard. torch, torchvision, timm, PIL and matplotlib only — never cmd2 or prompt_toolkit.
+"""pgshell's engine: torch, torchvision, timm, PIL and matplotlib only — never cmd2 or prompt_toolkit. One folder per
+concern: models/ (catalogue, build, weights, freezing, soups), data/ (sources -> Splits, images, transforms, sampling),
+batches/ (the batch sources and the choice among them), train/ (the loop, its events and handlers, schedules, device),
+store/ (checkpoints, the saver, digests), report/ (evaluation, plots, export, explain, probes, audit, TensorBoard),
+search/ (the space and trials); config, errors, names and rng beside them.
 
 The public names are re-exported here lazily, so `import pgshell.engine` (and the shell's start-up) does not pay for
 importing torch until something is used.

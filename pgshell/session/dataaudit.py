@@ -1,7 +1,7 @@
 """`audit`, `errors --suspect` and `data --exclude`: can the session's data be trusted, and acting on the answer.
 
-The engine finds (engine/audit.py: digests, perceptual hashes, odd images, confident learning); this module gathers
-the session's samples, runs the model where features or predictions are wanted (through `Session.apply`: the data
+The engine finds (engine/report/audit.py: digests, perceptual hashes, odd images, confident learning); this module
+gathers the session's samples, runs the model where features or predictions are wanted (through `Session.apply`: the data
 path seeds the process-wide generators the worker's training relies on), names what was found in the user's words
 ("12 val images also in train"), draws the contact sheets and writes the exclude list.
 
@@ -271,7 +271,7 @@ def _sheet(groups: list[list[dict]], path: Path, kind: str) -> Path:
 # ====================================================================== likely label errors (`errors --suspect`)
 def suspects(s: "Session", split: str = "val", top: int = 16, checkpoint: str | None = None, probe: bool = False,
              folds: int = 5, cls: str | None = None) -> dict:
-    """Images whose given label the model disbelieves, by confident learning (engine/audit.py). The probabilities
+    """Images whose given label the model disbelieves, by confident learning (engine/report/audit.py). The probabilities
     must not come from a model that learned these labels: on val and test, the model's own predictions (a
     checkpoint's with `checkpoint`); on train, or with `probe`, out-of-fold predictions of a linear probe on the
     model's features (`folds` folds)."""

@@ -1,7 +1,7 @@
 """Looking at what a session made: its checkpoints, their evaluation, predictions, exports, graphs and TensorBoard.
 
-Session-level functions (each takes a Session); the engine does the work (engine/evaluate.py, plot.py, export.py,
-tensorboard.py) and the shell only prints. Nothing here changes the live model or a paused run: a saved checkpoint is
+Session-level functions (each takes a Session); the engine does the work (engine/report: evaluate.py, plot.py,
+export.py, tensorboard.py) and the shell only prints. Nothing here changes the live model or a paused run: a saved checkpoint is
 evaluated on a model copy of its own.
 
 Threads. Building a model draws from torch's global generator (weight initialisation) and the evaluation data path
@@ -476,7 +476,7 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     return result, kept, source
 
 
-# the errors path's evaluation and class check, for `errors --suspect` (session/audit.py)
+# the errors path's evaluation and class check, for `errors --suspect` (session/dataaudit.py)
 split_outputs, class_index = _split_outputs, _class_index
 
 

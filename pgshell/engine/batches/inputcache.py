@@ -17,7 +17,7 @@ cropped, flipped, colour-jittered and normalised on the device, in one go:
 - training without augmentation, and evaluation: images are stored exactly as the eval transform crops them (PIL, the
   same decode), so the figures equal the DataLoader's bit for bit.
 
-Whether it is used is decided in engine/sources.py (`set input_cache`); `budget()` is what the arrays may take.
+Whether it is used is decided in engine/batches (`set input_cache`); `budget()` is what the arrays may take.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ class Terms:
 def assemble(train_files: dict[str, list[str]], val_files: dict[str, list[str]],
              test_files: dict[str, list[str]] | None, layout: str, rejected: list[tuple[str, str]], check: bool,
              terms: Terms, order: list[str] | None = None) -> Splits:
-    """{class: samples} per split -> Splits: the part every data source shares (engine/_sources.py uses it too).
+    """{class: samples} per split -> Splits: the part every data source shares (labelfiles.py and hub.py use it too).
 
     check=True opens each sample's header and moves bad ones to `rejected`. Classes come in `order` (default:
     sorted names); a class without training images is noted and left out rather than failing the scan.

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-ARROW_PREFIX = "arrow:"  # a sample in a row of an Arrow table: arrow:FILE#COLUMN[ROW] (engine/_arrow.py)
+ARROW_PREFIX = "arrow:"  # a sample in a row of an Arrow table: arrow:FILE#COLUMN[ROW] (engine/data/_arrow.py)
 _ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white: logos/icons are usually drawn for white pages
 
 

@@ -27,7 +27,7 @@ _NO_NORMALISATION = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # an identity Normalize:
 _SMALL_IMAGES = 64  # px: at or below this, timm's ImageNet crops (down to 8% of the area) leave little to learn from
 _TRAIN_POLICY = ("crop_scale", "crop_ratio", "hflip", "vflip", "color_jitter", "auto_augment", "random_erasing",
                  "interpolation")
-# The policy settings engine/inputcache.py's device augmentation takes as parameters. None yet: it draws timm's
+# The policy settings engine/batches/inputcache.py's device augmentation takes as parameters. None yet: it draws timm's
 # default crop (0.08-1, 3/4-4/3), flip (0.5) and jitter (0.4). Its rewrite adds the ones it reads; auto_augment and
 # random_erasing are PIL/per-image operations it is not expected to do.
 DEVICE_AUGMENT_READS: tuple[str, ...] = ()
@@ -132,7 +132,7 @@ def _triple(values) -> str:
 
 def input_cache_unsupported(policy, reads: tuple[str, ...] | None = None) -> list[str]:
     """The training-policy settings, away from their defaults, that the decoded-input cache's batched device
-    augmentation (engine/inputcache.py) does not honour: those it does not take as parameters (`reads`, default
+    augmentation (engine/batches/inputcache.py) does not honour: those it does not take as parameters (`reads`, default
     DEVICE_AUGMENT_READS), and a resize filter other than bilinear (its crops are resampled by roi_align). Evaluation
     settings are honoured through `policy_data_config`. A trainer falls back to the DataLoader, saying so, when this
     is not empty."""

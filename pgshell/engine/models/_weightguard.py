@@ -24,7 +24,7 @@ from ..errors import PgError
 _TIMES, _SLACK = 6, 16 * 2**20
 _HEADER_LIMIT = 100 * 2**20  # safetensors' own limit on its JSON header
 _FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.pth", "model.pth",
-                        "open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # as engine/models.py reads
+                        "open_clip_model.safetensors", "open_clip_pytorch_model.bin")  # as weights.py reads
 
 
 def size_text(n: int) -> str:

@@ -356,7 +356,7 @@ def rank_label_issues(labels, probs) -> np.ndarray:
 
 def out_of_fold_probs(features, labels, num_classes: int, folds: int = 5, seed: int = 0,
                       weight_decay: float | None = None):
-    """Class probabilities (N, C) for each image from a linear probe (engine/probe.py) fitted on the other folds:
+    """Class probabilities (N, C) for each image from a linear probe (engine/report/probe.py) fitted on the other folds:
     out-of-sample, as confident learning needs. The L2 strength (`weight_decay`, default: the probe's own choice
     on all the images) is then the same for every fold."""
     import torch

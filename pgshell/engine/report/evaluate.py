@@ -2,7 +2,7 @@
 classification report computed from the logits and labels, and top-K predictions for loose image files.
 
 `Trainer.evaluate` (epoch ends, `eval`, `eval --checkpoint N` on a Trainer of the checkpoint's own) feeds the batches
-of the run's source through `accumulate`, with the evaluation transform of engine.data.eval_transform, the same
+of the run's source through `accumulate`, with the evaluation transform of data.transforms.eval_transform, the same
 batch composition and loss reduction, so the validation row written at an epoch end and a later `eval` agree to the
 bit; `errors` and `probe` read the split through the same transform (`Trainer.eval_dataset`).
 """

@@ -28,7 +28,7 @@ warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX expor
 
 
 def preprocessing(data_config: dict, size: int = 0) -> dict:
-    """The eval preprocessing of engine.data.build_transform as plain data: resize to input/crop_pct, centre crop."""
+    """The eval preprocessing of data.transforms.build_transform as plain data: resize to input/crop_pct, centre crop."""
     _, h, w = data_config.get("input_size", (3, 224, 224))
     if size > 0:
         h = w = size

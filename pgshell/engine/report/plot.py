@@ -43,7 +43,7 @@ def plot_series(rows: list[dict], smooth: int = 10, trial: str = "", changes: li
     """What a plot shows, as lists: train (per batch) and smoothed values, val points, epoch ends, pause marks, and
     the session's changes.
 
-    rows: metrics.csv rows (engine.metrics.read_rows). Only rows of `trial` are used ("" = ordinary training, not a
+    rows: metrics.csv rows (train.metrics.read_rows). Only rows of `trial` are used ("" = ordinary training, not a
     tuning trial). Epoch ends are the steps of the val rows. A pause mark is the step of the first training batch of
     a new run (the `run` column counts starts and resumes) that follows a real pause: `paused_at` holds the steps
     where runs paused (the session's pause checkpoints). Without it (a bare metrics file) a new run that starts an

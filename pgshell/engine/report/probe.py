@@ -1,6 +1,6 @@
 """Baselines on frozen features: a weighted k-NN (DINO's protocol) and a linear probe (logistic regression).
 
-The number a fine-tune must beat, in seconds: the backbone runs once over train and val (engine/features.py), then
+The number a fine-tune must beat, in seconds: the backbone runs once over train and val (batches/features.py), then
 these pure functions classify the stored features. Inputs are tensors — features (N, D), labels (N,) — on any device;
 nothing here loads data or touches a model.
 

@@ -17,7 +17,7 @@ from ..errors import PgError
 # Settings a search may vary; `freeze` is the model's trainable part (backbone: only the head trains; none: all).
 SEARCHABLE = ("lr", "weight_decay", "optimizer", "batch_size", "freeze", "label_smoothing", "momentum", "nesterov",
               "backbone_lr_scale", "scheduler", "step_size", "gamma", "warmup_epochs", "criterion", "augment",
-              # the augmentation policy and the recipes (engine/recipes.py)
+              # the augmentation policy and the recipes (engine/train/recipes.py)
               "crop_scale", "crop_ratio", "hflip", "vflip", "color_jitter", "auto_augment", "random_erasing",
               "crop_pct", "ema", "mixup", "cutmix", "mix_prob", "layer_decay", "accumulate", "clip_grad",
               "class_weights", "sampler", "tta")

@@ -295,7 +295,7 @@ def list_checkpoint_files(folder: str | os.PathLike) -> list[Path]:
 
 def load_latest(folder: str | os.PathLike, warn=lambda msg: None, accept=None) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint of `folder` that loads and verifies, preferring one that keeps the full training state
-    (older ones are rewritten slim once superseded: engine/saver.py); damaged newer ones are reported through `warn`.
+    (older ones are rewritten slim once superseded: saver.py); damaged newer ones are reported through `warn`.
     `accept(path, header metadata or None when the header is unreadable)` leaves out the files it returns False for."""
     files = [p for p in reversed(list_checkpoint_files(folder)) if accept is None or accept(p, _metadata_or_none(p))]
     full = [p for p in files if _resumable(p)]

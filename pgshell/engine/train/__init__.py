@@ -5,7 +5,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "Position": "loop", "RunResult": "loop", "fresh_state": "loop", "position_rng": "loop", "restore_rng": "loop",
-    "step_seed": "loop", "build_optimizer": "loop", "make_loss": "loop", "Trainer": "loop", "EVENTS": "events",
+    "step_seed": "loop", "make_loss": "loop", "Trainer": "loop", "EVENTS": "events",
     "Handler": "events", "Ctx": "events", "Events": "events", "config_handlers": "recipes", "needs_images": "recipes",
     "sample_weights": "recipes", "class_loss_weights": "recipes", "soft_target_loss": "recipes",
     "WeightedLoss": "recipes", "mix_seed": "recipes", "mix_batch": "recipes", "MixupCutmix": "recipes",

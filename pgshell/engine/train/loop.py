@@ -1,8 +1,8 @@
 """The training loop: the only one in pgshell. Training, pause/resume, lrfind, tuning trials and cached-feature
-training all run through `Trainer.run`, which fires the events of engine/events.py; every feature (the metrics log,
+training all run through `Trainer.run`, which fires the events of events.py; every feature (the metrics log,
 progress, checkpoints, EMA, mixup, accumulation, early stopping, the session's control) is a handler attached to them.
 
-Data flow of one batch: the run's batch source (engine/sources.py: the DataLoader, the decoded-input cache or stored
+Data flow of one batch: the run's batch source (engine/batches: the DataLoader, the decoded-input cache or stored
 features) yields batches from the current position -> `before_batch` (the session's Control applies queued changes
 and turns a pause or stop into a request, honoured here) -> Runtime moves the batch to the device/layout -> forward
 under autocast -> loss (`after_loss`) -> backward (GradScaler for fp16) -> `before_step` -> optimizer step
@@ -107,7 +107,7 @@ def step_seed(seed: int, step: int) -> int:
 # ---------------------------------------------------------------- optimizer, schedule, loss
 def build_optimizer(module: torch.nn.Module, head: set[str], cfg: TrainConfig) -> torch.optim.Optimizer | None:
     """Parameter groups by role, head and backbone, so their learning rates can differ (discriminative fine-tuning),
-    and with `layer_decay` < 1 by layer too (timm's layer-wise decay grouping, engine.recipes.layer_scales). A group's
+    and with `layer_decay` < 1 by layer too (timm's layer-wise decay grouping, recipes.layer_scales). A group's
     lr is lr x lr_scale, lr_scale = layer_scale x (1 for the head, backbone_lr_scale for the backbone). The head's
     group comes first: its lr is the one logged. With weight decay, norm and bias parameters get none, as in timm
     (`param_groups_weight_decay`): each role then has a group with `decay` False beside it."""
@@ -179,7 +179,7 @@ class Trainer:
         self._recipe_handlers: list[Handler] = []
         self.last: dict[str, Any] = {}  # last train/val metrics, for `show`
         self._opt_state: dict | None = None  # optimizer state by parameter name, kept across rebuilds
-        self.source: BatchSource | None = None  # where the run's batches come from (engine/sources.py::choose)
+        self.source: BatchSource | None = None  # where the run's batches come from (engine/batches/choice.py::choose)
         self.scaler_state: dict | None = None
         for name, default in (("notify", _ignore), ("on_bad", _ignore), ("on_phase", _ignore)):
             if not hasattr(self, name):  # set by whoever runs the trainer: notes, bad files, progress of cache builds
@@ -518,7 +518,7 @@ class Trainer:
                     "train_accuracy": self.last.get("train_accuracy")}
         self.events.fire("after_epoch", self, ctx)
 
-    # ---------------- batch sources (engine/sources.py)
+    # ---------------- batch sources (engine/batches)
     def data_spec(self) -> DataSpec:
         """What the batch sources depend on, as of now."""
         return DataSpec(self.splits, self.built.data_config, self.size, self.cfg, self.runtime, self.built.module,
@@ -548,7 +548,7 @@ class Trainer:
 
         The batches come from the run's source (the feature cache: stored features through the head; the input
         cache: stored eval crops through the model; otherwise the DataLoader) in the batches the plain pass would
-        use, and every path sums through engine.evaluate.accumulate, so the figures agree. Every submodule's
+        use, and every path sums through engine.report.evaluate.accumulate, so the figures agree. Every submodule's
         train/eval mode is restored afterwards (`module`, when given, is evaluated instead of the trainer's own model
         and is left as it was). `tta` overrides the `tta` setting for this pass; asking for flips where the run's
         batches are stored features evaluates on the images instead (a feature cannot be mirrored)."""

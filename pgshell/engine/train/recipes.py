@@ -2,7 +2,7 @@
 gradient accumulation and clipping, early stopping; and the layer-wise lr decay grouping the optimizer uses.
 
 `config_handlers(tr)` is called by `Trainer.setup()`; each handler it returns is attached to the trainer's events for
-the run (see engine/events.py). Every random draw a handler makes is a function of (seed, position), and every
+the run (see engine/train/events.py). Every random draw a handler makes is a function of (seed, position), and every
 handler with memory keeps it in the checkpoint (`key`), so a run paused anywhere resumes exactly.
 
 Orders (lower runs first within an event): mixup 40 (before_batch: the batch must be mixed before anything reads it),
