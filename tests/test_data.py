@@ -12,10 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pgshell.engine.data.images import BadImage, load_image
-from pgshell.engine.data.sampling import EpochSampler, epoch_permutation, sample_seed
-from pgshell.engine.data.loading import ImageDataset, collate, make_loader
 from pgshell.engine.data.folders import Splits, scan_folder
+from pgshell.engine.data.images import BadImage, load_image
+from pgshell.engine.data.loading import ImageDataset, collate, make_loader
+from pgshell.engine.data.sampling import EpochSampler, epoch_permutation, sample_seed
 from pgshell.engine.data.transforms import build_transform
 from pgshell.engine.errors import PgError
 

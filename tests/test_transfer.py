@@ -19,9 +19,9 @@ from conftest import make_images, new_session, run_out, train_to_end
 
 from pgshell.engine.config import TrainConfig
 from pgshell.engine.errors import PgError
-from pgshell.engine.models.spec import ModelSpec
 from pgshell.engine.models.build import build_model, reset_head
 from pgshell.engine.models.catalogue import package_weights
+from pgshell.engine.models.spec import ModelSpec
 from pgshell.engine.train.loop import build_optimizer
 
 LITE0 = package_weights("efficientnet_lite0")

@@ -25,12 +25,12 @@ from typing import Callable, Iterator
 
 import torch
 
+from ..config import TrainConfig
 from ..data.folders import Splits
 from ..data.images import draft_side
 from ..data.loading import ImageDataset, make_loader
 from ..data.sampling import EpochSampler
 from ..data.transforms import build_transform, eval_transform
-from ..config import TrainConfig
 from ..train import recipes as R
 from ..train.device import Runtime
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..store.checkpoint import atomic_write_bytes
 from ..errors import PgError
+from ..store.checkpoint import atomic_write_bytes
 
 FORMATS = ("onnx", "torchscript")
 # torch 2.9+ marks torch.jit (and the TorchScript-based ONNX exporter) deprecated; the user asked for exactly these

@@ -10,8 +10,8 @@ import math
 import os
 from pathlib import Path
 
-from ._textplot import text_plot
 from ..errors import PgError
+from ._textplot import text_plot
 
 METRICS = ("loss", "accuracy", "lr")
 
