@@ -4,11 +4,10 @@ re-exported here lazily."""
 from importlib import import_module
 
 _EXPORTS = {
-    "SEARCHABLE": "space", "FREEZE_CHOICES": "space", "SPACE_HELP": "space", "Dim": "space", "default_space": "space",
-    "parse_space": "space", "format_space": "space", "distribution": "space", "check_compatible": "space",
-    "suggest": "space", "METRICS": "trials", "PRUNERS": "trials", "check_storage": "trials", "make_sampler": "trials",
-    "make_pruner": "trials", "trial_trainer": "trials", "TrialRun": "trials", "save_initial": "trials",
-    "load_initial": "trials",
+    "Dim": "space", "default_space": "space", "parse_space": "space", "format_space": "space",
+    "distribution": "space", "check_compatible": "space", "suggest": "space", "check_storage": "trials",
+    "make_sampler": "trials", "make_pruner": "trials", "trial_trainer": "trials", "TrialRun": "trials",
+    "save_initial": "trials", "load_initial": "trials",
 }
 
 __all__ = [*_EXPORTS]

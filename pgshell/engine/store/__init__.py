@@ -4,11 +4,10 @@ folders. Names are re-exported here lazily."""
 from importlib import import_module
 
 _EXPORTS = {
-    "FORMAT": "checkpoint", "VERSION": "checkpoint", "CheckpointError": "checkpoint",
-    "atomic_write_bytes": "checkpoint", "open_append": "checkpoint", "clean_partial_writes": "checkpoint",
-    "save_checkpoint": "checkpoint", "read_metadata": "checkpoint", "check_size": "checkpoint",
-    "load_checkpoint": "checkpoint", "list_checkpoint_files": "checkpoint", "load_latest": "checkpoint",
-    "SLIM": "saver", "C": "saver", "CheckpointSaver": "saver", "slim": "saver", "Manifest": "digests",
+    "CheckpointError": "checkpoint", "atomic_write_bytes": "checkpoint", "open_append": "checkpoint",
+    "clean_partial_writes": "checkpoint", "save_checkpoint": "checkpoint", "read_metadata": "checkpoint",
+    "check_size": "checkpoint", "load_checkpoint": "checkpoint", "list_checkpoint_files": "checkpoint",
+    "load_latest": "checkpoint", "CheckpointSaver": "saver", "slim": "saver", "Manifest": "digests",
     "file_sha256": "digests", "weights_digest": "digests", "data_manifest": "digests", "manifest_digest": "digests",
     "manifest_changes": "digests", "write_manifest": "digests", "read_manifest": "digests",
 }

@@ -11,15 +11,13 @@ _EXPORTS = {
     "WeightedLoss": "recipes", "mix_seed": "recipes", "mix_batch": "recipes", "MixupCutmix": "recipes",
     "optimizer_steps_per_epoch": "recipes", "Accumulate": "recipes", "ClipGrad": "recipes", "WeightEma": "recipes",
     "ema_module": "recipes", "live_ema_module": "recipes", "EarlyStopping": "recipes", "layer_scales": "recipes",
-    "no_weight_decay": "recipes", "describe_groups": "recipes", "SPANNING": "schedule", "total_steps": "schedule",
-    "lr_factor": "schedule", "cosine_factor": "schedule", "onecycle_factor": "schedule",
-    "schedule_notice": "schedule", "phase_notice": "schedule", "Runtime": "device", "resolve_runtime": "device",
-    "World": "distributed", "world": "distributed", "init_from_env": "distributed", "shutdown": "distributed",
-    "all_sum": "distributed", "agree": "distributed", "Progress": "progress", "phase_status": "progress",
-    "COLUMNS": "metrics", "EXACT_COLUMNS": "metrics", "MetricsLog": "metrics", "MetricsLogger": "metrics",
-    "read_rows": "metrics", "read_rows_counted": "metrics", "BETA": "lrfind", "DIVERGE": "lrfind",
-    "RangeTest": "lrfind", "suggest": "lrfind", "LABELS": "lrfind", "range_test_trainer": "lrfind",
-    "RangeTestSchedule": "lrfind", "run_range_test": "lrfind",
+    "no_weight_decay": "recipes", "describe_groups": "recipes", "total_steps": "schedule", "lr_factor": "schedule",
+    "cosine_factor": "schedule", "onecycle_factor": "schedule", "schedule_notice": "schedule",
+    "phase_notice": "schedule", "Runtime": "device", "resolve_runtime": "device", "World": "distributed",
+    "world": "distributed", "init_from_env": "distributed", "shutdown": "distributed", "all_sum": "distributed",
+    "agree": "distributed", "Progress": "progress", "phase_status": "progress", "MetricsLog": "metrics",
+    "MetricsLogger": "metrics", "read_rows": "metrics", "read_rows_counted": "metrics", "RangeTest": "lrfind",
+    "suggest": "lrfind", "range_test_trainer": "lrfind", "RangeTestSchedule": "lrfind", "run_range_test": "lrfind",
 }
 
 __all__ = [*_EXPORTS]
