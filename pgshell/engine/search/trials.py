@@ -103,7 +103,8 @@ class TrialRun:
         self.reason = ""  # why it was pruned: "pruned" | "diverged"
         self.curve: dict[int, float] = {}  # reported step -> metric
 
-    def _metric(self, val: dict) -> float:
+    def value_of(self, val: dict) -> float:
+        """The compared metric of a validation result."""
         return float(val[METRICS[self.metric][0]])
 
     def run(self, handlers: list | tuple = ()) -> str:
@@ -121,7 +122,7 @@ class TrialRun:
         if res is not None and res.outcome in ("paused", "stopped"):
             return res.outcome
         if self.steps is not None:
-            v = self._metric(tr.evaluate("val"))
+            v = self.value_of(tr.evaluate("val"))
             self.curve[self.steps] = v
             self.trial.report(v, self.steps)
         else:
@@ -155,7 +156,7 @@ class _Pruning(Handler):
         run, info = self.run, ctx.info
         if run.steps is not None or info["val"] is None:
             return
-        v = run._metric(info["val"])
+        v = run.value_of(info["val"])
         run.curve[info["epoch"]] = v
         run.trial.report(v, info["epoch"])
         if not math.isfinite(v):
