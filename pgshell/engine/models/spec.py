@@ -1,5 +1,5 @@
-"""The two shapes of a model: `ModelSpec` (what the user asked for: name, classes, weights; versioned
-to_dict/from_dict for session files and checkpoints) and `BuiltModel` (the module, its head, its data config)."""
+"""The two shapes of a model: `ModelSpec` (what the user asked for: name, classes, weights; to_dict/from_dict,
+checked, for session files and checkpoints) and `BuiltModel` (the module, its head, its data config)."""
 
 from __future__ import annotations
 
