@@ -547,7 +547,8 @@ def test_analysis_commands_in_a_script(trained, tmp_path):
 
 def test_analysis_layers_import_without_cmd2():
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
-            "import pgshell.engine.evaluate, pgshell.engine.plot, pgshell.engine.export, pgshell.engine.tensorboard\n"
+            "import pgshell.engine.report.evaluate, pgshell.engine.report.plot, pgshell.engine.report.export\n"
+            "import pgshell.engine.report.tensorboard\n"
             "import pgshell.session.review\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -445,7 +445,7 @@ def test_the_soup_report_and_autofit_layers_import_without_cmd2():
     from conftest import ROOT
 
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
-            "import pgshell.engine.soup, pgshell.session.best, pgshell.session.report, pgshell.session.autofit\n"
+            "import pgshell.engine.models.soup, pgshell.session.best, pgshell.session.report, pgshell.session.autofit\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))

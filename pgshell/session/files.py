@@ -29,7 +29,7 @@ from .document import DataBinding, SessionDoc, folder_of, read_raw
 from .lock import LOCK_NAME, take
 
 
-from ..engine.store.saver import C  # engine.checkpoint, imported at first use (it imports torch)
+from ..engine.store.saver import C  # store/checkpoint.py, imported at first use (it imports torch)
 
 
 # ---------------------------------------------------------------- errors, disk

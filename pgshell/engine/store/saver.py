@@ -23,7 +23,7 @@ SLIM = ("optimizer", "scheduler", "scaler")  # the training state only a resume 
 
 
 class _Checkpoint:
-    """engine.checkpoint imports torch: loaded at the first save, so the shell starts without it."""
+    """checkpoint.py imports torch: loaded at the first save, so the shell starts without it."""
 
     def __getattr__(self, name):
         from . import checkpoint

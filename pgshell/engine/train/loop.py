@@ -585,7 +585,7 @@ class Trainer:
 
     # ---------------- checkpoint state
     def state_dict(self) -> dict:
-        """Everything needed to continue exactly: a plain structure for engine.checkpoint. Nothing in it depends on
+        """Everything needed to continue exactly: a plain structure for store/checkpoint.py. Nothing in it depends on
         the history that led to it: the global RNG states stored are functions of (seed, position) too."""
         module = self.built.module
         return {
