@@ -361,7 +361,6 @@ def out_of_fold_probs(features, labels, num_classes: int, folds: int = 5, seed: 
     on all the images) is then the same for every fold."""
     import torch
 
-    from . import probe as PR
     from ..batches.features import cpu_threads
 
     x = torch.as_tensor(features).float()
