@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from pgshell.session import Session  # noqa: E402
-from pgshell.session import audit as AU  # noqa: E402
+from pgshell.session import dataaudit as AU  # noqa: E402
 
 
 def build_copy(source: Path, out: Path, seed: int) -> dict:

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pgshell.engine import data as D  # noqa: E402
 from pgshell.engine import models as M  # noqa: E402
 from pgshell.engine.config import TrainConfig  # noqa: E402
-from pgshell.engine.metrics import MetricsLog  # noqa: E402
-from pgshell.engine.train import Trainer  # noqa: E402
+from pgshell.engine.train.metrics import MetricsLog  # noqa: E402
+from pgshell.engine.train.loop import Trainer  # noqa: E402
 
 
 def synthetic_folder(root: Path, n: int = 512, classes: int = 4, px: int = 96) -> Path:

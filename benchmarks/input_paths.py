@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pgshell.engine import data as D  # noqa: E402
 from pgshell.engine import models as M  # noqa: E402
 from pgshell.engine.config import TrainConfig  # noqa: E402
-from pgshell.engine.train import Callbacks, Trainer  # noqa: E402
+from pgshell.engine.train.loop import Callbacks, Trainer  # noqa: E402
 
 PATHS = (("cache", "on"), ("device decode", "decode"), ("DataLoader", "off"))
 

@@ -1,8 +1,8 @@
 """Parity: the same model, transforms and recipe trained by a plain PyTorch loop and by pgshell, several seeds each.
 
-Both sides take the same splits (engine.data.scan_folder), the same training and evaluation transforms (timm's
-create_transform through engine.data.build_transform with the settings' policy), the same initial weights (timm
-model built after torch.manual_seed(seed), as `load` does), the same optimizer, schedule and epochs. What differs
+Both sides take the same splits (engine.data.folders.scan_folder), the same training and evaluation transforms (timm's
+create_transform through engine.data.transforms.build_transform with the settings' policy), the same initial weights
+(timm model built after torch.manual_seed(seed), as `load` does), the same optimizer, schedule and epochs. What differs
 is only the loop: the plain side is what a user writes with torch and timm's own utilities (a shuffling DataLoader,
 transforms on the global RNG, timm's Mixup / ModelEmaV3 / dispatch_clip_grad / param_groups_layer_decay, a step
 every `accumulate` batches on loss / K); pgshell trains through pgshell.session.Session. The final validation
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgshell.engine import data as D  # noqa: E402
 from pgshell.engine.config import TrainConfig  # noqa: E402
-from pgshell.engine.models import package_weights  # noqa: E402
+from pgshell.engine.models.catalogue import package_weights  # noqa: E402
 from pgshell.session import Session  # noqa: E402
 
 _PLAIN_CANNOT = ("patience",)  # a fixed epoch budget is the point of the comparison
@@ -116,7 +116,7 @@ def plain_criterion(cfg: TrainConfig, splits):
 
     weight = None
     if cfg.class_weights == "balanced":
-        from pgshell.engine.recipes import class_loss_weights
+        from pgshell.engine.train.recipes import class_loss_weights
 
         weight = class_loss_weights(splits.train, len(splits.classes))
     hard = torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg.label_smoothing)

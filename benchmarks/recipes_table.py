@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pgshell.engine.metrics import read_rows  # noqa: E402
+from pgshell.engine.train.metrics import read_rows  # noqa: E402
 from pgshell.session import Session  # noqa: E402
 
 MILD = "crop_scale=0.5 color_jitter=0 crop_pct=1.0"

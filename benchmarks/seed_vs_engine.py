@@ -218,7 +218,7 @@ def frozen_processes(args) -> None:
 
 def breakdown(args) -> None:
     """Where pgshell's seconds go, in the phases of the plan (one in-process run through the Session API)."""
-    from pgshell.engine import checkpoint as C
+    from pgshell.engine.store import checkpoint as C
 
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import pgshell.shell, pgshell.session, torch, timm"], check=True)

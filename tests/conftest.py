@@ -98,7 +98,7 @@ def weights_of(module) -> dict:
 
 def exact_rows(folder: Path) -> list[tuple]:
     """The session folder's metrics log in the columns a resumed run must reproduce bit for bit."""
-    from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+    from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
 
     return [tuple(r[c] for c in EXACT_COLUMNS) for r in read_rows(folder / "metrics.csv")]
 

@@ -22,9 +22,9 @@ import torch
 from PIL import Image
 
 from pgshell.session import review as A
-from pgshell.engine import checkpoint as C
-from pgshell.engine import plot as P
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+from pgshell.engine.store import checkpoint as C
+from pgshell.engine.report import plot as P
+from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 from pgshell.shell import PgShell
 
@@ -193,7 +193,7 @@ def test_eval_report_matches_predictions(trained):
 
 
 def test_classification_report_on_known_logits():
-    from pgshell.engine.evaluate import classification_report
+    from pgshell.engine.report.evaluate import classification_report
 
     classes = [f"c{i}" for i in range(7)]
     labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 4, 5, 6])
@@ -292,7 +292,8 @@ def test_predict_known_classes_and_after_reopening(trained, tmp_path):
 
 # ------------------------------------------------------------------ export
 def _preprocessed(app, image: Path):
-    from pgshell.engine.data import build_transform, load_image
+    from pgshell.engine.data.transforms import build_transform
+    from pgshell.engine.data.images import load_image
 
     tf = build_transform(app.session.built.data_config, train=False, size=32)
     return tf(load_image(str(image)))[None]
@@ -353,7 +354,7 @@ def test_export_timm_is_rebuilt_identically_by_timm_and_by_load_folder(trained, 
     import timm
     import timm.data
 
-    from pgshell.engine.data import build_transform
+    from pgshell.engine.data.transforms import build_transform
 
     app, tmp = trained
     x = torch.cat([_preprocessed(app, p) for p in sorted((tmp / "tv" / "val").rglob("*.png"))[:4]])
@@ -401,7 +402,7 @@ def test_export_timm_refuses_a_model_timm_cannot_rebuild():
     import torchvision
 
     from pgshell.engine.errors import PgError
-    from pgshell.engine.export import timm_architecture
+    from pgshell.engine.report.export import timm_architecture
 
     with pytest.raises(PgError, match="needs a timm model .*export onnx"):
         timm_architecture(torchvision.models.resnet18())
@@ -498,7 +499,7 @@ def test_tensorboard_event_files_read_back(trained):
 
 
 def test_tensorboard_missing_says_how_to_install(monkeypatch, tmp_path, capsys):
-    from pgshell.engine import tensorboard as TB
+    from pgshell.engine.report import tensorboard as TB
 
     monkeypatch.setattr(TB, "available", lambda: False)
     app = new_app(tmp_path / "s")
@@ -546,7 +547,8 @@ def test_analysis_commands_in_a_script(trained, tmp_path):
 
 def test_analysis_layers_import_without_cmd2():
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
-            "import pgshell.engine.evaluate, pgshell.engine.plot, pgshell.engine.export, pgshell.engine.tensorboard\n"
+            "import pgshell.engine.report.evaluate, pgshell.engine.report.plot, pgshell.engine.report.export\n"
+            "import pgshell.engine.report.tensorboard\n"
             "import pgshell.session.review\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

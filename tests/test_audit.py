@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pgshell.engine import audit as AU
+from pgshell.engine.report import audit as AU
 
 from conftest import new_app, run, run_out
 
@@ -214,7 +214,7 @@ def test_audit_names_leakage_writes_sheets_and_an_exclude_list(tmp_path, monkeyp
 
 def test_data_exclude_is_recorded_reopened_and_replayed_exactly(tmp_path, monkeypatch):
     from pgshell.session import Session
-    from pgshell.engine.fingerprint import weights_digest
+    from pgshell.engine.store.digests import weights_digest
     from pgshell.session.replay import data_differences, export_plan, fork
     from pgshell.shell.cli import run_plan
 
@@ -323,7 +323,7 @@ def test_feature_duplicates_are_grouped_and_named_as_leakage(tmp_path, monkeypat
     reported but never put on the exclude list; a pair the hashes already found is not repeated."""
     import torch
 
-    from pgshell.session import audit as SA
+    from pgshell.session import dataaudit as SA
 
     monkeypatch.chdir(tmp_path)
     data = leaky_split(tmp_path / "tv")

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 from pgshell.engine.errors import PgError
 from pgshell.session import Session
 
@@ -403,7 +403,7 @@ def test_history_and_nested_scripts_cannot_write_files_or_run_a_plan_past_its_er
 
 # ------------------------------------------------------------------ damaged metrics rows, a huge "checkpoint"
 def test_bad_metrics_rows_are_skipped_and_counted_and_hide_no_later_row(copy, tmp_path):
-    from pgshell.engine.metrics import read_rows
+    from pgshell.engine.train.metrics import read_rows
     from pgshell.session import review
 
     file, _ = copy
@@ -416,7 +416,7 @@ def test_bad_metrics_rows_are_skipped_and_counted_and_hide_no_later_row(copy, tm
     other.write_bytes(metrics.read_bytes())
     good = read_rows(metrics)
     assert [int(r["step"]) for r in good] == [1, 2, 3, 4, 4]  # the quote hid nothing, the garbage row is out
-    from pgshell.engine.metrics import read_rows_counted
+    from pgshell.engine.train.metrics import read_rows_counted
 
     assert read_rows_counted(metrics) == (good, 2)
     notes: list[str] = []

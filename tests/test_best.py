@@ -12,7 +12,7 @@ from conftest import make_split, new_app, new_session, run, train_to_end
 
 # ====================================================================== soups: pure functions
 def test_a_uniform_soup_of_known_weights_is_their_exact_mean():
-    from pgshell.engine.soup import average_weights
+    from pgshell.engine.models.soup import average_weights
 
     states = [{"w": torch.tensor([1.0, 0.1], dtype=torch.float32), "h": torch.tensor([2.0], dtype=torch.float16),
                "n": torch.tensor(3)} for _ in range(3)]
@@ -32,7 +32,7 @@ def test_a_uniform_soup_of_known_weights_is_their_exact_mean():
 
 def test_ingredients_of_another_network_are_refused_naming_the_tensor():
     from pgshell.engine.errors import PgError
-    from pgshell.engine.soup import check_ingredients
+    from pgshell.engine.models.soup import check_ingredients
 
     a, b = {"fc.weight": torch.zeros(3, 4)}, {"fc.weight": torch.zeros(5, 4)}
     with pytest.raises(PgError, match=r"fc\.weight \(\(5, 4\) vs \(3, 4\)\)"):
@@ -42,7 +42,7 @@ def test_ingredients_of_another_network_are_refused_naming_the_tensor():
 
 
 def test_greedy_soup_tries_best_first_and_keeps_only_what_does_not_lower_accuracy():
-    from pgshell.engine.soup import greedy_soup, rank
+    from pgshell.engine.models.soup import greedy_soup, rank
 
     single = [0.50, 0.90, 0.70, 0.80, 0.80]
     order = rank(single)
@@ -71,7 +71,7 @@ def _bn_net(dropout: float = 0.0) -> torch.nn.Sequential:
 
 
 def test_batchnorm_recompute_gives_the_batches_statistics_and_touches_nothing_else():
-    from pgshell.engine.soup import recompute_batchnorm
+    from pgshell.engine.models.soup import recompute_batchnorm
 
     net = _bn_net(dropout=0.5)
     net[2].running_mean.fill_(9.0)
@@ -95,7 +95,7 @@ def test_batchnorm_recompute_gives_the_batches_statistics_and_touches_nothing_el
 def test_batchnorm_recompute_of_every_layer_matches_torch_update_bn():
     from torch.optim.swa_utils import update_bn
 
-    from pgshell.engine.soup import batchnorm_layers, recompute_batchnorm
+    from pgshell.engine.models.soup import batchnorm_layers, recompute_batchnorm
 
     ours, theirs = _bn_net(), _bn_net()
     g = torch.Generator().manual_seed(2)
@@ -107,7 +107,7 @@ def test_batchnorm_recompute_of_every_layer_matches_torch_update_bn():
 
 
 def test_only_batchnorm_layers_whose_statistics_differ_are_recomputed():
-    from pgshell.engine.soup import differing_batchnorm
+    from pgshell.engine.models.soup import differing_batchnorm
 
     net = _bn_net()
     a = {k: v.clone() for k, v in net.state_dict().items()}
@@ -134,14 +134,14 @@ def trained(tmp_path_factory):
 
 
 def _epoch_states(s, epochs):
-    from pgshell.engine.checkpoint import load_checkpoint
+    from pgshell.engine.store.checkpoint import load_checkpoint
 
     return [load_checkpoint(s.folder / "checkpoints" / f"epoch-{e:04d}.safetensors")["model"] for e in epochs]
 
 
 def test_a_uniform_soup_of_a_run_averages_its_checkpoints_and_recomputes_batchnorm(trained):
-    from pgshell.engine.checkpoint import load_checkpoint, read_metadata
-    from pgshell.engine.soup import average_weights
+    from pgshell.engine.store.checkpoint import load_checkpoint, read_metadata
+    from pgshell.engine.models.soup import average_weights
     from pgshell.session import best as B
     from pgshell.session import review as R
 
@@ -172,7 +172,7 @@ def test_a_uniform_soup_of_a_run_averages_its_checkpoints_and_recomputes_batchno
 
 
 def test_a_greedy_soup_starts_from_the_best_epoch_and_a_soup_of_one_is_that_checkpoint(trained):
-    from pgshell.engine.checkpoint import load_checkpoint
+    from pgshell.engine.store.checkpoint import load_checkpoint
     from pgshell.session import best as B
 
     s, _ = trained
@@ -290,7 +290,7 @@ def test_the_soup_checkpoint_evaluates_exports_predicts_and_forks_from_the_shell
 
 # ====================================================================== autofit
 def _latest_state(folder):
-    from pgshell.engine.checkpoint import load_checkpoint
+    from pgshell.engine.store.checkpoint import load_checkpoint
 
     doc = json.loads(folder.with_suffix(".session").read_text())
     return load_checkpoint(folder.parent / doc["checkpoint"])
@@ -445,7 +445,7 @@ def test_the_soup_report_and_autofit_layers_import_without_cmd2():
     from conftest import ROOT
 
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
-            "import pgshell.engine.soup, pgshell.session.best, pgshell.session.report, pgshell.session.autofit\n"
+            "import pgshell.engine.models.soup, pgshell.session.best, pgshell.session.report, pgshell.session.autofit\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 from pgshell.session import Session
 
 from conftest import exact_rows, new_app, weights_of

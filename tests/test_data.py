@@ -12,19 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pgshell.engine.data import (
-    BadImage,
-    EpochSampler,
-    ImageDataset,
-    Splits,
-    build_transform,
-    collate,
-    epoch_permutation,
-    load_image,
-    make_loader,
-    sample_seed,
-    scan_folder,
-)
+from pgshell.engine.data.folders import Splits, scan_folder
+from pgshell.engine.data.images import BadImage, load_image
+from pgshell.engine.data.loading import ImageDataset, collate, make_loader
+from pgshell.engine.data.sampling import EpochSampler, epoch_permutation, sample_seed
+from pgshell.engine.data.transforms import build_transform
 from pgshell.engine.errors import PgError
 
 # test_resnet's resolved data config, written out so no model needs building; mean/std deliberately not ImageNet's.

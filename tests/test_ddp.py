@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgshell.engine import checkpoint as C
-from pgshell.engine.metrics import read_rows
+from pgshell.engine.store import checkpoint as C
+from pgshell.engine.train.metrics import read_rows
 
 from conftest import make_split, pgshell_env, pgshell_here
 

@@ -9,10 +9,10 @@ import threading
 import pytest
 import torch
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 from pgshell.engine.config import TrainConfig
 from pgshell.engine.errors import PgError
-from pgshell.engine.metrics import read_rows
+from pgshell.engine.train.metrics import read_rows
 from pgshell.session import Session
 
 from conftest import WAIT, exact_rows, new_session, weights_of, train_to_end
@@ -254,7 +254,8 @@ def test_config_validation():
 
 def test_engine_imports_without_cmd2():
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
-            "import pgshell.engine as e, pgshell.engine.train, pgshell.engine.models, pgshell.engine.data\n"
+            "import pgshell.engine as e, pgshell.engine.train.loop, pgshell.engine.models.build\n"
+            "import pgshell.engine.data.resolve\n"
             "import pgshell.session\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

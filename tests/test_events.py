@@ -9,13 +9,13 @@ import threading
 import pytest
 import torch
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 from pgshell.engine import data as D
 from pgshell.engine import models as M
 from pgshell.engine.config import TrainConfig
-from pgshell.engine.events import EVENTS, Events, Handler
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
-from pgshell.engine.train import Trainer
+from pgshell.engine.train.events import EVENTS, Events, Handler
+from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
+from pgshell.engine.train.loop import Trainer
 from pgshell.session import Session
 from pgshell.session import worker as W
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgshell.engine import checkpoint as C
-from pgshell.engine.metrics import read_rows
+from pgshell.engine.store import checkpoint as C
+from pgshell.engine.train.metrics import read_rows
 from pgshell.session import Session
 
 from conftest import WAIT, exact_rows, make_split, new_session, pgshell, pgshell_env, run_out, weights_of
@@ -407,7 +407,7 @@ def test_a_torn_last_metrics_row_is_dropped_on_reopen_not_glued_to_the_next(tmp_
     r.train()
     assert r.wait(WAIT) and "error" not in r.status
     r.close(save=False)
-    from pgshell.engine.metrics import COLUMNS
+    from pgshell.engine.train.metrics import COLUMNS
 
     assert all(line.count(",") == len(COLUMNS) - 1 for line in (s.folder / "metrics.csv").read_text().splitlines())
     steps = [int(row["step"]) for row in read_rows(s.folder / "metrics.csv") if row["split"] == "train"]

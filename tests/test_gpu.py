@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from pgshell.engine.device import resolve_runtime
-from pgshell.engine.metrics import read_rows
+from pgshell.engine.train.device import resolve_runtime
+from pgshell.engine.train.metrics import read_rows
 from pgshell.session import Session
 
 from conftest import new_session

@@ -15,12 +15,12 @@ import torch
 from PIL import Image
 
 from pgshell.engine import data as D
-from pgshell.engine import inputcache as IC
+from pgshell.engine.batches import inputcache as IC
 from pgshell.engine import models as M
-from pgshell.engine import sources as SRC
+from pgshell.engine import batches as SRC
 from pgshell.engine.config import TrainConfig
-from pgshell.engine.device import Runtime
-from pgshell.engine.train import Trainer
+from pgshell.engine.train.device import Runtime
+from pgshell.engine.train.loop import Trainer
 
 SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
@@ -205,7 +205,7 @@ def test_device_decode_and_the_cache_stage_the_same_images(photo_folder):
     tr = _trainer(photo_folder, input_cache="on")
     tr._prepare_batches()
     st = tr.source.stores["train"]
-    from pgshell.engine import decode as DEC
+    from pgshell.engine.batches import decode as DEC
 
     files = DEC._FileBytes(tr.splits.train, 0)
     for i in range(len(tr.splits.train)):
@@ -320,7 +320,7 @@ def test_progress_of_long_builds(photo_folder):
 def test_gpu_decode_matches_the_cpu_decoder_and_batches_do_not_depend_on_the_start(photo_folder):
     """nvJPEG on the GPU and libjpeg on the CPU give each image at the same size and orientation, pixels within
     decoder rounding; the GPU batches from a position on are those of the whole epoch (what exact resume needs)."""
-    from pgshell.engine import decode as DEC
+    from pgshell.engine.batches import decode as DEC
 
     tr = _trainer(photo_folder, input_cache="decode", device="cuda", amp="off")
     files = DEC._FileBytes(tr.splits.train, 0)
@@ -364,7 +364,7 @@ def test_big_jpegs_decode_at_reduced_scale_the_same_on_every_path(tmp_path):
 def test_head_steps_on_one_thread_and_the_feature_pass_beside_the_workers(photo_folder):
     """While the feature cache's batches are consumed the CPU runs one intra-op thread (restored when the loop leaves
     them); the feature pass leaves the loader's workers their cores."""
-    from pgshell.engine import features as FC
+    from pgshell.engine.batches import features as FC
 
     cores = len(os.sched_getaffinity(0))
     assert FC.cores_beside(0) == cores and FC.cores_beside(cores + 3) == 1

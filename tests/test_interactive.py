@@ -9,7 +9,7 @@ from pathlib import Path
 import pexpect
 import torch
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 
 from conftest import pgshell_env, pgshell_here
 

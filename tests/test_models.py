@@ -17,8 +17,10 @@ from torch import nn
 
 from pgshell.engine import models as M
 from pgshell.engine.errors import PgError
-from pgshell.engine.models import (SEED_FAMILIES, ModelSpec, build_model, count_params, freeze, frozen_bn_to_eval,
-                                   list_models, resolve_name, stages, unfreeze, weights_status)
+from pgshell.engine.models.build import build_model
+from pgshell.engine.models.catalogue import SEED_FAMILIES, list_models, resolve_name, weights_status
+from pgshell.engine.models.freezing import count_params, freeze, frozen_bn_to_eval, stages, unfreeze
+from pgshell.engine.models.spec import ModelSpec
 
 from conftest import ROOT
 

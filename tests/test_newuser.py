@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import new_app, run_out
-from pgshell.engine.progress import Progress, phase_status
+from pgshell.engine.train.progress import Progress, phase_status
 from pgshell.shell.app import toolbar_line
 
 
@@ -106,7 +106,7 @@ def test_toolbar_never_raises_on_a_partial_status(app, status):
 
 # ====================================================================== 5: StepLR across freeze -> unfreeze
 def _lrs_by_epoch(folder) -> dict[int, set]:
-    from pgshell.engine.metrics import read_rows
+    from pgshell.engine.train.metrics import read_rows
 
     out: dict[int, set] = {}
     for r in read_rows(folder / "metrics.csv"):
@@ -149,7 +149,7 @@ def test_a_restarted_schedule_is_torchs_schedule_started_at_that_epoch():
     import torch
 
     from pgshell.engine.config import TrainConfig
-    from pgshell.engine.schedule import lr_factor, phase_notice
+    from pgshell.engine.train.schedule import lr_factor, phase_notice
 
     for name, make in (("step", lambda o: torch.optim.lr_scheduler.StepLR(o, 2, 0.5)),
                        ("cosine", lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 3 * 4))):
@@ -340,7 +340,7 @@ def test_compare_keeps_the_column_that_differs_ranks_each_dataset_and_prints_flo
 
 
 def test_compact_values_keep_different_values_different():
-    from pgshell.shell.review import compact_values
+    from pgshell.shell.reviewcmds import compact_values
 
     assert compact_values([0.0016051911333587634, 0.001, 8, "sgd"]) == ["0.00161", "0.001", "8", "sgd"]
     assert compact_values([0.00161, 0.0016149]) == ["0.00161", "0.001615"]  # 3 digits would read the same
@@ -403,7 +403,7 @@ def test_wait_prints_progress_and_each_epoch_and_says_when_nothing_runs(app, spl
     import threading
 
     import pgshell.shell.app as shell_app
-    from pgshell.engine.events import Handler
+    from pgshell.engine.train.events import Handler
 
     for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"):
         ok(app, capsys, line)
@@ -442,7 +442,7 @@ def test_wait_prints_progress_and_each_epoch_and_says_when_nothing_runs(app, spl
 def test_quit_during_validation_keeps_the_epoch_line(app, split_folder, capsys):
     import threading
 
-    from pgshell.engine.events import Handler
+    from pgshell.engine.train.events import Handler
 
     for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"):
         ok(app, capsys, line)
@@ -468,7 +468,7 @@ def test_quit_during_validation_keeps_the_epoch_line(app, split_folder, capsys):
 
 
 def test_a_phase_eta_counts_from_its_first_report(app, split_folder, capsys, monkeypatch):
-    import pgshell.engine.progress as progress
+    import pgshell.engine.train.progress as progress
     import pgshell.session.core as core
 
     clock = [100.0]
@@ -519,7 +519,7 @@ def test_export_timm_is_readable_by_others_and_claims_no_timm_weights(tmp_path):
 
     import timm
 
-    from pgshell.engine.export import check_timm, export_timm
+    from pgshell.engine.report.export import check_timm, export_timm
 
     model = timm.create_model("test_resnet", num_classes=3)
     pre = {"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear",

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from pgshell.engine import data as D
-from pgshell.engine import recipes as R
+from pgshell.engine.train import recipes as R
 from pgshell.engine.config import TrainConfig, parse_value
 from pgshell.engine.errors import PgError
-from pgshell.engine.events import Ctx, Events
-from pgshell.engine.train import build_optimizer
+from pgshell.engine.train.events import Ctx, Events
+from pgshell.engine.train.loop import build_optimizer
 
 from conftest import make_images, new_session, train_to_end
 
@@ -384,8 +384,8 @@ def test_layer_decay_without_a_group_matcher_goes_by_top_level_stages():
 def test_flip_tta_is_the_mean_of_the_plain_and_the_flipped_logits(tmp_path):
     import timm
 
-    from pgshell.engine.device import resolve_runtime
-    from pgshell.engine.evaluate import evaluate_dataset
+    from pgshell.engine.train.device import resolve_runtime
+    from pgshell.engine.report.evaluate import evaluate_dataset
 
     root = make_images(tmp_path / "imgs", per_class=4)
     samples = [(str(p), c) for c, name in enumerate(("cat", "dog", "fox")) for p in sorted((root / name).iterdir())]
@@ -499,7 +499,7 @@ def test_data_hints_at_a_milder_policy_and_show_prints_the_policy_and_the_lr_gro
 
 
 def test_lrfind_suggestions_lie_before_the_divergence_and_the_legend_says_minimum_over_10(tmp_path, monkeypatch):
-    from pgshell.engine.lrfind import suggest
+    from pgshell.engine.train.lrfind import suggest
     from pgshell.session.study import write_lrfind_png
 
     # falls to its lowest at 1e-2, climbs to 5.5 by 0.3, then falls steeply to 3.5 (still above its start, 3):
@@ -530,7 +530,7 @@ def test_lrfind_suggestions_lie_before_the_divergence_and_the_legend_says_minimu
 
 
 def test_tune_can_search_the_policy_and_the_recipes():
-    from pgshell.engine.search import parse_space
+    from pgshell.engine.search.space import parse_space
 
     space = parse_space("mixup=0:0.8 ema=0,0.999 crop_scale=0.08:0.8 auto_augment=none,rand-m9-mstd0.5 accumulate=1:4",
                         100)
@@ -572,7 +572,7 @@ class _PauseAt:
 
 
 def _snapshot(s):
-    from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+    from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
 
     tr = s.trainer
     states = copy.deepcopy(tr.events.state_dict())
@@ -658,7 +658,7 @@ def _trainer(tmp_path, folder, **settings):
 
 
 def test_the_trainer_uses_the_policy_tta_and_keeps_layer_scales_live(tmp_path, split_folder):
-    from pgshell.engine import evaluate as E
+    from pgshell.engine.report import evaluate as E
 
     policy = dict(crop_scale=0.5, hflip=0.0, color_jitter=0.0, crop_pct=1.0, normalize="imagenet", tta="flip",
                   layer_decay=0.5, batch_size=8)
@@ -677,7 +677,7 @@ def test_the_trainer_uses_the_policy_tta_and_keeps_layer_scales_live(tmp_path, s
 
 
 def test_the_balanced_sampler_reaches_the_loop_and_images_are_kept_for_mixup_and_tta(tmp_path):
-    from pgshell.engine.features import FeatureSource
+    from pgshell.engine.batches.features import FeatureSource
 
     root = make_images(tmp_path / "imb", classes=("big",), per_class=20)
     make_images(root, classes=("small",), per_class=4, seed=3)
@@ -707,7 +707,7 @@ def test_the_balanced_sampler_reaches_the_loop_and_images_are_kept_for_mixup_and
 # ------------------------------------------------------------------ finetune
 def test_finetune_as_one_command_equals_the_same_steps_typed_by_hand_and_resumes_in_its_first_phase(
         tmp_path, split_folder):
-    from pgshell.engine.metrics import read_rows
+    from pgshell.engine.train.metrics import read_rows
     from pgshell.session import Session
     from pgshell.shell import PgShell
 
@@ -781,7 +781,7 @@ def test_export_describes_the_evaluation_policy_of_the_live_model_and_of_a_check
 
 
 def test_eval_tta_flip_is_the_flip_mean_also_where_the_run_trains_on_stored_features(app, split_folder):
-    from pgshell.engine import evaluate as E
+    from pgshell.engine.report import evaluate as E
 
     from conftest import run
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pgshell.engine import checkpoint as C
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+from pgshell.engine.store import checkpoint as C
+from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 from pgshell.session.replay import history
 from pgshell.shell import PgShell
@@ -175,7 +175,7 @@ def test_expect_names_a_weights_file_that_changed_and_weights_that_differ(app, t
     import timm
     from safetensors.torch import save_file
 
-    from pgshell.engine.fingerprint import file_sha256
+    from pgshell.engine.store.digests import file_sha256
 
     weights = tmp_path / "w.safetensors"
     for seed in (3, 4):  # the file the session loads, then another one under its name

@@ -19,8 +19,8 @@ import torch
 from PIL import Image
 
 from pgshell.session import review as A
-from pgshell.engine import probe as PR
-from pgshell.engine.metrics import read_rows
+from pgshell.engine.report import probe as PR
+from pgshell.engine.train.metrics import read_rows
 from pgshell.session import Session
 from pgshell.shell import PgShell
 
@@ -109,7 +109,7 @@ def test_probe_is_recorded_and_shown_by_show_and_compare(trained):
     assert linear["step"] == knn["step"] == 8 and 0 <= knn["accuracy"] <= 1 and 0 <= linear["accuracy"] <= 1
     # the k-NN figure again from features computed here, through the engine alone
     from pgshell.engine import data as D
-    from pgshell.engine.features import compute_features, head_module_name
+    from pgshell.engine.batches.features import compute_features, head_module_name
 
     tf = D.build_transform(s.built.data_config, train=False, size=32)
     head = s.built.module.get_submodule(head_module_name(s.built.head))
@@ -370,7 +370,7 @@ def test_review_errors_are_one_clear_line(trained, capsys, line, message):
 
 
 def test_activation_map_goes_back_through_resize_and_centre_crop():
-    from pgshell.engine.explain import to_image_frame
+    from pgshell.engine.report.explain import to_image_frame
 
     ones = np.ones((32, 32), np.float32)
     # 40 wide, 48 high; shorter side to 33 -> 33 x 39, centre crop 32: columns 0-38, rows 5-43 of the original

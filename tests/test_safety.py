@@ -429,7 +429,7 @@ def test_weights_declaring_far_more_than_the_model_are_refused_before_anything_i
 
 # ------------------------------------------------------------------ 12. a model folder sized beyond the machine
 def test_a_model_folder_beyond_the_machines_memory_is_refused_on_the_meta_device(tmp_path, monkeypatch):
-    from pgshell.engine import _weightguard as G
+    from pgshell.engine.models import _weightguard as G
     from pgshell.engine import models as M
     from pgshell.engine.errors import PgError
 

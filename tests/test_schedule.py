@@ -8,7 +8,7 @@ import torch
 from torch.optim import lr_scheduler as L
 
 from pgshell.engine.config import TrainConfig
-from pgshell.engine.schedule import lr_factor, schedule_notice
+from pgshell.engine.train.schedule import lr_factor, schedule_notice
 
 LRS = (0.1, 0.01)  # a head group and a backbone group at backbone_lr_scale 0.1: the factor scales both alike
 

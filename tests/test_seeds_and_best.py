@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from pgshell.engine.train import Trainer
+from pgshell.engine.train.loop import Trainer
 from pgshell.session import Session
 from pgshell.shell import PgShell, run_plan
 
@@ -117,7 +117,7 @@ def test_the_end_of_a_run_names_the_best_epoch_and_eval_says_which_weights(tmp_p
 def test_tune_trials_keep_their_initial_weights_when_the_seed_reinitialises_the_model(tmp_path, split_folder):
     """`tune`'s rule: every trial of a study starts from the weights the model had when the study began — a later
     `set seed` that re-initialises the session's model does not move them."""
-    from pgshell.engine.checkpoint import load_checkpoint
+    from pgshell.engine.store.checkpoint import load_checkpoint
 
     out = io.StringIO()
     app = PgShell(interactive=False, sessions_dir=str(tmp_path / "sessions"), stdout=out)

@@ -21,9 +21,9 @@ import pytest
 import torch
 from conftest import make_images, run_out
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 from pgshell.engine.errors import PgError
-from pgshell.engine.metrics import read_rows
+from pgshell.engine.train.metrics import read_rows
 from pgshell.session import Session
 
 ROOT = Path(__file__).resolve().parent.parent

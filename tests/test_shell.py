@@ -9,7 +9,7 @@ import pexpect
 import pytest
 import torch
 
-from pgshell.engine import checkpoint as C
+from pgshell.engine.store import checkpoint as C
 
 from conftest import ROOT, WAIT, exact_rows, pgshell, pgshell_env, pgshell_here, run
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pgshell.engine import _arrow
+from pgshell.engine.data import _arrow
 from pgshell.engine import data as D
-from pgshell.engine import inputcache as IC
+from pgshell.engine.batches import inputcache as IC
 from pgshell.engine.errors import PgError
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
+from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
 from conftest import train_to_end
 

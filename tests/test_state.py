@@ -22,7 +22,7 @@ def ok(app, line):
 
 
 def latest_state(folder: Path) -> dict:
-    from pgshell.engine import checkpoint as C
+    from pgshell.engine.store import checkpoint as C
 
     return C.load_latest(folder / "checkpoints")[1]
 
@@ -97,8 +97,8 @@ def test_under_accumulate_2_a_step_is_an_optimizer_step_for_train_help_notice_an
     """30 images in batches of 8 with `accumulate 2`: 4 batches and 2 optimizer steps an epoch. `train --steps 2`
     trains 4 batches, as its help says; the cosine notice of `train 2` names the lr the run ends with; a trial of 3
     steps spans 2 epochs."""
-    from pgshell.engine.metrics import read_rows
-    from pgshell.engine.search import trial_trainer
+    from pgshell.engine.train.metrics import read_rows
+    from pgshell.engine.search.trials import trial_trainer
 
     s = new_session(tmp_path / "sessions", split_folder, accumulate=2, scheduler="cosine", epochs=3)
     said = s.train(steps=2)
@@ -123,7 +123,7 @@ def test_under_accumulate_2_a_step_is_an_optimizer_step_for_train_help_notice_an
 
 # ---------------------------------------------------------------- 4. handler state in checkpoints
 def test_a_keyed_handler_of_one_run_has_its_state_in_the_checkpoint_written_after_the_run(tmp_path, split_folder):
-    from pgshell.engine.events import Handler
+    from pgshell.engine.train.events import Handler
 
     class Counter(Handler):
         key = "counter"
@@ -154,7 +154,7 @@ def test_a_keyed_handler_of_one_run_has_its_state_in_the_checkpoint_written_afte
 def test_an_ema_that_fails_once_keeps_its_averaged_weights_in_later_checkpoints(tmp_path, split_folder, monkeypatch):
     from timm.utils import ModelEmaV3
 
-    from pgshell.engine.recipes import WeightEma
+    from pgshell.engine.train.recipes import WeightEma
 
     calls, real = [], ModelEmaV3.update
 
@@ -230,7 +230,7 @@ def test_kill_9_with_forked_workers_then_reopen_at_once(tmp_path):
 
 # ---------------------------------------------------------------- 6. reads write nothing; the engine's names exist
 def test_eval_errors_and_probe_leave_no_session_folder_and_training_after_them_logs(app, split_folder, tmp_path):
-    from pgshell.engine.metrics import read_rows
+    from pgshell.engine.train.metrics import read_rows
 
     for line in ["set batch_size 8", f"data {split_folder} --size 32", "load test_resnet", "eval", "errors",
                  "probe knn"]:

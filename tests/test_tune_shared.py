@@ -24,7 +24,7 @@ import optuna
 import pytest
 
 from pgshell.engine.errors import PgError
-from pgshell.engine.search import make_sampler
+from pgshell.engine.search.trials import make_sampler
 from pgshell.session import Session
 from pgshell.session import study as T
 

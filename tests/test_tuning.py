@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from pgshell.session import study as T
-from pgshell.engine.checkpoint import load_checkpoint
+from pgshell.engine.store.checkpoint import load_checkpoint
 from pgshell.engine.errors import PgError
-from pgshell.engine.lrfind import RangeTest, suggest
-from pgshell.engine.metrics import EXACT_COLUMNS, read_rows
-from pgshell.engine.search import Dim, format_space, parse_space
+from pgshell.engine.train.lrfind import RangeTest, suggest
+from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
+from pgshell.engine.search.space import Dim, format_space, parse_space
 from pgshell.session import Session
 
 from conftest import new_session, run, weights_of
@@ -355,7 +355,7 @@ def test_bad_tuning_input_gives_one_clear_line(app, capsys, line, message):
 
 def test_tuning_engine_imports_without_cmd2():
     code = ("import sys; sys.modules['cmd2'] = None; sys.modules['prompt_toolkit'] = None\n"
-            "import pgshell.engine.lrfind, pgshell.engine.search, pgshell.session.study\n"
+            "import pgshell.engine.train.lrfind, pgshell.engine.search, pgshell.session.study\n"
             "assert 'cmd2' not in [m for m in sys.modules if sys.modules[m] is not None]\nprint('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

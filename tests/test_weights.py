@@ -16,9 +16,11 @@ import torch
 from timm.models import save_for_hf
 
 from pgshell.engine import models as M
-from pgshell.engine.data import build_transform
+from pgshell.engine.data.transforms import build_transform
 from pgshell.engine.errors import PgError
-from pgshell.engine.models import ModelSpec, build_model, read_weights
+from pgshell.engine.models.build import build_model
+from pgshell.engine.models.spec import ModelSpec
+from pgshell.engine.models.weights import read_weights
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -70,7 +70,7 @@ class TrainConfig:
                                   choices=("model", "bilinear", "bicubic", "nearest", "lanczos"))
     normalize: str = _setting("model", "normalisation: model (its mean/std) | imagenet | none | MEAN/STD, e.g. "
                                        "0.5,0.5,0.5/0.25,0.25,0.25")
-    # --- recipes: handlers attached to the loop (engine/recipes.py) ---
+    # --- recipes: handlers attached to the loop (engine/train/recipes.py) ---
     ema: float = _setting(0.0, "weight EMA decay, e.g. 0.9998 (0: off): validation uses the averaged weights",
                           minimum=0.0, maximum=0.999999)
     ema_warmup: bool = _setting(True, "EMA decay warm-up (timm's 1 - (1 + updates)^(-2/3), capped at `ema`)")
@@ -94,7 +94,7 @@ class TrainConfig:
                             choices=("shuffle", "balanced"))
     tta: str = _setting("none", "test-time augmentation at validation: none | flip (mean of plain and flipped logits)",
                         choices=("none", "flip"))
-    # --- device and precision (decided in one place: engine/device.py) ---
+    # --- device and precision (decided in one place: engine/train/device.py) ---
     device: str = _setting("auto", "auto | cpu | cuda | cuda:N")
     amp: str = _setting("auto", "auto (bf16 on a GPU, off on CPU) | bf16 | fp16 | off", choices=("auto", "bf16", "fp16", "off"))
     channels_last: str = _setting("auto", "auto (convnets on a GPU) | on | off", choices=("auto", "on", "off"))

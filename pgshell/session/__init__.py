@@ -3,16 +3,18 @@
 - core.py        the Session facade: what the shell calls; the one owner of the session's state (its position,
                  the trainer a read uses)
 - worker.py      the worker thread, its change queue, pause/stop, the status the toolbar reads
-- jobs.py        the background jobs (train, lrfind, tune): one shape, the same loop handlers
+- jobs.py        the background jobs' shape, the loop handlers every job uses, TrainJob
 - document.py    the session file: SessionDoc and DataBinding (typed, versioned), read and written by pure functions
 - files.py       the session folder: naming, moving, what a reopen reads (checkpoint, model, data), quarantine, errors.log
 - lock.py        one writer per session (flock), ending with the process that took it
-- fingerprint.py the data's classes and file lists; what changed; `data --keep`
+- fingerprint.py the data's classes and file lists; what changed; `data --keep`; an exclusion applied
 - changelog.py   changes.jsonl: every change at the position the session gives it
 - replay.py      history, export plan, `expect`, fork
 - describe.py    the summary line and `show`'s tables
 - review.py      checkpoints, evaluation of a checkpoint, predict, errors, explain, probe, export, plot, compare
-- study.py       lrfind and tune: the study's storage, initial weights, trials, apply
+- study.py       lrfind and tune: their jobs, the study's storage, initial weights, trials, apply
+- best.py        `soup`; autofit.py `autofit`; report.py `report`
+- dataaudit.py   `audit`, `errors --suspect`, `data --exclude`: the engine's findings in the session's words
 """
 
 from .core import Session

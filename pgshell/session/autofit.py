@@ -35,7 +35,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from ..engine.errors import PgError
-from ..engine.events import Handler
+from ..engine.train.events import Handler
 
 if TYPE_CHECKING:
     from .core import Session
@@ -85,7 +85,7 @@ def read_state(s: "Session") -> dict | None:
 
 
 def _write_state(s: "Session", state: dict) -> None:
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(s.folder / STATE, (json.dumps(state, indent=1) + "\n").encode())
 
@@ -172,7 +172,7 @@ class AutofitJob:
     label = "autofit"
 
     def __init__(self, session: "Session", state: dict, started: float | None = None):
-        from ..engine.metrics import MetricsLog
+        from ..engine.train.metrics import MetricsLog
 
         self.s, self.state = session, state
         self.log = MetricsLog(session.folder / "trials" / "metrics.csv")
@@ -201,7 +201,7 @@ class AutofitJob:
 
     # ---------------- the phases
     def run(self, worker) -> str:
-        from ..engine._rng import preserved_rng
+        from ..engine.rng import preserved_rng
 
         self._t0, self._spent0 = self._started or time.monotonic(), self.state["spent"]
         self._started = None
@@ -286,7 +286,7 @@ class AutofitJob:
 
     def _initial(self):
         """The weights every trial starts from: the session's model when autofit began (kept on disk)."""
-        from ..engine.search import load_initial, save_initial
+        from ..engine.search.trials import load_initial, save_initial
 
         if self._init is None:
             path = self.s.folder / "trials" / f"{self.state['study']}.initial.safetensors"
@@ -312,7 +312,7 @@ class AutofitJob:
     def _train_copy(self, worker, label: str, params: dict, epochs: int, trial=None) -> tuple[str, Any]:
         """A trial's training (engine/search.py) on a copy of the starting weights, cut by the budget; resumes a
         paused one. Returns (outcome, TrialRun)."""
-        from ..engine.search import TrialRun, trial_trainer
+        from ..engine.search.trials import TrialRun, trial_trainer
         from .jobs import loop_handlers
 
         s = self.s
@@ -369,7 +369,7 @@ class AutofitJob:
         import dataclasses
 
         from ..engine import models as M
-        from ..engine.lrfind import RangeTest, range_test_trainer, run_range_test
+        from ..engine.train.lrfind import RangeTest, range_test_trainer, run_range_test
         from .jobs import loop_handlers
 
         s, st = self.s, self.state
@@ -403,7 +403,7 @@ class AutofitJob:
             st["lr"] = fallback
             self._decide(f"range test without a result ({e}): lr {fallback:g}")
             return "done"
-        from ..engine.checkpoint import atomic_write_bytes
+        from ..engine.store.checkpoint import atomic_write_bytes
 
         result["time"] = datetime.now().isoformat(timespec="seconds")
         atomic_write_bytes(s.folder / "lrfind.json", (json.dumps(result, indent=1) + "\n").encode())  # `lrfind show`
@@ -412,7 +412,8 @@ class AutofitJob:
         return "done"
 
     def _search(self, worker) -> str:
-        from ..engine.search import Dim, make_pruner, make_sampler, suggest
+        from ..engine.search.space import Dim, suggest
+        from ..engine.search.trials import make_pruner, make_sampler
         from .study import optuna_module
 
         s, st = self.s, self.state

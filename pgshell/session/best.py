@@ -64,7 +64,7 @@ def soup_candidates(s: "Session", checkpoints: list[str] | None = None, top: int
 
 
 def _row_of(path: Path) -> dict:
-    from ..engine import checkpoint as C
+    from ..engine.store import checkpoint as C
 
     meta = C.read_metadata(path)
     acc = meta.get("val_accuracy")
@@ -107,11 +107,11 @@ def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int, deadline: f
 
     import torch
 
-    from ..engine import checkpoint as C
+    from ..engine.store import checkpoint as C
     from ..engine import models as M
-    from ..engine import soup as SP
+    from ..engine.models import soup as SP
     from ..engine.config import TrainConfig
-    from ..engine.train import Trainer
+    from ..engine.train.loop import Trainer
 
     states = [C.load_checkpoint(r["path"]) for r in rows]
     names = [Path(r["path"]).name for r in rows]
@@ -217,8 +217,8 @@ def _bn_batches(s: "Session", built, cfg, size: int, limit: int):
 def _write_soup(s: "Session", base: dict, weights: dict, mode: str, members: list[str], val: dict, bn: dict) -> Path:
     from datetime import datetime
 
-    from ..engine import checkpoint as C
-    from ..engine.saver import SLIM
+    from ..engine.store import checkpoint as C
+    from ..engine.store.saver import SLIM
 
     # a soup's exponential moving average would be the newest ingredient's, not the soup's: left out
     handlers = {k: v for k, v in (base.get("handlers") or {}).items() if k != "ema"}

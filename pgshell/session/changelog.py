@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..engine.config import TrainConfig
-from ..engine.events import Handler
+from ..engine.train.events import Handler
 
 LOG = "changes.jsonl"
 VERSION = 1
@@ -126,7 +126,7 @@ class ChangeLog:
                 self._write_manifest(fingerprint, rows, title)
 
     def _write_manifest(self, fingerprint: str, rows: list, title: str) -> None:
-        from ..engine.fingerprint import write_manifest
+        from ..engine.store.digests import write_manifest
 
         if self._writes():
             write_manifest(self.manifest_path(fingerprint), rows, title)
@@ -155,7 +155,7 @@ class ChangeLog:
                     seed: int) -> dict:
         """`load` has built `built` from `spec`, initialised with `seed`: the command as a replay types it (absolute
         paths), the weights file's and the model file's checksums, and a digest of the weights it produced."""
-        from ..engine.fingerprint import file_sha256, weights_digest
+        from ..engine.store.digests import file_sha256, weights_digest
 
         detail: dict[str, Any] = {"model": spec.to_dict(), "digest": weights_digest(built.module), "init_seed": seed}
         if ".py" in name and ":" in built.full_name:  # the user's own file.py:factory
@@ -177,7 +177,7 @@ class ChangeLog:
         per-file manifest goes to manifests/, so a replay can name the file that changed). `rebuilt`: the model whose
         head was re-initialised (with `seed`) for the data's classes, if it was. With `exclusion` (`data --exclude`):
         the list's file and SHA-256 (a replay checks it) and the names it left out."""
-        from ..engine.fingerprint import data_manifest, manifest_digest, weights_digest
+        from ..engine.store.digests import data_manifest, manifest_digest, weights_digest
 
         rows = data_manifest(root, data_files(splits))
         fingerprint = manifest_digest(rows)
@@ -259,7 +259,7 @@ class ChangeLog:
         if not file.exists():
             self._rewrite()
             return
-        from ..engine.checkpoint import open_append
+        from ..engine.store.checkpoint import open_append
 
         with open_append(file) as f:  # a regular file only: a link planted as changes.jsonl is refused
             f.write(json.dumps(entry) + "\n")
@@ -267,7 +267,7 @@ class ChangeLog:
             os.fsync(f.fileno())
 
     def _rewrite(self) -> None:
-        from ..engine.checkpoint import atomic_write_bytes
+        from ..engine.store.checkpoint import atomic_write_bytes
 
         if self.folder is None or not self._writes():
             return

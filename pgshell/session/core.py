@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..engine.config import TrainConfig, is_live, parse_value
 from ..engine.errors import PgError
-from ..engine.saver import CheckpointSaver
+from ..engine.store.saver import CheckpointSaver
 from . import files as F
 from . import fingerprint as FP
 from .changelog import ChangeLog, value_text
@@ -110,14 +110,14 @@ class Session:
     @property
     def _writes(self) -> bool:
         """Under torchrun (DDP) only rank 0 writes files; every other process keeps its state in memory."""
-        from ..engine.distributed import world
+        from ..engine.train.distributed import world
 
         return world().main
 
     # ================================================================ model, data, settings
     @staticmethod
     def list_models(pattern: str = "") -> list[dict]:
-        from ..engine.models import list_models
+        from ..engine.models.catalogue import list_models
 
         return list_models(pattern)
 
@@ -210,9 +210,9 @@ class Session:
         return splits
 
     def _exclusion(self, path: str | None, exclude: str | None, location: str, splits) -> dict | None:
-        """The exclusion `data` attaches with (session/audit.py), applied to `splits`: a new list, or the session's
+        """The exclusion `data` attaches with (session/dataaudit.py), applied to `splits`: a new list, or the session's
         own when the data is the session's (no PATH); None otherwise."""
-        from . import audit as AU
+        from . import dataaudit as AU
 
         if exclude is not None:
             exclusion, missing = AU.read_exclusion(exclude, location, splits)
@@ -222,7 +222,7 @@ class Session:
             exclusion = self.data["exclude"]
         else:
             return None
-        AU.apply_exclusion(splits, location, exclusion["paths"])
+        FP.apply_exclusion(splits, location, exclusion["paths"])
         self.notify(f"{len(splits.excluded)} image(s) excluded ({Path(exclusion['file']).name}); nothing on disk "
                     "was moved or deleted")
         return exclusion
@@ -324,7 +324,7 @@ class Session:
         """Change a setting. Live ones apply at the next batch; the others when training next starts."""
         value = parse_value(name, value)
         if name == "tensorboard" and value:
-            from ..engine import tensorboard as TB
+            from ..engine.report import tensorboard as TB
 
             if not TB.available():
                 raise PgError(TB.INSTALL)
@@ -352,7 +352,7 @@ class Session:
     def _reseed(self, old: int, value: int) -> str:
         """`set seed` with a model loaded. Before the first training step it re-initialises what `load`
         initialised, exactly as `set seed` then `load` would; after, the weights keep their initialisation."""
-        from ..engine.fingerprint import weights_digest
+        from ..engine.store.digests import weights_digest
 
         detail = {"name": "seed", "value": value, "old": old}
         if not self._trained_since_init() and not self.running:
@@ -522,7 +522,7 @@ class Session:
     def _schedule_notice(self, new_run: bool = False) -> str:
         """A cosine or one-cycle schedule whose span is not where this run ends, or (`new_run`) a new phase on a
         schedule that has already decayed: say it as the run starts."""
-        from ..engine.schedule import phase_notice, schedule_notice
+        from ..engine.train.schedule import phase_notice, schedule_notice
 
         tr, t = self.trainer, self.target
         spe = tr.optimizer_steps_per_epoch
@@ -554,7 +554,7 @@ class Session:
                               "trains on with the recorded images that still exist, `data PATH` starts a new run")
             raise PgError("no data yet: `data PATH` attaches an image folder")
         if self.trainer is None:  # before naming the session: a refusal leaves nothing behind
-            from ..engine.models import check_input_size
+            from ..engine.models.build import check_input_size
 
             check_input_size(self.built, self.data.get("size", 0))
         if named:
@@ -577,7 +577,7 @@ class Session:
 
     def _open_log(self) -> None:
         """Name the session (auto-named if need be) and open its metrics log, for the trainer too."""
-        from ..engine.metrics import MetricsLog
+        from ..engine.train.metrics import MetricsLog
 
         if self.name is None:
             self._auto_name()
@@ -587,7 +587,7 @@ class Session:
                 self.trainer.log = self._log
 
     def _new_trainer(self):
-        from ..engine.train import Trainer
+        from ..engine.train.loop import Trainer
 
         tr = Trainer(self.built, self.spec, self.splits, self.config, log=self._log, size=self.data.get("size", 0),
                      device_fallback=self.device_fallback)
@@ -602,7 +602,7 @@ class Session:
         return tr
 
     def _on_phase(self, name: str, done: int, total: int) -> None:
-        from ..engine.progress import phase_status
+        from ..engine.train.progress import phase_status
 
         job = getattr(self.worker.job, "label", "train")
         name0, done0, total0, started, done_then = getattr(self, "_phase", (None, 0, 0, 0.0, 0))
@@ -703,7 +703,7 @@ class Session:
             return self.trainer.state_dict()
         if self.pending_state is not None:
             return self.pending_state
-        from ..engine.train import fresh_state
+        from ..engine.train.loop import fresh_state
 
         state = self._carried_state() or fresh_state(self.built, self.spec, self.splits, self.config,
                                                      (self.data or {}).get("size", 0))
@@ -715,7 +715,7 @@ class Session:
         """A new run's first state: fresh (the model as it is, no optimizer state) at the position carried on."""
         if self._carry is None:
             return None
-        from ..engine.train import fresh_state, position_rng
+        from ..engine.train.loop import fresh_state, position_rng
 
         state = fresh_state(self.built, self.spec, self.splits, self.config, (self.data or {}).get("size", 0))
         state["position"].update(epoch=self._carry["epoch"], step=self._carry["step"])
@@ -765,7 +765,7 @@ class Session:
             if (p.stem, root.resolve()) != (self.name, self.root.resolve()):
                 F.move_folder(self, p.stem, root, replace=force)
                 if self.trainer is not None and self._writes:
-                    from ..engine.metrics import MetricsLog
+                    from ..engine.train.metrics import MetricsLog
 
                     self._log = self.saver.log = self.trainer.log = MetricsLog(self.folder / "metrics.csv")
         if self.name is None:

@@ -122,11 +122,11 @@ def describe(s, every: bool = False) -> dict[str, dict]:
                        "test": len(s.splits.test or []), "size": s.data.get("size") or "model default"}
     out["settings"] = settings_shown(s.config, every)
     if s.built is not None:
-        from ..engine.data import describe_policy
+        from ..engine.data.transforms import describe_policy
 
         out["augmentation"] = describe_policy(s.built.data_config, s.config, (s.data or {}).get("size", 0))
     if s.trainer is not None:
-        from ..engine.recipes import describe_groups
+        from ..engine.train.recipes import describe_groups
 
         out["lr groups"] = describe_groups(s.trainer.optimizer)
     pos: dict[str, Any] = {"state": s.status.get("state", "idle")}

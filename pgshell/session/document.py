@@ -166,6 +166,6 @@ def folder_of(file: Path, raw: dict | SessionDoc) -> Path:
 
 def write_document(file: Path, doc: SessionDoc) -> None:
     """Write the document atomically (temp file, fsync, rename)."""
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(Path(file), (json.dumps(doc.to_dict(), indent=2) + "\n").encode())

@@ -29,7 +29,7 @@ from .document import DataBinding, SessionDoc, folder_of, read_raw
 from .lock import LOCK_NAME, take
 
 
-from ..engine.saver import C  # engine.checkpoint, imported at first use (it imports torch)
+from ..engine.store.saver import C  # store/checkpoint.py, imported at first use (it imports torch)
 
 
 # ---------------------------------------------------------------- errors, disk
@@ -90,7 +90,7 @@ def check_optimizer_state(state: dict, module) -> None:
 
 def load_weights(module, state: dict, what: str = "the checkpoint") -> None:
     """Put a checkpoint's weights into `module` and restore its frozen set — the one place that does both."""
-    from ..engine.models import restore_weights
+    from ..engine.models.weights import restore_weights
 
     restore_weights(module, state["model"], state.get("frozen", []), what)
 
@@ -360,7 +360,7 @@ def rebuild_model(file: Path, model: dict, found):
 
 def reopen_metrics(folder: Path, state: dict, notify):
     """The folder's metrics log, cut back to the checkpoint's step (rows a killed process wrote after it)."""
-    from ..engine.metrics import MetricsLog
+    from ..engine.train.metrics import MetricsLog
 
     log = MetricsLog(folder / "metrics.csv")  # the saver syncs it before each checkpoint
     dropped = log.truncate_after(int(state["position"]["step"]))
@@ -404,7 +404,7 @@ def rebind_data(data: DataBinding, folder: Path, state: dict | None, seed: int, 
             splits = D.resolve_data(data.path, split=data.split, seed=seed if data.seed is None else data.seed,
                                     root=data.root, allow_outside=data.allow_outside)
             if data.exclude:  # `data --exclude`: the names recorded then, left out again
-                from .audit import apply_exclusion
+                from .fingerprint import apply_exclusion
 
                 apply_exclusion(splits, data.path, data.exclude["paths"])
     except PgError as e:

@@ -9,6 +9,7 @@ the folder as a new run (`data PATH`), or leave it (quit).
 
 Paths are stored relative, so a data folder moved elsewhere and attached again (`data NEWPATH`) is the same data.
 Names that are not UTF-8 survive JSON as \\udcXX escapes (os.fsdecode's surrogates), losslessly.
+`apply_exclusion` leaves out of the splits the files `data --exclude` listed (session/dataaudit.py reads the list).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def _short(names: list[str], n: int = 6) -> str:
 
 # ---------------------------------------------------------------- the lists on disk
 def write_lists(folder: Path, lists: dict) -> None:
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(Path(folder) / FILES_NAME, json.dumps(lists, ensure_ascii=True).encode("ascii"))
 
@@ -148,3 +149,23 @@ def kept_splits(lists: dict, root: str):
                       "`data PATH` re-splits the folder as it is now (a new run)")
     return D.Splits(classes=list(lists["classes"]), train=train, val=val, test=test,
                     layout="the recorded file lists (data --keep)", rejected=[]), gone
+
+
+def apply_exclusion(splits, root: str, paths: list[str]):
+    """`splits` without the samples named in `paths` (relative to the data folder); they go to `splits.excluded`.
+    Nothing on disk is touched."""
+    base = root if os.path.isdir(root) else os.path.dirname(root)
+    drop = {absolute(p, base) for p in paths}
+    excluded = []
+
+    def keep(samples):
+        if samples is None:
+            return None
+        excluded.extend(sm for sm in samples if sm[0] in drop)
+        return [sm for sm in samples if sm[0] not in drop]
+
+    splits.train, splits.val, splits.test = keep(splits.train), keep(splits.val), keep(splits.test)
+    splits.excluded = excluded
+    if len({label for _, label in splits.train}) < 2:
+        raise PgError("the exclusion leaves fewer than 2 classes with training images: check the list")
+    return splits

@@ -82,7 +82,7 @@ class SessionLock:
 
 def take(folder: Path, what: str):
     """The open, locked lock file of `folder` (created with the folder); SessionBusy naming the holder if taken."""
-    from ..engine.checkpoint import open_append
+    from ..engine.store.checkpoint import open_append
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -173,7 +173,7 @@ def _quote(text: str) -> str:
 
 
 def _check_file(plan: _Plan, line_no: int, file: str, sha: str) -> None:
-    from ..engine.fingerprint import file_sha256
+    from ..engine.store.digests import file_sha256
 
     if not os.path.isfile(file):
         plan.warn(line_no, f"{file} is missing: the replay stops there")
@@ -216,7 +216,7 @@ def _check_settings(s, plan: _Plan) -> None:
 def data_differences(path: str, manifest: str | os.PathLike) -> list[str]:
     """How the folder `path` differs from a manifest (empty: identical)."""
     from ..engine import data as D
-    from ..engine.fingerprint import data_manifest, manifest_changes, read_manifest
+    from ..engine.store.digests import data_manifest, manifest_changes, read_manifest
     from .changelog import data_files
 
     try:
@@ -232,7 +232,7 @@ def expect_data(s, manifest: str) -> str:
         raise PgError("no data attached: `expect data` follows a `data` line")
     diff = data_differences(s.data["path"], manifest)
     if diff:
-        from ..engine.fingerprint import read_manifest
+        from ..engine.store.digests import read_manifest
 
         title, _ = read_manifest(manifest)
         raise PgError(f"the data of `{title}` changed since the session used it: {_summary(diff)} — the replay "
@@ -245,7 +245,7 @@ def _summary(diff: list[str]) -> str:
 
 
 def expect_file(path: str, sha256: str) -> str:
-    from ..engine.fingerprint import file_sha256
+    from ..engine.store.digests import file_sha256
 
     if not os.path.isfile(path):
         raise PgError(f"{path} is missing: the session loaded it with sha256 {sha256[:16]}… — the replay cannot be "
@@ -258,7 +258,7 @@ def expect_file(path: str, sha256: str) -> str:
 
 
 def expect_weights(s, digest: str) -> str:
-    from ..engine.fingerprint import weights_digest
+    from ..engine.store.digests import weights_digest
 
     if s.built is None:
         raise PgError("no model loaded: `expect weights` follows a `load` line")
@@ -278,7 +278,7 @@ def fork(s, name: str, which: str | None = None) -> Path:
     """Write a new session NAME beside this one, starting from one of its checkpoints (default: the latest): the
     checkpoints up to it, the metrics rows and the change log up to it. Returns the new session file; the caller
     opens it (this session is left as it is)."""
-    from ..engine.saver import C
+    from ..engine.store.saver import C
 
     check_fork(s, name)
     if s.folder is None:
@@ -342,7 +342,7 @@ def resolve(s, which: str | None) -> Path:
     m = re.fullmatch(r"step[:-]?(\d+)", which)
     if not m:
         return review.resolve_checkpoint(s, which)
-    from ..engine.saver import C
+    from ..engine.store.saver import C
 
     step = int(m.group(1))
     for p in reversed(C.list_checkpoint_files(s.folder / "checkpoints")):
@@ -357,7 +357,7 @@ def resolve(s, which: str | None) -> Path:
 def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> Path:
     """The checkpoints before the fork point, and the fork point itself (hard links where the disk allows: a
     checkpoint is never rewritten in place, only replaced); returns the fork point's copy."""
-    from ..engine.saver import C
+    from ..engine.store.saver import C
 
     dest.mkdir(parents=True)
     for p in C.list_checkpoint_files(src.parent):
@@ -382,7 +382,7 @@ def _link(p: Path, target: Path) -> None:
 
 
 def _copy_metrics(s, folder: Path, step: int) -> None:
-    from ..engine.metrics import MetricsLog
+    from ..engine.train.metrics import MetricsLog
 
     s.sync_metrics()
     if (s.folder / "metrics.csv").exists():
@@ -392,7 +392,7 @@ def _copy_metrics(s, folder: Path, step: int) -> None:
 
 def _copy_log(s, folder: Path, state: dict, name: str, src: Path) -> list[dict]:
     """The parent's changes up to the checkpoint (the count it stored), then the fork itself; returns them."""
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
 
     header, entries = (read_log(s.folder / LOG) if (s.folder / LOG).exists()
                        else (dict(s.changes.header), list(s.changes.entries)))
@@ -410,7 +410,7 @@ def _copy_log(s, folder: Path, state: dict, name: str, src: Path) -> list[dict]:
 
 
 def _write_session_file(s, name: str, latest: Path, cfg: TrainConfig, data: dict | None) -> None:
-    from ..engine.saver import CheckpointSaver
+    from ..engine.store.saver import CheckpointSaver
     from .document import DataBinding, write_document
     from .files import new_uid
 

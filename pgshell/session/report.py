@@ -64,7 +64,7 @@ def write_report(s: "Session", out: str | None = None) -> dict:
     title = f"pgshell report — {s.name}"
     text = render_html(title, sections) if path.suffix.lower() in (".html", ".htm") else render_md(title, sections,
                                                                                                      path.parent)
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
     from .files import disk_full
 
     try:
@@ -180,7 +180,7 @@ def _runs(s: "Session") -> Section:
 
 def _soup_row(s: "Session") -> list[dict]:
     """The soup as `checkpoints` would list it (it is not an epoch or step checkpoint), with its members."""
-    from ..engine import checkpoint as C
+    from ..engine.store import checkpoint as C
     from .best import soup_path
 
     path = soup_path(s)
@@ -214,7 +214,7 @@ def _tune_rows(s: "Session") -> list[list]:
 def _best_weights(s: "Session") -> dict:
     """The weights the report evaluates: the soup when its val accuracy is at least the best epoch's, else the best
     checkpoint, else the current weights. {"checkpoint": name for --checkpoint or None, "why": words}."""
-    from ..engine import checkpoint as C
+    from ..engine.store import checkpoint as C
     from .best import soup_path
 
     best = s.best

@@ -1,7 +1,7 @@
 """Looking at what a session made: its checkpoints, their evaluation, predictions, exports, graphs and TensorBoard.
 
-Session-level functions (each takes a Session); the engine does the work (engine/evaluate.py, plot.py, export.py,
-tensorboard.py) and the shell only prints. Nothing here changes the live model or a paused run: a saved checkpoint is
+Session-level functions (each takes a Session); the engine does the work (engine/report: evaluate.py, plot.py,
+export.py, tensorboard.py) and the shell only prints. Nothing here changes the live model or a paused run: a saved checkpoint is
 evaluated on a model copy of its own.
 
 Threads. Building a model draws from torch's global generator (weight initialisation) and the evaluation data path
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 from .files import C, disk_full
 
 
-def _written(out, write):
+def written(out, write):
     """`write()` writes `out` atomically (temp + rename); a full disk or an unwritable place is one line, and
     whatever was at `out` before is still there, whole."""
     try:
@@ -158,10 +158,10 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
     `--checkpoint N` reproduces the validation row logged at epoch N to the bit). weights "ema": the averaged weights
     (`set ema`) instead of the trained ones. tta "flip" | "none": test-time augmentation for this evaluation (default:
     the `tta` setting of the model evaluated)."""
-    from ..engine import recipes as R
+    from ..engine.train import recipes as R
 
     from ..engine.config import TrainConfig
-    from ..engine.evaluate import classification_report
+    from ..engine.report.evaluate import classification_report
 
     if s.splits is None:
         raise PgError("no data attached: `data PATH` attaches the images to evaluate on")
@@ -195,9 +195,9 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
 
 
 def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str], weights: str = "live", tta: str | None = None):
-    from ..engine import recipes as R
+    from ..engine.train import recipes as R
     from ..engine.config import TrainConfig
-    from ..engine.train import Trainer
+    from ..engine.train.loop import Trainer
 
     built, spec, state = _checkpoint_copy(s, path)
     classes = list(state.get("classes") or [])
@@ -215,10 +215,10 @@ def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str], weights: s
 
 
 def confusion_png(report: dict, out: str) -> Path:
-    from ..engine.plot import confusion_png as draw
+    from ..engine.report.plot import confusion_png as draw
 
     title = f"{report['model']} — {report['split']} ({report['n']} images, accuracy {report['accuracy']:.3f})"
-    return _written(out, lambda: draw(report["confusion"], report["classes"], out, title))
+    return written(out, lambda: draw(report["confusion"], report["classes"], out, title))
 
 
 # ====================================================================== the model: live or saved
@@ -226,7 +226,7 @@ def _model_for_use(s: "Session", checkpoint: str | None):
     """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint; the
     data config has the evaluation policy of its settings in force (crop_pct, interpolation, normalize)."""
     from ..engine.config import TrainConfig
-    from ..engine.data import policy_data_config
+    from ..engine.data.transforms import policy_data_config
 
     if checkpoint is not None:
         path = resolve_checkpoint(s, checkpoint)
@@ -258,7 +258,7 @@ def _model_for_use(s: "Session", checkpoint: str | None):
 def predict(s: "Session", path: str, top: int = 5, checkpoint: str | None = None) -> dict:
     """Top-`top` classes with probabilities for an image or every image under a folder."""
     from ..engine import data as D
-    from ..engine.evaluate import image_files, predict_files
+    from ..engine.report.evaluate import image_files, predict_files
 
     if top < 1:
         raise PgError("--top must be at least 1")
@@ -313,26 +313,26 @@ def write_predictions_csv(result: dict, out: str, top: int) -> Path:
         known = [r["true"], int(r["correct"])] if truth and r["true"] else [""] * len(truth)
         w.writerow([cell(x) for x in [r["path"]] + cells + [""] * (2 * k - len(cells))
                     + [escape(r["error"]) if r["error"] else ""] + known])  # a label `=cmd|...`: text, not a formula
-    _written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
+    written(out, lambda: C.atomic_write_bytes(out_path, f.getvalue().encode()))
     return out_path
 
 
 def export(s: "Session", fmt: str, path: str, checkpoint: str | None = None) -> dict:
     """The model (live or a checkpoint) as ONNX or TorchScript, with PATH.json: classes and preprocessing."""
-    from ..engine.export import FORMATS, export_model, preprocessing
+    from ..engine.report.export import FORMATS, export_model, preprocessing
 
     if fmt not in FORMATS:
         raise PgError(f"export format must be onnx or torchscript, not {fmt!r}")
     module, classes, size, data_config, source = _model_for_use(s, checkpoint)
     info = {"model": source["model"], "classes": classes, "preprocessing": preprocessing(data_config, size),
             "source": {k: v for k, v in source.items() if k != "model"}}
-    return _written(path, lambda: export_model(module, fmt, path, info))
+    return written(path, lambda: export_model(module, fmt, path, info))
 
 
 def export_timm(s: "Session", folder: str, checkpoint: str | None = None) -> dict:
     """The model (live or a checkpoint) as timm publishes one: FOLDER/model.safetensors + config.json with its class
     names and the eval preprocessing it was trained with, then rebuilt by timm and compared."""
-    from ..engine.export import check_timm, export_timm as write, preprocessing, timm_architecture
+    from ..engine.report.export import check_timm, export_timm as write, preprocessing, timm_architecture
 
     module, classes, size, data_config, source = _model_for_use(s, checkpoint)
     timm_architecture(module)  # before any file is written
@@ -346,7 +346,7 @@ def export_timm(s: "Session", folder: str, checkpoint: str | None = None) -> dic
 def _rows_of(source: str, skipped: dict | None = None) -> tuple[str, list[dict], set[int] | None]:
     """(name, metrics rows, steps where runs paused) of a .session file, a session folder or a metrics.csv file;
     unreadable rows are left out and counted in `skipped` by name."""
-    from ..engine.metrics import read_rows_counted
+    from ..engine.train.metrics import read_rows_counted
 
     p = Path(source).expanduser()
     if p.suffix == ".session":
@@ -401,7 +401,7 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
          trial: str = "", x: str = "step") -> dict:
     """Curves from metrics.csv: of the named sessions (overlaid), or of this one. A PNG with `out`, else text.
     `x`: step, epoch or time (overlaying runs by step misleads when their batch sizes differ)."""
-    from ..engine import plot as P
+    from ..engine.report import plot as P
 
     if smooth < 1:
         raise PgError("--smooth must be at least 1 (1: no smoothing)")
@@ -426,7 +426,7 @@ def plot(s: "Session", sources: list[str], out: str | None = None, smooth: int =
     result = {"series": {name: ser for name, ser in named}, "names": [n for n, _ in named], "skipped": skipped,
               "x": x}
     if out:
-        result["out"] = str(_written(out, lambda: P.draw_png(named, out, metric, x)))
+        result["out"] = str(written(out, lambda: P.draw_png(named, out, metric, x)))
     else:
         result["text"] = P.draw_text(named, metric, x=x)
     return result
@@ -447,7 +447,7 @@ def _class_index(classes: list[str], name: str) -> int:
 def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     """(eval result with logits and labels, the samples they belong to, source) of one split, in the split's order:
     the plain evaluation pass (the feature and image caches' batches do not say which image they left out)."""
-    from ..engine.evaluate import evaluate_dataset
+    from ..engine.report.evaluate import evaluate_dataset
 
     if s.splits is None:
         raise PgError("no data attached: `data PATH` attaches the images to look at")
@@ -476,7 +476,7 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     return result, kept, source
 
 
-# the errors path's evaluation and class check, for `errors --suspect` (session/audit.py)
+# the errors path's evaluation and class check, for `errors --suspect` (session/dataaudit.py)
 split_outputs, class_index = _split_outputs, _class_index
 
 
@@ -526,7 +526,7 @@ def write_errors(result: dict, out: str) -> dict:
     import numpy as np
 
     from ..engine import data as D
-    from ..engine.plot import contact_sheet_png
+    from ..engine.report.plot import contact_sheet_png
 
     if not result["rows"]:
         raise PgError("no images to draw" + (f" of class {result['class']}" if result["class"] else ""))
@@ -572,9 +572,9 @@ def explain(s: "Session", image: str, cls: str | None = None, out: str | None = 
     import numpy as np
 
     from ..engine import data as D
-    from ..engine import explain as X
-    from ..engine.inputcache import EvalCrop
-    from ..engine.sources import DataSpec
+    from ..engine.report import explain as X
+    from ..engine.batches.inputcache import EvalCrop
+    from ..engine.batches.interface import DataSpec
 
     module, classes, size, data_config, source = _model_for_use(s, checkpoint)
     index = _class_index(classes, cls) if cls is not None else None
@@ -591,13 +591,13 @@ def explain(s: "Session", image: str, cls: str | None = None, out: str | None = 
               "predicted": classes[int(probs.argmax())], "map": full, "input_map": res["map"], "layer": res["layer"],
               "method": method, "empty": not full.any(), **source}
     if out:
-        from ..engine.plot import activation_png
+        from ..engine.report.plot import activation_png
 
         title = (f"{X.METHODS[method]} for {result['class']} (p {result['probability']:.2f}; predicted "
                  f"{result['predicted']}) at {res['layer']}")
         result["out"] = str(activation_png(np.asarray(picture), full, out, title))
     else:
-        from ..engine.plot import draw_heat_text
+        from ..engine.report.plot import draw_heat_text
 
         result["text"] = draw_heat_text(full)
     return result
@@ -625,8 +625,8 @@ def _probe_features(s: "Session", tr) -> dict:
     the eval transform. Runs through Session.apply (the data path seeds the process-wide generators)."""
     import torch
 
-    from ..engine.evaluate import eval_batch_size
-    from ..engine.features import compute_features, head_module_name
+    from ..engine.report.evaluate import eval_batch_size
+    from ..engine.batches.features import compute_features, head_module_name
 
     key = _probe_key(s, tr)
     if key in _probe_features_cache:
@@ -652,7 +652,7 @@ def probe(s: "Session", kind: str, k: int = 20) -> dict:
     import time
     from datetime import datetime
 
-    from ..engine import probe as PR
+    from ..engine.report import probe as PR
 
     if kind not in ("knn", "linear"):
         raise PgError(f"probe knn or probe linear, not {kind!r}")
@@ -683,7 +683,7 @@ def probe(s: "Session", kind: str, k: int = 20) -> dict:
 
 
 def _record_probe(s: "Session", result: dict) -> None:
-    from ..engine.distributed import world
+    from ..engine.train.distributed import world
 
     if s.folder is None or not world().main:
         return
@@ -779,7 +779,7 @@ def session_summary(file: Path) -> dict:
     from datetime import datetime
 
     from ..engine.config import TrainConfig
-    from ..engine.metrics import read_rows
+    from ..engine.train.metrics import read_rows
 
     doc = _session_doc(file)
     folder = _session_folder(file, doc)

@@ -31,12 +31,13 @@ import json
 import math
 import re
 import socket
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from ..engine.errors import PgError
-from .jobs import LRFindJob, TuneJob
+from .jobs import loop_handlers
 
 STUDY_ATTR = "pgshell"  # the study's user attribute holding its metric, budget and space
 DEFAULT_EPOCHS = 3  # per trial, when neither the user nor the study says
@@ -63,7 +64,7 @@ def finish_lrfind(session, test, out: str | None) -> None:
 
 def start_lrfind(session, start: float = 1e-7, end: float = 10.0, steps: int = 100, out: str | None = None) -> str:
     """Start an LR range test in the background on copies of the model and optimizer state."""
-    from ..engine.lrfind import RangeTest, range_test_trainer
+    from ..engine.train.lrfind import RangeTest, range_test_trainer
 
     if session.running:
         raise PgError("something is already running: `pause`, `stop` or `wait` first")
@@ -107,7 +108,7 @@ def write_lrfind_png(result: dict, out: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result["lrs"], result["losses"], color="0.8", lw=1, label="batch loss")
     ax.plot(result["lrs"], result["smoothed"], color="C0", lw=2, label="smoothed loss")
-    from ..engine.lrfind import LABELS
+    from ..engine.train.lrfind import LABELS
 
     for key, colour in (("valley", "C2"), ("steepest", "C1"), ("minimum", "C3")):
         ax.axvline(result[key], color=colour, ls="--", lw=1, label=f"{LABELS[key]} {result[key]:.2e}")
@@ -121,7 +122,7 @@ def write_lrfind_png(result: dict, out: str) -> None:
     ax.set_title("learning-rate range test")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    from ..engine.plot import save_png
+    from ..engine.report.plot import save_png
 
     try:
         save_png(fig, out, dpi=110)
@@ -163,7 +164,7 @@ def _where(session, storage: str | None, study: str | None) -> tuple[str, str, b
             saved = {}
     if storage is None and study is None:
         storage, study = saved.get("storage"), saved.get("study")
-    from ..engine.search import check_storage
+    from ..engine.search.trials import check_storage
 
     check_storage(storage)
     local = not storage
@@ -200,7 +201,7 @@ def _short(v: Any) -> str:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    from ..engine.checkpoint import atomic_write_bytes
+    from ..engine.store.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
 
@@ -211,7 +212,7 @@ def _safe(name: str) -> str:
 
 def _check_tune_args(session, trials: int | None, epochs: int | None, steps: int | None,
                      metric: str | None) -> int:
-    from ..engine.search import METRICS
+    from ..engine.search.trials import METRICS
 
     if session.running:
         raise PgError("something is already running: `pause`, `stop` or `wait` first")
@@ -228,7 +229,7 @@ def _check_tune_args(session, trials: int | None, epochs: int | None, steps: int
 
 
 def _open_study(url: str, name: str, metric: str | None):
-    from ..engine.search import METRICS
+    from ..engine.search.trials import METRICS
 
     try:
         return _create_study(url, name, METRICS[metric or "val_accuracy"][1])
@@ -254,7 +255,7 @@ def _create_study(url: str, name: str, direction: str):
 
 def _study_terms(st, name: str, metric, epochs, steps, space, parsed, n_train: int):
     """A resumed study keeps its metric, budget and space; returns (metric, epochs, steps, parsed space)."""
-    from ..engine.search import parse_space
+    from ..engine.search.space import parse_space
 
     stored = st.user_attrs.get(STUDY_ATTR, {})
     if stored or st.get_trials(deepcopy=False):
@@ -279,7 +280,7 @@ def _study_terms(st, name: str, metric, epochs, steps, space, parsed, n_train: i
 
 def _initial_weights(session, name: str, existing: bool):
     """The weights every trial of the study starts from: saved when the study began, read back when it resumes."""
-    from ..engine.search import load_initial, save_initial
+    from ..engine.search.trials import load_initial, save_initial
 
     folder = session.folder / "trials"
     folder.mkdir(parents=True, exist_ok=True)
@@ -296,8 +297,8 @@ def start_tune(session, trials: int | None = None, epochs: int | None = None, st
                metric: str | None = None, space: str | None = None, pruner: str = "median",
                storage: str | None = None, study: str | None = None) -> str:
     """Start (or resume) the session's study in the background: `trials` more finished trials."""
-    from ..engine.search import (METRICS, check_compatible, check_storage, format_space, make_pruner, make_sampler,
-                                 parse_space)
+    from ..engine.search.trials import METRICS, check_storage, make_pruner, make_sampler
+    from ..engine.search.space import check_compatible, format_space, parse_space
 
     check_storage(storage)  # before anything is named, built or written
     trials = _check_tune_args(session, trials, epochs, steps, metric)
@@ -408,3 +409,183 @@ def apply_trial(session, number: int | None = None, storage: str | None = None, 
     return {"trial": t.number, "state": t.state.name.lower(),
             "value": t.value if t.state == optuna.trial.TrialState.COMPLETE else None,
             "settings": settings, "freeze": params.get("freeze")}
+
+
+# ====================================================================== the jobs: LR range test
+class LRFindJob:
+    """`lrfind`: a RangeTest driven through a Trainer on copies of the model and optimizer."""
+
+    label = "lrfind"
+
+    def __init__(self, session, test, trainer, out: str | None = None):
+        self.session, self.test, self.trainer, self.out = session, test, trainer, out
+
+    def run(self, worker) -> str:
+        from ..engine.rng import preserved_rng
+        from ..engine.train.lrfind import run_range_test
+
+        test = self.test
+        handlers = loop_handlers(self.session, worker, self.label, lambda tr: test.steps - len(test.lrs),
+                                 lambda: {"batch": len(test.lrs), "batches": test.steps})
+        with preserved_rng():
+            outcome = run_range_test(self.trainer, test, handlers)
+        if outcome == "stopped":
+            self.session.notify("lrfind stopped; the session is unchanged")
+        if outcome == "done":
+            finish_lrfind(self.session, test, self.out)
+        return outcome
+
+
+# ====================================================================== the jobs: tuning
+class TuneJob:
+    """`tune`: asks the study for trials and trains each through TrialRun until `trials` more have finished
+    (complete or pruned). Pausing keeps the current trial in memory; `continue` carries on with it exactly."""
+
+    label = "tune"
+
+    def __init__(self, session, study, space, metric: str, epochs: int | None, steps: int | None, trials: int,
+                 init, trial_prefix: str):
+        from ..engine.train.metrics import MetricsLog
+
+        self.session, self.study, self.space, self.metric = session, study, space, metric
+        self.epochs, self.steps, self.trials, self.init = epochs, steps, trials, init
+        self.trial_prefix = trial_prefix
+        self.key = session_key(session)
+        self.log = MetricsLog(session.folder / "trials" / "metrics.csv")
+        self.finished = 0
+        self.failures_in_row = 0
+        self.counts = {"complete": 0, "pruned": 0, "failed": 0}
+        self.current: tuple[Any, Any, float] | None = None  # (optuna trial, TrialRun, seconds spent) of a paused one
+
+    def run(self, worker) -> str:
+        from ..engine.rng import preserved_rng
+
+        worker.status = {"state": "training", "job": self.label, "trials_done": self.finished, "trials": self.trials}
+        try:
+            with preserved_rng():
+                while self.finished < self.trials:
+                    if self.current is None:
+                        request = worker.check()  # between trials too: a pause or stop needs no trial
+                        if request:
+                            self.session.notify(f"tune {'paused' if request == 'pause' else 'stopped'} between "
+                                                "trials" + (" — `continue` resumes" if request == "pause" else ""))
+                            return "paused" if request == "pause" else "stopped"
+                        self.current = self._next_trial()
+                        if self.current is None:
+                            continue
+                    outcome = self._run_current(worker)
+                    if outcome in ("paused", "stopped"):
+                        return outcome
+        finally:
+            self.log.sync()
+            self.log.close()  # reopened on the next append (a `continue`)
+        self._report_done()
+        return "done"
+
+    def _next_trial(self):
+        from ..engine.search.trials import TrialRun, trial_trainer
+        from ..engine.search.space import suggest
+
+        s = self.session
+        trial = self.study.ask()
+        try:
+            trial.set_user_attr("session", self.key)
+            params = suggest(trial, self.space)
+            trial.set_user_attr("fixed", {d.name: d.value for d in self.space.values() if d.kind == "fixed"})
+            trial.set_user_attr("budget", {"epochs": self.epochs} if self.epochs else {"steps": self.steps})
+            trainer = trial_trainer(self.init, s.spec, s.splits, s.config, params,
+                                    size=(s.data or {}).get("size", 0), log=self.log,
+                                    label=f"{self.trial_prefix}{trial.number}", epochs=self.epochs, steps=self.steps)
+        except Exception as e:
+            self._fail(trial, e)
+            return None
+        return trial, TrialRun(trial, trainer, self.metric, epochs=self.epochs, steps=self.steps), 0.0
+
+    def _handlers(self, worker, trial, run) -> list:
+        tr = run.trainer
+        total = self.epochs * tr.optimizer_steps_per_epoch if self.epochs else self.steps  # optimizer steps
+
+        def remaining(tr) -> int:
+            return max(0, total - tr.pos.step) + (self.trials - self.finished - 1) * total
+
+        def tags() -> dict:
+            return {"trial": trial.number, "trials_done": self.finished, "trials": self.trials}
+
+        return loop_handlers(self.session, worker, self.label, remaining, tags)
+
+    def _run_current(self, worker) -> str:
+        trial, run, spent = self.current
+        t0 = time.perf_counter()
+        try:
+            outcome = run.run(self._handlers(worker, trial, run))
+        except Exception as e:  # one failing trial (out of memory at batch 64, say) must not end the search
+            self.current = None
+            self._fail(trial, e)
+            return "failed"
+        spent += time.perf_counter() - t0
+        self.current = (trial, run, spent)
+        if outcome == "paused":
+            self.session.notify(f"trial {trial.number} paused at epoch {run.trainer.pos.epoch + 1} batch "
+                                f"{run.trainer.pos.batch} — `continue` resumes it")
+            return outcome
+        self.current = None
+        if outcome == "stopped":
+            self._stopped(trial)
+        else:
+            self._finished(trial, run, outcome, spent)
+        return outcome
+
+    def _stopped(self, trial) -> None:
+        trial.set_user_attr("reason", "stopped")
+        self.study.tell(trial, state=optuna_module().trial.TrialState.FAIL)
+        if trial.params:
+            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        self.session.notify(f"trial {trial.number} stopped (marked failed); the next `tune` runs it again first")
+
+    def _finished(self, trial, run, outcome: str, spent: float) -> None:
+        self.failures_in_row = 0
+        self.finished += 1
+        params = params_text(trial, self.space)
+        if outcome == "pruned":
+            trial.set_user_attr("reason", run.reason)
+            self.study.tell(trial, state=optuna_module().trial.TrialState.PRUNED)
+            self.counts["pruned"] += 1
+            last = max(run.curve) if run.curve else 0
+            where = f"at epoch {last}" if self.epochs and last else f"at step {run.trainer.pos.step}"
+            value = f": {self.metric} {run.curve[last]:.4f}" if run.curve and math.isfinite(run.curve[last]) else ""
+            self.session.notify(f"trial {trial.number} {run.reason} {where}{value} ({params}) in {spent:.1f} s")
+        else:
+            self.study.tell(trial, run.value)
+            self.counts["complete"] += 1
+            self.session.notify(f"trial {trial.number} complete: {self.metric} {run.value:.4f} ({params}) "
+                                f"in {spent:.1f} s")
+
+    def _fail(self, trial, e: Exception) -> None:
+        from .files import log_error
+
+        s = self.session
+        log_error(s.folder, e)
+        msg = str(e) if isinstance(e, PgError) else f"{type(e).__name__}: {str(e)[:200]}"
+        try:
+            trial.set_user_attr("reason", msg[:500])
+            self.study.tell(trial, state=optuna_module().trial.TrialState.FAIL)
+        except Exception:  # the storage itself is failing: the error below says enough
+            pass
+        self.counts["failed"] += 1
+        self.failures_in_row += 1
+        s.notify(f"trial {trial.number} failed: {msg}")
+        if self.failures_in_row >= 3:
+            self.failures_in_row = 0
+            raise PgError(f"3 trials in a row failed (last: {msg}); fix the cause (`--space`, settings), then "
+                          "`continue`")
+
+    def _report_done(self) -> None:
+        c = self.counts
+        msg = f"tune done: {self.finished} trials ({c['complete']} complete, {c['pruned']} pruned"
+        msg += f", {c['failed']} failed)" if c["failed"] else ")"
+        try:
+            best = self.study.best_trial
+            msg += f"; best trial {best.number}: {self.metric} {best.value:.4f} — `tune show`, `tune apply`"
+        except ValueError:
+            msg += "; no trial completed yet"
+        self.session.notify(msg)

@@ -16,7 +16,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, TypedDict
 
 from ..engine.errors import PgError
-from ..engine.events import Handler
+from ..engine.train.events import Handler
 
 WAIT_NOTICE = 2.0  # seconds a command waits for the worker before it says what it waits for
 WAIT_LIMIT = 3600.0  # then it gives up with a clear line (the worker stays healthy)

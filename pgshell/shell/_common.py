@@ -55,6 +55,6 @@ class Commands(CommandSet):
         self.session = session
 
 
-def _fmt_secs(s: float) -> str:
+def fmt_secs(s: float) -> str:
     s = int(max(0, s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

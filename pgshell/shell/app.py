@@ -27,14 +27,14 @@ from ..engine.errors import PgError
 from ..session import Session
 from ..session.describe import best_line
 from ..session.files import log_error
-from ._common import Parser, _fmt_secs, parser
+from ._common import Parser, fmt_secs, parser
 from ._table import fit_table
 from .analysis import AnalysisCommands
-from .best import BestCommands
+from .bestcmds import BestCommands
 from .auditcmds import AuditCommands
-from .data import DataCommands
+from .datacmds import DataCommands
 from .model import ModelCommands
-from .review import ReviewCommands
+from .reviewcmds import ReviewCommands
 from .sessioncmds import SessionCommands, history_parser, show_history
 from .training import TrainingCommands
 from .tuning import TuningCommands
@@ -400,7 +400,7 @@ def toolbar_line(st: dict) -> str:
         if _has(st, key, float):
             parts.append(fmt.format(st[key]))
     if _has(st, "eta", float):
-        parts.append(f"ETA {_fmt_secs(st['eta'])}")
+        parts.append(f"ETA {fmt_secs(st['eta'])}")
     return " " + "  ".join(parts)
 
 
@@ -419,9 +419,9 @@ def _phase_line(st: dict) -> str:
     if _has(st, "done") and _has(st, "total") and total > 0:
         line += f" {done:,}/{total:,} ({100 * done // total}%)"
         if _has(st, "eta", float) and done > 0:  # at 0 done nothing is timed yet: no ETA rather than 0m00s
-            line += f"  ETA {_fmt_secs(st['eta'])}"
+            line += f"  ETA {fmt_secs(st['eta'])}"
     elif _has(st, "eta", float):
-        line += f"  ETA {_fmt_secs(st['eta'])}"
+        line += f"  ETA {fmt_secs(st['eta'])}"
     return line
 
 

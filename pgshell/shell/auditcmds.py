@@ -1,12 +1,12 @@
-"""Audit commands: audit (duplicates, leakage, odd images, class balance). They parse, call pgshell.session.audit,
-print. (`errors --suspect` is in review.py, `data --exclude` in data.py.)"""
+"""Audit commands: audit (duplicates, leakage, odd images, class balance). They parse, call pgshell.session.dataaudit,
+print. (`errors --suspect` is in reviewcmds.py, `data --exclude` in datacmds.py.)"""
 
 from __future__ import annotations
 
 import cmd2
 from cmd2 import with_argparser
 
-from ..session import audit as AU
+from ..session import dataaudit as AU
 from ._common import Commands, parser
 
 

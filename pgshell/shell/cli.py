@@ -163,7 +163,7 @@ def _run(app: PgShell, args, interactive: bool, notify_box: list) -> int:
 def _main_ddp(args) -> int:
     """One process of `torchrun ... -m pgshell --ddp plan.txt`: every rank runs the plan; rank 0 alone prints and
     writes files."""
-    from ..engine import distributed
+    from ..engine.train import distributed
 
     if not args.plan:
         print("error: --ddp needs a plan file (processes cannot share stdin): pgshell --ddp plan.txt",

@@ -49,7 +49,7 @@ class ModelCommands(Commands):
         app = self._cmd
         if text.startswith((".", "/", "~")) or "/" in text:
             return app.path_complete(text, line, begidx, endidx, path_filter=_is_py_or_dir)
-        from ..engine.model_names import model_names
+        from ..engine.models.namecache import model_names
 
         names = app.basic_complete(text, line, begidx, endidx, model_names(), sort=False)
         if not names:
