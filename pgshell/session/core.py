@@ -79,6 +79,10 @@ class Session:
     def status(self, status: dict) -> None:
         self.worker.status = status
 
+    def report_to(self, notify: Callable[[str], None]) -> None:
+        """Where the session's one-line messages go from now on (the shell that works on it)."""
+        self.notify = notify
+
     def settle(self) -> None:
         """Between jobs, the state says whether a run is paused: after a reopen, a stop, a new model or data."""
         if not self.running:
@@ -469,6 +473,11 @@ class Session:
         self.notify(f"finetune: the backbone unfrozen (backbone lr x {scale:g}), epoch {self.trainer.pos.epoch + 1} "
                     f"to {self.target['epoch']}")
 
+    def aim(self, target: dict) -> None:
+        """What the next run trains towards ({"epoch": E} or {"step": S}), for a job that starts the run itself
+        (autofit's final run): `continue` picks it up after a pause."""
+        self.target = dict(target)
+
     def run_ended(self) -> None:
         """The run reached its target or was stopped: nothing is left to `continue`."""
         self.target = None
@@ -763,7 +772,7 @@ class Session:
             p = Path(path)
             root = p.parent if str(p.parent) else Path(".")
             if (p.stem, root.resolve()) != (self.name, self.root.resolve()):
-                F.move_folder(self, p.stem, root, replace=force)
+                self._move(p.stem, root, force)
                 if self.trainer is not None and self._writes:
                     from ..engine.metrics import MetricsLog
 
@@ -775,6 +784,19 @@ class Session:
             self.write_session_file()  # the training pause wrote a checkpoint of this exact position
         else:  # idle, or another job (lrfind, tune) paused: it wrote nothing of the session's own state
             self.write_checkpoint("save")
+
+    def _move(self, name: str, root: Path, force: bool) -> None:
+        """`save other.session`: the files move (session/files.py), and the session follows them: no longer
+        auto-named, a copy is another session (a new id; the old one keeps its own), the saver's paths renamed."""
+        old_folder, writes = self.folder, self._writes
+        copied = F.move_folder(self, name, root, replace=force)
+        self.auto_named = False
+        if copied:
+            self.uid = F.new_uid()
+        if self.saver.latest is not None:
+            self.saver.latest = self.folder / "checkpoints" / self.saver.latest.name
+        if self.saver.best and old_folder is not None and writes:
+            self.saver.best["path"] = str(Path(name) / Path(self.saver.best["path"]).relative_to(old_folder.name))
 
     @classmethod
     def open(cls, file: str | os.PathLike, notify: Callable[[str], None] | None = None) -> "Session":
