@@ -279,7 +279,7 @@ class Session:
         last | soup | PATH) — its position, the trainer to read from, its evaluation data."""
         if checkpoint is None:
             return select_run(self, None, live_position(self.trainer, self.pending_state, self._carry))
-        return select_run(self, checkpoint, None)
+        return self.apply(lambda: select_run(self, checkpoint, None))  # read between batches: retention waits
 
     def _step_epoch_batch(self) -> tuple[int, int, int]:
         p = live_position(self.trainer, self.pending_state, self._carry)

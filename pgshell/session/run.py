@@ -100,12 +100,12 @@ class Run:
 
         if s.splits is None:
             raise PgError("no data attached: `data PATH` attaches the images to evaluate on")
-        if self.classes != tuple(s.splits.classes):
+        built = self.model()  # first: a checkpoint of another model is refused as that
+        if self.state.get("classes") and self.classes != tuple(s.splits.classes):
             raise PgError(f"{self.checkpoint.name} was trained on the classes {', '.join(self.classes[:6])}; the "
                           f"attached data has {', '.join(s.splits.classes[:6])}: attach its data (`data PATH`) to "
                           "evaluate it")
         here = {k: getattr(s.config, k) for k in ("device", "amp", "channels_last", "devices")}
-        built = self.model()
         return Trainer(built, s.spec, s.splits, self.config.replace(**here), log=None, size=self.size)
 
     def model(self):
