@@ -111,6 +111,11 @@ def test_eval_checkpoint_step_n_is_eval_on_a_fork_at_step_n(stepped):
     assert at3["model"] == "step-0000003.safetensors" and at3["loss"] != live["loss"]
     assert errors["step"] == 3 and len(errors["rows"]) == 12
     assert sum(r["loss"] for r in errors["rows"]) / 12 == pytest.approx(at3["loss"], rel=1e-5, abs=1e-6)
+    image = app.session.splits.val[0][0]
+    live_resize = _eval_resize(app.session, None)
+    ckpt_resize = _eval_resize(app.session, "step:3")  # the checkpoint's evaluation policy, not today's crop_pct
+    seen = ok(app, f"explain {image} --checkpoint step:3")
+    told = ok(app, f"predict {image} --checkpoint step:3")
     ok(app, "fork at3 --checkpoint step:3")
     fork = app.session
     state = C.load_checkpoint(fork.folder / "checkpoints" / "step-0000003.safetensors")
@@ -118,6 +123,19 @@ def test_eval_checkpoint_step_n_is_eval_on_a_fork_at_step_n(stepped):
     assert fork.config.crop_pct != 0.8  # the checkpoint's settings came with it
     again = ok(app, "eval --split val")["val"]
     assert (again["step"], again["loss"], again["accuracy"]) == (3, at3["loss"], at3["accuracy"])
+    seen_there, told_there = ok(app, f"explain {image}"), ok(app, f"predict {image}")
+    assert seen["step"] == seen_there["step"] == told["step"] == told_there["step"] == 3
+    assert seen["map"].shape == seen_there["map"].shape == (32, 32) and (seen["map"] == seen_there["map"]).all()
+    assert told["rows"][0]["top"] == told_there["rows"][0]["top"]
+    assert ckpt_resize == _eval_resize(fork, None) != live_resize and live_resize == round(32 / 0.8)
+
+
+def _eval_resize(s, checkpoint):
+    """The resize side of the evaluation transform a Run reads with (explain frames its map by it)."""
+    from pgshell.engine.inputcache import EvalCrop
+
+    run = s.select_run(checkpoint)
+    return EvalCrop.for_spec(run.eval_spec(s.apply(run.model))).side
 
 
 def test_every_command_resolves_a_checkpoint_name_to_the_same_file(stepped, capsys):
