@@ -101,7 +101,7 @@ def stepped(app, split_folder):
 
 
 def test_eval_checkpoint_step_n_is_eval_on_a_fork_at_step_n(stepped):
-    from pgshell.engine.saver import C
+    from pgshell.session.files import C  # engine's checkpoint module
 
     app = stepped
     at3 = ok(app, "eval --checkpoint step:3 --split val")["val"]
@@ -132,14 +132,14 @@ def test_eval_checkpoint_step_n_is_eval_on_a_fork_at_step_n(stepped):
 
 def _eval_resize(s, checkpoint):
     """The resize side of the evaluation transform a Run reads with (explain frames its map by it)."""
-    from pgshell.engine.inputcache import EvalCrop
-
     run = s.select_run(checkpoint)
-    return EvalCrop.for_spec(run.eval_spec(s.apply(run.model))).side
+    steps = run.eval_spec(s.apply(run.model)).transform(train=False).transforms
+    size = next(t.size for t in steps if type(t).__name__ == "Resize")
+    return size if isinstance(size, int) else min(size)
 
 
 def test_every_command_resolves_a_checkpoint_name_to_the_same_file(stepped, capsys):
-    from pgshell.engine.saver import C
+    from pgshell.session.files import C  # engine's checkpoint module
     from pgshell.session import review
     from pgshell.session.run import resolve_checkpoint
 
@@ -157,7 +157,7 @@ def test_every_command_resolves_a_checkpoint_name_to_the_same_file(stepped, caps
 
 
 def test_session_fork_returns_the_session_at_the_checkpoint_and_closes_this_one(tmp_path, split_folder):
-    from pgshell.engine.saver import C
+    from pgshell.session.files import C  # engine's checkpoint module
     from pgshell.session import Session
 
     s = new_session(tmp_path / "sessions", split_folder, name="p")
