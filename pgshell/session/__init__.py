@@ -1,7 +1,9 @@
 """One session: model, data, settings, trainer, the one worker thread, the session file (no cmd2 here).
 
-- core.py        the Session facade: what the shell calls; the one owner of the session's state (its position,
-                 the trainer a read uses)
+- core.py        the Session facade: what the shell calls; the one owner of the session's state (the one module
+                 that assigns to a Session), `fork` included
+- run.py         Run: the live run or a checkpoint as a read sees it (position, trainer, evaluation data); the one
+                 checkpoint resolver
 - worker.py      the worker thread, its change queue, pause/stop, the status the toolbar reads
 - jobs.py        the background jobs' shape, the loop handlers every job uses, TrainJob
 - document.py    the session file: SessionDoc and DataBinding (typed, versioned), read and written by pure functions
@@ -9,7 +11,7 @@
 - lock.py        one writer per session (flock), ending with the process that took it
 - fingerprint.py the data's classes and file lists; what changed; `data --keep`; an exclusion applied
 - changelog.py   changes.jsonl: every change at the position the session gives it
-- replay.py      history, export plan, `expect`, fork
+- replay.py      history, export plan, `expect`, a fork's files
 - describe.py    the summary line and `show`'s tables
 - review.py      checkpoints, evaluation of a checkpoint, predict, errors, explain, probe, export, plot, compare
 - study.py       lrfind and tune: their jobs, the study's storage, initial weights, trials, apply

@@ -573,7 +573,7 @@ class AutofitJob:
         if outcome == "stopped":
             return "stopped"
         if guard["cut"]:
-            s.target = None
+            s.run_ended()
             s.write_session_file()
             self._decide(f"the final run was cut by the budget at epoch {s.trainer.pos.epoch}.")
         st["final"]["done"] = True
@@ -605,7 +605,7 @@ class AutofitJob:
             s.set("epochs", pos.epoch + epochs)  # the cosine spans the run
         s.changes.flush_pending()  # sets held because a job runs: they apply here, before the run
         tr = s.ensure_trainer()
-        s.target = {"epoch": pos.epoch + epochs}
+        s.aim({"epoch": pos.epoch + epochs})
         s.changes.record("train", f"train {epochs}", target=dict(s.target), device=str(tr.runtime.device))
         tr.run_id = max(tr.run_id, 0) + 1
         s.write_session_file()

@@ -19,6 +19,7 @@ from .changelog import ChangeLog, value_text
 from .document import DataBinding, SessionDoc, read_document, write_document
 from .jobs import RESTART, TrainJob
 from .lock import SessionLock
+from .run import Run, live_position, select_run
 from .worker import Worker
 
 
@@ -78,6 +79,10 @@ class Session:
     @status.setter
     def status(self, status: dict) -> None:
         self.worker.status = status
+
+    def report_to(self, notify: Callable[[str], None]) -> None:
+        """Where the session's one-line messages go from now on (the shell that works on it)."""
+        self.notify = notify
 
     def settle(self) -> None:
         """Between jobs, the state says whether a run is paused: after a reopen, a stop, a new model or data."""
@@ -264,22 +269,21 @@ class Session:
 
     def position(self) -> dict | None:
         """{epoch, step, batch, run} of the session's run — the trainer's, a reopened checkpoint's, or a new run's
-        carried start (it begins at batch 0) — or None before any. The one answer: the change log, replay,
-        `history` and a new run all read it here."""
-        if self.trainer is not None:
-            p = self.trainer.pos
-            return {"epoch": p.epoch, "step": p.step, "batch": p.batch, "run": self.trainer.run_id}
-        if self.pending_state is not None:
-            p = self.pending_state["position"]
-            return {"epoch": int(p["epoch"]), "step": int(p["step"]), "batch": int(p["batch"]),
-                    "run": int(self.pending_state.get("run", 0))}
-        if self._carry is not None:
-            return {**self._carry, "batch": 0}
-        return None
+        carried start (it begins at batch 0) — or None before any. The one answer (session/run.py): the change log,
+        replay, `history`, the reads and a new run all read it here."""
+        p = live_position(self.trainer, self.pending_state, self._carry)
+        return p.to_dict() if p is not None else None
+
+    def select_run(self, checkpoint: str | None = None) -> Run:
+        """The run a read looks at (session/run.py): the live one, or the checkpoint named (EPOCH | step:N | best |
+        last | soup | PATH) — its position, the trainer to read from, its evaluation data."""
+        if checkpoint is None:
+            return select_run(self, None, live_position(self.trainer, self.pending_state, self._carry))
+        return self.apply(lambda: select_run(self, checkpoint, None))  # read between batches: retention waits
 
     def _step_epoch_batch(self) -> tuple[int, int, int]:
-        pos = self.position() or {"step": 0, "epoch": 0, "batch": 0}
-        return pos["step"], pos["epoch"], pos["batch"]
+        p = live_position(self.trainer, self.pending_state, self._carry)
+        return p.step_epoch_batch() if p is not None else (0, 0, 0)
 
     def freeze(self, what: list[str], unfreeze: bool = False) -> tuple[int, int]:
         from ..engine import models as M
@@ -469,6 +473,11 @@ class Session:
         self.notify(f"finetune: the backbone unfrozen (backbone lr x {scale:g}), epoch {self.trainer.pos.epoch + 1} "
                     f"to {self.target['epoch']}")
 
+    def aim(self, target: dict) -> None:
+        """What the next run trains towards ({"epoch": E} or {"step": S}), for a job that starts the run itself
+        (autofit's final run): `continue` picks it up after a pause."""
+        self.target = dict(target)
+
     def run_ended(self) -> None:
         """The run reached its target or was stopped: nothing is left to `continue`."""
         self.target = None
@@ -570,10 +579,9 @@ class Session:
         return self.trainer
 
     def reading_trainer(self):
-        """The trainer a read-only command reads from: while a run goes on the running one as it is (ensure_trainer
-        would apply pending settings — a new optimizer — under the worker's feet), else the session's, built
-        without naming the session."""
-        return self.trainer if self.running else self.ensure_trainer(named=False)
+        """The trainer a read-only command reads from (session/run.py, Run.reader): while a run goes on the running
+        one as it is, else the session's, built without naming the session."""
+        return self.select_run().reader()
 
     def _open_log(self) -> None:
         """Name the session (auto-named if need be) and open its metrics log, for the trainer too."""
@@ -763,7 +771,7 @@ class Session:
             p = Path(path)
             root = p.parent if str(p.parent) else Path(".")
             if (p.stem, root.resolve()) != (self.name, self.root.resolve()):
-                F.move_folder(self, p.stem, root, replace=force)
+                self._move(p.stem, root, force)
                 if self.trainer is not None and self._writes:
                     from ..engine.train.metrics import MetricsLog
 
@@ -775,6 +783,19 @@ class Session:
             self.write_session_file()  # the training pause wrote a checkpoint of this exact position
         else:  # idle, or another job (lrfind, tune) paused: it wrote nothing of the session's own state
             self.write_checkpoint("save")
+
+    def _move(self, name: str, root: Path, force: bool) -> None:
+        """`save other.session`: the files move (session/files.py), and the session follows them: no longer
+        auto-named, a copy is another session (a new id; the old one keeps its own), the saver's paths renamed."""
+        old_folder, writes = self.folder, self._writes
+        copied = F.move_folder(self, name, root, replace=force)
+        self.auto_named = False
+        if copied:
+            self.uid = F.new_uid()
+        if self.saver.latest is not None:
+            self.saver.latest = self.folder / "checkpoints" / self.saver.latest.name
+        if self.saver.best and old_folder is not None and writes:
+            self.saver.best["path"] = str(Path(name) / Path(self.saver.best["path"]).relative_to(old_folder.name))
 
     @classmethod
     def open(cls, file: str | os.PathLike, notify: Callable[[str], None] | None = None) -> "Session":
@@ -833,6 +854,26 @@ class Session:
         self.target = doc.target if found else None
         self.settle()
         self.dirty = False
+
+    def fork(self, name: str, checkpoint: str | None = None) -> "Session":
+        """A new session NAME beside this one from one of its checkpoints (EPOCH | step:N | best | last | soup | PATH;
+        default: exactly now, saved first), with its change log, checkpoints and metrics rows up to that point
+        (session/replay.py writes them). Returns the new session, open, with this session's notify; this one is
+        saved and closed — unless the fork fails, which leaves it as it was, still open."""
+        from . import replay as R
+
+        R.check_fork(self, name)  # before anything changes
+        if self.running:
+            self.pause()
+        if checkpoint is None:
+            self.save()  # the fork starts from exactly now
+        file = R.fork(self, name, checkpoint)
+        forked = type(self).open(file, notify=self.notify)
+        try:
+            self.close(save=True)
+        except PgError as e:  # the fork is whole; what this session had not saved is said, not lost silently
+            self.notify(f"{self.name} could not be saved as the shell left it: {e}")
+        return forked
 
     def close(self, save: bool = True) -> Path | None:
         """Pause and save if anything is unsaved (a named session is always brought up to date), then end the

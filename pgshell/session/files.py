@@ -135,25 +135,18 @@ def other_session(s, name: str, root: Path) -> Path | None:
     return None
 
 
-def move_folder(s, name: str, root: Path, replace: bool = False) -> None:
-    """`save other.session`: the session continues under the new name. An auto-named session's folder is renamed
-    (one folder, not two copies); a named one's is copied, leaving the old session as it was saved. `replace`
-    removes another session already there — whole, and only once its lock is ours."""
-    old_folder, old_file = s.folder, s.file
+def move_folder(s, name: str, root: Path, replace: bool = False) -> bool:
+    """`save other.session`: the session's files move to the new name (the session assigns what follows from it:
+    Session._save_now). An auto-named session's folder is renamed (one folder, not two copies); a named one's is
+    copied, leaving the old session as it was saved. `replace` removes another session already there — whole, and
+    only once its lock is ours. Returns whether the folder was copied (the copy is another session)."""
     if not s._writes:  # DDP: rank 0 alone moves files; the others follow the name
         s.use_name(name, root)
-        old_folder = None
-    else:
-        _move_files(s, name, root, replace, old_folder, old_file)
-    s.auto_named = False
-    saver = s.saver
-    if saver.latest is not None:
-        saver.latest = s.folder / "checkpoints" / saver.latest.name
-    if saver.best and old_folder is not None:
-        saver.best["path"] = str(Path(name) / Path(saver.best["path"]).relative_to(old_folder.name))
+        return False
+    return _move_files(s, name, root, replace, s.folder, s.file)
 
 
-def _move_files(s, name: str, root: Path, replace: bool, old_folder: Path | None, old_file: Path | None) -> None:
+def _move_files(s, name: str, root: Path, replace: bool, old_folder: Path | None, old_file: Path | None) -> bool:
     check_name(name)
     root.mkdir(parents=True, exist_ok=True)  # fails (unwritable place) before anything changed
     if replace:
@@ -163,16 +156,17 @@ def _move_files(s, name: str, root: Path, replace: bool, old_folder: Path | None
     target = root / name
     if old_folder is None or not old_folder.exists():
         s.use_name(name, root)
-    elif s.auto_named:
+        return False
+    if s.auto_named:
         _rename(old_folder, target)
         s.lock.moved(target)
         if old_file is not None and old_file.exists():
             old_file.unlink()
         s.use_name(name, root)
-    else:
-        shutil.copytree(old_folder, target, ignore=shutil.ignore_patterns(LOCK_NAME))
-        s.use_name(name, root)  # takes the new folder's lock, then lets the old one go
-        s.uid = new_uid()  # save-as: another session from here on (the old one keeps its id)
+        return False
+    shutil.copytree(old_folder, target, ignore=shutil.ignore_patterns(LOCK_NAME))
+    s.use_name(name, root)  # takes the new folder's lock, then lets the old one go
+    return True
 
 
 def _rename(src: Path, dst: Path) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 from datetime import datetime
@@ -22,7 +21,8 @@ from pathlib import Path
 from ..engine.config import TrainConfig, setting_names
 from ..engine.errors import PgError
 from .changelog import LOG, REPLAYED, read_log, value_text, where
-from .files import FORK_TEMP
+from .files import FORK_TEMP, SESSION_NAME
+from .run import resolve_checkpoint
 
 
 # ====================================================================== history
@@ -271,19 +271,16 @@ def expect_weights(s, digest: str) -> str:
 
 
 # ====================================================================== fork
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
-
-
 def fork(s, name: str, which: str | None = None) -> Path:
     """Write a new session NAME beside this one, starting from one of its checkpoints (default: the latest): the
-    checkpoints up to it, the metrics rows and the change log up to it. Returns the new session file; the caller
+    checkpoints up to it, the metrics rows and the change log up to it. Returns the new session file; Session.fork
     opens it (this session is left as it is)."""
     from ..engine.store.saver import C
 
     check_fork(s, name)
     if s.folder is None:
         raise PgError("this session has no checkpoints yet to fork from: train or `save` first")
-    src = resolve(s, which)
+    src = resolve_checkpoint(s, which)
     meta = C.read_metadata(src)
     state = json.loads(meta["state"])
     pos = state["position"]
@@ -326,32 +323,12 @@ def _data_of(entry: dict) -> dict:
 
 def check_fork(s, name: str) -> None:
     """A fork needs a model and a free, plain name beside this session."""
-    if not _NAME.match(name or "") or name.endswith(".session"):
+    if not SESSION_NAME.match(name or "") or name.endswith(".session"):
         raise PgError(f"a session name is letters, digits, '_', '-' and '.' (no .session), not {name!r}")
     if s.built is None:
         raise PgError("nothing to fork: `load MODEL` first")
     if (s.root / f"{name}.session").exists() or (s.root / name).exists():
         raise PgError(f"{s.root / name}.session already exists: choose another name")
-
-
-def resolve(s, which: str | None) -> Path:
-    """EPOCH | STEP (step:N) | best | last | a file → a checkpoint of the session."""
-    from . import review
-
-    which = "last" if which is None else str(which).strip()
-    m = re.fullmatch(r"step[:-]?(\d+)", which)
-    if not m:
-        return review.resolve_checkpoint(s, which)
-    from ..engine.store.saver import C
-
-    step = int(m.group(1))
-    for p in reversed(C.list_checkpoint_files(s.folder / "checkpoints")):
-        try:
-            if int(C.read_metadata(p).get("step", -1)) == step:
-                return p
-        except C.CheckpointError:
-            continue
-    raise PgError(f"no checkpoint at step {step}: `checkpoints` lists them (epoch ends, pauses and saves)")
 
 
 def _copy_checkpoints(s, src: Path, step: int, dest: Path) -> Path:

@@ -103,7 +103,7 @@ def _summary(s: "Session") -> Section:
     from .describe import best_line
 
     sec = Section("Summary")
-    pos = s.trainer.pos if s.trainer is not None else None
+    pos = s.select_run().position  # the live run's (a reopened checkpoint's too: session/run.py)
     rows = [["session", s.name], ["file", str(s.file)], ["model", f"{s.spec.name} ({s.built.full_name})"],
             ["pretrained", "yes" if s.spec.pretrained else f"file {s.spec.weights}" if s.spec.weights else "no"],
             ["position", f"epoch {pos.epoch}, step {pos.step}" if pos else "not trained"],

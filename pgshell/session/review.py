@@ -15,7 +15,6 @@ run.
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -29,7 +28,9 @@ if TYPE_CHECKING:
     from .core import Session
 
 
+from .document import folder_of, read_raw
 from .files import C, disk_full
+from .run import _ckdir, checkpoint_copy as _checkpoint_copy, resolve_checkpoint  # noqa: F401 (best.py, tests)
 
 
 def written(out, write):
@@ -45,12 +46,6 @@ def written(out, write):
 
 
 # ====================================================================== checkpoints
-def _ckdir(s: "Session") -> Path:
-    if s.folder is None:
-        raise PgError("this session has no checkpoints yet: they are written at every epoch end, pause and `save`")
-    return s.folder / "checkpoints"
-
-
 def list_checkpoints(s: "Session") -> list[dict]:
     """Every checkpoint file of the session, oldest first, from the headers alone (no tensor is read)."""
     rows: list[dict] = []
@@ -89,67 +84,6 @@ def _float(v):
         return None
 
 
-def resolve_checkpoint(s: "Session", which: str) -> Path:
-    """EPOCH (a number) | best | last | soup | PATH -> the checkpoint file."""
-    which = str(which).strip()
-    if which == "best":
-        if not s.best:
-            raise PgError("no best checkpoint yet: it is chosen at epoch ends by `best_metric` "
-                          "(`checkpoints` lists what there is)")
-        path = s.root / s.best["path"]
-    elif which == "last":
-        files = C.list_checkpoint_files(_ckdir(s))
-        path = s.latest_checkpoint if s.latest_checkpoint and s.latest_checkpoint.exists() else (
-            files[-1] if files else None)
-        if path is None:
-            raise PgError("no checkpoint yet: one is written at every epoch end, pause and `save`")
-    elif which == "soup":  # the last `soup` made (session/best.py)
-        path = _ckdir(s) / "soup.safetensors"
-        if not path.exists():
-            raise PgError("no soup yet: `soup` averages the epoch checkpoints into one")
-    elif which.isdigit():
-        path = _ckdir(s) / f"epoch-{int(which):04d}.safetensors"
-        if not path.exists():
-            raise PgError(f"no checkpoint for epoch {int(which)}: `checkpoints` lists them"
-                          + (" (keep_last removes older ones)" if s.config.keep_last else ""))
-    else:
-        path = Path(which).expanduser()
-        if not path.exists() and s.folder is not None and (_ckdir(s) / which).exists():
-            path = _ckdir(s) / which
-        if not path.is_file():
-            raise PgError(f"no checkpoint {which}: give an epoch number, best, last or a .safetensors file "
-                          "(`checkpoints` lists them)")
-    if not path.exists():
-        raise PgError(f"checkpoint {path} is missing on disk: `checkpoints` lists the ones there are")
-    return path
-
-
-def _checkpoint_copy(s: "Session", path: Path):
-    """(BuiltModel, ModelSpec, state) of a checkpoint: a fresh model of the session's kind with the checkpoint's
-    weights. The model comes from the session (the user's `load` or session file), never from the checkpoint: one
-    made by another model is refused, so a stranger's checkpoint cannot name code to import. Call through
-    Session.apply."""
-    import torch
-
-    from ..engine import models as M
-
-    if s.spec is None:
-        raise PgError("no model yet: `load MODEL` first — the model is yours to name, a checkpoint only brings "
-                      "weights")
-    state = C.load_checkpoint(path)
-    theirs = state.get("model_spec")
-    theirs = (theirs.get("name"), theirs.get("num_classes")) if isinstance(theirs, dict) else (theirs, None)
-    if theirs != (s.spec.name, s.spec.num_classes):
-        raise PgError(f"{path.name} was made by another model ({str(theirs[0])[:80]}, {theirs[1]} classes) than this "
-                      f"session's ({s.spec.name}, {s.spec.num_classes} classes): a checkpoint never chooses the "
-                      "model — evaluate it in a session of its own model")
-    spec = s.spec
-    with torch.random.fork_rng(devices=[]):  # the copy's throwaway initialisation leaves the global stream as it was
-        built = M.build_skeleton(spec)
-    M.restore_weights(built.module, state["model"], [], f"{path.name} ({spec.name})")
-    return built, spec, state
-
-
 # ====================================================================== evaluation
 def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | None = None,
              weights: str = "live", tta: str | None = None) -> list[dict]:
@@ -158,9 +92,6 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
     `--checkpoint N` reproduces the validation row logged at epoch N to the bit). weights "ema": the averaged weights
     (`set ema`) instead of the trained ones. tta "flip" | "none": test-time augmentation for this evaluation (default:
     the `tta` setting of the model evaluated)."""
-    from ..engine.train import recipes as R
-
-    from ..engine.config import TrainConfig
     from ..engine.report.evaluate import classification_report
 
     if s.splits is None:
@@ -170,20 +101,17 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
         if not getattr(s.splits, split, None):
             raise PgError(f"there is no {split} split in this dataset"
                           + (" (a test/ folder next to train/ and val/ makes one)" if split == "test" else ""))
-    if checkpoint is None:
-        tr = s.reading_trainer()
-        module = R.live_ema_module(tr) if weights == "ema" else None
-        results = s.apply(lambda: [tr.evaluate(split, collect=True, module=module, tta=tta) for split in splits])
-        source = {"checkpoint": None, "model": "current weights",
-                  "epoch": tr.pos.epoch, "step": tr.pos.step, "batch": tr.pos.batch}
-    else:
-        path = resolve_checkpoint(s, checkpoint)
-        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, splits, weights, tta))
-        pos = state["position"]
-        source = {"checkpoint": str(path), "model": path.name, "epoch": pos["epoch"], "step": pos["step"],
-                  "batch": pos["batch"]}
+    run = s.select_run(checkpoint)
+
+    def read():
+        tr = run.reader()
+        module = run.ema_module(tr) if weights == "ema" else None
+        return [tr.evaluate(split, collect=True, module=module, tta=tta) for split in splits]
+
+    results = s.apply(read)
+    source = {"checkpoint": str(run.checkpoint) if run.checkpoint else None, "model": run.label, **run.where()}
     classes = list(s.splits.classes)
-    cfg = s.config if checkpoint is None else TrainConfig.from_dict(state["config"])  # the settings evaluated with
+    cfg = run.config  # the settings evaluated with
     used = tta or cfg.tta
     reports = []
     for r in results:
@@ -194,26 +122,6 @@ def evaluate(s: "Session", splits: list[str] | None = None, checkpoint: str | No
     return reports
 
 
-def _evaluate_checkpoint(s: "Session", path: Path, splits: list[str], weights: str = "live", tta: str | None = None):
-    from ..engine.train import recipes as R
-    from ..engine.config import TrainConfig
-    from ..engine.train.loop import Trainer
-
-    built, spec, state = _checkpoint_copy(s, path)
-    classes = list(state.get("classes") or [])
-    if classes and classes != list(s.splits.classes):
-        raise PgError(f"{path.name} was trained on the classes {', '.join(classes[:6])}; the attached data has "
-                      f"{', '.join(s.splits.classes[:6])}: attach its data (`data PATH`) to evaluate it")
-    # a Trainer of its own: the evaluation pass, loss, batch size and transform are exactly the training run's. The
-    # device and precision are where the session runs now (a checkpoint from a GPU machine evaluates on a laptop);
-    # on the machine and settings it was trained with, the numbers are the logged ones to the bit.
-    here = {k: getattr(s.config, k) for k in ("device", "amp", "channels_last", "devices")}
-    cfg = TrainConfig.from_dict({**state["config"], **here})
-    tr = Trainer(built, spec, s.splits, cfg, log=None, size=int(state.get("size") or 0))
-    module = R.ema_module(built.module, state) if weights == "ema" else None
-    return [tr.evaluate(split, collect=True, module=module, tta=tta) for split in splits], state
-
-
 def confusion_png(report: dict, out: str) -> Path:
     from ..engine.report.plot import confusion_png as draw
 
@@ -222,37 +130,25 @@ def confusion_png(report: dict, out: str) -> Path:
 
 
 # ====================================================================== the model: live or saved
+def _run_model(s: "Session", checkpoint: str | None):
+    """(Run, a private BuiltModel of its weights) of the live model or a checkpoint (session/run.py)."""
+    if checkpoint is None and s.built is None:
+        raise PgError("no model yet: `load MODEL` first, or give --checkpoint")
+    run = s.select_run(checkpoint)
+    return run, s.apply(run.model)  # between batches: never half-way through a step
+
+
+def _source(s: "Session", run) -> dict:
+    where = run.where()
+    return {"checkpoint": str(run.checkpoint) if run.checkpoint else None, "model": s.spec.name,
+            "epoch": where["epoch"], "step": where["step"]}
+
+
 def _model_for_use(s: "Session", checkpoint: str | None):
     """(private module copy, classes, image size, data_config, description) of the live model or a checkpoint; the
     data config has the evaluation policy of its settings in force (crop_pct, interpolation, normalize)."""
-    from ..engine.config import TrainConfig
-    from ..engine.data.transforms import policy_data_config
-
-    if checkpoint is not None:
-        path = resolve_checkpoint(s, checkpoint)
-        built, spec, state = s.apply(lambda: _checkpoint_copy(s, path))
-        classes = list(state.get("classes") or []) or [str(i) for i in range(spec.num_classes)]
-        config = policy_data_config(built.data_config, TrainConfig.from_dict(state.get("config") or {}))
-        return built.module, classes, int(state.get("size") or 0), config, {
-            "checkpoint": str(path), "model": spec.name, "epoch": state["position"]["epoch"],
-            "step": state["position"]["step"]}
-    if s.built is None:
-        raise PgError("no model yet: `load MODEL` first, or give --checkpoint")
-    module = s.apply(lambda: copy.deepcopy(s.built.module))  # between batches: never half-way through a step
-    pending = s.pending_state  # a reopened session's checkpoint state while its data is not attached
-    if s.splits is not None:
-        classes = list(s.splits.classes)
-    elif pending and pending.get("classes"):
-        classes = list(pending["classes"])
-    else:
-        classes = [str(i) for i in range(s.spec.num_classes)]
-    if s.data:
-        size = int(s.data.get("size") or 0)
-    else:
-        size = int((pending or {}).get("size") or 0)
-    pos = s.trainer.pos if s.trainer is not None else None
-    return module, classes, size, policy_data_config(s.built.data_config, s.config), {
-        "checkpoint": None, "model": s.spec.name, "epoch": pos.epoch if pos else None, "step": pos.step if pos else None}
+    run, built = _run_model(s, checkpoint)
+    return built.module, list(run.classes), run.size, run.data_config(built), _source(s, run)
 
 
 def predict(s: "Session", path: str, top: int = 5, checkpoint: str | None = None) -> dict:
@@ -350,7 +246,7 @@ def _rows_of(source: str, skipped: dict | None = None) -> tuple[str, list[dict],
 
     p = Path(source).expanduser()
     if p.suffix == ".session":
-        name, csv_path = p.stem, _session_folder(p, _session_doc(p)) / "metrics.csv"
+        name, csv_path = p.stem, folder_of(p, read_raw(p)) / "metrics.csv"
     elif p.is_dir():
         name, csv_path = p.name, p / "metrics.csv"
     else:
@@ -454,21 +350,16 @@ def _split_outputs(s: "Session", split: str, checkpoint: str | None):
     samples = getattr(s.splits, split, None)
     if not samples:
         raise PgError(f"there is no {split} split in this dataset")
-    if checkpoint is None:
-        tr = s.reading_trainer()
+    run = s.select_run(checkpoint)
 
-        def run():
-            ds = tr.eval_dataset(split)  # the evaluation policy in force, as `eval` reads the split
-            return evaluate_dataset(s.built.module, ds, tr.loss_fn, tr.runtime, tr.cfg.batch_size, tr.cfg.workers,
-                                    tr.cfg.seed, collect=True, num_classes=len(s.splits.classes))
+    def read():
+        tr = run.reader()
+        ds = tr.eval_dataset(split)  # the evaluation policy of the weights read, as `eval` reads the split
+        return evaluate_dataset(tr.built.module, ds, tr.loss_fn, tr.runtime, tr.cfg.batch_size, tr.cfg.workers,
+                                tr.cfg.seed, collect=True, num_classes=len(s.splits.classes), tta=tr.cfg.tta)
 
-        result = s.apply(run)
-        source = {"model": "current weights", "epoch": tr.pos.epoch, "step": tr.pos.step}
-    else:
-        path = resolve_checkpoint(s, checkpoint)
-        results, state = s.apply(lambda: _evaluate_checkpoint(s, path, [split]))
-        result, pos = results[0], state["position"]
-        source = {"model": path.name, "epoch": pos["epoch"], "step": pos["step"]}
+    result = s.apply(read)
+    source = {"model": run.label, "epoch": run.where()["epoch"], "step": run.where()["step"]}
     bad = {p for p, _ in result["bad"]}
     kept = [(p, label) for p, label in samples if p not in bad]
     if len(kept) != len(result["labels"]):  # the plain pass lists every image it left out: this cannot happen
@@ -574,22 +465,22 @@ def explain(s: "Session", image: str, cls: str | None = None, out: str | None = 
     from ..engine import data as D
     from ..engine.report import explain as X
     from ..engine.batches.inputcache import EvalCrop
-    from ..engine.batches.interface import DataSpec
 
-    module, classes, size, data_config, source = _model_for_use(s, checkpoint)
+    run, built = _run_model(s, checkpoint)
+    module, classes, spec = built.module, list(run.classes), run.eval_spec(built)  # the run's evaluation data
     index = _class_index(classes, cls) if cls is not None else None
     try:
         picture = D.load_image(str(Path(image).expanduser()))
     except D.BadImage as e:
         raise PgError(f"cannot read {image}: {e}") from None
-    x = D.eval_transform(data_config, size)(picture)[None]
+    x = spec.transform(train=False)(picture)[None]
     res = X.activation_map(module, x.to(next(module.parameters()).device), index, method)
-    steps = EvalCrop.for_spec(DataSpec(s.splits, data_config, size, s.config, None, module))
+    steps = EvalCrop.for_spec(spec)
     full = X.to_image_frame(res["map"], picture.size, steps.resize.size, steps.crop.size)
     probs = res["probabilities"]
     result = {"image": str(image), "class": classes[res["class"]], "probability": probs[res["class"]].item(),
               "predicted": classes[int(probs.argmax())], "map": full, "input_map": res["map"], "layer": res["layer"],
-              "method": method, "empty": not full.any(), **source}
+              "method": method, "empty": not full.any(), **_source(s, run)}
     if out:
         from ..engine.report.plot import activation_png
 
@@ -662,7 +553,7 @@ def probe(s: "Session", kind: str, k: int = 20) -> dict:
         raise PgError("probe needs a model and data: `load MODEL` and `data PATH` first")
     if not s.splits.val:
         raise PgError("there is no val split to measure the probe on")
-    tr = s.reading_trainer()
+    tr = s.select_run().reader()  # the live run's trainer (session/run.py)
     t0 = time.perf_counter()
     feats = s.apply(lambda: _probe_features(s, tr))
     t1 = time.perf_counter()
@@ -717,19 +608,6 @@ def folder_bytes(folder: Path) -> int:
     return total
 
 
-def _session_doc(file: Path) -> dict:
-    """Another session's file as JSON, any version (the one reader: session/document.py)."""
-    from .document import read_raw
-
-    return read_raw(file)
-
-
-def _session_folder(file: Path, doc: dict) -> Path:
-    from .document import folder_of
-
-    return folder_of(file, doc)
-
-
 def _session_file(s: "Session", source: str) -> Path:
     """NAME (under the sessions folder), NAME.session or a path to one."""
     p = Path(source).expanduser()
@@ -781,8 +659,8 @@ def session_summary(file: Path) -> dict:
     from ..engine.config import TrainConfig
     from ..engine.train.metrics import read_rows
 
-    doc = _session_doc(file)
-    folder = _session_folder(file, doc)
+    doc = read_raw(file)  # any version: the one reader of session files (session/document.py)
+    folder = folder_of(file, doc)
     model, data = doc.get("model") or {}, doc.get("data") or {}
     header = _checkpoint_header(file.parent, doc)
     try:

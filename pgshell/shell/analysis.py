@@ -13,7 +13,8 @@ from ..session.describe import evaluated_line
 from ._common import Commands, add_sessions, parser
 from ._table import fit_table
 
-CHECKPOINT_HELP = "EPOCH (a number), best, last, or a checkpoint file (`checkpoints` lists them)"
+CHECKPOINT_HELP = ("EPOCH (a number), step:N (a pause, save or epoch end at step N), best, last, soup, or a checkpoint "
+                    "file (`checkpoints` lists them)")
 
 
 def fnum(v, digits=4) -> str:
@@ -29,7 +30,7 @@ class AnalysisCommands(Commands):
                          "per-class precision/recall/F1, the confusion matrix and the most confused pairs. Without "
                          "--split: val, and test if there is one.", "eval --checkpoint best --out confusion.png",
                          wide=True)
-    eval_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=CHECKPOINT_HELP)
+    eval_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH", help=CHECKPOINT_HELP)
     eval_parser.add_argument("--split", choices=("val", "test", "train"), help="the split to evaluate")
     eval_parser.add_argument("--weights", choices=("live", "ema"), default="live",
                              help="the trained weights (live) or their moving average (ema, with `set ema`)")
@@ -100,7 +101,7 @@ class AnalysisCommands(Commands):
     predict_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="an image file or a folder")
     predict_parser.add_argument("--top", type=int, default=3, metavar="K", help="classes per image (default 3)")
     predict_parser.add_argument("--out", metavar="FILE.csv", completer=cmd2.Cmd.path_complete, help="write a CSV")
-    predict_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=CHECKPOINT_HELP)
+    predict_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH", help=CHECKPOINT_HELP)
 
     @with_argparser(predict_parser)
     def do_predict(self, args):
@@ -132,7 +133,7 @@ class AnalysisCommands(Commands):
                            "export onnx model.onnx")
     export_parser.add_argument("format", choices=("onnx", "torchscript", "timm", "plan"))
     export_parser.add_argument("path", completer=cmd2.Cmd.path_complete, help="the file to write (timm: a folder)")
-    export_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=CHECKPOINT_HELP)
+    export_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH", help=CHECKPOINT_HELP)
 
     @with_argparser(export_parser)
     def do_export(self, args):

@@ -105,7 +105,7 @@ class PgShell(cmd2.Cmd):
         self.plan_line: str | None = None  # "plan.txt:3: set lr fast" while a plan runs that line (cli.run_plan)
         self._pause_noted = False  # Ctrl-C while waiting says so once per run, however often it is pressed
         self._hold_alerts = False  # True while a command blocks: alerts would only show at the next prompt
-        session = session or Session(root=sessions_dir, notify=self._notify)
+        session = session or Session(root=sessions_dir, notify=self.notify)
         super().__init__(stdin=stdin, stdout=stdout, allow_cli_args=False, auto_load_commands=False,
                          command_sets=[cls(session) for cls in (ModelCommands, DataCommands, TrainingCommands,
                                                                 SessionCommands, AnalysisCommands, TuningCommands,
@@ -118,7 +118,7 @@ class PgShell(cmd2.Cmd):
         self.intro = ("pgshell — fine-tune image classifiers. `help` lists commands, `help load` explains one."
                       if self.interactive else "")
         self.session = session
-        self.session.notify = self._notify
+        self.session.report_to(self.notify)
         self.hidden_commands += _CMD2_HIDDEN
         self._said_best = ""
         self.hangup = 0  # the SIGTERM/SIGHUP received, if any
@@ -159,7 +159,8 @@ class PgShell(cmd2.Cmd):
         return p
 
     # ---------------- messages from the worker thread
-    def _notify(self, msg: str) -> None:
+    def notify(self, msg: str) -> None:
+        """One line from the session (any thread): an alert at the prompt, or printed in order by a script."""
         if msg.startswith("best epoch "):
             self._said_best = msg  # the end of a run said it: quit need not say it again
         if self.interactive and not self._hold_alerts:
@@ -307,7 +308,7 @@ class PgShell(cmd2.Cmd):
     def switch_session(self, session: Session) -> None:
         """Work on another session (after `fork`): the app and every command set are given it."""
         self.session = session
-        session.notify = self._notify
+        session.report_to(self.notify)
         for commands in self._installed_command_sets:
             commands.session = session
 

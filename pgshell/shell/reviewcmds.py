@@ -64,7 +64,7 @@ class ReviewCommands(Commands):
     errors_parser.add_argument("--class", dest="cls", metavar="C", help="only images whose true class is C")
     errors_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
                                help="draw a contact sheet (and FILE.csv)")
-    errors_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=CHECKPOINT_HELP)
+    errors_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH", help=CHECKPOINT_HELP)
     errors_parser.add_argument("--suspect", action="store_true",
                                help="likely label errors instead (confident learning): the images whose given label "
                                     "the model disbelieves; on train (or with --probe) from out-of-fold predictions "
@@ -128,7 +128,7 @@ class ReviewCommands(Commands):
                                 help="draw the map over the image")
     explain_parser.add_argument("--method", choices=("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"),
                                 default="gradcam", help="the CAM method (default gradcam)")
-    explain_parser.add_argument("--checkpoint", metavar="EPOCH|best|last|PATH", help=CHECKPOINT_HELP)
+    explain_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH", help=CHECKPOINT_HELP)
 
     @with_argparser(explain_parser)
     def do_explain(self, args):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import cmd2
 from cmd2 import with_argparser
 
-from ..engine.errors import PgError
 from ._common import Commands, parser
 
 
@@ -76,32 +75,19 @@ class SessionCommands(Commands):
                          "fork lower-lr --checkpoint 5")
     fork_parser.add_argument("name", help="the new session's name (sessions/NAME.session)")
     fork_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH",
-                             help="where to fork: an epoch, step:N (a pause or save at step N), best, last, or a file")
+                             help="where to fork: an epoch, step:N (a pause or save at step N), best, last, soup, "
+                                  "or a file")
 
     @with_argparser(fork_parser)
     def do_fork(self, args):
         """Fork the session from a checkpoint."""
-        from ..session import Session
-        from ..session import replay as R
-
-        app, s = self._cmd, self.session
-        R.check_fork(s, args.name)  # before anything changes
-        if s.running:
-            s.pause()
-        if args.checkpoint is None:
-            s.save()  # the fork starts from exactly now
-        file = R.fork(s, args.name, args.checkpoint)
-        parent = s.file
-        s.close(save=True)
-        try:
-            app.switch_session(Session.open(file, notify=app._notify))
-        except PgError:
-            app.switch_session(Session.open(parent, notify=app._notify))  # the shell stays on a session
-            raise
+        app, parent = self._cmd, self.session
+        forked = parent.fork(args.name, args.checkpoint)
+        app.switch_session(forked)
         app.flush_messages()
-        app.poutput(f"forked {parent} into {file}: {app.session.summary_line()} — the shell works on "
-                    f"{args.name} now ({parent.name} is saved)")
-        app.last_result = str(file)
+        app.poutput(f"forked {parent.file} into {forked.file}: {forked.summary_line()} — the shell works on "
+                    f"{args.name} now ({parent.file.name} is saved)")
+        app.last_result = str(forked.file)
 
     expect_parser = parser("Stop a plan where its replay could not be exact: `expect data MANIFEST` (the attached "
                            "folder holds the same files, byte for byte), `expect file PATH SHA256`, `expect weights "
