@@ -123,6 +123,14 @@ def test_momentum_is_beta1_and_the_other_betas_stay_timms():
     assert group == {"betas": None, "lr": 1.0}
 
 
+def test_settings_an_optimizer_refuses_are_one_clear_error():
+    from pgshell.engine.errors import PgError
+
+    model, head = _model()
+    with pytest.raises(PgError, match="optimizer nesterov cannot be built with these settings: .*momentum"):
+        build_optimizer(model, head, TrainConfig(optimizer="nesterov", momentum=0.0))
+
+
 def test_set_optimizer_nope_says_so_in_one_line_listing_the_choices(app, capsys):
     ok, _, err = run_out(app, capsys, "set optimizer nope")
     assert not ok and "Traceback" not in err
