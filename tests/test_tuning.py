@@ -71,7 +71,7 @@ def test_space_default_overrides_and_round_trip():
 
 @pytest.mark.parametrize("spec, message", [
     ("lr", "look like"), ("lr=fast", "lr takes float"), ("lr=0:1:log", "above 0"), ("lr=1:0.1", "low end"),
-    ("lr=1:2:lin", "LOW:HIGH:log"), ("optimizer=sgd:adamw", "takes choices"), ("optimizer=rmsprop", "must be one of"),
+    ("lr=1:2:lin", "LOW:HIGH:log"), ("optimizer=sgd:adamw", "takes choices"), ("optimizer=rmsprop-ish", "must be one of"),
     ("device=cpu", "cannot search"), ("freeze=layer1", "freeze is one of"), ("batch_size=0,8", "at least 1"),
 ])
 def test_space_errors_are_one_line(spec, message):

@@ -13,22 +13,32 @@ from typing import Any
 from .errors import PgError
 
 
-def _setting(default, help: str, choices=None, minimum=None, maximum=None, live: bool = False):
+def _setting(default, help: str, choices=None, minimum=None, maximum=None, live: bool = False, listed=None):
     """A dataclass field that also carries its help text, its allowed values and whether it may change mid-run.
 
     live=True: a change while training applies at the next batch. live=False: it applies when training next starts.
+    listed: a function giving every allowed value where knowing them imports torch (timm's optimizers); `choices` are
+    then the common ones, accepted without calling it, and Tab completion lists all.
     """
-    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum, "live": live}
+    meta = {"help": help, "choices": choices, "min": minimum, "max": maximum, "live": live, "listed": listed}
     return field(default=default, metadata=meta)
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """Every optimizer `set optimizer` takes: timm's (engine/train/timm_optimizers.py; imported on first use, as it imports torch)."""
+    from .train.timm_optimizers import optimizer_names as names
+
+    return names()
 
 
 @dataclass
 class TrainConfig:
     # --- optimizer (the seed: SGD lr 0.001 momentum 0.9) ---
-    optimizer: str = _setting("sgd", "sgd | adam | adamw", choices=("sgd", "adam", "adamw"))
+    optimizer: str = _setting("sgd", "sgd | adam | adamw | any of timm's optimizers: lamb, lion, adan, ... (Tab lists "
+                                     "them)", choices=("sgd", "adam", "adamw"), listed=optimizer_names)
     lr: float = _setting(0.001, "learning rate of the head (and the backbone, times backbone_lr_scale)", minimum=0.0, live=True)
-    momentum: float = _setting(0.9, "SGD momentum (Adam/AdamW: beta1)", minimum=0.0, maximum=1.0, live=True)
-    nesterov: bool = _setting(False, "SGD with Nesterov momentum")
+    momentum: float = _setting(0.9, "SGD momentum (optimizers with betas, Adam/AdamW...: beta1)", minimum=0.0, maximum=1.0, live=True)
+    nesterov: bool = _setting(False, "sgd with Nesterov momentum (timm's `nesterov` optimizer always is)")
     weight_decay: float = _setting(0.0, "weight decay (decoupled for adamw)", minimum=0.0, live=True)
     backbone_lr_scale: float = _setting(1.0, "backbone lr = lr x this: discriminative fine-tuning (e.g. 0.1)", minimum=0.0, live=True)
     # --- scheduler (the seed: StepLR step_size 7, gamma 0.1) ---
@@ -189,7 +199,9 @@ def parse_value(name: str, value: Any) -> Any:
     if kind is float and abs(out) > _FLOAT32_MAX:
         raise PgError(f"{name} must be at most {_FLOAT32_MAX:.3g} (training computes in float32), not {out:g}")
     if meta["choices"] and out not in meta["choices"]:
-        raise PgError(f"{name} must be one of {', '.join(meta['choices'])}, not {out!r}")
+        allowed = meta["listed"]() if meta["listed"] else meta["choices"]
+        if out not in allowed:
+            raise PgError(f"{name} must be one of {', '.join(allowed)}, not {out!r}")
     if meta["min"] is not None and out < meta["min"]:
         raise PgError(f"{name} must be at least {meta['min']}, not {out}")
     if meta["max"] is not None and out > meta["max"]:

@@ -518,37 +518,45 @@ class AutofitJob:
                         "from": f"trial {t['number']}", "epochs": t["epochs"]}
         return best
 
+    def _plan_final(self) -> bool:
+        """Choose the final run (the best of the head and the trials) and the most epochs that fit the budget with
+        the soup after them, and set it up on the session; False: no time is left for it (noted as skipped)."""
+        st = self.state
+        chosen = self._choose()
+        epoch_s = st.get("epoch_seconds") or self._estimated_epoch_seconds()
+        if chosen is None:
+            chosen = {"params": {"lr": st.get("lr") or FALLBACK_LR[st["recipe"]["pretrained"]],
+                                 "freeze": "none"}, "value": None, "from": "the recipe alone (no trial "
+                                                                           "finished)", "epochs": 1}
+        room = self.left()
+        # the most epochs (up to a few times a trial's) that fit with the soup after them
+        fits = [e for e in range(1, MAX_FINAL_FACTOR * chosen["epochs"] + 1)
+                if epoch_s and e * epoch_s + self._soup_seconds(e) <= room]
+        if not fits:
+            st["final"] = {"skipped": True}
+            self._decide(f"no time left for the final run ({max(0.0, room):.0f} s; an epoch takes about "
+                         f"{epoch_s:.0f} s)" if epoch_s else "no time left for the final run (no epoch timed)")
+            return False
+        epochs = max(fits)
+        probe = (st.get("probe") or {}).get("accuracy")
+        why = f"chose {chosen['from']}" + (f" ({st['metric']} {chosen['value']:.4f})" if chosen["value"]
+                                            is not None else "")
+        if probe is not None and st["metric"] == "val_accuracy" and chosen["value"] is not None \
+                and chosen["value"] < probe:
+            why += f", below the linear probe's {probe:.4f}: more epochs or a larger budget should help"
+        self._decide(f"{why}; the session trains {epochs} epoch(s) with it ({room:.0f} s left for it).")
+        st["final"] = {"from": chosen["from"], "params": chosen["params"], "epochs": epochs}
+        self._save()
+        self._apply(chosen["params"], epochs)
+        return True
+
     def _final(self, worker) -> str:
         from .jobs import TrainJob
 
         s, st = self.s, self.state
         if "final" not in st:
-            chosen = self._choose()
-            epoch_s = st.get("epoch_seconds") or self._estimated_epoch_seconds()
-            if chosen is None:
-                chosen = {"params": {"lr": st.get("lr") or FALLBACK_LR[st["recipe"]["pretrained"]],
-                                     "freeze": "none"}, "value": None, "from": "the recipe alone (no trial "
-                                                                               "finished)", "epochs": 1}
-            room = self.left()
-            # the most epochs (up to a few times a trial's) that fit with the soup after them
-            fits = [e for e in range(1, MAX_FINAL_FACTOR * chosen["epochs"] + 1)
-                    if epoch_s and e * epoch_s + self._soup_seconds(e) <= room]
-            if not fits:
-                st["final"] = {"skipped": True}
-                self._decide(f"no time left for the final run ({max(0.0, room):.0f} s; an epoch takes about "
-                             f"{epoch_s:.0f} s)" if epoch_s else "no time left for the final run (no epoch timed)")
+            if not self._plan_final():
                 return "done"
-            epochs = max(fits)
-            probe = (st.get("probe") or {}).get("accuracy")
-            why = f"chose {chosen['from']}" + (f" ({st['metric']} {chosen['value']:.4f})" if chosen["value"]
-                                                is not None else "")
-            if probe is not None and st["metric"] == "val_accuracy" and chosen["value"] is not None \
-                    and chosen["value"] < probe:
-                why += f", below the linear probe's {probe:.4f}: more epochs or a larger budget should help"
-            self._decide(f"{why}; the session trains {epochs} epoch(s) with it ({room:.0f} s left for it).")
-            st["final"] = {"from": chosen["from"], "params": chosen["params"], "epochs": epochs}
-            self._save()
-            self._apply(chosen["params"], epochs)
         elif st["final"].get("skipped") or st["final"].get("done"):
             return "done"
         if s.target is None:  # the run finished (or was cut) before a quit

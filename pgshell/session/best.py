@@ -105,13 +105,46 @@ def make_soup(s: "Session", mode: str = "greedy", top: int | None = None, checkp
 def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int, deadline: float | None = None) -> dict:
     import time
 
-    import torch
-
-    from ..engine.store import checkpoint as C
-    from ..engine import models as M
     from ..engine.models import soup as SP
-    from ..engine.config import TrainConfig
-    from ..engine.train.loop import Trainer
+
+    states, names = _ingredients(s, rows)
+    newest = max(range(len(states)), key=lambda i: (states[i]["position"]["step"], states[i]["position"]["epoch"]))
+    base = states[newest]
+    pot = _Pot(s, states, base, bn_images)
+    order = SP.rank([r["val_accuracy"] for r in rows])
+    if mode == "greedy":
+        kept, steps = SP.greedy_soup(order, pot.taste, lambda: deadline is not None and time.monotonic() >= deadline)
+        tried = [(st.index, st.kept, st.score) for st in steps]
+    else:
+        kept = order
+        pot.taste(kept)
+        tried = [(i, True, None) for i in order]
+    key = tuple(sorted(kept))
+    bn = pot.cook(list(key))  # the final weights in the copy (greedy: the last soup tasted may have been rejected)
+    val = pot.tasted[key]["val"]
+    test = pot.evaluate("test") if s.splits.test else None
+    best = order[0]
+    single_test = None
+    if test is not None:
+        single_test = pot.evaluate_one(best, names[best], "test")["accuracy"]
+        pot.cook(list(key))
+    members = [names[i] for i in sorted(kept)]
+    path = _write_soup(s, base, pot.weights(), mode, members, val, bn)
+    return {"mode": mode, "path": str(path), "members": members,
+            "tried": [{"file": names[i], "epoch": rows[i].get("epoch"), "val_accuracy": rows[i]["val_accuracy"],
+                       "kept": k, "soup_accuracy": score} for i, k, score in tried],
+            "val": {"loss": val["loss"], "accuracy": val["accuracy"], "n": val["n"]},
+            "test": {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]} if test else None,
+            "best_single": {"file": names[best], "val_accuracy": rows[best]["val_accuracy"],
+                            "test_accuracy": single_test},
+            "bn": bn, "position": dict(base["position"])}
+
+
+def _ingredients(s: "Session", rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """The checkpoints' states and file names, refused unless they are of this session's model and classes and
+    their weights can be averaged."""
+    from ..engine.store import checkpoint as C
+    from ..engine.models import soup as SP
 
     states = [C.load_checkpoint(r["path"]) for r in rows]
     names = [Path(r["path"]).name for r in rows]
@@ -125,71 +158,73 @@ def _cook(s: "Session", rows: list[dict], mode: str, bn_images: int, deadline: f
             raise PgError(f"{name} was trained on other classes than the attached data's: attach its data to make "
                           "a soup of it")
     SP.check_ingredients([st["model"] for st in states], names)
-    newest = max(range(len(states)), key=lambda i: (states[i]["position"]["step"], states[i]["position"]["epoch"]))
-    base = states[newest]
-    here = {k: getattr(s.config, k) for k in ("device", "amp", "channels_last", "devices")}
-    cfg = TrainConfig.from_dict({**base["config"], **here})
-    size = int(base.get("size") or 0)
-    with torch.random.fork_rng(devices=[]):  # the copy's throwaway initialisation leaves the global stream as it was
-        built = M.build_skeleton(s.spec)
-    tr = Trainer(built, s.spec, s.splits, cfg, log=None, size=size)
-    bn_batches = _bn_batches(s, built, cfg, size, bn_images)
-    tasted: dict[tuple, dict] = {}
-    cooked: list = [None, None]  # (the ingredients whose soup the model copy holds now, its BatchNorm figures)
+    return states, names
 
-    def cook(indices: list[int]) -> dict:
+
+class _Pot:
+    """A copy of the model in which soups are made: `cook` averages ingredients into it (BatchNorm statistics
+    recomputed where they differ), `taste` gives a soup's validation figures, each soup evaluated once. The copy
+    runs with the newest ingredient's settings on this machine's device."""
+
+    def __init__(self, s: "Session", states: list[dict], base: dict, bn_images: int):
+        import torch
+
+        from ..engine import models as M
+        from ..engine.config import TrainConfig
+        from ..engine.train.loop import Trainer
+
+        here = {k: getattr(s.config, k) for k in ("device", "amp", "channels_last", "devices")}
+        cfg = TrainConfig.from_dict({**base["config"], **here})
+        size = int(base.get("size") or 0)
+        with torch.random.fork_rng(devices=[]):  # the copy's throwaway initialisation leaves the global stream
+            self.built = M.build_skeleton(s.spec)
+        self.tr = Trainer(self.built, s.spec, s.splits, cfg, log=None, size=size)
+        self.bn_batches = _bn_batches(s, self.built, cfg, size, bn_images)
+        self.states = states
+        self.tasted: dict[tuple, dict] = {}
+        self.holds: list[int] | None = None  # the ingredients whose soup the copy holds now
+        self.bn: dict = {}  # its BatchNorm figures
+
+    def cook(self, indices: list[int]) -> dict:
         """The soup of those ingredients in the model copy, its BatchNorm statistics recomputed where they differ."""
-        if cooked[0] == indices:
-            return cooked[1]
-        chosen = [states[i]["model"] for i in indices]
-        M.restore_weights(built.module, SP.average_weights(chosen), [], "the soup")
-        layers = SP.differing_batchnorm(built.module, chosen)
+        from ..engine import models as M
+        from ..engine.models import soup as SP
+
+        if self.holds == indices:
+            return self.bn
+        module, runtime = self.built.module, self.tr.runtime
+        chosen = [self.states[i]["model"] for i in indices]
+        M.restore_weights(module, SP.average_weights(chosen), [], "the soup")
+        layers = SP.differing_batchnorm(module, chosen)
         images = 0
         if layers:
             def forward(x):
-                with tr.runtime.autocast():
-                    return built.module(tr.runtime.to_input(x))
-            images = SP.recompute_batchnorm(built.module, bn_batches(), layers, forward)
-        cooked[:] = [list(indices), {"layers": len(layers), "images": images}]
-        return cooked[1]
+                with runtime.autocast():
+                    return module(runtime.to_input(x))
+            images = SP.recompute_batchnorm(module, self.bn_batches(), layers, forward)
+        self.holds, self.bn = list(indices), {"layers": len(layers), "images": images}
+        return self.bn
 
-    def taste(indices: list[int]) -> float:
+    def taste(self, indices: list[int]) -> float:
         key = tuple(sorted(indices))
-        if key not in tasted:
-            bn = cook(list(key))
-            tasted[key] = {"val": tr.evaluate("val", module=built.module), "bn": bn}
-        return tasted[key]["val"]["accuracy"]
+        if key not in self.tasted:
+            bn = self.cook(list(key))
+            self.tasted[key] = {"val": self.evaluate("val"), "bn": bn}
+        return self.tasted[key]["val"]["accuracy"]
 
-    order = SP.rank([r["val_accuracy"] for r in rows])
-    if mode == "greedy":
-        kept, steps = SP.greedy_soup(order, taste, lambda: deadline is not None and time.monotonic() >= deadline)
-        tried = [(st.index, st.kept, st.score) for st in steps]
-    else:
-        kept = order
-        taste(kept)
-        tried = [(i, True, None) for i in order]
-    key = tuple(sorted(kept))
-    bn = cook(list(key))  # the final weights in the copy (greedy: the last soup tasted may have been rejected)
-    val = tasted[key]["val"]
-    test = tr.evaluate("test", module=built.module) if s.splits.test else None
-    best = order[0]
-    single_test = None
-    if test is not None:
-        M.restore_weights(built.module, states[best]["model"], [], names[best])
-        cooked[0] = None
-        single_test = tr.evaluate("test", module=built.module)["accuracy"]
-        cook(list(key))
-    weights = {k: v.detach().cpu().clone() for k, v in built.module.state_dict().items()}
-    members = [names[i] for i in sorted(kept)]
-    path = _write_soup(s, base, weights, mode, members, val, bn)
-    return {"mode": mode, "path": str(path), "members": members,
-            "tried": [{"file": names[i], "epoch": rows[i].get("epoch"), "val_accuracy": rows[i]["val_accuracy"],
-                       "kept": k, "soup_accuracy": score} for i, k, score in tried],
-            "val": {"loss": val["loss"], "accuracy": val["accuracy"], "n": val["n"]},
-            "test": {"loss": test["loss"], "accuracy": test["accuracy"], "n": test["n"]} if test else None,
-            "best_single": {"file": names[best], "val_accuracy": rows[best]["val_accuracy"],
-                            "test_accuracy": single_test},
-            "bn": bn, "position": dict(base["position"])}
+    def evaluate(self, split: str) -> dict:
+        return self.tr.evaluate(split, module=self.built.module)
+
+    def evaluate_one(self, index: int, name: str, split: str) -> dict:
+        """One ingredient alone, evaluated on `split` (the copy holds no soup after it)."""
+        from ..engine import models as M
+
+        M.restore_weights(self.built.module, self.states[index]["model"], [], name)
+        self.holds = None
+        return self.evaluate(split)
+
+    def weights(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.built.module.state_dict().items()}
 
 
 def _bn_batches(s: "Session", built, cfg, size: int, limit: int):

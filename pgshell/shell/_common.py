@@ -3,7 +3,9 @@ given the session, small formatting helpers."""
 
 from __future__ import annotations
 
-from cmd2 import Cmd2ArgumentParser, CommandSet
+import functools
+
+from cmd2 import Cmd2ArgumentParser, CommandSet, with_argparser
 from cmd2.string_utils import strip_style
 
 from ..engine.errors import PgError
@@ -32,6 +34,35 @@ def parser(description: str, example: str, wide: bool = False) -> Parser:
     return p
 
 
+def sub(description: str) -> Parser:
+    """A subcommand's parser (`tune show`, `sessions rm`): its description is `help COMMAND SUB`."""
+    return Parser(description=description)
+
+
+def with_subcommands(p: Parser, verbs: str, title: str):
+    """`@with_argparser(p)` for a command with sub-verbs, each a cmd2 subcommand (an `@as_subcommand_to` method);
+    the decorated body is what the command does without one (`tune` runs trials, `tune show` lists them)."""
+    p.add_subparsers(title=title, metavar=verbs)
+
+    def decorate(body):
+        @functools.wraps(body)
+        def command(self, args):
+            if args.cmd2_subcommand_func is not None:
+                return args.cmd2_subcommand_func(args)
+            return body(self, args)
+
+        return with_argparser(p)(command)
+
+    return decorate
+
+
+def add_out(p: Cmd2ArgumentParser, metavar: str, help: str, **kw) -> None:
+    """--out FILE: where a command writes (Tab completes paths)."""
+    from cmd2 import Cmd
+
+    p.add_argument("--out", metavar=metavar, completer=Cmd.path_complete, help=help, **kw)
+
+
 def add_wide(p: Cmd2ArgumentParser) -> None:
     p.add_argument("--wide", action="store_true",
                    help="every column, however wide (by default tables fit the terminal)")
@@ -43,7 +74,7 @@ def add_sessions(p: Cmd2ArgumentParser, default: str, out: str) -> None:
 
     p.add_argument("sessions", nargs="*", metavar="SESSION", completer=Cmd.path_complete,
                    help=f"NAME, NAME.session or a session folder (default: {default})")
-    p.add_argument("--out", metavar=f"FILE.{out.lower()}", completer=Cmd.path_complete, help=f"write a {out}")
+    add_out(p, f"FILE.{out.lower()}", f"write a {out}")
 
 
 class Commands(CommandSet):

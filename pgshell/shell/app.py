@@ -142,7 +142,9 @@ class PgShell(cmd2.Cmd):
         for name, f in SETTINGS.items():
             meta = f.metadata
             kw: dict[str, Any] = {}
-            if meta["choices"]:
+            if meta["listed"]:  # known only by importing torch: asked for at the first Tab
+                kw["choices_provider"] = _listed_choices(meta["listed"])
+            elif meta["choices"]:
                 kw["choices"] = list(meta["choices"])
             elif isinstance(f.default, bool):
                 kw["choices_provider"] = _bool_choices
@@ -345,6 +347,14 @@ class PgShell(cmd2.Cmd):
 
 
 # ====================================================================== helpers
+def _listed_choices(values):
+    def listed(_self):
+        from cmd2.completion import Choices
+
+        return Choices.from_values(list(values()))
+    return listed
+
+
 def _bool_choices(_self):
     from cmd2.completion import Choices
 

@@ -3,11 +3,10 @@ print. (`errors --suspect` is in reviewcmds.py, `data --exclude` in datacmds.py.
 
 from __future__ import annotations
 
-import cmd2
 from cmd2 import with_argparser
 
 from ..session import dataaudit as AU
-from ._common import Commands, parser
+from ._common import Commands, add_out, parser
 
 
 class AuditCommands(Commands):
@@ -24,8 +23,7 @@ class AuditCommands(Commands):
                           "audit --out audit/", wide=True)
     audit_parser.add_argument("--split", choices=("all", "train", "val", "test"), default="all",
                               help="the splits to audit (default all, and across them)")
-    audit_parser.add_argument("--out", metavar="DIR", completer=cmd2.Cmd.path_complete,
-                              help="write the contact sheets, audit.csv and exclude.txt there")
+    add_out(audit_parser, "DIR", "write the contact sheets, audit.csv and exclude.txt there")
     features = audit_parser.add_mutually_exclusive_group()
     features.add_argument("--features", dest="features", action="store_true", default=None,
                           help="compare the model's features too (the default when the loaded model is pretrained, "

@@ -3,10 +3,9 @@ time-budgeted search). They parse, call pgshell.session.best / autofit, print.""
 
 from __future__ import annotations
 
-import cmd2
 from cmd2 import with_argparser
 
-from ._common import Commands, parser
+from ._common import Commands, add_out, parser
 
 
 def _pct(v) -> str:
@@ -51,8 +50,7 @@ class BestCommands(Commands):
         "accuracy, per-class figures and confusion matrix on val (and test), the highest-loss images, and how to "
         "export it. HTML (one file, images embedded) or Markdown; the images are also written beside it, in "
         "NAME_files/.", "report --out report.html")
-    report_parser.add_argument("--out", metavar="FILE.html|FILE.md", completer=cmd2.Cmd.path_complete,
-                               help="where to write it (default: the session folder's report.html)")
+    add_out(report_parser, "FILE.html|FILE.md", "where to write it (default: the session folder's report.html)")
 
     @with_argparser(report_parser)
     def do_report(self, args):

@@ -10,11 +10,11 @@ from __future__ import annotations
 import textwrap
 
 import cmd2
-from cmd2 import with_argparser
+from cmd2 import as_subcommand_to, with_argparser
 
 from ..session import review as A
 from ..engine.errors import PgError
-from ._common import Commands, add_sessions, fmt_secs, parser
+from ._common import Commands, add_out, add_sessions, fmt_secs, parser, sub, with_subcommands
 from ._table import fit_table
 from .analysis import CHECKPOINT_HELP, fnum
 
@@ -62,8 +62,7 @@ class ReviewCommands(Commands):
     errors_parser.add_argument("--split", choices=("val", "test", "train"), default="val")
     errors_parser.add_argument("--top", type=int, default=16, metavar="N", help="how many images (default 16)")
     errors_parser.add_argument("--class", dest="cls", metavar="C", help="only images whose true class is C")
-    errors_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
-                               help="draw a contact sheet (and FILE.csv)")
+    add_out(errors_parser, "FILE.png", "draw a contact sheet (and FILE.csv)")
     errors_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH", help=CHECKPOINT_HELP)
     errors_parser.add_argument("--suspect", action="store_true",
                                help="likely label errors instead (confident learning): the images whose given label "
@@ -124,8 +123,7 @@ class ReviewCommands(Commands):
                             "explain photos/cat1.jpg --class dog --out cam.png")
     explain_parser.add_argument("image", completer=cmd2.Cmd.path_complete, help="an image file")
     explain_parser.add_argument("--class", dest="cls", metavar="C", help="the class to explain (default: predicted)")
-    explain_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
-                                help="draw the map over the image")
+    add_out(explain_parser, "FILE.png", "draw the map over the image")
     explain_parser.add_argument("--method", choices=("gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"),
                                 default="gradcam", help="the CAM method (default gradcam)")
     explain_parser.add_argument("--checkpoint", metavar="EPOCH|step:N|best|last|PATH", help=CHECKPOINT_HELP)
@@ -188,29 +186,14 @@ class ReviewCommands(Commands):
                              "validation, size on disk, last used. `sessions rm NAME` deletes a session's file and "
                              "folder (it asks first; in a plan it needs --yes).", "sessions rm old-run --yes",
                              wide=True)
-    sessions_parser.add_argument("action", nargs="?", choices=("rm",), help="rm: delete a session")
-    sessions_parser.add_argument("name", nargs="?", help="rm: the session's NAME")
-    sessions_parser.add_argument("--yes", action="store_true", help="rm: do not ask")
+    sessions_rm_parser = sub("Delete a session's file and folder (it asks first; in a plan it needs --yes).")
+    sessions_rm_parser.add_argument("name", nargs="?", help="the session's NAME")
+    sessions_rm_parser.add_argument("--yes", action="store_true", help="do not ask")
 
-    @with_argparser(sessions_parser)
+    @with_subcommands(sessions_parser, "[rm]", "subcommands (none: list the sessions)")
     def do_sessions(self, args):
         """List or remove sessions."""
         s, p = self.session, self._cmd.poutput
-        if args.action == "rm":
-            if not args.name:
-                raise PgError("which session? `sessions rm NAME` (`sessions` lists them)")
-            plan = A.session_removal(s, args.name)
-            if not self._confirm(f"delete {plan['session']} ({_size(plan['bytes'])}: {', '.join(plan['paths'])})?",
-                                 args.yes, "sessions rm deletes files: in a plan add --yes"):
-                p("kept")
-                self._cmd.last_result = None
-                return
-            A.remove_session(s, args.name)
-            p(f"removed {plan['session']}, freed {_size(plan['bytes'])}" + (f" ({plan['note']})" if plan["note"] else ""))
-            self._cmd.last_result = plan
-            return
-        if args.name:
-            raise PgError(f"`sessions` lists; `sessions rm {args.name}` removes")
         res = A.list_sessions(s)
         rows = [[("* " if r["open"] else "") + r["session"], r["model"], _position(r), _best(r["best"]),
                  _size(r["bytes"]), r["last_used"].replace("T", " ")] for r in res["rows"]]
@@ -227,34 +210,37 @@ class ReviewCommands(Commands):
               f"{o['name']}` removes it")
         self._cmd.last_result = res
 
+    @as_subcommand_to("sessions", "rm", sessions_rm_parser, help="delete a session")
+    def sessions_rm(self, args):
+        if not args.name:
+            raise PgError("which session? `sessions rm NAME` (`sessions` lists them)")
+        s, p = self.session, self._cmd.poutput
+        plan = A.session_removal(s, args.name)
+        if not self._confirm(f"delete {plan['session']} ({_size(plan['bytes'])}: {', '.join(plan['paths'])})?",
+                             args.yes, "sessions rm deletes files: in a plan add --yes"):
+            p("kept")
+            self._cmd.last_result = None
+            return
+        A.remove_session(s, args.name)
+        p(f"removed {plan['session']}, freed {_size(plan['bytes'])}" + (f" ({plan['note']})" if plan["note"] else ""))
+        self._cmd.last_result = plan
+
     # ------------------------------------------------------------------ checkpoints
     checkpoints_parser = parser("Every checkpoint of the session, oldest first: kind (epoch end, pause, save), "
                                 "epoch, step, validation metrics, size and time; marks the best and the one the "
                                 "session resumes from, and prints the folder's size. `checkpoints prune --keep K` "
                                 "deletes all but the last K epoch checkpoints, the best and the resume point (it asks "
                                 "first when interactive).", "checkpoints prune --keep 2", wide=True)
-    checkpoints_parser.add_argument("action", nargs="?", choices=("prune",), help="prune: free space")
-    checkpoints_parser.add_argument("--keep", type=int, default=1, metavar="K",
-                                    help="prune: epoch checkpoints to keep besides the best and resume point (1)")
-    checkpoints_parser.add_argument("--yes", action="store_true", help="prune: do not ask")
+    checkpoints_prune_parser = sub("Delete all but the last K epoch checkpoints, the best and the resume point (it "
+                                   "asks first when interactive).")
+    checkpoints_prune_parser.add_argument("--keep", type=int, default=1, metavar="K",
+                                          help="epoch checkpoints to keep besides the best and resume point (1)")
+    checkpoints_prune_parser.add_argument("--yes", action="store_true", help="do not ask")
 
-    @with_argparser(checkpoints_parser)
+    @with_subcommands(checkpoints_parser, "[prune]", "subcommands (none: list the checkpoints)")
     def do_checkpoints(self, args):
         """List or prune the session's checkpoints."""
         s, p = self.session, self._cmd.poutput
-        if args.action == "prune":
-            plan = A.prune_plan(s, args.keep)
-            if not plan["remove"]:
-                p("nothing to prune")
-            elif self._confirm(f"delete {len(plan['remove'])} checkpoints ({_size(plan['bytes'])})?", args.yes, None):
-                done = A.prune_checkpoints(s, args.keep)
-                p(f"removed {len(done['remove'])} checkpoints, freed {_size(done['bytes'])}; kept "
-                  f"{', '.join(done['kept'])}")
-                plan = done
-            else:
-                p("kept")
-            self._cmd.last_result = plan
-            return
         rows = A.list_checkpoints(s)
         if not rows:
             p("no checkpoints yet: one is written at every epoch end, pause and `save`")
@@ -267,6 +253,21 @@ class ReviewCommands(Commands):
             p(f"{len(rows)} checkpoints, {_size(sum(r['bytes'] for r in rows))}; the session folder "
               f"{_size(A.folder_bytes(s.folder))}")
         self._cmd.last_result = rows
+
+    @as_subcommand_to("checkpoints", "prune", checkpoints_prune_parser, help="free space")
+    def checkpoints_prune(self, args):
+        s, p = self.session, self._cmd.poutput
+        plan = A.prune_plan(s, args.keep)
+        if not plan["remove"]:
+            p("nothing to prune")
+        elif self._confirm(f"delete {len(plan['remove'])} checkpoints ({_size(plan['bytes'])})?", args.yes, None):
+            done = A.prune_checkpoints(s, args.keep)
+            p(f"removed {len(done['remove'])} checkpoints, freed {_size(done['bytes'])}; kept "
+              f"{', '.join(done['kept'])}")
+            plan = done
+        else:
+            p("kept")
+        self._cmd.last_result = plan
 
 
 COMPARE_HEADERS = ["session", "model", "pretrained", "data", "settings", "epochs", "best acc", "final acc",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import cmd2
-from cmd2 import with_argparser
+from cmd2 import as_subcommand_to, with_argparser
 
-from ._common import Commands, parser
+from ._common import Commands, parser, sub
 
 
 # ====================================================================== Session
@@ -93,29 +93,42 @@ class SessionCommands(Commands):
                            "folder holds the same files, byte for byte), `expect file PATH SHA256`, `expect weights "
                            "DIGEST` (the model's weights now). `export plan` writes these lines.",
                            "expect data run.plan.data-1.tsv")
-    _what = expect_parser.add_subparsers(dest="what", required=True, metavar="data|file|weights")
-    _what.add_parser("data", help="the attached data against a manifest").add_argument(
-        "manifest", completer=cmd2.Cmd.path_complete)
-    _file = _what.add_parser("file", help="a file against its SHA-256")
-    _file.add_argument("path", completer=cmd2.Cmd.path_complete)
-    _file.add_argument("sha256")
-    _what.add_parser("weights", help="the model's weights against a digest").add_argument("digest")
+    expect_parser.add_subparsers(required=True, metavar="data|file|weights")
+    expect_data_parser = sub("Stop unless the attached folder holds the files of MANIFEST, byte for byte.")
+    expect_data_parser.add_argument("manifest", completer=cmd2.Cmd.path_complete)
+    expect_file_parser = sub("Stop unless the file at PATH has that SHA-256.")
+    expect_file_parser.add_argument("path", completer=cmd2.Cmd.path_complete)
+    expect_file_parser.add_argument("sha256")
+    expect_weights_parser = sub("Stop unless the model's weights now have that digest.")
+    expect_weights_parser.add_argument("digest")
 
     @with_argparser(expect_parser)
     def do_expect(self, args):
         """Check what a replay starts from."""
+        # a failure is one error line; in a plan the app prefixes the plan's line, and the replay stops there
+        args.cmd2_subcommand_func(args)
+
+    @as_subcommand_to("expect", "data", expect_data_parser, help="the attached data against a manifest")
+    def expect_data(self, args):
         from ..session import replay as R
 
-        app = self._cmd
-        # a failure is one error line; in a plan the app prefixes the plan's line, and the replay stops there
-        if args.what == "data":
-            msg = R.expect_data(self.session, args.manifest)
-        elif args.what == "file":
-            msg = R.expect_file(args.path, args.sha256)
-        else:
-            msg = R.expect_weights(self.session, args.digest)
-        app.poutput(f"checked: {msg}")
-        app.last_result = True
+        self._checked(R.expect_data(self.session, args.manifest))
+
+    @as_subcommand_to("expect", "file", expect_file_parser, help="a file against its SHA-256")
+    def expect_file(self, args):
+        from ..session import replay as R
+
+        self._checked(R.expect_file(args.path, args.sha256))
+
+    @as_subcommand_to("expect", "weights", expect_weights_parser, help="the model's weights against a digest")
+    def expect_weights(self, args):
+        from ..session import replay as R
+
+        self._checked(R.expect_weights(self.session, args.digest))
+
+    def _checked(self, msg: str) -> None:
+        self._cmd.poutput(f"checked: {msg}")
+        self._cmd.last_result = True
 
 
 history_parser = parser("The session's change log: every command that changed what training does (load, data, "

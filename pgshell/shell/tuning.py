@@ -5,17 +5,12 @@ from __future__ import annotations
 import argparse
 import math
 
-import cmd2
-from cmd2 import as_subcommand_to, with_argparser
+from cmd2 import as_subcommand_to
 
 from ..engine.errors import PgError
-from ._common import Commands, Parser, add_wide, parser
+from ._common import Commands, Parser, add_out, add_wide, parser, sub, with_subcommands
 
 SUGGESTIONS = ("valley", "steepest", "minimum")
-
-
-def _sub(description: str) -> Parser:
-    return Parser(description=description)
 
 
 def _study_options(p: Parser) -> None:
@@ -27,18 +22,17 @@ def _study_options(p: Parser) -> None:
 
 # `lrfind show valley` and `tune show 3` are caught here to say where the word belongs instead of argparse's
 # "unrecognized arguments".
-lrfind_show_parser = _sub("Print the last range test's curve and suggestions again (and draw it with --out).")
+lrfind_show_parser = sub("Print the last range test's curve and suggestions again (and draw it with --out).")
 lrfind_show_parser.add_argument("misplaced", nargs="?", choices=SUGGESTIONS, help=argparse.SUPPRESS)
-lrfind_show_parser.add_argument("--out", default=argparse.SUPPRESS, metavar="FILE.png",
-                                completer=cmd2.Cmd.path_complete, help="also draw the curve into FILE.png")
-lrfind_apply_parser = _sub("Set lr to a suggestion of the last range test (default: valley).")
+add_out(lrfind_show_parser, "FILE.png", "also draw the curve into FILE.png", default=argparse.SUPPRESS)
+lrfind_apply_parser = sub("Set lr to a suggestion of the last range test (default: valley).")
 lrfind_apply_parser.add_argument("which", nargs="?", choices=SUGGESTIONS, default="valley",
                                  help="valley (default), steepest or minimum")
-tune_show_parser = _sub("List the study's trials, best first.")
+tune_show_parser = sub("List the study's trials, best first.")
 tune_show_parser.add_argument("misplaced", nargs="?", type=int, help=argparse.SUPPRESS)
 _study_options(tune_show_parser)
 add_wide(tune_show_parser)
-tune_apply_parser = _sub("Set the best trial's settings (or trial TRIAL's), and its frozen set.")
+tune_apply_parser = sub("Set the best trial's settings (or trial TRIAL's), and its frozen set.")
 tune_apply_parser.add_argument("trial", nargs="?", type=int, help="the trial number (default: the best)")
 _study_options(tune_apply_parser)
 
@@ -57,22 +51,16 @@ class TuningCommands(Commands):
     lrfind_parser.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     lrfind_parser.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
     lrfind_parser.add_argument("--steps", type=int, default=100, help="batches at most (default 100)")
-    lrfind_parser.add_argument("--out", metavar="FILE.png", completer=cmd2.Cmd.path_complete,
-                               help="also draw the curve into FILE.png")
-    lrfind_parser.add_subparsers(title="subcommands (none: run a range test)", metavar="[show|apply]")
+    add_out(lrfind_parser, "FILE.png", "also draw the curve into FILE.png")
 
-    @with_argparser(lrfind_parser)
+    @with_subcommands(lrfind_parser, "[show|apply]", "subcommands (none: run a range test)")
     def do_lrfind(self, args):
         """Find a learning rate."""
-        if args.cmd2_subcommand_func is not None:
-            return args.cmd2_subcommand_func(args)
         from ..session import study as T
 
-        app, s = self._cmd, self.session
-        app.poutput(T.start_lrfind(s, args.start, args.end, args.steps, args.out))
-        app.after_start()
-        if not (app.interactive or s.paused):
-            self._print_lrfind(T.lrfind_result(s), args.out)
+        s = self.session
+        self._started(T.start_lrfind(s, args.start, args.end, args.steps, args.out),
+                      lambda: self._print_lrfind(T.lrfind_result(s), args.out))
         return None
 
     @as_subcommand_to("lrfind", "show", lrfind_show_parser, help="print the last range test again")
@@ -93,6 +81,15 @@ class TuningCommands(Commands):
         lr = T.apply_lrfind(self.session, args.which)
         self._cmd.poutput(f"lr ─> {lr:.3g} ({args.which} of the last lrfind)")
         self._cmd.last_result = lr
+
+    def _started(self, message: str, print_result) -> None:
+        """A background job (lrfind, tune) has started: say so; a script waits for it and prints its result (an
+        interactive shell, or a pause, leaves it running)."""
+        app = self._cmd
+        app.poutput(message)
+        app.after_start()
+        if not (app.interactive or self.session.paused):
+            print_result()
 
     def _print_lrfind(self, result: dict, out: str | None) -> None:
         self._cmd.poutput(_lr_curve(result))
@@ -124,21 +121,16 @@ class TuningCommands(Commands):
                              help="median (default), halving (successive halving) or none")
     tune_parser.add_argument("--storage", help="an Optuna storage URL instead of sessions/NAME/tune.db")
     tune_parser.add_argument("--study", help="study name (default: the session's name)")
-    tune_parser.add_subparsers(title="subcommands (none: run trials)", metavar="[show|apply]")
 
-    @with_argparser(tune_parser)
+    @with_subcommands(tune_parser, "[show|apply]", "subcommands (none: run trials)")
     def do_tune(self, args):
         """Search hyperparameters."""
-        if args.cmd2_subcommand_func is not None:
-            return args.cmd2_subcommand_func(args)
         from ..session import study as T
 
-        app, s = self._cmd, self.session
-        app.poutput(T.start_tune(s, args.trials, args.epochs, args.steps, args.metric,
-                                 " ".join(args.space) if args.space else None, args.pruner, args.storage, args.study))
-        app.after_start()
-        if not (app.interactive or s.paused):
-            self._print_trials(T.trials_table(s, args.storage, args.study), wide=False)
+        s = self.session
+        self._started(T.start_tune(s, args.trials, args.epochs, args.steps, args.metric,
+                                   " ".join(args.space) if args.space else None, args.pruner, args.storage, args.study),
+                      lambda: self._print_trials(T.trials_table(s, args.storage, args.study), wide=False))
         return None
 
     @as_subcommand_to("tune", "show", tune_show_parser, help="list the trials, best first")

@@ -45,6 +45,24 @@ def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list,
     def row(y) -> int:  # y -> dot row (0 at the top)
         return min(dh - 1, max(0, round((y1 - y) / (y1 - y0) * (dh - 1))))
 
+    bits, chars = _canvas(lines, points, col, row, width, height)
+    axis = _axis(epoch_ends, pauses, changes, col, width)
+    labels = {0: _fmt(y1), height // 2: _fmt((y0 + y1) / 2), height - 1: _fmt(y0)}
+    pad = max(len(s) for s in labels.values())
+    out = [title] if title else []
+    for r in range(height):
+        cells = "".join(chars[r][c] or (chr(0x2800 + bits[r][c]) if bits[r][c] else " ") for c in range(width))
+        out.append(f"{labels.get(r, ''):>{pad}} ┤{cells}")
+    out.append(" " * pad + " └" + "".join(axis))
+    left, right = _fmt(x0), _fmt(x1)
+    out.append(" " * (pad + 2) + left + " " * max(1, width - len(left) - len(right)) + right + "  " + xlabel)
+    out += [" " * (pad + 2) + line for line in _footer(lines, points, changes)]
+    return "\n".join(out)
+
+
+def _canvas(lines: list, points: list, col, row, width: int, height: int) -> tuple[list, list]:
+    """The plot's cells: braille dot bits of the first line (joined by straight segments), and characters for the
+    other lines (their mean row per cell) and the points; `col`/`row` map x/y to dot columns and rows."""
     bits = [[0] * width for _ in range(height)]
     chars: list[list[str | None]] = [[None] * width for _ in range(height)]
     for k, (_, xs, ys) in enumerate(lines):
@@ -65,6 +83,11 @@ def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list,
         for x, y in zip(xs, ys):
             if math.isfinite(y):
                 chars[row(y) // 4][col(x) // 2] = _POINT_MARKS[k % len(_POINT_MARKS)]
+    return bits, chars
+
+
+def _axis(epoch_ends: list, pauses: list, changes: list, col, width: int) -> list[str]:
+    """The axis row: epoch ends, then pauses, then changes marked (a later mark wins a shared cell)."""
     axis = [_AXIS] * width
     for x in epoch_ends:
         axis[col(x) // 2] = _EPOCH
@@ -72,17 +95,7 @@ def text_plot(lines: list[tuple[str, list, list]], points: list[tuple[str, list,
         axis[col(x) // 2] = _PAUSE
     for x, _ in changes:
         axis[col(x) // 2] = _CHANGE
-    labels = {0: _fmt(y1), height // 2: _fmt((y0 + y1) / 2), height - 1: _fmt(y0)}
-    pad = max(len(s) for s in labels.values())
-    out = [title] if title else []
-    for r in range(height):
-        cells = "".join(chars[r][c] or (chr(0x2800 + bits[r][c]) if bits[r][c] else " ") for c in range(width))
-        out.append(f"{labels.get(r, ''):>{pad}} ┤{cells}")
-    out.append(" " * pad + " └" + "".join(axis))
-    left, right = _fmt(x0), _fmt(x1)
-    out.append(" " * (pad + 2) + left + " " * max(1, width - len(left) - len(right)) + right + "  " + xlabel)
-    out += [" " * (pad + 2) + line for line in _footer(lines, points, changes)]
-    return "\n".join(out)
+    return axis
 
 
 def _footer(lines: list, points: list, changes: list) -> list[str]:

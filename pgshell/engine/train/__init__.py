@@ -17,7 +17,8 @@ _EXPORTS = {
     "world": "distributed", "init_from_env": "distributed", "shutdown": "distributed", "all_sum": "distributed",
     "agree": "distributed", "Progress": "progress", "phase_status": "progress", "MetricsLog": "metrics",
     "MetricsLogger": "metrics", "read_rows": "metrics", "read_rows_counted": "metrics", "RangeTest": "lrfind",
-    "suggest": "lrfind", "range_test_trainer": "lrfind", "RangeTestSchedule": "lrfind", "run_range_test": "lrfind",
+    "suggest": "lrfind", "build_optimizer": "optim", "param_groups": "optim",
+    "optimizer_names": "timm_optimizers", "range_test_trainer": "lrfind", "RangeTestSchedule": "lrfind", "run_range_test": "lrfind",
 }
 
 __all__ = [*_EXPORTS]

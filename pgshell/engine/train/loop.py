@@ -43,6 +43,7 @@ from .device import Runtime, resolve_runtime
 from ..errors import PgError
 from .events import Ctx, Events, Handler
 from .metrics import MetricsLog, MetricsLogger
+from .optim import build_optimizer, load_state_by_name, set_momentum, state_by_name
 from .schedule import lr_factor
 
 
@@ -104,37 +105,7 @@ def step_seed(seed: int, step: int) -> int:
     return sample_seed(seed, -1, step)
 
 
-# ---------------------------------------------------------------- optimizer, schedule, loss
-def build_optimizer(module: torch.nn.Module, head: set[str], cfg: TrainConfig) -> torch.optim.Optimizer | None:
-    """Parameter groups by role, head and backbone, so their learning rates can differ (discriminative fine-tuning),
-    and with `layer_decay` < 1 by layer too (timm's layer-wise decay grouping, recipes.layer_scales). A group's
-    lr is lr x lr_scale, lr_scale = layer_scale x (1 for the head, backbone_lr_scale for the backbone). The head's
-    group comes first: its lr is the one logged. With weight decay, norm and bias parameters get none, as in timm
-    (`param_groups_weight_decay`): each role then has a group with `decay` False beside it."""
-    scales = R.layer_scales(module, head, cfg.layer_decay) if cfg.layer_decay < 1 else {}
-    exempt = R.no_weight_decay(module) if cfg.weight_decay > 0 else None
-    found: dict[tuple[bool, float, bool | None], dict] = {}
-    for n, p in module.named_parameters():
-        if p.requires_grad:
-            key = (n not in head, scales.get(n, 1.0), None if exempt is None else n not in exempt)
-            g = found.setdefault(key, {"params": [], "names": [], "role": "backbone" if key[0] else "head",
-                                       "layer_scale": key[1], "decay": key[2]})
-            g["params"].append(p)
-            g["names"].append(n)
-    groups = [found[k] for k in sorted(found, key=lambda k: (k[0], -k[1], k[2] is False))]
-    if not groups:
-        return None
-    for g in groups:
-        scale = g["layer_scale"] * (1.0 if g["role"] == "head" else cfg.backbone_lr_scale)
-        g.update(lr=cfg.lr * scale, initial_lr=cfg.lr * scale, lr_scale=scale,
-                 weight_decay=0.0 if g["decay"] is False else cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-                               weight_decay=cfg.weight_decay)
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    return cls(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
-
-
+# ---------------------------------------------------------------- loss (the optimizer: engine/train/optim.py)
 def make_loss(cfg: TrainConfig, num_classes: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if cfg.criterion == "cross_entropy":
         return torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
@@ -265,10 +236,7 @@ class Trainer:
             self.scheduler = None
             return
         if self._opt_state and self._opt_state.get("type") == self.cfg.optimizer:
-            sd = self.optimizer.state_dict()
-            index = {n: i for g in sd["param_groups"] for i, n in zip(g["params"], g["names"])}
-            sd["state"] = {index[n]: s for n, s in self._opt_state["state"].items() if n in index}
-            self.optimizer.load_state_dict(sd)
+            load_state_by_name(self.optimizer, self._opt_state)
         fn, self._sched_unit = lr_factor(self.cfg, self.optimizer_steps_per_epoch)
         count = self.pos.epoch if self._sched_unit == "epoch" else self.pos.step
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn, last_epoch=count - 1)
@@ -286,11 +254,8 @@ class Trainer:
     def _optimizer_state_by_name(self) -> dict:
         if self.optimizer is None:
             return self._opt_state or {}
-        sd = self.optimizer.state_dict()
-        names = {i: n for g in sd["param_groups"] for i, n in zip(g["params"], g["names"])}
-        state = dict((self._opt_state or {}).get("state", {})) if (self._opt_state or {}).get("type") == self.cfg.optimizer else {}
-        state.update({names[i]: s for i, s in sd["state"].items()})
-        return {"type": self.cfg.optimizer, "state": state}
+        kept = self._opt_state if (self._opt_state or {}).get("type") == self.cfg.optimizer else None
+        return state_by_name(self.optimizer, self.cfg.optimizer, kept)
 
     def apply_live(self, name: str, value: Any) -> None:
         """A live setting changed mid-run (lr, momentum, ...): takes effect at the next batch."""
@@ -304,10 +269,7 @@ class Trainer:
                 g["lr_scale"] = g.get("layer_scale", 1.0) * (1.0 if g["role"] == "head" else self.cfg.backbone_lr_scale)
                 g["initial_lr"] = self.cfg.lr * g["lr_scale"]
             elif name == "momentum":
-                if "betas" in g:
-                    g["betas"] = (value, g["betas"][1])
-                else:
-                    g["momentum"] = value
+                set_momentum(g, value)
             elif name == "weight_decay":
                 g["weight_decay"] = 0.0 if g.get("decay") is False else value
         if name == "weight_decay" and value > 0 and any(g.get("decay") is None for g in self.optimizer.param_groups):
