@@ -2,11 +2,11 @@
 random weights, several seeds, with each run's best and last epoch checkpoints and its uniform and greedy soups, all
 evaluated on val and test; optionally one `autofit --budget` run on the same split.
 
-    python benchmarks/best_model.py --data ../shared/datasets/sign-language-digits --name signlang \
+    python benchmarks/best_model.py --data /work/shared/datasets/sign-language-digits --name signlang \
         --fractions 0.6,0.2,0.2 --size 64 --recipes frozen,best --inits pretrained,random --seeds 0,1,2 --epochs 4
-    python benchmarks/best_model.py --data ../shared/datasets/cifar10-test --name cifar300 --per-class 300,100,100 \
+    python benchmarks/best_model.py --data /work/shared/datasets/cifar10-test --name cifar300 --per-class 300,100,100 \
         --size 64 --recipes default,finetune --inits pretrained --seeds 0,1,2 --epochs 4
-    nice -n -5 python benchmarks/best_model.py --data ../shared/datasets/sign-language-digits --name signlang \
+    nice -n -5 python benchmarks/best_model.py --data /work/shared/datasets/sign-language-digits --name signlang \
         --fractions 0.6,0.2,0.2 --recipes none --autofit 15m
 
 The split is built once as a symlink tree outside the project (/tmp/pgbench/NAME/{train,val,test}/<class>/, which
