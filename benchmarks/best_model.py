@@ -20,7 +20,9 @@ pgshell.session.Session in this process, driven as a user types it (the settings
   i.e. update), `train E` — the frozen figures of a `best` run are its first phase, so `frozen` alone is not rerun
   when both are asked for (the same seed and steps give the same weights);
 - `default`: `load --pretrained` (or not) and `train E` with pgshell's defaults;
-- `finetune`: `finetune E` (its defaults: --head-epochs 1, --backbone-lr-scale 0.1) with the other defaults.
+- `finetune`: `finetune E` (its defaults: --head-epochs 1, --backbone-lr-scale 0.1) with the other defaults;
+- `adamw`: what `autofit --budget 15m` chose on the sign-language split, fixed: everything from the start, AdamW lr
+  6e-4, weight decay 0.05, cosine over E epochs, the mild policy with crop_scale 0.8, backbone_lr_scale 0.1.
 
 For the fine-tuning recipes the soups are made of the epoch checkpoints of the phase that trains the whole model
 (`soup --uniform --checkpoints ...`, `soup --greedy --checkpoints ...` through session/best.py, BatchNorm recomputed
@@ -181,7 +183,20 @@ def recipe_finetune(args, s: Session, init: str) -> dict:
     return out
 
 
-RECIPES = {"frozen": recipe_frozen, "best": recipe_best, "default": recipe_default, "finetune": recipe_finetune}
+def recipe_adamw(args, s: Session, init: str) -> dict:
+    """What `autofit --budget 15m` chose on the sign-language split (its trial 7), as a fixed recipe over E epochs:
+    everything trained from the start (no frozen-head phase), AdamW, cosine over the run, the backbone at lr x 0.1."""
+    cmds = settings(s, {"optimizer": "adamw", "lr": 6e-4, "weight_decay": 0.05, "scheduler": "cosine",
+                        "warmup_epochs": 0, "color_jitter": 0.0, "crop_pct": 1.0, "crop_scale": 0.8,
+                        "backbone_lr_scale": 0.1, "epochs": args.epochs})
+    out = {"cmds": cmds + [f"train {args.epochs}"]}
+    out["spe"] = timed_train(s, args.epochs) / args.epochs
+    soups(s, 1, out)
+    return out
+
+
+RECIPES = {"frozen": recipe_frozen, "best": recipe_best, "default": recipe_default, "finetune": recipe_finetune,
+           "adamw": recipe_adamw}
 ROWS = [("frozen head (10 epochs)", "frozen_val", "frozen_test"), ("best single checkpoint", "best_val", "best_test"),
         ("last checkpoint", "last_val", "last_test"), ("uniform soup", "uniform_val", "uniform_test"),
         ("greedy soup", "greedy_val", "greedy_test")]
