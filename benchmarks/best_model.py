@@ -84,8 +84,9 @@ def build_split(data: str, name: str, data_seed: int, fractions: list[float] | N
             for f in chosen:
                 os.symlink(f, d / "_".join(f.relative_to(src / cls).parts))
             counts[split] += len(chosen)
-    say(f"split {out}: train {counts['train']}, val {counts['val']}, test {counts['test']} "
-        f"(data seed {data_seed}, {'per class ' + ','.join(map(str, per_class)) if per_class else 'fractions ' + ','.join(map(str, fractions))})")
+    cut = f"per class {','.join(map(str, per_class))}" if per_class else f"fractions {','.join(map(str, fractions))}"
+    say(f"split {out}: train {counts['train']}, val {counts['val']}, test {counts['test']} (data seed {data_seed}, "
+        f"{cut})")
     return out
 
 
@@ -204,7 +205,8 @@ ROWS = [("frozen head (10 epochs)", "frozen_val", "frozen_test"), ("best single 
 
 def summary(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):5.1f}% ± {100 * sd:3.1f} (" + ", ".join(f"{100 * v:.1f}" for v in values) + ")"
+    each = ", ".join(f"{100 * v:.1f}" for v in values)
+    return f"{100 * statistics.mean(values):5.1f}% ± {100 * sd:3.1f} ({each})"
 
 
 def report(recipe: str, init: str, results: list[dict]) -> None:
@@ -271,7 +273,8 @@ def run_autofit(args, split: Path, work: Path) -> None:
         print(f"   trial: {t}", flush=True)
     print(f"   final: {state.get('final')}", flush=True)
     live = review.evaluate(s, ["val", "test"])
-    say(f"autofit final run's last weights: val {100 * live[0]['accuracy']:.1f}%  test {100 * live[1]['accuracy']:.1f}%")
+    say(f"autofit final run's last weights: val {100 * live[0]['accuracy']:.1f}%  test "
+        f"{100 * live[1]['accuracy']:.1f}%")
     if state.get("soup"):
         soup = review.evaluate(s, ["val", "test"], checkpoint="soup")
         say(f"autofit soup ({len(state['soup']['members'])} members): val {100 * soup[0]['accuracy']:.1f}%  test "
