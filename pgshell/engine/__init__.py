@@ -8,32 +8,25 @@ The public names are re-exported here lazily, so `import pgshell.engine` (and th
 importing torch until something is used.
 """
 
-from importlib import import_module
-
 from .config import TrainConfig
 from .errors import PgError
+from .lazy import exports, lazy_getattr
 
-_EXPORTS = {
-    "ModelSpec": "models", "BuiltModel": "models", "build_model": "models", "list_models": "models",
-    "resolve_name": "models", "freeze": "models", "unfreeze": "models", "count_params": "models",
-    "read_weights": "models",
-    "Splits": "data", "resolve_data": "data", "scan_folder": "data", "build_transform": "data", "ImageDataset": "data",
-    "Trainer": "train.loop", "Position": "train.loop",
-    "Handler": "train.events", "Events": "train.events", "Ctx": "train.events",
-    "save_checkpoint": "store.checkpoint", "load_checkpoint": "store.checkpoint", "load_latest": "store.checkpoint",
-    "MetricsLog": "train.metrics", "read_rows": "train.metrics",
-    "Runtime": "train.device", "resolve_runtime": "train.device",
-    "evaluate_dataset": "report.evaluate", "classification_report": "report.evaluate",
-    "predict_files": "report.evaluate", "plot_series": "report.plot", "draw_png": "report.plot",
-    "draw_text": "report.plot",
-    "export_model": "report.export", "export_timm": "report.export",
-    "TensorBoardLog": "report.tensorboard", "lr_factor": "train.schedule", "schedule_notice": "train.schedule",
-}
+_EXPORTS = exports("""
+    models: ModelSpec BuiltModel build_model list_models resolve_name freeze unfreeze count_params read_weights
+    data: Splits resolve_data scan_folder build_transform ImageDataset
+    train.loop: Trainer Position
+    train.events: Handler Events Ctx
+    store.checkpoint: save_checkpoint load_checkpoint load_latest
+    train.metrics: MetricsLog read_rows
+    train.device: Runtime resolve_runtime
+    report.evaluate: evaluate_dataset classification_report predict_files
+    report.plot: plot_series draw_png draw_text
+    report.export: export_model export_timm
+    report.tensorboard: TensorBoardLog
+    train.schedule: lr_factor schedule_notice
+""")
 
 __all__ = ["TrainConfig", "PgError", *_EXPORTS]
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -11,9 +11,12 @@ import torch
 
 
 @contextmanager
-def preserved_rng():
+def preserved_rng(cuda: bool = True):
+    """The global generators (python, numpy, torch's CPU one and, with `cuda`, the GPUs' once initialised) as they
+    were on entry, whatever the block draws or reseeds: the one save/restore of them in pgshell."""
     py, npy, cpu = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    cuda = torch.cuda.get_rng_state_all() if cuda and torch.cuda.is_available() and torch.cuda.is_initialized() \
+        else None
     try:
         yield
     finally:

@@ -1,24 +1,17 @@
 """Batch sources behind one interface: the DataLoader, the decoded-input cache, device decode and the frozen-backbone
 feature cache, and the one place choosing among them. Names are re-exported here lazily."""
 
-from importlib import import_module
+from ..lazy import exports, lazy_getattr
 
-_EXPORTS = {
-    "Report": "interface", "DataSpec": "interface", "BatchSource": "interface", "data_key": "interface",
-    "train_sampler": "interface", "eval_keys": "interface", "LoaderSource": "interface", "choose": "choice",
-    "input_path": "choice", "head_module_name": "features", "frozen_state": "features", "CachedSplit": "features",
-    "FeatureSource": "features", "cpu_threads": "features", "cores_beside": "features",
-    "compute_features": "features", "cache_dir": "inputcache", "budget": "inputcache", "Unsupported": "inputcache",
-    "EvalCrop": "inputcache", "DeviceAugment": "inputcache", "crop_box": "inputcache", "augment_batch": "inputcache",
-    "jitter": "inputcache", "normalise": "inputcache", "plain_batch": "inputcache", "stored_size": "inputcache",
-    "Layout": "inputcache", "Stored": "inputcache", "CacheSource": "inputcache", "to_image": "inputcache",
-    "decode_batch": "decode", "stage": "decode", "eval_crops": "decode", "DecodeSource": "decode",
-}
+_EXPORTS = exports("""
+    interface: Report DataSpec BatchSource data_key train_sampler eval_keys LoaderSource
+    choice: choose input_path
+    features: head_module_name frozen_state CachedSplit FeatureSource cpu_threads cores_beside compute_features
+    inputcache: cache_dir budget Unsupported EvalCrop DeviceAugment crop_box augment_batch jitter normalise
+    inputcache: plain_batch stored_size Layout Stored CacheSource to_image
+    decode: decode_batch stage eval_crops DecodeSource
+""")
 
 __all__ = [*_EXPORTS]
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from ..rng import preserved_rng
 from .folders import Splits
 
 
@@ -144,13 +145,8 @@ def seeded(seed: int):
     model's own dropout stream when loading runs in the training thread). Assumes no other thread draws from these
     global generators meanwhile: pgshell trains in one worker thread.
     """
-    torch_state, python_state, numpy_state = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    try:
+    with preserved_rng(cuda=False):
         torch.default_generator.manual_seed(seed)
         random.seed(seed)
         np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
         yield
-    finally:
-        torch.set_rng_state(torch_state)
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
