@@ -10,8 +10,8 @@ The recipe (`_plan`; every choice is printed as it is made and kept in autofit.j
   fine_tune), and the head alone is tried first with the backbone frozen (often the best there is for little time).
 
 Then, each phase only while the budget allows it: a linear probe (the baseline to beat: session/review.py `probe`);
-the frozen-head phase (a trial on a copy of the model); the learning-rate range test (engine/lrfind.py, on a copy; its
-valley centres the lr range searched); a short Optuna search (engine/search.py's trials, in the session's tune.db as
+the frozen-head phase (a trial on a copy of the model); the learning-rate range test (engine/train/lrfind.py, on a copy; its
+valley centres the lr range searched); a short Optuna search (engine/search/trials.py, in the session's tune.db as
 study `NAME-autofit`, pruned by the median rule: `tune show --study NAME-autofit` lists them) over lr, crop scale
 (augmentation strength) and label smoothing, each trial training a copy of the starting weights for the same number of
 epochs (chosen so that about four trials fit); then the best of the frozen head and the trials is applied to the
@@ -310,7 +310,7 @@ class AutofitJob:
         return self.state["budget"] * (later + SOUP_SHARE + 0.25)  # the final run is promised a quarter at least
 
     def _train_copy(self, worker, label: str, params: dict, epochs: int, trial=None) -> tuple[str, Any]:
-        """A trial's training (engine/search.py) on a copy of the starting weights, cut by the budget; resumes a
+        """A trial's training (engine/search/trials.py) on a copy of the starting weights, cut by the budget; resumes a
         paused one. Returns (outcome, TrialRun)."""
         from ..engine.search.trials import TrialRun, trial_trainer
         from .jobs import loop_handlers

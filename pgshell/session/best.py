@@ -1,7 +1,7 @@
 """The best model from what a session trained: checkpoint soups (`soup`), the session's report (`report`) and the
 time-budgeted search (`autofit`, session/autofit.py).
 
-A soup averages the weights of epoch checkpoints of the session's run (engine/soup.py): `--uniform` all of them (or
+A soup averages the weights of epoch checkpoints of the session's run (engine/models/soup.py): `--uniform` all of them (or
 the `--top K` by validation accuracy), `--greedy` as Wortsman et al. 2022 do — the checkpoints sorted by their
 validation accuracy, each added only if the soup's validation accuracy does not drop with it. BatchNorm layers whose
 running statistics differ between the ingredients get them recomputed on training images (a seeded sample of up to

@@ -656,7 +656,7 @@ class Session:
         self.auto_named = False  # named by auto_name: `save NAME` renames its folder instead of copying it
         self.lists_written: str | None = None  # the fingerprint of the lists on disk
         self.data_change: str | None = None  # what changed since the session was saved (data left detached)
-        self.device_fallback = False  # a reopened session runs on the devices that exist (engine/device.py)
+        self.device_fallback = False  # a reopened session runs on the devices that exist (engine/train/device.py)
         self._carry: dict | None = None  # a new run's start: {epoch, step, run} of the run before it
 
     def use_name(self, name: str, root: Path | None = None) -> None:
