@@ -56,10 +56,10 @@ class Session:
         self.dirty = False
         self.saving = False  # a `save` is pausing the run: no "paused" notice
         self.saver = CheckpointSaver(on_saved=lambda path: self.write_session_file())
-        self.saver.writes = self._quarantine.writes = self._writes
+        self.saver.writes = self._quarantine.writes = self.writes
         self._log = None  # engine.metrics.MetricsLog of this session's folder
         self._init_files()
-        self.changes = ChangeLog(self._step_epoch_batch, lambda: self._writes, lambda msg: self.notify(msg))
+        self.changes = ChangeLog(self._step_epoch_batch, lambda: self.writes, lambda msg: self.notify(msg))
         self.worker = Worker(lambda msg: self.notify(msg), self._triage)
 
     # ================================================================ state
@@ -113,7 +113,7 @@ class Session:
         return self._q
 
     @property
-    def _writes(self) -> bool:
+    def writes(self) -> bool:
         """Under torchrun (DDP) only rank 0 writes files; every other process keeps its state in memory."""
         from ..engine.train.distributed import world
 
@@ -589,7 +589,7 @@ class Session:
 
         if self.name is None:
             self._auto_name()
-        if self._log is None and self._writes:
+        if self._log is None and self.writes:
             self._log = self.saver.log = MetricsLog(self.folder / "metrics.csv")
             if self.trainer is not None:
                 self.trainer.log = self._log
@@ -661,7 +661,7 @@ class Session:
 
     def use_name(self, name: str, root: Path | None = None) -> None:
         root = self.root if root is None else root
-        if self._writes:  # the folder's lock before anything is written there (DDP: rank 0 alone writes)
+        if self.writes:  # the folder's lock before anything is written there (DDP: rank 0 alone writes)
             self.lock.acquire(root / name, str(root / f"{name}.session"))
         self.root = root
         if self._log is not None and self.name != name:
@@ -669,7 +669,7 @@ class Session:
             self._log = self.saver.log = None
         self.name = name
         self.file = self.root / f"{name}.session"
-        if self._writes:
+        if self.writes:
             self.folder.mkdir(parents=True, exist_ok=True)
         self.saver.folder, self.saver.root = self.folder / "checkpoints", self.root
         self._quarantine.use(self.folder)
@@ -686,7 +686,7 @@ class Session:
 
     def write_session_file(self) -> None:
         """The session file, and once per change of data the file lists behind its fingerprint (data-files.json)."""
-        if not self._writes:
+        if not self.writes:
             return
         b = self.binding
         fingerprint = (b.identity or {}).get("fingerprint") if b is not None else None
@@ -742,7 +742,7 @@ class Session:
             F.check_name(Path(path).stem)  # `save ..`, `save ...session`, `save .`: never a name that is a path
         if path and Path(path).suffix != ".session":
             raise PgError(f"session files end in .session: `save {Path(path).with_suffix('.session')}`")
-        if path and not force and self._writes:  # DDP: rank 0 alone writes, and checks
+        if path and not force and self.writes:  # DDP: rank 0 alone writes, and checks
             p = Path(path)
             other = F.other_session(self, p.stem, p.parent if str(p.parent) else Path("."))
             if other is not None:
@@ -772,7 +772,7 @@ class Session:
             root = p.parent if str(p.parent) else Path(".")
             if (p.stem, root.resolve()) != (self.name, self.root.resolve()):
                 self._move(p.stem, root, force)
-                if self.trainer is not None and self._writes:
+                if self.trainer is not None and self.writes:
                     from ..engine.train.metrics import MetricsLog
 
                     self._log = self.saver.log = self.trainer.log = MetricsLog(self.folder / "metrics.csv")
@@ -787,7 +787,7 @@ class Session:
     def _move(self, name: str, root: Path, force: bool) -> None:
         """`save other.session`: the files move (session/files.py), and the session follows them: no longer
         auto-named, a copy is another session (a new id; the old one keeps its own), the saver's paths renamed."""
-        old_folder, writes = self.folder, self._writes
+        old_folder, writes = self.folder, self.writes
         copied = F.move_folder(self, name, root, replace=force)
         self.auto_named = False
         if copied:
@@ -822,7 +822,7 @@ class Session:
         self.use_name(F.folder_name(doc, file), file.parent)  # the lock first: nothing below touches a session in use
         self.file, self.config, self.saver.best, self.auto_named = file, doc.config, doc.best, doc.auto_named
         self.uid = doc.id or str(self.folder.resolve())  # a file from before ids: its folder's path identified it
-        if self._writes:  # DDP: rank 0 alone touches the folder
+        if self.writes:  # DDP: rank 0 alone touches the folder
             removed = F.clean_partial_writes(self.folder, file)
             if removed:
                 self.notify(f"removed {len(removed)} partial file(s) left by an interrupted write")
@@ -837,7 +837,7 @@ class Session:
             config = TrainConfig.from_dict(state["config"])  # checked either way: a hand edit is an error
             if not (doc.checkpoint and (self.root / doc.checkpoint).resolve() == path.resolve()):
                 self.config = config  # the file lags behind the checkpoint: its settings are the newer
-            if self._writes:  # DDP: rank 0 alone keeps the log; every other rank appending would double each row
+            if self.writes:  # DDP: rank 0 alone keeps the log; every other rank appending would double each row
                 self._log = self.saver.log = F.reopen_metrics(self.folder, state, self.notify)
             self.pending_state = state
             F.restore_checkpoint(self.built.module, path, state, self.notify)
@@ -914,7 +914,7 @@ class Session:
         started removes the session it auto-named (a folder with a checkpoint, a trace or metrics stays)."""
         folder, file = self.folder, self.file
         self.close(save=False)
-        if folder is None or not self.auto_named or not folder.is_dir() or not self._writes:  # DDP: rank 0's folder
+        if folder is None or not self.auto_named or not folder.is_dir() or not self.writes:  # DDP: rank 0's folder
             return
         if {p.name for p in folder.iterdir()} <= self._BOOKKEEPING:
             import shutil

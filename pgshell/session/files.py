@@ -140,7 +140,7 @@ def move_folder(s, name: str, root: Path, replace: bool = False) -> bool:
     Session._save_now). An auto-named session's folder is renamed (one folder, not two copies); a named one's is
     copied, leaving the old session as it was saved. `replace` removes another session already there — whole, and
     only once its lock is ours. Returns whether the folder was copied (the copy is another session)."""
-    if not s._writes:  # DDP: rank 0 alone moves files; the others follow the name
+    if not s.writes:  # DDP: rank 0 alone moves files; the others follow the name
         s.use_name(name, root)
         return False
     return _move_files(s, name, root, replace, s.folder, s.file)

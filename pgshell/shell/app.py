@@ -7,6 +7,8 @@ prompt, `train` blocks, progress is one plain line per epoch, and the first fail
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import difflib
 import math
 import os
@@ -178,6 +180,15 @@ class PgShell(cmd2.Cmd):
                 return
             if msg != skip:
                 self.poutput(msg)
+
+    @contextmanager
+    def holding_alerts(self):
+        """While a command blocks (`wait`), a run's lines are printed as they come, not held for the next prompt."""
+        self._hold_alerts = True
+        try:
+            yield
+        finally:
+            self._hold_alerts = False
 
     def wait_for_run(self, progress: bool = False) -> None:
         """Block until the run ends or pauses, printing its messages as they come (Ctrl-C pauses); `progress`: the

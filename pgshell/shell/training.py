@@ -90,11 +90,8 @@ class TrainingCommands(Commands):
             return
         if app.interactive:  # the prompt goes away: say why and how to get it back
             app.poutput("waiting for the run to finish or pause (Ctrl-C pauses it)")
-        app._hold_alerts = True  # the epoch lines are printed as they come, not held for the next prompt
-        try:
+        with app.holding_alerts():  # the epoch lines are printed as they come, not held for the next prompt
             app.wait_for_run(progress=True)
-        finally:
-            app._hold_alerts = False
 
     def _in_script(self) -> str:
         return "" if self._cmd.interactive else _SCRIPT_HINT
