@@ -2,8 +2,8 @@
 
 Both sides take the same splits (engine.data.folders.scan_folder), the same training and evaluation transforms (timm's
 create_transform through engine.data.transforms.build_transform with the settings' policy), the same initial weights
-(timm model built after torch.manual_seed(seed), as `load` does), the same optimizer, schedule and epochs. What differs
-is only the loop: the plain side is what a user writes with torch and timm's own utilities (a shuffling DataLoader,
+(timm model built after timm.utils.random_seed(seed), as `load` does), the same optimizer, schedule and epochs. What
+differs is only the loop: the plain side is what a user writes with torch and timm's own utilities (a shuffling DataLoader,
 transforms on the global RNG, timm's Mixup / ModelEmaV3 / dispatch_clip_grad / param_groups_layer_decay, a step
 every `accumulate` batches on loss / K); pgshell trains through pgshell.session.Session. The final validation
 accuracy of each run is printed, then each side's mean, standard deviation and range.
@@ -58,6 +58,20 @@ class PlainDataset(torch.utils.data.Dataset):
         return self.transform(D.load_image(path)), label
 
 
+class SameDraws(PlainDataset):
+    """--same-batches: keys are (index, sample seed) from pgshell's EpochSampler, and the transform draws from RNGs
+    seeded by that sample seed, so each image gets the crop it gets in pgshell."""
+
+    def __getitem__(self, key):
+        from pgshell.engine.data.sampling import seeded
+
+        index, seed = key
+        path, label = self.samples[index]
+        image = D.load_image(path)
+        with seeded(seed):
+            return self.transform(image), label
+
+
 def plain_optimizer(model, cfg: TrainConfig, head: set[str]):
     """timm's parameter groups (no weight decay on norm and bias parameters, as timm's optimizer factory does), the
     backbone's lr times backbone_lr_scale."""
@@ -100,7 +114,14 @@ def plain_schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
     return None, "epoch"
 
 
-def plain_loader(splits, cfg: TrainConfig, transform, seed: int):
+def plain_loader(splits, cfg: TrainConfig, transform, seed: int, epoch: int | None = None):
+    """A shuffling DataLoader; with `epoch` (--same-batches), pgshell's order and per-image seeds of that epoch."""
+    if epoch is not None:
+        from pgshell.engine.data.sampling import EpochSampler
+
+        sampler = EpochSampler(len(splits.train), seed, epoch)
+        return torch.utils.data.DataLoader(SameDraws(splits.train, transform), cfg.batch_size, sampler=sampler,
+                                           num_workers=cfg.workers)
     ds = PlainDataset(splits.train, transform)
     g = torch.Generator().manual_seed(seed)
     if cfg.sampler == "balanced":
@@ -125,15 +146,16 @@ def plain_criterion(cfg: TrainConfig, splits):
 
 
 def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str, weights: str, seed: int,
-              freeze_epochs: int = 0, freeze_lr: float = 0.0, finetune: bool = True) -> float:
+              freeze_epochs: int = 0, freeze_lr: float = 0.0, finetune: bool = True, same: bool = False) -> float:
     """timm/torch's recipe pieces in the loop a user writes; returns the final validation accuracy. With
     `freeze_epochs`, the seed's fixed feature extractor first: the head alone (backbone frozen, its BatchNorm in eval
-    mode) at `freeze_lr`, then the whole model for cfg.epochs."""
+    mode) at `freeze_lr`, then the whole model for cfg.epochs. `same`: pgshell's batches (order and crops) instead
+    of the DataLoader's own shuffle, so only the loop differs."""
     import timm
     from timm.data import Mixup
-    from timm.utils import ModelEmaV3, dispatch_clip_grad
+    from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
 
-    torch.manual_seed(seed)
+    random_seed(seed)  # torch, numpy and Python's `random`: timm's crops draw from the last, so all three are seeded
     loaded = bool(weights)
     model = timm.create_model(model_name, num_classes=len(splits.classes))
     head = {n for n, p in model.named_parameters() if any(p is q for q in model.get_classifier().parameters())}
@@ -154,11 +176,16 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
             sd = torch.load(weights, map_location="cpu", weights_only=True)
         model.load_state_dict({k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}, strict=False)
     if freeze_epochs:
-        _plain_head_only(model, head, splits, data_config, cfg.replace(lr=freeze_lr, epochs=freeze_epochs), size, seed)
+        head_opt = _plain_head_only(model, head, splits, data_config, cfg.replace(lr=freeze_lr, epochs=freeze_epochs),
+                                    size, seed, same)
     if not finetune:  # --epochs 0: the fixed feature extractor alone
         return plain_accuracy(model, splits, data_config, cfg, size)
-    loader = plain_loader(splits, cfg, D.build_transform(data_config, True, size, cfg.augment, policy=cfg), seed)
+    transform = D.build_transform(data_config, True, size, cfg.augment, policy=cfg)
+    loader = plain_loader(splits, cfg, transform, seed)
     opt = plain_optimizer(model, cfg, head)
+    if freeze_epochs:  # one run, one optimizer: the head's momentum goes on into the second phase, as in pgshell
+        for p in model.get_classifier().parameters():
+            opt.state[p] = dict(head_opt.state[p])
     sched, unit = plain_schedule(opt, cfg, math.ceil(len(loader) / cfg.accumulate))
     criterion = plain_criterion(cfg, splits)
     mixer = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob,
@@ -166,7 +193,9 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
         if cfg.mixup or cfg.cutmix else None
     ema = ModelEmaV3(model, decay=cfg.ema, use_warmup=cfg.ema_warmup) if cfg.ema else None
     updates = 0
-    for _ in range(cfg.epochs):
+    for epoch in range(cfg.epochs):
+        if same:  # pgshell counts the head phase's epochs first
+            loader = plain_loader(splits, cfg, transform, seed, epoch=freeze_epochs + epoch)
         model.train()
         if cfg.bn_stats == "frozen" or (cfg.bn_stats == "auto" and loaded):  # the loaded running statistics
             for m in model.modules():
@@ -193,7 +222,8 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
     return plain_accuracy(ema.module if ema is not None else model, splits, data_config, cfg, size)
 
 
-def _plain_head_only(model, head, splits, data_config, cfg: TrainConfig, size: int, seed: int) -> None:
+def _plain_head_only(model, head, splits, data_config, cfg: TrainConfig, size: int, seed: int,
+                     same: bool = False) -> torch.optim.Optimizer:
     """The head on the frozen backbone's features of the unaugmented images (what pgshell's feature cache does)."""
     model.eval()
     ds = PlainDataset(splits.train, D.build_transform(data_config, False, size, policy=cfg))
@@ -205,8 +235,14 @@ def _plain_head_only(model, head, splits, data_config, cfg: TrainConfig, size: i
     opt = torch.optim.SGD(classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     sched, unit = plain_schedule(opt, cfg, math.ceil(len(labels) / cfg.batch_size))
     g = torch.Generator().manual_seed(seed)
-    for _ in range(cfg.epochs):
-        for idx in torch.randperm(len(labels), generator=g).split(cfg.batch_size):
+    for epoch in range(cfg.epochs):
+        if same:
+            from pgshell.engine.data.sampling import epoch_permutation
+
+            order = torch.tensor(epoch_permutation(len(labels), seed, epoch))
+        else:
+            order = torch.randperm(len(labels), generator=g)
+        for idx in order.split(cfg.batch_size):
             torch.nn.functional.cross_entropy(classifier(feats[idx]), labels[idx]).backward()
             opt.step()
             opt.zero_grad()
@@ -214,6 +250,7 @@ def _plain_head_only(model, head, splits, data_config, cfg: TrainConfig, size: i
                 sched.step()
         if unit == "epoch" and sched is not None:
             sched.step()
+    return opt
 
 
 @torch.no_grad()
@@ -283,6 +320,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a pgshell setting, both sides")
     ap.add_argument("--cpu", action="store_true", help="pgshell on the CPU too (the plain loop always is)")
+    ap.add_argument("--same-batches", action="store_true", help="the plain loop takes pgshell's batches (its order "
+                    "and each image's crop), so the two differ only in the loop: optimizer, schedule, BatchNorm, head")
     args = ap.parse_args()
     settings = dict(item.split("=", 1) for item in args.set)
     cfg = TrainConfig().replace(**settings, epochs=max(1, args.epochs))
@@ -304,7 +343,8 @@ def main() -> None:
         s.close(save=False)  # nothing of pgshell's (threads, RNG use) runs beside the plain loop
         weights = args.weights or (str(package_weights(args.model)) if args.pretrained else "")
         p = plain_run(splits, data_config, cfg.replace(seed=seed), args.size, full_name,
-                      weights, seed, args.freeze_epochs, args.freeze_lr, finetune=args.epochs > 0)
+                      weights, seed, args.freeze_epochs, args.freeze_lr, finetune=args.epochs > 0,
+                      same=args.same_batches)
         t2 = time.perf_counter()
         ours.append(acc)
         plain.append(p)

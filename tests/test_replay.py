@@ -16,7 +16,7 @@ from PIL import Image
 from pgshell.engine.store import checkpoint as C
 from pgshell.engine.train.metrics import EXACT_COLUMNS, read_rows
 from pgshell.session import Session
-from pgshell.session.replay import history
+from pgshell.session.replay import export_plan, history
 from pgshell.shell import PgShell
 
 from conftest import pgshell_here
@@ -138,6 +138,38 @@ def test_replay_after_lrfind_apply_and_tune_apply_is_bit_identical(app, split_fo
     s.close(save=True)
 
     r = replay(tmp_path / "tuned.plan", tmp_path / "again")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert_same_run(folder, replayed_folder(tmp_path / "again"))
+
+
+def test_a_probe_applied_as_the_head_scores_as_the_probe_reopens_and_replays_bit_identical(app, split_folder,
+                                                                                             tmp_path):
+    """`probe linear --apply` (LP-FT): the model's val accuracy is the probe's before any training, the head survives
+    a reopen at step 0, and a plan refits the same probe so the replay trains the same weights."""
+    for line in (f"data {split_folder} --size 32", "load test_resnet", "set batch_size 8"):
+        run(app, line)
+    s = app.session
+    before = s.built.module.fc.weight.detach().clone()
+    res = run(app, "probe linear --apply")
+    assert res["head"] == "fc" and not torch.equal(s.built.module.fc.weight, before)
+    assert run(app, "eval --split val")["val"]["accuracy"] == pytest.approx(res["accuracy"])
+    assert [e["cmd"] for e in s.changes.entries][-1] == "probe linear --apply"
+    head = s.built.module.fc.weight.detach().clone()
+    run(app, "save")  # names the session and writes it
+    file = s.folder.with_suffix(".session")
+    s.close(save=True)
+    again = Session.open(file)  # reopened at step 0: the head is the probe's, not the load's
+    try:
+        assert torch.equal(again.built.module.fc.weight, head)
+        again.train(steps=3)
+        again.wait()
+        res = export_plan(again, str(tmp_path / "lpft.plan"))
+    finally:
+        again.close(save=True)
+    assert res["warnings"] == [] and res["step"] == 3
+    assert "probe linear --apply" in (tmp_path / "lpft.plan").read_text()
+    folder = s.folder
+    r = replay(tmp_path / "lpft.plan", tmp_path / "again")
     assert r.returncode == 0, r.stderr[-2000:]
     assert_same_run(folder, replayed_folder(tmp_path / "again"))
 

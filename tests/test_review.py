@@ -99,6 +99,14 @@ def test_linear_probe_beats_knn_on_a_separable_toy_set():
     assert torch.equal(PR.fit_linear(tx, ty, 2).weight, probe.weight)
 
 
+def test_a_probe_folded_into_one_linear_layer_gives_the_same_scores():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(60, 8, generator=g) * 5 + 3, torch.arange(60) % 3
+    probe = PR.fit_linear(x, y, 3)
+    weight, bias = probe.as_linear()
+    assert torch.allclose(x @ weight.T + bias, probe.scores(x), atol=1e-4)
+
+
 # ------------------------------------------------------------------ probes: in a session
 def test_probe_is_recorded_and_shown_by_show_and_compare(trained):
     app, _ = trained
@@ -356,6 +364,7 @@ def test_prune_keeps_the_best_and_the_resume_point(tmp_path, split_folder):
     ("explain /no/such.png", "cannot read /no/such.png"),
     ("explain {img} --class wolf", "no class 'wolf'"),
     ("probe knn --k 0", "--k must be at least 1"),
+    ("probe knn --apply", "only the linear probe can become the head"),
     ("compare nope", "no session nope"),
     ("sessions rm", "which session?"),
     ("sessions rm nope --yes", "no session nope"),

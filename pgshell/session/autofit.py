@@ -7,13 +7,14 @@ The recipe (`_plan`; every choice is printed as it is made and kept in autofit.j
   from 0.25 up) — larger images search timm's crop scales from 0.08;
 - classes whose largest has 5x the images of the smallest: a class-balanced sampler;
 - pretrained weights (`--pretrained` or `--weights`): the backbone trains at a tenth of the head's lr (fastai's
-  fine_tune), and the head alone is tried first with the backbone frozen (often the best there is for little time).
+  fine_tune), the linear probe becomes the head everything starts from (`probe linear --apply`: LP-FT, Kumar et al.
+  2022), and the head alone is tried first with the backbone frozen (often the best there is for little time).
 
 Then, each phase only while the budget allows it: a linear probe (the baseline to beat: session/review.py `probe`);
-the frozen-head phase (a trial on a copy of the model); the learning-rate range test (engine/train/lrfind.py, on a copy; its
-valley centres the lr range searched); a short Optuna search (engine/search/trials.py, in the session's tune.db as
-study `NAME-autofit`, pruned by the median rule: `tune show --study NAME-autofit` lists them) over lr, crop scale
-(augmentation strength) and label smoothing, each trial training a copy of the starting weights for the same number of
+the frozen-head phase (a trial on a copy of the model); the learning-rate range test (engine/train/lrfind.py, on a
+copy; its valley centres the lr range searched, unless it lies outside LR_WINDOW: then the usual AdamW start); a short
+Optuna search (engine/search/trials.py, in the session's tune.db as study `NAME-autofit`, pruned by the median rule:
+`tune show --study NAME-autofit` lists them) over lr, crop scale (augmentation strength) and label smoothing, each trial training a copy of the starting weights for the same number of
 epochs (chosen so that about four trials fit); then the best of the frozen head and the trials is applied to the
 session (its settings logged as `set`s made by autofit) and the session itself trains for as many epochs as the rest
 of the budget allows (from the trials' own epoch time) — a normal run with its checkpoints, replayed by `export plan`;
@@ -51,6 +52,9 @@ SOUP_SHARE = 0.06  # kept back for the soup's evaluations
 HEAD_EPOCHS = 3  # the frozen-head phase (features are cached: epochs are cheap)
 HEAD_LR = 1e-3  # AdamW on a new head
 FALLBACK_LR = {True: 3e-4, False: 2e-3}  # pretrained or not, when the range test could not run
+# the AdamW learning rates a range test's valley is believed in (pretrained or not): outside them the curve was noise,
+# e.g. 100 images gave a valley of 3.6e-7, where nothing trains in a few epochs
+LR_WINDOW = {True: (1e-5, 3e-3), False: (1e-4, 3e-2)}
 SEARCH_TRIALS = 4  # trials the search aims to fit
 MAX_FINAL_FACTOR = 3  # the final run: at most this many times a trial's epochs
 SOUP_TOP = 5  # the soup: of the best few epochs of the final run (each one tasted costs an evaluation)
@@ -278,11 +282,23 @@ class AutofitJob:
         if self.left() < 0.5 * self.state["budget"]:  # a resumed autofit that already spent half its budget
             self._decide("no time for the probe baseline")
             return "done"
-        res = probe(self.s, "linear")
-        self.state["probe"] = {"accuracy": res["accuracy"], "seconds": res["feature_seconds"] + res["fit_seconds"]}
+        lpft = self.state["recipe"]["pretrained"] and self._init is None and not self._initial_saved()
+        with self.s.changes.via("autofit"):
+            try:
+                res = probe(self.s, "linear", apply=lpft)
+            except PgError as e:  # a head of several layers: the probe is only the baseline
+                res = probe(self.s, "linear")
+                self._decide(f"the probe stays a baseline ({e}).")
+        self.state["probe"] = {"accuracy": res["accuracy"], "seconds": res["feature_seconds"] + res["fit_seconds"],
+                               "head": res.get("head")}
         self._decide(f"linear probe baseline {100 * res['accuracy']:.1f}% val accuracy "
-                     f"({res['feature_seconds'] + res['fit_seconds']:.1f} s).")
+                     f"({res['feature_seconds'] + res['fit_seconds']:.1f} s)"
+                     + ("; it becomes the head that every later phase starts from (LP-FT: the backbone's first "
+                        "gradients come from a fitted head, not a random one)." if res.get("head") else "."))
         return "done"
+
+    def _initial_saved(self) -> bool:
+        return (self.s.folder / "trials" / f"{self.state['study']}.initial.safetensors").exists()
 
     def _initial(self):
         """The weights every trial starts from: the session's model when autofit began (kept on disk)."""
@@ -407,8 +423,8 @@ class AutofitJob:
 
         result["time"] = datetime.now().isoformat(timespec="seconds")
         atomic_write_bytes(s.folder / "lrfind.json", (json.dumps(result, indent=1) + "\n").encode())  # `lrfind show`
-        st["lr"] = float(result["valley"])
-        self._decide(f"range test ({len(result['lrs'])} batches): valley lr {result['valley']:.2e}.")
+        st["lr"], why = trusted_lr(float(result["valley"]), st["recipe"]["pretrained"])
+        self._decide(f"range test ({len(result['lrs'])} batches): {why}.")
         return "done"
 
     def _search(self, worker) -> str:
@@ -649,6 +665,18 @@ class AutofitJob:
         st = self.state
         where = "`eval --checkpoint soup`" if st.get("soup") else "`eval --checkpoint best`"
         self.s.notify(f"autofit done in {st['spent']:.0f} s of {st['budget']:.0f} s — {where}, `report`")
+
+
+def trusted_lr(valley: float, pretrained: bool) -> tuple[float, str]:
+    """The lr the search centres on, and why: the range test's valley when it lies in LR_WINDOW, else the usual
+    AdamW start (a valley far outside it comes from a noisy curve: few images, few batches)."""
+    low, high = LR_WINDOW[pretrained]
+    if low <= valley <= high:
+        return valley, f"valley lr {valley:.2e}"
+    fallback = FALLBACK_LR[pretrained]
+    return fallback, (f"valley lr {valley:.2e} is outside {low:g}..{high:g}, where AdamW "
+                      f"{'fine-tunes pretrained weights' if pretrained else 'trains from scratch'}: the curve is "
+                      f"too noisy to trust, so lr {fallback:g} (the usual start)")
 
 
 def _best_of(curve: dict, metric: str) -> float | None:

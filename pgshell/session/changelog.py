@@ -31,7 +31,7 @@ from ..engine.train.events import Handler
 
 LOG = "changes.jsonl"
 VERSION = 1
-REPLAYED = ("data", "load", "freeze", "unfreeze", "set")  # what a plan re-does; "train" and "fork" are notes
+REPLAYED = ("data", "load", "freeze", "unfreeze", "set", "head")  # what a plan re-does; "train" and "fork" are notes
 
 
 def value_text(value: Any) -> str:

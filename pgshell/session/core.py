@@ -305,6 +305,24 @@ class Session:
         self.dirty = True
         return M.count_params(self.built.module)
 
+    def set_head(self, weight, bias, cmd: str) -> str:
+        """Give the model's head (one Linear layer) these weights: `probe linear --apply`, the classifier fitted on
+        the frozen features becoming the start of fine-tuning (LP-FT). Logged as `cmd`, which a replay runs again (the
+        probe is deterministic). Returns the head layer's name."""
+        from ..engine import models as M
+
+        if self.built is None:
+            raise PgError("no model yet: `load MODEL` first")
+        named = {}
+
+        def change():  # between two batches when training, like `freeze`
+            named["layer"] = M.set_linear_head(self.built, weight, bias)
+            self.changes.record("head", cmd)
+
+        self.apply(change)
+        self.dirty = True
+        return named["layer"]
+
     def random_backbone_warning(self) -> str:
         """`freeze` on a backbone that was never pretrained nor trained: a line saying so (engine.models), or ""."""
         from ..engine import models as M

@@ -537,9 +537,11 @@ def _probe_features(s: "Session", tr) -> dict:
     return out
 
 
-def probe(s: "Session", kind: str, k: int = 20) -> dict:
+def probe(s: "Session", kind: str, k: int = 20, apply: bool = False) -> dict:
     """Validation accuracy of a weighted k-NN (kind "knn") or a linear probe ("linear") on the frozen features of the
-    current model; recorded in the session folder's probe.json (what `show` and `compare` print)."""
+    current model; recorded in the session folder's probe.json (what `show` and `compare` print). `apply` (linear
+    only): the fitted probe becomes the model's head (Session.set_head), the start of fine-tuning that Kumar et al.
+    2022 call LP-FT — the backbone's first gradients then come from a fitted head, not a random one."""
     import time
     from datetime import datetime
 
@@ -549,6 +551,8 @@ def probe(s: "Session", kind: str, k: int = 20) -> dict:
         raise PgError(f"probe knn or probe linear, not {kind!r}")
     if k < 1:
         raise PgError("--k must be at least 1")
+    if apply and kind != "linear":
+        raise PgError("only the linear probe can become the head: `probe linear --apply`")
     if s.splits is None or s.built is None:
         raise PgError("probe needs a model and data: `load MODEL` and `data PATH` first")
     if not s.splits.val:
@@ -565,6 +569,8 @@ def probe(s: "Session", kind: str, k: int = 20) -> dict:
     else:
         fitted = PR.fit_linear(tx, ty, classes, seed=s.config.seed)
         scores, extra = fitted.scores(vx), {"weight_decay": fitted.weight_decay}
+        if apply:
+            extra["head"] = s.set_head(*fitted.as_linear(), cmd="probe linear --apply")
     result = {"kind": kind, "accuracy": PR.accuracy(scores, vy), **extra, "train": len(tx), "val": len(vx),
               "features": int(tx.shape[1]), "feature_seconds": t1 - t0, "fit_seconds": time.perf_counter() - t1,
               "model": s.spec.name, "epoch": tr.pos.epoch, "step": tr.pos.step,

@@ -149,15 +149,20 @@ class ReviewCommands(Commands):
                           "(`show`, `compare`).", "probe knn --k 20")
     probe_parser.add_argument("kind", choices=("knn", "linear"), help="knn or linear")
     probe_parser.add_argument("--k", type=int, default=20, help="k-NN: neighbours that vote (default 20)")
+    probe_parser.add_argument("--apply", action="store_true", help="linear: the fitted probe becomes the model's "
+                              "head, so fine-tuning starts from it (LP-FT); logged, and replayed by a plan")
 
     @with_argparser(probe_parser)
     def do_probe(self, args):
         """Measure a frozen-feature baseline."""
-        r = A.probe(self.session, args.kind, args.k)
+        r = A.probe(self.session, args.kind, args.k, apply=args.apply)
         how = (f"k {r['k']}, T {r['temperature']}" if r["kind"] == "knn" else f"L2 {r['weight_decay']:g}")
         self._cmd.poutput(f"probe {r['kind']}: val accuracy {r['accuracy']:.4f} ({how}) — {r['train']} train / "
                           f"{r['val']} val features of {r['features']} dims at step {r['step']}; features "
                           f"{r['feature_seconds']:.1f} s, fit {r['fit_seconds']:.2f} s")
+        if r.get("head"):
+            self._cmd.poutput(f"the probe is now the head ({r['head']}): the model scores {r['accuracy']:.4f} on "
+                              "val before any training; `unfreeze all` and `train` fine-tune from it")
         self._cmd.last_result = r
 
     # ------------------------------------------------------------------ compare

@@ -9,7 +9,7 @@ _EXPORTS = exports("""
     catalogue: SEED_FAMILIES resolve_name split_file_name list_models weights_status package_weights
     catalogue: timm_weights_status torch_hub_file weights_cache_dir online tv_name tv_default_weights tv_data_config
     catalogue: default_data_config
-    build: build_model reset_head build_skeleton check_input_size
+    build: build_model reset_head set_linear_head build_skeleton check_input_size
     weights: load_weights_file read_weights restore_weights
     freezing: freeze random_backbone_warning unfreeze stages count_params frozen_bn_to_eval
     namecache: cache_file model_names

@@ -137,6 +137,24 @@ def reset_head(built: BuiltModel) -> None:
             layer.reset_parameters()
 
 
+def set_linear_head(built: BuiltModel, weight: torch.Tensor, bias: torch.Tensor) -> str:
+    """Copy (weight, bias) into the head when it is one Linear layer of that shape; returns the layer's name. Anything
+    else (a head of several layers, other shapes) is refused: a classifier fitted on the head's input fits no other."""
+    params = set(built.head)
+    for name, layer in built.module.named_modules():
+        own = {f"{name}.{p}" if name else p for p, _ in layer.named_parameters(recurse=False)}
+        if own and own == params and isinstance(layer, nn.Linear) and layer.bias is not None:
+            if tuple(layer.weight.shape) != tuple(weight.shape) or tuple(layer.bias.shape) != tuple(bias.shape):
+                raise PgError(f"the head {name} is {tuple(layer.weight.shape)}, the fitted classifier "
+                              f"{tuple(weight.shape)}: they classify different features")
+            with torch.no_grad():
+                layer.weight.copy_(weight.to(layer.weight))
+                layer.bias.copy_(bias.to(layer.bias))
+            return name
+    raise PgError(f"the head ({', '.join(sorted(params))}) is not one Linear layer with a bias: a linear probe "
+                  "cannot become it")
+
+
 def _build_from_package(spec: ModelSpec, full_name: str, file: Path) -> BuiltModel:
     """timm's architecture with an installed package's ImageNet weights, loaded by order, and the preprocessing they
     were trained with: the model's pretrained_cfg says it, so timm's data config, `show` and `export` agree."""

@@ -66,6 +66,12 @@ class LinearProbe:
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.float().to(self.mean.device) - self.mean) / self.std) @ self.weight.T + self.bias
 
+    def as_linear(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) of one Linear layer on the raw features giving the same scores: the standardisation folded
+        in, W / std and b - (W / std) @ mean."""
+        weight = self.weight / self.std
+        return weight, self.bias - weight @ self.mean
+
 
 def _fit(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float, max_iter: int,
          init: tuple | None = None) -> tuple:
