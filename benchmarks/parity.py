@@ -146,11 +146,13 @@ def plain_criterion(cfg: TrainConfig, splits):
 
 
 def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str, weights: str, seed: int,
-              freeze_epochs: int = 0, freeze_lr: float = 0.0, finetune: bool = True, same: bool = False) -> float:
+              freeze_epochs: int = 0, freeze_lr: float = 0.0, finetune: bool = True, same: bool = False,
+              nudge: bool = False) -> float:
     """timm/torch's recipe pieces in the loop a user writes; returns the final validation accuracy. With
     `freeze_epochs`, the seed's fixed feature extractor first: the head alone (backbone frozen, its BatchNorm in eval
     mode) at `freeze_lr`, then the whole model for cfg.epochs. `same`: pgshell's batches (order and crops) instead
-    of the DataLoader's own shuffle, so only the loop differs."""
+    of the DataLoader's own shuffle, so only the loop differs. `nudge`: the head's weights moved by one float32 ulp
+    before the whole model trains — a rounding-sized difference, to see how far it alone carries the result."""
     import timm
     from timm.data import Mixup
     from timm.utils import ModelEmaV3, dispatch_clip_grad, random_seed
@@ -180,6 +182,10 @@ def plain_run(splits, data_config, cfg: TrainConfig, size: int, model_name: str,
                                     size, seed, same)
     if not finetune:  # --epochs 0: the fixed feature extractor alone
         return plain_accuracy(model, splits, data_config, cfg, size)
+    if nudge:
+        with torch.no_grad():
+            w = model.get_classifier().weight
+            w.copy_(torch.nextafter(w, torch.full_like(w, math.inf)))
     transform = D.build_transform(data_config, True, size, cfg.augment, policy=cfg)
     loader = plain_loader(splits, cfg, transform, seed)
     opt = plain_optimizer(model, cfg, head)
@@ -266,13 +272,16 @@ def plain_accuracy(model, splits, data_config, cfg: TrainConfig, size: int) -> f
     return correct / len(ds)
 
 
-def pgshell_run(args, settings: dict, seed: int, root: Path) -> tuple[float, Session]:
+def pgshell_run(args, settings: dict, seed: int, root: Path, train: bool = True) -> tuple[float, Session]:
+    """pgshell's side; `train=False`: the session with its data and model only (--control), accuracy 0."""
     s = Session(root=root / f"seed{seed}")
     run = {"seed": seed, "epochs": max(1, args.epochs), "device": "cpu" if args.cpu else "auto"}
     for name, value in {**settings, **run}.items():
         s.set(name, value)
     s.attach_data(args.data, split=args.split, size=args.size)
     s.load_model(args.model, pretrained=args.pretrained, weights=args.weights or "")
+    if not train:
+        return 0.0, s
     if args.freeze_epochs:  # the seed's fixed feature extractor first, then the whole model
         lr = s.config.lr
         s.freeze(["backbone"])
@@ -320,6 +329,8 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="a pgshell setting, both sides")
     ap.add_argument("--cpu", action="store_true", help="pgshell on the CPU too (the plain loop always is)")
+    ap.add_argument("--control", action="store_true", help="no pgshell: the plain loop against itself with the "
+                    "head nudged by one float32 ulp before fine-tuning — the spread rounding alone gives")
     ap.add_argument("--same-batches", action="store_true", help="the plain loop takes pgshell's batches (its order "
                     "and each image's crop), so the two differ only in the loop: optimizer, schedule, BatchNorm, head")
     args = ap.parse_args()
@@ -333,29 +344,37 @@ def main() -> None:
     print(f"{args.data}: {args.model} at {args.size} px, {args.epochs} epochs, settings {settings or 'defaults'}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     plain, ours = [], []
+    other = "nudged" if args.control else "pgshell"
     for seed in seeds:
         t0 = time.perf_counter()
-        acc, s = pgshell_run(args, settings, seed, root)
-        for problem in check_pgshell_honours(s, cfg):
+        acc, s = pgshell_run(args, settings, seed, root, train=not args.control)
+        for problem in check_pgshell_honours(s, cfg) if not args.control else []:
             print(f"warning: pgshell: {problem}", flush=True)
-        t1 = time.perf_counter()
         splits, data_config, full_name = s.splits, s.built.data_config, s.built.full_name
         s.close(save=False)  # nothing of pgshell's (threads, RNG use) runs beside the plain loop
         weights = args.weights or (str(package_weights(args.model)) if args.pretrained else "")
-        p = plain_run(splits, data_config, cfg.replace(seed=seed), args.size, full_name,
-                      weights, seed, args.freeze_epochs, args.freeze_lr, finetune=args.epochs > 0,
-                      same=args.same_batches)
+
+        def plain_side(nudge: bool) -> float:
+            return plain_run(splits, data_config, cfg.replace(seed=seed), args.size, full_name, weights, seed,
+                             args.freeze_epochs, args.freeze_lr, finetune=args.epochs > 0, same=args.same_batches,
+                             nudge=nudge)
+
+        if args.control:
+            acc = plain_side(nudge=True)
+        t1 = time.perf_counter()
+        p = plain_side(nudge=False)
         t2 = time.perf_counter()
         ours.append(acc)
         plain.append(p)
-        print(f"seed {seed}: plain {100 * p:5.1f}% ({t2 - t1:5.0f} s)   pgshell {100 * acc:5.1f}% ({t1 - t0:5.0f} s)",
+        print(f"seed {seed}: plain {100 * p:5.1f}% ({t2 - t1:5.0f} s)   {other} {100 * acc:5.1f}% ({t1 - t0:5.0f} s)",
               flush=True)
     print(summary("plain", plain))
-    print(summary("pgshell", ours))
+    print(summary(other, ours))
     diffs = [o - p for o, p in zip(ours, plain)]
     diff = statistics.mean(diffs)
     se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else 0.0
-    print(f"difference of the means: {100 * diff:+.1f} points (pgshell - plain), standard error {100 * se:.1f} "
+    print(f"difference of the means: {100 * diff:+.1f} points ({other} - plain), standard error {100 * se:.1f}; "
+          f"sd of the paired differences {100 * statistics.stdev(diffs) if len(diffs) > 1 else 0.0:.1f} "
           f"(paired by seed: same split and initial weights)")
 
 
