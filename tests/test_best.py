@@ -348,62 +348,6 @@ def test_autofit_ends_inside_its_budget_says_why_and_replays_through_export_plan
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
-def test_autofit_on_loaded_weights_starts_every_phase_from_its_linear_probe_and_replays(tmp_path, split_folder,
-                                                                                       monkeypatch):
-    """LP-FT: with weights from a file (pretrained), autofit's probe becomes the head — logged as `probe linear
-    --apply` by autofit, the head of the trials' starting weights, and replayed by the plan."""
-    from safetensors.torch import save_file
-
-    from pgshell.engine.store.checkpoint import load_checkpoint
-    from pgshell.session import Session
-    from pgshell.session import autofit as AF
-    from pgshell.session.replay import export_plan
-    from pgshell.session.review import probe
-    from pgshell.shell.cli import run_plan
-
-    donor = new_session(tmp_path / "donor", split_folder, name="donor")
-    weights = tmp_path / "test_resnet.safetensors"
-    save_file({k: v.contiguous() for k, v in donor.built.module.state_dict().items()}, str(weights))
-    donor.close(save=False)
-
-    def loaded(root, name):
-        s = Session(root=root)
-        s.set("batch_size", 8)
-        s.attach_data(str(split_folder), size=32)
-        s.load_model("test_resnet", weights=str(weights))
-        s.use_name(name)
-        return s
-
-    alone = loaded(tmp_path / "alone", "alone")  # the probe fitted by hand on the same weights
-    expected = probe(alone, "linear", apply=True)
-    head = alone.built.module.fc.weight.detach().clone()
-    alone.close(save=False)
-
-    s = loaded(tmp_path / "sessions", "lp")
-    AF.start_autofit(s, "6s")
-    assert s.wait(120) and "error" not in s.status, s.status
-    state = AF.read_state(s)
-    assert state["probe"]["head"] == "fc" and state["probe"]["accuracy"] == expected["accuracy"]
-    assert "it becomes the head that every later phase starts from" in " ".join(state["decisions"])
-    assert [(e["cmd"], e["via"], e["step"]) for e in s.changes.entries if e["kind"] == "head"] == \
-        [("probe linear --apply", "autofit", 0)]
-    initial = load_checkpoint(s.folder / "trials" / f"{state['study']}.initial.safetensors")["model"]
-    assert torch.equal(initial["fc.weight"], head)
-    out = tmp_path / "lp.plan"
-    assert export_plan(s, str(out))["warnings"] == []
-    assert "probe linear --apply" in out.read_text()
-    folder = s.folder
-    s.close(save=True)
-    monkeypatch.chdir(tmp_path)
-    again = new_app(tmp_path / "again")
-    # `save`: a session is written even where a loaded machine left no time for the final run's training
-    assert run_plan(again, [*out.read_text().splitlines(), "save"]) == 0
-    (replayed,) = (tmp_path / "again").glob("*.session")
-    a, b = _latest_state(folder), _latest_state(replayed.with_suffix(""))
-    assert a["position"] == b["position"]
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-
-
 @pytest.mark.slow  # a 10-second budget run twice over (quit and reopen): outside the default suite
 def test_autofit_paused_and_quit_resumes_where_it_stopped_within_the_budget(tmp_path, split_folder):
     import threading
