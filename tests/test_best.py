@@ -348,6 +348,47 @@ def test_autofit_ends_inside_its_budget_says_why_and_replays_through_export_plan
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def test_autofit_keeps_the_linear_probe_as_its_model_when_no_trial_beat_it(tmp_path, split_folder):
+    """Pretrained weights, trials below the probe (measured on 100 images: 27% against 70%): the probe becomes the
+    head, logged as `probe linear --apply` by autofit, and there is no final run; a trial above the probe, or weights
+    not pretrained, keep today's final run."""
+    from safetensors.torch import save_file
+
+    from pgshell.session import Session
+    from pgshell.session import autofit as AF
+
+    donor = new_session(tmp_path / "donor", split_folder, name="donor")
+    weights = tmp_path / "test_resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in donor.built.module.state_dict().items()}, str(weights))
+    donor.close(save=False)
+    s = Session(root=tmp_path / "sessions")
+    s.attach_data(str(split_folder), size=32)
+    s.load_model("test_resnet", weights=str(weights))
+    s.use_name("lp")
+    s.save()
+    try:
+        state = {"version": AF.VERSION, "metric": "val_accuracy", "recipe": {"pretrained": True}, "decisions": [],
+                 "spent": 0.0, "budget": 60.0}
+        job = AF.AutofitJob(s, state)
+        assert not job._probe_wins({"value": 0.9, "from": "trial 2"}, 0.5)  # a trial beat it
+        job.state["recipe"]["pretrained"] = False
+        assert not job._probe_wins({"value": 0.2, "from": "trial 2"}, 0.5)  # random features: no probe head
+        job.state["recipe"]["pretrained"] = True
+        before = s.built.module.fc.weight.detach().clone()
+        assert job._probe_wins({"value": 0.2, "from": "trial 2"}, 0.5)
+        assert not torch.equal(s.built.module.fc.weight, before)
+        assert state["final"]["skipped"] and state["final"]["probe"]
+        assert state["decisions"][-1].startswith("nothing trained beat the linear probe (trial 2 reached 0.2000, "
+                                                 "the probe 0.5000): the probe is the model, as its head (fc")
+        assert [(e["cmd"], e.get("via")) for e in s.changes.entries if e["kind"] == "head"] == \
+            [("probe linear --apply", "autofit")]
+        accuracy = state["final"]["val"]["val_accuracy"]
+        assert s.evaluate("val")["accuracy"] == pytest.approx(accuracy)
+        assert AF.read_state(s)["final"]["probe"]
+    finally:
+        s.close(save=False)
+
+
 @pytest.mark.slow  # a 10-second budget run twice over (quit and reopen): outside the default suite
 def test_autofit_paused_and_quit_resumes_where_it_stopped_within_the_budget(tmp_path, split_folder):
     import threading
