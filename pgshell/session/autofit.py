@@ -8,15 +8,16 @@ The recipe (`_plan`; every choice is printed as it is made and kept in autofit.j
 - classes whose largest has 5x the images of the smallest: a class-balanced sampler;
 - pretrained weights (`--pretrained` or `--weights`): the backbone trains at a tenth of the head's lr (fastai's
   fine_tune), and the head alone is tried first with the backbone frozen (often the best there is for little time).
-  The probe is not made the starting head (`probe linear --apply`, LP-FT): measured on sign-language digits it lifted
-  the frozen-head phase (79.6% against 72.5%) but autofit's end result fell (87.8% against 92.7% val).
+  The phases do not start from the probe's head (`probe linear --apply`, LP-FT): measured on sign-language digits it
+  lifted the frozen-head phase (79.6% against 72.5%) but autofit's end result fell (87.8% against 92.7% val).
 
 Then, each phase only while the budget allows it: a linear probe (the baseline to beat: session/review.py `probe`);
 the frozen-head phase (a trial on a copy of the model); the learning-rate range test (engine/train/lrfind.py, on a
 copy; its valley centres the lr range searched, unless it lies outside LR_WINDOW: then the usual AdamW start); a short
 Optuna search (engine/search/trials.py, in the session's tune.db as study `NAME-autofit`, pruned by the median rule:
-`tune show --study NAME-autofit` lists them) over lr, crop scale (augmentation strength) and label smoothing, each trial training a copy of the starting weights for the same number of
-epochs (chosen so that about four trials fit); then the best of the frozen head and the trials is applied to the
+`tune show --study NAME-autofit` lists them) over lr, crop scale (augmentation strength) and label smoothing, each
+trial training a copy of the starting weights for the same number of epochs (chosen so that about four trials fit);
+then the best of the frozen head and the trials is applied to the
 session (its settings logged as `set`s made by autofit) and the session itself trains for as many epochs as the rest
 of the budget allows (from the trials' own epoch time) — a normal run with its checkpoints, replayed by `export plan`;
 finally the greedy soup of that run's epoch checkpoints (session/best.py). With pretrained weights and nothing trained
