@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pgshell.engine import data as D  # noqa: E402
 from pgshell.engine.config import TrainConfig  # noqa: E402
+from pgshell.engine.data.sampling import EpochSampler, epoch_permutation, seeded  # noqa: E402
 from pgshell.engine.models.catalogue import package_weights  # noqa: E402
 from pgshell.session import Session  # noqa: E402
 
@@ -63,8 +64,6 @@ class SameDraws(PlainDataset):
     seeded by that sample seed, so each image gets the crop it gets in pgshell."""
 
     def __getitem__(self, key):
-        from pgshell.engine.data.sampling import seeded
-
         index, seed = key
         path, label = self.samples[index]
         image = D.load_image(path)
@@ -117,8 +116,6 @@ def plain_schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
 def plain_loader(splits, cfg: TrainConfig, transform, seed: int, epoch: int | None = None):
     """A shuffling DataLoader; with `epoch` (--same-batches), pgshell's order and per-image seeds of that epoch."""
     if epoch is not None:
-        from pgshell.engine.data.sampling import EpochSampler
-
         sampler = EpochSampler(len(splits.train), seed, epoch)
         return torch.utils.data.DataLoader(SameDraws(splits.train, transform), cfg.batch_size, sampler=sampler,
                                            num_workers=cfg.workers)
@@ -243,8 +240,6 @@ def _plain_head_only(model, head, splits, data_config, cfg: TrainConfig, size: i
     g = torch.Generator().manual_seed(seed)
     for epoch in range(cfg.epochs):
         if same:
-            from pgshell.engine.data.sampling import epoch_permutation
-
             order = torch.tensor(epoch_permutation(len(labels), seed, epoch))
         else:
             order = torch.randperm(len(labels), generator=g)

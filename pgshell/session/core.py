@@ -313,15 +313,15 @@ class Session:
 
         if self.built is None:
             raise PgError("no model yet: `load MODEL` first")
-        named = {}
 
-        def change():  # between two batches when training, like `freeze`
-            named["layer"] = M.set_linear_head(self.built, weight, bias)
+        def change() -> str:  # between two batches when training, like `freeze`
+            layer = M.set_linear_head(self.built, weight, bias)
             self.changes.record("head", cmd)
+            return layer
 
-        self.apply(change)
+        layer = self.apply(change)
         self.dirty = True
-        return named["layer"]
+        return layer
 
     def random_backbone_warning(self) -> str:
         """`freeze` on a backbone that was never pretrained nor trained: a line saying so (engine.models), or ""."""

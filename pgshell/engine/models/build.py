@@ -130,20 +130,26 @@ def reset_head(built: BuiltModel) -> None:
     uniform in ±1/√fan_in. On pretrained features its first loss is near chance, log(classes): measured on the
     EfficientNet-Lite0 weights, 0.72 for 2 classes and 2.48 for 10, where timm's EfficientNet init (uniform
     ±1/√classes) starts at 4.4 and 7.9 and takes epochs to undo itself at the seed's lr."""
+    for _name, layer, _whole in _head_layers(built):
+        if hasattr(layer, "reset_parameters"):
+            layer.reset_parameters()
+
+
+def _head_layers(built: BuiltModel):
+    """(name, layer, whole) for each layer whose own parameters are all head parameters; `whole`: they are the whole
+    head (a head of one layer)."""
     params = set(built.head)
     for name, layer in built.module.named_modules():
         own = {f"{name}.{p}" if name else p for p, _ in layer.named_parameters(recurse=False)}
-        if own and own <= params and hasattr(layer, "reset_parameters"):
-            layer.reset_parameters()
+        if own and own <= params:
+            yield name, layer, own == params
 
 
 def set_linear_head(built: BuiltModel, weight: torch.Tensor, bias: torch.Tensor) -> str:
     """Copy (weight, bias) into the head when it is one Linear layer of that shape; returns the layer's name. Anything
     else (a head of several layers, other shapes) is refused: a classifier fitted on the head's input fits no other."""
-    params = set(built.head)
-    for name, layer in built.module.named_modules():
-        own = {f"{name}.{p}" if name else p for p, _ in layer.named_parameters(recurse=False)}
-        if own and own == params and isinstance(layer, nn.Linear) and layer.bias is not None:
+    for name, layer, whole in _head_layers(built):
+        if whole and isinstance(layer, nn.Linear) and layer.bias is not None:
             if tuple(layer.weight.shape) != tuple(weight.shape) or tuple(layer.bias.shape) != tuple(bias.shape):
                 raise PgError(f"the head {name} is {tuple(layer.weight.shape)}, the fitted classifier "
                               f"{tuple(weight.shape)}: they classify different features")
@@ -151,7 +157,7 @@ def set_linear_head(built: BuiltModel, weight: torch.Tensor, bias: torch.Tensor)
                 layer.weight.copy_(weight.to(layer.weight))
                 layer.bias.copy_(bias.to(layer.bias))
             return name
-    raise PgError(f"the head ({', '.join(sorted(params))}) is not one Linear layer with a bias: a linear probe "
+    raise PgError(f"the head ({', '.join(sorted(built.head))}) is not one Linear layer with a bias: a linear probe "
                   "cannot become it")
 
 
